@@ -1,0 +1,20 @@
+# The README's two commands: `make run` and `make test`. Both do all set-up on a fresh Debian machine.
+.PHONY: run test setup services stop bench
+
+run:
+	scripts/stack.sh run
+
+test:
+	scripts/stack.sh test $(PYTEST_ARGS)
+
+setup:
+	scripts/stack.sh setup
+
+services:
+	scripts/stack.sh services
+
+stop:
+	scripts/stack.sh stop
+
+bench:
+	.venv/bin/python -m bench

@@ -1,0 +1,1 @@
+"""Settings and logging: the one place callflow reads its environment."""

@@ -1,0 +1,141 @@
+"""structlog set-up: JSON lines in production, a readable console in development.
+
+Every line passes through `redact`, so tokens, keys, Authorization headers and email addresses
+never reach the output, whichever code path logged them. Work on a call binds `invitation_id`,
+`room_name`, `event_id` and `task_id` with `bind_contextvars`, so every line of it carries them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any
+
+import structlog
+
+_SECRET_KEYS = re.compile(
+    r"(authorization|token|secret|password|api[_-]?key|service[_-]?role|jwt|cookie|signature|email|recipient_email|basic_auth)",
+    re.I,
+)
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
+_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
+_RESEND_KEY = re.compile(r"\bre_[A-Za-z0-9_]{8,}")
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
+REDACTED = "[redacted]"
+
+_extra_secrets: set[str] = set()
+
+
+def register_secret(value: str | None) -> None:
+    """Values that must never appear in a log line, whatever key they sit under."""
+    if value and len(value) >= 6:
+        _extra_secrets.add(value)
+
+
+def _scrub_text(text: str) -> str:
+    for secret in _extra_secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    text = _JWT.sub(REDACTED, text)
+    text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+    text = _RESEND_KEY.sub(REDACTED, text)
+    text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}{REDACTED}@", text)
+    return _EMAIL.sub(REDACTED, text)
+
+
+def _scrub(value: Any, depth: int = 0) -> Any:
+    if depth > 6:
+        return value
+    if isinstance(value, str):
+        return _scrub_text(value)
+    if isinstance(value, dict):
+        return {
+            k: (REDACTED if isinstance(k, str) and _SECRET_KEYS.search(k) and v not in (None, "") else _scrub(v, depth + 1))
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return type(value)(_scrub(v, depth + 1) for v in value)
+    if isinstance(value, BaseException):
+        return _scrub_text(repr(value))
+    return value
+
+
+def redact(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in event_dict.items():
+        if key in ("event", "exception", "stack"):
+            out[key] = _scrub(value) if isinstance(value, str) else value
+        elif _SECRET_KEYS.search(key) and value not in (None, ""):
+            out[key] = REDACTED
+        else:
+            out[key] = _scrub(value)
+    return out
+
+
+def _scrub_rendered_exception(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    # format_exc_info renders tracebacks after redact ran: scrub the rendered text too.
+    if isinstance(event_dict.get("exception"), str):
+        event_dict["exception"] = _scrub_text(event_dict["exception"])
+    return event_dict
+
+
+class _RedactingFormatter(logging.Formatter):
+    """For stdlib loggers (celery, uvicorn, kombu) that do not go through structlog."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _scrub_text(super().format(record))
+
+
+_configured = False
+
+
+def configure_logging(production: bool | None = None, level: str = "INFO", stream=None) -> None:
+    global _configured
+    if production is None:
+        from config.settings import get_settings
+
+        try:
+            production = get_settings().is_production
+        except Exception:  # noqa: BLE001 - logging must come up even before settings are valid
+            production = False
+    stream = stream or sys.stderr
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact,
+    ]
+    if production:
+        processors = shared + [
+            structlog.processors.format_exc_info,
+            _scrub_rendered_exception,
+            structlog.processors.JSONRenderer(),
+        ]
+    else:
+        processors = shared + [
+            structlog.processors.format_exc_info,
+            _scrub_rendered_exception,
+            structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback),
+        ]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(_RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, "_callflow", False):
+            root.removeHandler(old)
+    handler._callflow = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level)
+    _configured = True
+
+
+def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
+    return structlog.get_logger(name)

@@ -1,0 +1,208 @@
+"""Every variable of the contract, in one settings object.
+
+`load_settings()` is what a process calls at start: a missing or malformed value stops it with one
+line naming the variable (never its value: secrets are `SecretStr` and never printed).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_LIVEKIT_API_KEY = "devkey"
+DEV_LIVEKIT_API_SECRET = "devsecret-devsecret-devsecret-0001"
+# The Supabase CLI's published local secret: only ever a development default.
+DEV_SUPABASE_JWT_SECRET = "super-secret-jwt-token-with-at-least-32-characters-long"
+
+
+class ConfigurationError(Exception):
+    """A setting is missing or malformed; the message names the variable, never its value."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    callflow_env: Literal["development", "production"] = "development"
+    database_url: str | None = None
+    redis_url: str | None = None
+    port: int = Field(default=8000, ge=1, le=65535)
+
+    livekit_url: str | None = None
+    livekit_public_url: str | None = None
+    livekit_api_key: str | None = None
+    livekit_api_secret: SecretStr | None = None
+    livekit_webhook_keys: SecretStr | None = None
+
+    supabase_url: str | None = None
+    supabase_service_role_key: SecretStr | None = None
+    supabase_jwt_secret: SecretStr | None = None
+    callflow_listener_source: Literal["auto", "realtime", "postgres"] = "auto"
+
+    resend_api_key: SecretStr | None = None
+    resend_api_url: str | None = None
+    callflow_email_from: str | None = None
+    callflow_email_rate_per_second: float = Field(default=2.0, gt=0)
+    callflow_outbox_dir: Path = Path(".local/outbox")
+    callflow_app_url: str = "http://localhost:3000"
+
+    callflow_ring_timeout_seconds: float = Field(default=30.0, gt=0)
+    callflow_sweep_interval_seconds: float = Field(default=1.0, gt=0)
+    callflow_grace_seconds: float = Field(default=5.0, ge=0)
+    callflow_token_ttl_seconds: int = Field(default=600, gt=0)
+    callflow_token_rate_per_minute: int = Field(default=30, gt=0)
+
+    flower_basic_auth: SecretStr | None = None
+
+    # ---- validation of shapes ----------------------------------------------------------------
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, v: str | None) -> str | None:
+        if v is not None and urlsplit(v).scheme not in ("postgres", "postgresql"):
+            raise ValueError("must be a postgresql:// URL")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        if v is not None and urlsplit(v).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis:// URL")
+        return v
+
+    @field_validator("livekit_url", "livekit_public_url")
+    @classmethod
+    def _livekit_url(cls, v: str | None) -> str | None:
+        if v is not None and urlsplit(v).scheme not in ("ws", "wss", "http", "https"):
+            raise ValueError("must be a ws(s):// or http(s):// URL")
+        return v
+
+    @field_validator("supabase_url", "resend_api_url", "callflow_app_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and urlsplit(v).scheme not in ("http", "https"):
+            raise ValueError("must be an http(s):// URL")
+        return v.rstrip("/") if v else v
+
+    @field_validator("livekit_webhook_keys")
+    @classmethod
+    def _key_pairs(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            for pair in filter(None, (p.strip() for p in v.get_secret_value().split(","))):
+                key, sep, secret = pair.partition(":")
+                if not sep or not key or not secret:
+                    raise ValueError("must be comma-separated key:secret pairs")
+        return v
+
+    @field_validator("flower_basic_auth")
+    @classmethod
+    def _user_password(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            for pair in v.get_secret_value().split(","):
+                if ":" not in pair:
+                    raise ValueError("must be user:password")
+        return v
+
+    @model_validator(mode="after")
+    def _defaults_and_required(self) -> "Settings":
+        prod = self.callflow_env == "production"
+        required = {
+            "DATABASE_URL": self.database_url,
+            "REDIS_URL": self.redis_url,
+            "LIVEKIT_URL": self.livekit_url,
+            "LIVEKIT_API_KEY": self.livekit_api_key,
+            "LIVEKIT_API_SECRET": self.livekit_api_secret,
+            "RESEND_API_KEY": self.resend_api_key,
+            "CALLFLOW_EMAIL_FROM": self.callflow_email_from,
+        }
+        if prod:
+            for name, value in required.items():
+                if value is None or (isinstance(value, str) and not value.strip()):
+                    raise ConfigurationError(f"{name} is required in production")
+            if self.supabase_url is None or self.supabase_service_role_key is None:
+                if not (self.listener_source == "postgres" and self.supabase_jwt_secret):
+                    missing = "SUPABASE_URL" if self.supabase_url is None else "SUPABASE_SERVICE_ROLE_KEY"
+                    raise ConfigurationError(
+                        f"{missing} is required in production (unless CALLFLOW_LISTENER_SOURCE=postgres "
+                        "and SUPABASE_JWT_SECRET is set)"
+                    )
+        else:
+            self.database_url = self.database_url or "postgresql://postgres:postgres@127.0.0.1:54322/postgres"
+            self.redis_url = self.redis_url or "redis://127.0.0.1:6379/0"
+            self.livekit_url = self.livekit_url or "ws://127.0.0.1:7880"
+            self.livekit_api_key = self.livekit_api_key or DEV_LIVEKIT_API_KEY
+            self.livekit_api_secret = self.livekit_api_secret or SecretStr(DEV_LIVEKIT_API_SECRET)
+            self.supabase_jwt_secret = self.supabase_jwt_secret or SecretStr(DEV_SUPABASE_JWT_SECRET)
+            self.callflow_email_from = self.callflow_email_from or "Callflow <calls@callflow.localhost>"
+        if self.listener_source == "realtime" and (self.supabase_url is None or self.supabase_service_role_key is None):
+            raise ConfigurationError("SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY are required for the realtime listener")
+        self.livekit_public_url = self.livekit_public_url or self.livekit_url
+        return self
+
+    # ---- derived values ------------------------------------------------------------------------
+    @property
+    def is_production(self) -> bool:
+        return self.callflow_env == "production"
+
+    @property
+    def listener_source(self) -> Literal["realtime", "postgres"]:
+        if self.callflow_listener_source == "auto":
+            return "realtime" if self.supabase_url else "postgres"
+        return self.callflow_listener_source
+
+    @property
+    def livekit_http_url(self) -> str:
+        """The Twirp API speaks HTTP on the same port as the WebSocket."""
+        assert self.livekit_url
+        return self.livekit_url.replace("wss://", "https://", 1).replace("ws://", "http://", 1)
+
+    def webhook_keys(self) -> dict[str, str]:
+        """Every key:secret accepted on webhooks: the main pair plus the rotation pairs."""
+        keys: dict[str, str] = {}
+        if self.livekit_api_key and self.livekit_api_secret:
+            keys[self.livekit_api_key] = self.livekit_api_secret.get_secret_value()
+        if self.livekit_webhook_keys:
+            for pair in filter(None, (p.strip() for p in self.livekit_webhook_keys.get_secret_value().split(","))):
+                key, _, secret = pair.partition(":")
+                keys[key.strip()] = secret.strip()
+        return keys
+
+    def jwt_secret(self) -> str | None:
+        return self.supabase_jwt_secret.get_secret_value() if self.supabase_jwt_secret else None
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    loc = first.get("loc") or ()
+    if loc:
+        return f"{str(loc[0]).upper()} is malformed: {first['msg'].removeprefix('Value error, ')}"
+    msg = str(first.get("ctx", {}).get("error") or first["msg"])
+    return msg.removeprefix("Value error, ")
+
+
+def build_settings(**overrides) -> Settings:
+    """Settings from the environment (plus overrides); raises ConfigurationError with one line."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigurationError(_describe(exc)) from None
+    except ConfigurationError:
+        raise
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return build_settings()
+
+
+def load_settings_or_exit() -> Settings:
+    """For process entrypoints: one line on stderr naming the variable, then exit 2."""
+    try:
+        return get_settings()
+    except ConfigurationError as exc:
+        print(f"callflow: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,1 @@
+"""Adapters at the edge: Postgres, LiveKit, Celery, Resend."""

@@ -1,0 +1,141 @@
+"""The `callflow` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+
+import click
+
+from config.settings import ConfigurationError, Settings, get_settings
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except ConfigurationError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
+
+
+@click.group()
+def main() -> None:
+    """callflow: phone-call behaviour for LiveKit calls (invitations, ring timeouts, history, emails)."""
+
+
+@main.command()
+def migrate() -> None:
+    """Apply pending supabase/migrations/*.sql to DATABASE_URL (idempotent)."""
+    from orchestration.migrate import MigrationError, migrate as run
+
+    settings = _settings()
+    try:
+        result = run(settings.database_url)
+    except MigrationError as exc:
+        raise click.ClickException(str(exc)) from None
+    except Exception as exc:  # connection problems: one clear line
+        raise click.ClickException(f"cannot migrate: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if result.auth_shim:
+        click.echo("created the local auth schema (plain Postgres)")
+    for name in result.applied:
+        click.echo(f"applied {name}")
+    click.echo(f"database is up to date ({len(result.applied)} applied, {len(result.already)} already)")
+
+
+@main.command()
+def doctor() -> None:
+    """Check configuration and every connection, one line each."""
+    from orchestration.doctor import run_checks
+
+    ok = True
+    for name, passed, detail in run_checks():
+        ok &= passed
+        click.echo(f"{'OK  ' if passed else 'FAIL'} {name:<14} {detail}")
+    sys.exit(0 if ok else 1)
+
+
+@main.command()
+@click.option("--from", "caller", required=True, help="caller's auth.users id")
+@click.option("--to", "callee", required=True, help="callee's auth.users id")
+@click.option("--audio", is_flag=True, help="an audio call (default video)")
+@click.option("--room", "room_name", default=None, help="room name (default: a new one)")
+def call(caller: str, callee: str, audio: bool, room_name: str | None) -> None:
+    """Insert an invitation as the product would (as the caller, under row level security)."""
+    import psycopg
+
+    from orchestration.db import connect
+
+    settings = _settings()
+    room_name = room_name or f"call-{uuid.uuid4().hex[:12]}"
+    try:
+        with connect(settings.database_url) as conn:
+            conn.execute("set local role authenticated")
+            conn.execute(
+                "select set_config('request.jwt.claims', %s, true)",
+                (json.dumps({"sub": caller, "role": "authenticated"}),),
+            )
+            row = conn.execute(
+                """insert into public.call_invitations (room_name, caller_id, callee_id, call_type)
+                   values (%s, %s, %s, %s) returning id""",
+                (room_name, caller, callee, "audio" if audio else "video"),
+            ).fetchone()
+    except psycopg.Error as exc:
+        raise click.ClickException(f"refused: {exc.diag.message_primary or exc}") from None
+    click.echo(f"invitation {row['id']} in room {room_name}")
+
+
+@main.command()
+@click.option("--limit", default=20, show_default=True)
+def calls(limit: int) -> None:
+    """Recent call history as a table."""
+    from orchestration.db import connect
+
+    settings = _settings()
+    with connect(settings.database_url) as conn:
+        rows = conn.execute(
+            """select c.created_at, c.room_name, c.call_type, c.status, c.end_reason, c.duration_seconds,
+                      coalesce(u.raw_user_meta_data->>'full_name', u.raw_user_meta_data->>'name', c.caller_id::text) as caller,
+                      (select count(*) from public.call_invitations i where i.call_id = c.id) as invitations,
+                      (select count(distinct p.identity) from public.call_participants p where p.call_id = c.id) as people
+                 from public.calls c left join auth.users u on u.id = c.caller_id
+                order by c.created_at desc limit %s""",
+            (limit,),
+        ).fetchall()
+    headers = ["created (UTC)", "room", "type", "status", "reason", "secs", "caller", "inv", "people"]
+    table = [
+        [
+            r["created_at"].strftime("%Y-%m-%d %H:%M:%S"),
+            r["room_name"],
+            r["call_type"],
+            r["status"],
+            r["end_reason"] or "",
+            str(r["duration_seconds"]),
+            str(r["caller"])[:24],
+            str(r["invitations"]),
+            str(r["people"]),
+        ]
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(headers)]
+    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    click.echo("  ".join("-" * w for w in widths))
+    for row in table:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    if not table:
+        click.echo("(no calls yet)")
+
+
+@main.command("livekit-config")
+@click.option("--webhook-url", default=None, help="where LiveKit posts webhooks (default: the local web)")
+def livekit_config(webhook_url: str | None) -> None:
+    """Print a LiveKit server config for local development (loopback, contract key pair)."""
+    from orchestration.adapters.livekit_config import render_dev_config
+
+    settings = _settings()
+    if settings.is_production:
+        raise click.ClickException("livekit-config is for local development only")
+    click.echo(render_dev_config(settings, webhook_url or f"http://127.0.0.1:{settings.port}/livekit/webhook"), nl=False)
+
+
+if __name__ == "__main__":
+    main()

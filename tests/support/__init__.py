@@ -1,0 +1,1 @@
+"""Test support: the private services a test run starts, and small helpers."""

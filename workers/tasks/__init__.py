@@ -1,0 +1,7 @@
+"""Every Celery task of callflow; importing this package registers them on `workers.app`.
+
+Entrypoints only: each task parses its plain arguments (ids, event dicts), calls a handler of
+`orchestration.handlers` with its ports, and sorts exceptions into retry or fail.
+"""
+
+from workers.tasks import lifecycle, notifications  # noqa: F401

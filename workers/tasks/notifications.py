@@ -1,0 +1,1 @@
+"""Missed-call email delivery tasks (see issue: missed-call emails)."""

@@ -1,0 +1,1 @@
+"""The `web` process: LiveKit webhook consumer, token endpoint, health and metrics."""

@@ -1,0 +1,3 @@
+"""(being built)"""
+
+routes: list = []
