@@ -7,12 +7,14 @@ line naming the variable (never its value: secrets are `SecretStr` and never pri
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticUseDefault
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_LIVEKIT_API_KEY = "devkey"
@@ -21,12 +23,16 @@ DEV_LIVEKIT_API_SECRET = "devsecret-devsecret-devsecret-0001"
 DEV_SUPABASE_JWT_SECRET = "super-secret-jwt-token-with-at-least-32-characters-long"
 
 
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+
+
 class ConfigurationError(Exception):
     """A setting is missing or malformed; the message names the variable, never its value."""
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+    # An empty variable counts as unset (a blank `KEY=` line must not pass as a value).
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", env_ignore_empty=True)
 
     callflow_env: Literal["development", "production"] = "development"
     database_url: str | None = None
@@ -47,19 +53,27 @@ class Settings(BaseSettings):
     resend_api_key: SecretStr | None = None
     resend_api_url: str | None = None
     callflow_email_from: str | None = None
-    callflow_email_rate_per_second: float = Field(default=2.0, gt=0)
+    callflow_email_rate_per_second: float = Field(default=2.0, gt=0, allow_inf_nan=False)
     callflow_outbox_dir: Path = Path(".local/outbox")
     callflow_app_url: str = "http://localhost:3000"
 
-    callflow_ring_timeout_seconds: float = Field(default=30.0, gt=0)
-    callflow_sweep_interval_seconds: float = Field(default=1.0, gt=0)
-    callflow_grace_seconds: float = Field(default=5.0, ge=0)
+    callflow_ring_timeout_seconds: float = Field(default=30.0, gt=0, allow_inf_nan=False)
+    callflow_sweep_interval_seconds: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    callflow_grace_seconds: float = Field(default=5.0, ge=0, allow_inf_nan=False)
     callflow_token_ttl_seconds: int = Field(default=600, gt=0)
     callflow_token_rate_per_minute: int = Field(default=30, gt=0)
 
     flower_basic_auth: SecretStr | None = None
 
     # ---- validation of shapes ----------------------------------------------------------------
+    @field_validator("*", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, v):
+        # A blank value (`KEY=` or `KEY="  "`) is no value: the default, or "required" in production.
+        if isinstance(v, str) and not v.strip():
+            raise PydanticUseDefault()
+        return v
+
     @field_validator("database_url")
     @classmethod
     def _postgres_url(cls, v: str | None) -> str | None:
@@ -103,7 +117,8 @@ class Settings(BaseSettings):
     def _user_password(cls, v: SecretStr | None) -> SecretStr | None:
         if v is not None:
             for pair in v.get_secret_value().split(","):
-                if ":" not in pair:
+                user, sep, password = pair.partition(":")
+                if not sep or not user.strip() or not password:
                     raise ValueError("must be user:password")
         return v
 
@@ -121,6 +136,8 @@ class Settings(BaseSettings):
         }
         if prod:
             for name, value in required.items():
+                if isinstance(value, SecretStr):
+                    value = value.get_secret_value()
                 if value is None or (isinstance(value, str) and not value.strip()):
                     raise ConfigurationError(f"{name} is required in production")
             if self.supabase_url is None or self.supabase_service_role_key is None:
@@ -142,6 +159,13 @@ class Settings(BaseSettings):
             raise ConfigurationError("SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY are required for the realtime listener")
         self.livekit_public_url = self.livekit_public_url or self.livekit_url
         return self
+
+    def __repr_args__(self):
+        # URLs may carry a password (postgresql://user:pw@host, redis://:pw@host): never show it.
+        for name, value in super().__repr_args__():
+            if name in ("database_url", "redis_url") and isinstance(value, str):
+                value = _URL_PASSWORD.sub(r"\1**********@", value)
+            yield name, value
 
     # ---- derived values ------------------------------------------------------------------------
     @property
