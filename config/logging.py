@@ -22,7 +22,14 @@ _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
 _RESEND_KEY = re.compile(r"\bre_[A-Za-z0-9_]{8,}")
-_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
+_SUPABASE_SECRET_KEY = re.compile(r"\bsb_secret_[A-Za-z0-9_-]+")
+# The user part may be empty (redis://:password@host); the password never holds / ? # unencoded.
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s/?#]+@")
+# key=value / key: value / 'key': 'value' in free text (libpq conninfo, dict reprs, headers).
+_KEY_VALUE = re.compile(
+    r"""(?i)(\b[\w-]*(?:password|passwd|secret|token|api[_-]?key|service[_-]?role[_-]?key|authorization)[\w-]*"""
+    r"""['"]?\s*[:=]\s*['"]?)([^\s'",;&)}]+)"""
+)
 REDACTED = "[redacted]"
 
 _extra_secrets: set[str] = set()
@@ -41,7 +48,9 @@ def _scrub_text(text: str) -> str:
     text = _JWT.sub(REDACTED, text)
     text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
     text = _RESEND_KEY.sub(REDACTED, text)
+    text = _SUPABASE_SECRET_KEY.sub(REDACTED, text)
     text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}{REDACTED}@", text)
+    text = _KEY_VALUE.sub(lambda m: f"{m.group(1)}{REDACTED}", text)
     return _EMAIL.sub(REDACTED, text)
 
 
@@ -59,14 +68,21 @@ def _scrub(value: Any, depth: int = 0) -> Any:
         return type(value)(_scrub(v, depth + 1) for v in value)
     if isinstance(value, BaseException):
         return _scrub_text(repr(value))
-    return value
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    # Any other object is rendered by its repr (JSONRenderer's fallback, ConsoleRenderer): check it.
+    text = repr(value)
+    scrubbed = _scrub_text(text)
+    return value if scrubbed == text else scrubbed
 
 
 def redact(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in event_dict.items():
-        if key in ("event", "exception", "stack"):
-            out[key] = _scrub(value) if isinstance(value, str) else value
+        if key in ("exc_info", "stack_info", "_record", "_from_structlog"):
+            out[key] = value  # rendered later (format_exc_info), then scrubbed by _scrub_rendered_exception
+        elif key in ("event", "exception", "stack"):
+            out[key] = _scrub(value)
         elif _SECRET_KEYS.search(key) and value not in (None, ""):
             out[key] = REDACTED
         else:
@@ -76,16 +92,29 @@ def redact(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, 
 
 def _scrub_rendered_exception(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     # format_exc_info renders tracebacks after redact ran: scrub the rendered text too.
-    if isinstance(event_dict.get("exception"), str):
-        event_dict["exception"] = _scrub_text(event_dict["exception"])
+    for key in ("exception", "stack"):
+        if isinstance(event_dict.get(key), str):
+            event_dict[key] = _scrub_text(event_dict[key])
     return event_dict
 
 
-class _RedactingFormatter(logging.Formatter):
-    """For stdlib loggers (celery, uvicorn, kombu) that do not go through structlog."""
+def _register_configured_secrets() -> None:
+    """The configured secrets, whichever process configures logging. (URL passwords are caught
+    in their URL; alone they may be common words, like the development `postgres`.)"""
+    from config.settings import get_settings
 
-    def format(self, record: logging.LogRecord) -> str:
-        return _scrub_text(super().format(record))
+    try:
+        settings = get_settings()
+    except Exception:  # noqa: BLE001 - invalid settings stop the process elsewhere
+        return
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if hasattr(value, "get_secret_value"):
+            secret = value.get_secret_value()
+            register_secret(secret)
+            if name == "livekit_webhook_keys":
+                for pair in secret.split(","):
+                    register_secret(pair.partition(":")[2].strip())
 
 
 _configured = False
@@ -101,32 +130,34 @@ def configure_logging(production: bool | None = None, level: str = "INFO", strea
         except Exception:  # noqa: BLE001 - logging must come up even before settings are valid
             production = False
     stream = stream or sys.stderr
-    shared = [
+    _register_configured_secrets()
+    pre_chain = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        redact,
     ]
-    if production:
-        processors = shared + [
-            structlog.processors.format_exc_info,
-            _scrub_rendered_exception,
-            structlog.processors.JSONRenderer(),
-        ]
-    else:
-        processors = shared + [
-            structlog.processors.format_exc_info,
-            _scrub_rendered_exception,
-            structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback),
-        ]
+    renderer = (
+        structlog.processors.JSONRenderer()
+        if production
+        else structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback)
+    )
+    tail = [redact, structlog.processors.format_exc_info, _scrub_rendered_exception, renderer]
+    processors = pre_chain + tail
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
+    # stdlib loggers (celery, kombu, uvicorn) go through the same chain: the same redaction, the
+    # bound contextvars, and JSON lines in production.
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(_RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*pre_chain, structlog.stdlib.add_logger_name],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail],
+        )
+    )
     root = logging.getLogger()
     for old in list(root.handlers):
         if getattr(old, "_callflow", False):
