@@ -1,0 +1,102 @@
+"""LiveKit's RoomService over Twirp (JSON over HTTP), synchronously, with one kept-alive client.
+
+livekit-api's `LiveKitAPI` is asyncio + aiohttp; Celery's prefork workers are synchronous, and an
+event loop per call costs more than the call. The Twirp API is plain JSON, so this adapter speaks
+it directly with httpx and a short-lived admin token minted by livekit-api's `AccessToken`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+from livekit import api
+
+from orchestration.ports import LiveParticipant, RoomError, RoomInfo
+
+_TOKEN_TTL = 600
+
+
+class LiveKitRooms:
+    def __init__(self, http_url: str, api_key: str, api_secret: str, timeout: float = 5.0, attempts: int = 3) -> None:
+        self._base = http_url.rstrip("/") + "/twirp/livekit.RoomService/"
+        self._key, self._secret = api_key, api_secret
+        self._client = httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=32, max_keepalive_connections=32))
+        self._attempts = attempts
+        self._token: tuple[str, float] | None = None
+        self._lock = threading.Lock()
+
+    def _auth(self) -> str:
+        with self._lock:
+            now = time.time()
+            if self._token is None or self._token[1] - now < 60:
+                grants = api.VideoGrants(room_create=True, room_admin=True, room_list=True)
+                jwt = (
+                    api.AccessToken(self._key, self._secret)
+                    .with_identity("callflow")
+                    .with_grants(grants)
+                    .with_ttl(__import__("datetime").timedelta(seconds=_TOKEN_TTL))
+                    .to_jwt()
+                )
+                self._token = (jwt, now + _TOKEN_TTL)
+            return self._token[0]
+
+    def _call(self, method: str, body: dict, *, not_found_ok: bool = False) -> dict | None:
+        last: Exception | None = None
+        for attempt in range(self._attempts):
+            try:
+                response = self._client.post(
+                    self._base + method, json=body,
+                    headers={"Authorization": f"Bearer {self._auth()}", "Content-Type": "application/json"},
+                )
+            except httpx.HTTPError as exc:
+                last = exc
+            else:
+                if response.status_code == 200:
+                    return response.json()
+                code = _twirp_code(response)
+                if code == "not_found" and not_found_ok:
+                    return None
+                if response.status_code < 500 and code not in ("unavailable", "resource_exhausted"):
+                    raise RoomError(f"LiveKit {method} refused: HTTP {response.status_code} {code}")
+                last = RoomError(f"LiveKit {method}: HTTP {response.status_code} {code}")
+            if attempt + 1 < self._attempts:
+                time.sleep(0.2 * (2**attempt))
+        raise RoomError(f"LiveKit {method} failed after {self._attempts} attempts: {last}")
+
+    def create_room(self, name: str, *, empty_timeout: int, departure_timeout: int, max_participants: int,
+                    metadata: str) -> RoomInfo:
+        room = self._call("CreateRoom", {
+            "name": name, "emptyTimeout": empty_timeout, "departureTimeout": departure_timeout,
+            "maxParticipants": max_participants, "metadata": metadata,
+        })
+        return RoomInfo(name=room["name"], sid=room.get("sid", ""))
+
+    def list_participants(self, room: str) -> list[LiveParticipant] | None:
+        try:
+            result = self._call("ListParticipants", {"room": room}, not_found_ok=True)
+        except RoomError:
+            return None
+        if result is None:
+            return []
+        return [
+            LiveParticipant(identity=p.get("identity", ""), sid=p.get("sid", ""), state=str(p.get("state", "JOINING")))
+            for p in result.get("participants", [])
+        ]
+
+    def delete_room(self, room: str) -> None:
+        self._call("DeleteRoom", {"room": room}, not_found_ok=True)
+
+    def remove_participant(self, room: str, identity: str) -> None:
+        self._call("RemoveParticipant", {"room": room, "identity": identity}, not_found_ok=True)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _twirp_code(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("code", ""))
+    except ValueError:
+        return ""
