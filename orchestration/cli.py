@@ -137,5 +137,34 @@ def livekit_config(webhook_url: str | None) -> None:
     click.echo(render_dev_config(settings, webhook_url or f"http://127.0.0.1:{settings.port}/livekit/webhook"), nl=False)
 
 
+@main.command("dev-token")
+@click.option("--user", "user_id", required=True, help="the auth.users id the token is for")
+@click.option("--ttl", default=3600, show_default=True, help="lifetime in seconds")
+def dev_token(user_id: str, ttl: int) -> None:
+    """Print a user access token signed with the development SUPABASE_JWT_SECRET (not in production)."""
+    from orchestration.auth import dev_access_token
+
+    settings = _settings()
+    if settings.is_production:
+        raise click.ClickException("dev-token is refused in production")
+    try:
+        user_id = str(uuid.UUID(user_id))
+    except ValueError:
+        raise click.ClickException("--user must be a user id (a UUID)") from None
+    email, metadata = None, {}
+    try:  # Supabase puts the user's email and metadata in its tokens: do the same when we can.
+        from orchestration.db import connect
+
+        with connect(settings.database_url, connect_timeout=3) as conn:
+            row = conn.execute("select email, raw_user_meta_data from auth.users where id = %s", (user_id,)).fetchone()
+        if row is None:
+            click.echo(f"warning: no auth.users row with id {user_id}", err=True)
+        else:
+            email, metadata = row["email"], row["raw_user_meta_data"] or {}
+    except Exception as exc:  # noqa: BLE001 - the token needs no database
+        click.echo(f"warning: cannot look the user up ({exc.__class__.__name__})", err=True)
+    click.echo(dev_access_token(settings, user_id, email=email, user_metadata=metadata, ttl_seconds=ttl))
+
+
 if __name__ == "__main__":
     main()

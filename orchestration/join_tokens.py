@@ -1,0 +1,163 @@
+"""LiveKit join tokens: who may join which room, and the token they get.
+
+Authorisation (the contract): a user gets a token for a room only as the caller or a callee of a
+live invitation of that room: `pending`, `ringing`, or `accepted` while its call (`calls` via
+`call_invitations.call_id`) is `ringing` or `active`. One query answers everything, on an async
+psycopg pool (autocommit: a single read needs no transaction), using the partial index on live
+invitations by room.
+
+The token: identity = the Supabase user id, name = the user's display name, `room_join` for that
+room only; an audio call may publish the microphone only, a video call camera, microphone and
+screen share; TTL `CALLFLOW_TOKEN_TTL_SECONDS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+import jwt
+from livekit.api import AccessToken, VideoGrants
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+AUDIO_SOURCES = ["microphone"]
+VIDEO_SOURCES = ["camera", "microphone", "screen_share", "screen_share_audio"]
+
+_QUERY = """
+with target as (
+  select room_name, caller_id, callee_id
+    from public.call_invitations
+   where id = %(invitation_id)s::uuid
+), room as (
+  select coalesce(%(room_name)s::text, (select room_name from target)) as name
+), live as (
+  select i.call_type
+    from public.call_invitations i
+    left join public.calls c on c.id = i.call_id
+   where i.room_name = (select name from room)
+     and i.status in ('pending', 'ringing', 'accepted')
+     and (i.caller_id = %(user_id)s::uuid or i.callee_id = %(user_id)s::uuid)
+     and (i.status <> 'accepted' or c.status in ('ringing', 'active'))
+)
+select (select name from room) as room_name,
+       exists (select 1 from target) as invitation_found,
+       exists (select 1 from target where caller_id = %(user_id)s::uuid or callee_id = %(user_id)s::uuid) as invitation_party,
+       (exists (select 1 from public.call_invitations
+                 where room_name = (select name from room) and status in ('pending', 'ringing', 'accepted'))
+        or exists (select 1 from public.calls where room_name = (select name from room))) as room_found,
+       (select count(*) from live) as live_count,
+       coalesce((select bool_or(call_type = 'video') from live), false) as video,
+       (select coalesce(nullif(btrim(u.raw_user_meta_data->>'full_name'), ''),
+                        nullif(btrim(u.raw_user_meta_data->>'name'), ''))
+          from auth.users u where u.id = %(user_id)s::uuid) as display_name
+"""
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: Literal["granted", "forbidden", "not_found"]
+    room_name: str | None = None
+    call_type: Literal["audio", "video"] = "video"
+    display_name: str | None = None
+    reason: str = ""
+
+
+def decide(row: dict, *, by_invitation: bool) -> Decision:
+    """The contract's rule, from the query's answer."""
+    if by_invitation:
+        if not row["invitation_found"]:
+            return Decision("not_found", reason="no such invitation")
+        if not row["invitation_party"]:
+            return Decision("forbidden", reason="this invitation is not yours")
+    elif not row["room_found"]:
+        return Decision("not_found", reason="no such room")
+    if not row["live_count"]:
+        return Decision("forbidden", room_name=row["room_name"],
+                        reason="you have no live invitation in this room")
+    return Decision("granted", room_name=row["room_name"], call_type="video" if row["video"] else "audio",
+                    display_name=row["display_name"])
+
+
+class JoinTokenStore:
+    """The authorisation query on its own small async pool (opened on first use)."""
+
+    def __init__(self, database_url: str, *, max_size: int = 8, timeout: float = 5.0) -> None:
+        self.database_url = database_url
+        self.max_size = max_size
+        self.timeout = timeout
+        self._pool: AsyncConnectionPool | None = None
+        self._lock: asyncio.Lock | None = None
+
+    async def _get_pool(self) -> AsyncConnectionPool:
+        if self._pool is None:
+            self._lock = self._lock or asyncio.Lock()
+            async with self._lock:
+                if self._pool is None:
+                    pool = AsyncConnectionPool(
+                        self.database_url, min_size=1, max_size=self.max_size, open=False,
+                        kwargs={"row_factory": dict_row, "autocommit": True, "connect_timeout": 5},
+                        timeout=self.timeout, name="callflow-token",
+                    )
+                    await pool.open(wait=False)
+                    self._pool = pool
+        return self._pool
+
+    async def authorise(self, user_id: str, *, room_name: str | None = None,
+                        invitation_id: str | None = None) -> Decision:
+        if (room_name is None) == (invitation_id is None):
+            raise ValueError("give exactly one of room_name, invitation_id")
+        params = {
+            "user_id": uuid.UUID(user_id),
+            "room_name": room_name,
+            "invitation_id": uuid.UUID(invitation_id) if invitation_id is not None else None,
+        }
+        pool = await self._get_pool()
+        async with pool.connection() as conn:
+            cur = await conn.execute(_QUERY, params)
+            row = await cur.fetchone()
+        assert row is not None
+        return decide(row, by_invitation=invitation_id is not None)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+
+@dataclass(frozen=True)
+class JoinToken:
+    token: str
+    identity: str
+    expires_at: dt.datetime
+
+    @property
+    def expires_at_iso(self) -> str:
+        return self.expires_at.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def mint_join_token(*, api_key: str, api_secret: str, user_id: str, room_name: str,
+                    call_type: Literal["audio", "video"], ttl_seconds: int, name: str | None = None) -> JoinToken:
+    grants = VideoGrants(
+        room_join=True,
+        room=room_name,
+        can_publish=True,
+        can_subscribe=True,
+        can_publish_data=True,
+        can_publish_sources=list(AUDIO_SOURCES if call_type == "audio" else VIDEO_SOURCES),
+    )
+    access = (
+        AccessToken(api_key, api_secret)
+        .with_identity(user_id)
+        .with_grants(grants)
+        .with_ttl(dt.timedelta(seconds=ttl_seconds))
+    )
+    if name:
+        access = access.with_name(name)
+    token = access.to_jwt()
+    # The exact expiry the token carries (to_jwt stamps its own clock).
+    exp = jwt.decode(token, options={"verify_signature": False})["exp"]
+    return JoinToken(token=token, identity=user_id, expires_at=dt.datetime.fromtimestamp(exp, dt.timezone.utc))
