@@ -1,0 +1,62 @@
+"""Timeouts stay certain when a worker dies, and an invitation no worker can serve ends `failed`."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from celery import Celery
+
+from tests.conftest import _wait_worker_ready, subprocess_env
+from tests.support import services
+from tests.support.calls import enqueue_change, insert_invitation, invitation, wait_invitation
+from tests.support.services import wait_for
+
+
+def test_timeouts_held_by_a_sigkilled_worker_fire_within_the_sweep_interval_plus_one_second(
+        db, database_url, make_user, livekit, worker, beat, log_dir):
+    doomed = services.celery_worker(subprocess_env(), log_dir, name="doomed", concurrency=2)
+    _wait_worker_ready(doomed)
+    try:
+        caller = make_user()
+        invs = [insert_invitation(database_url, caller, make_user()) for _ in range(30)]
+        for inv in invs:
+            enqueue_change(inv["id"], "pending")
+        for inv in invs:
+            wait_invitation(db, inv["id"], "ringing")
+        wait_for(lambda: doomed.log().count("callflow.ring_timeout[") >= 1, timeout=5,
+                 what="the doomed worker holding ring timeouts")
+        time.sleep(0.5)
+        doomed.kill(signal.SIGKILL)
+        for inv in invs:
+            wait_invitation(db, inv["id"], "missed", timeout=20)
+        lateness = [(invitation(db, inv["id"])["ended_at"] - invitation(db, inv["id"])["ring_deadline"]).total_seconds()
+                    for inv in invs]
+        sweep_interval = 0.5
+        assert max(lateness) <= sweep_interval + 1.0, lateness
+        held = doomed.log().count("callflow.ring_timeout[")
+        assert held >= 1
+    finally:
+        doomed.stop()
+
+
+def test_an_invitation_whose_room_cannot_be_made_ends_failed(db, database_url, make_user, redis_server, log_dir):
+    # A worker of its own (its own broker database) whose LiveKit is unreachable.
+    broker = redis_server.url.rsplit("/", 1)[0] + "/9"
+    proc = services.celery_worker(subprocess_env(REDIS_URL=broker, LIVEKIT_URL="ws://127.0.0.1:9"), log_dir,
+                                  name="nolivekit", concurrency=1)
+    _wait_worker_ready(proc)
+    try:
+        caller, callee = make_user(), make_user()
+        inv = insert_invitation(database_url, caller, callee)
+        app = Celery("sender", broker=broker)
+        enqueue_change(inv["id"], "pending", app=app)
+        failed = wait_invitation(db, inv["id"], "failed", timeout=30)
+        assert failed["end_reason"] == "error"
+        call = db.execute("select * from public.calls where id = %s", (failed["call_id"],)).fetchone()
+        assert call["status"] == "failed" and call["end_reason"] == "error"
+        event = db.execute("select payload from public.call_events where event_id = %s",
+                           (f"realtime:{inv['id']}:pending",)).fetchone()
+        assert "LiveKit" in event["payload"]["error"]
+    finally:
+        proc.stop()
