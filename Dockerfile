@@ -1,0 +1,29 @@
+# One image for every callflow process (web, listener, worker, beat, flower) and `callflow migrate`.
+# docker-compose.yml picks the process with `command:`, exactly as the Procfile runs it.
+FROM python:3.11-slim
+
+# PYTHONPATH: the checkout's packages come first, so `callflow migrate` finds
+# /app/supabase/migrations (an installed copy would look beside site-packages instead).
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONPATH=/app
+
+WORKDIR /app
+
+COPY pyproject.toml README.md ./
+COPY config ./config
+COPY orchestration ./orchestration
+COPY workers ./workers
+COPY supabase ./supabase
+COPY Procfile ./
+
+RUN pip install . \
+ && useradd --system --uid 10001 --home-dir /app callflow \
+ && mkdir -p /app/.local/outbox \
+ && chown -R callflow /app/.local
+
+USER callflow
+EXPOSE 8000 5555
+CMD ["uvicorn", "workers.web.app:app", "--host", "0.0.0.0", "--port", "8000", "--no-access-log"]
