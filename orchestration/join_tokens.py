@@ -4,7 +4,8 @@ Authorisation (the contract): a user gets a token for a room only as the caller 
 live invitation of that room: `pending`, `ringing`, or `accepted` while its call (`calls` via
 `call_invitations.call_id`) is `ringing` or `active`. One query answers everything, on an async
 psycopg pool (autocommit: a single read needs no transaction), using the partial index on live
-invitations by room.
+invitations by room. A room "exists" when it has a live invitation, a call, or any invitation of
+the asking user (all found by index: no scan of the whole table for unknown names).
 
 The token: identity = the Supabase user id, name = the user's display name, `room_join` for that
 room only; an audio call may publish the microphone only, a video call camera, microphone and
@@ -48,7 +49,10 @@ select (select name from room) as room_name,
        exists (select 1 from target where caller_id = %(user_id)s::uuid or callee_id = %(user_id)s::uuid) as invitation_party,
        (exists (select 1 from public.call_invitations
                  where room_name = (select name from room) and status in ('pending', 'ringing', 'accepted'))
-        or exists (select 1 from public.calls where room_name = (select name from room))) as room_found,
+        or exists (select 1 from public.calls where room_name = (select name from room))
+        or exists (select 1 from public.call_invitations
+                    where (caller_id = %(user_id)s::uuid or callee_id = %(user_id)s::uuid)
+                      and room_name = (select name from room))) as room_found,
        (select count(*) from live) as live_count,
        coalesce((select bool_or(call_type = 'video') from live), false) as video,
        (select coalesce(nullif(btrim(u.raw_user_meta_data->>'full_name'), ''),

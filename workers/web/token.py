@@ -48,7 +48,9 @@ class _Services:
             settings = get_settings()
             self.verifier = SupabaseTokenVerifier.from_settings(settings)
             self.store = JoinTokenStore(settings.database_url)
-            client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+            pool = aioredis.BlockingConnectionPool.from_url(
+                settings.redis_url, max_connections=32, timeout=2, socket_timeout=2, socket_connect_timeout=2)
+            client = aioredis.Redis(connection_pool=pool)
             self.limiter = RateLimiter(client, limit=settings.callflow_token_rate_per_minute, window_seconds=60,
                                        prefix="callflow:ratelimit:token")
             self.settings = settings
