@@ -97,3 +97,9 @@ def run_checks() -> Iterator[Check]:
         yield name, ok, detail
     for extra in EXTRA_CHECKS:
         yield extra(settings)
+
+
+# The listener's heartbeat in Redis (orchestration/ingest/heartbeat.py).
+from orchestration.ingest.heartbeat import listener_check  # noqa: E402
+
+EXTRA_CHECKS.append(listener_check)

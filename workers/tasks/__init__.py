@@ -4,4 +4,4 @@ Entrypoints only: each task parses its plain arguments (ids, event dicts), calls
 `orchestration.handlers` with its ports, and sorts exceptions into retry or fail.
 """
 
-from workers.tasks import lifecycle, notifications  # noqa: F401
+from workers.tasks import ingest, lifecycle, notifications  # noqa: F401

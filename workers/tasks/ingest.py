@@ -1,0 +1,42 @@
+"""`callflow.catch_up_invitations` (beat, every few seconds, queue `sweeps`): the listener's safety net.
+
+Reads the invitations changed since the shared watermark (minus the overlap) and enqueues, through
+the same Redis dedupe as the listener, every transition not yet enqueued: an invitation reaches
+the lifecycle even while no listener runs at all.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import structlog
+
+from workers.app import app, settings
+
+log = structlog.get_logger("callflow.ingest")
+
+CATCH_UP_INTERVAL_SECONDS = 5.0
+
+
+@functools.lru_cache(maxsize=1)
+def _sink():
+    import redis
+
+    from orchestration.ingest.sink import IngestSink, celery_sender
+
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=10,
+                                  socket_connect_timeout=5)
+    return IngestSink(client, celery_sender(app))
+
+
+@app.task(name="callflow.catch_up_invitations", acks_late=False, ignore_result=True)
+def catch_up_invitations() -> dict:
+    from orchestration.db import get_pool
+    from orchestration.ingest.sink import catch_up
+
+    with get_pool(settings.database_url).connection() as conn:
+        result = catch_up(conn, _sink(), source="postgres",
+                          on_malformed=lambda reason: log.warning("malformed invitation row skipped", reason=reason))
+    if result.enqueued:
+        log.info("catch-up enqueued missed invitation changes", enqueued=len(result.enqueued), scanned=result.scanned)
+    return {"scanned": result.scanned, "enqueued": len(result.enqueued), "duplicates": result.duplicates}
