@@ -166,5 +166,25 @@ def dev_token(user_id: str, ttl: int) -> None:
     click.echo(dev_access_token(settings, user_id, email=email, user_metadata=metadata, ttl_seconds=ttl))
 
 
+@main.group()
+def notifications() -> None:
+    """The missed-call email outbox."""
+
+
+@notifications.command("retry")
+@click.option("--id", "notification_id", default=None, help="only this notification (default: every failed one)")
+def notifications_retry(notification_id: str | None) -> None:
+    """Re-send failed emails that Resend never accepted (no provider message id), and only those."""
+    from orchestration.notifications.retry import RetryRefused, retry_failed
+
+    settings = _settings()
+    try:
+        result = retry_failed(settings, notification_id)
+    except RetryRefused as exc:
+        raise click.ClickException(str(exc)) from None
+    for line in result.lines():
+        click.echo(line)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,182 @@
+"""Mailers: the Resend API (through the `resend` SDK) and the development `.eml` outbox.
+
+Both take an `OutgoingEmail` and return the provider's message id, or raise:
+- `RetryableSendError`: 429, 5xx, 409 `concurrent_idempotent_requests`, connection errors and
+  timeouts; carries Resend's `retry-after` when it gave one;
+- `PermanentSendError`: any other 4xx (invalid address, unverified domain, bad key, 409
+  `invalid_idempotent_request`), never worth repeating as is.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from email.utils import format_datetime, make_msgid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import resend
+from resend.exceptions import ResendError
+from resend.http_client_requests import RequestsClient
+
+DEFAULT_RESEND_API_URL = "https://api.resend.com"
+
+
+@dataclass(frozen=True)
+class OutgoingEmail:
+    notification_id: str
+    idempotency_key: str
+    sender: str
+    to: str
+    subject: str
+    html: str
+    text: str
+    tags: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+
+class SendError(Exception):
+    def __init__(self, message: str, status: int | None = None, error_type: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.retry_after = retry_after
+
+    def describe(self) -> str:
+        head = " ".join(str(p) for p in (self.status, self.error_type) if p)
+        return f"{head}: {self}" if head else str(self)
+
+
+class RetryableSendError(SendError):
+    pass
+
+
+class PermanentSendError(SendError):
+    pass
+
+
+def idempotency_key(notification_id: str) -> str:
+    """One key per outbox row: every attempt for the row, from any worker, sends the same key."""
+    return f"callflow-notification-{notification_id}"
+
+
+def _retry_after(headers: dict | None) -> float | None:
+    for name, value in (headers or {}).items():
+        if str(name).lower() == "retry-after":
+            try:
+                return max(0.0, float(value))
+            except (TypeError, ValueError):
+                return None  # an HTTP date: rare; the caller's own backoff applies
+    return None
+
+
+def classify(exc: ResendError) -> SendError:
+    """Sorts a Resend SDK error into retryable or permanent, after Resend's documented semantics."""
+    try:
+        status = int(exc.code)
+    except (TypeError, ValueError):
+        status = 500
+    error_type = str(exc.error_type or "")
+    message = str(exc.message or exc)[:500]
+    retry_after = _retry_after(getattr(exc, "headers", None))
+    if status == 429 or status >= 500 or (status == 409 and error_type == "concurrent_idempotent_requests"):
+        return RetryableSendError(message, status, error_type, retry_after)
+    if 400 <= status < 500:
+        return PermanentSendError(message, status, error_type, retry_after)
+    return RetryableSendError(message, status, error_type, retry_after)
+
+
+class ResendMailer:
+    """Sends through the `resend` SDK (its module-level api_key / api_url / http client)."""
+
+    rate_limited = True
+    _lock = threading.Lock()
+
+    def __init__(self, api_key: str, api_url: str | None = None, timeout: int = 15) -> None:
+        self.api_key = api_key
+        self.api_url = (api_url or DEFAULT_RESEND_API_URL).rstrip("/")
+        self.timeout = timeout
+
+    def _configure(self) -> None:
+        # The SDK keeps its configuration in module globals; set them (idempotently) per send.
+        with self._lock:
+            resend.api_key = self.api_key
+            resend.api_url = self.api_url
+            if not isinstance(resend.default_http_client, RequestsClient) or \
+                    getattr(resend.default_http_client, "_timeout", None) != self.timeout:
+                resend.default_http_client = RequestsClient(timeout=self.timeout)
+
+    def send(self, message: OutgoingEmail) -> str:
+        self._configure()
+        params: dict = {
+            "from": message.sender,
+            "to": [message.to],
+            "subject": message.subject,
+            "html": message.html,
+            "text": message.text,
+        }
+        if message.tags:
+            params["tags"] = [{"name": k, "value": v} for k, v in message.tags]
+        try:
+            response = resend.Emails.send(params, options={"idempotency_key": message.idempotency_key})
+        except ResendError as exc:
+            raise classify(exc) from None
+        message_id = response.get("id") if hasattr(response, "get") else None
+        if not message_id:
+            raise RetryableSendError("Resend answered without a message id", 200, "no_message_id")
+        return str(message_id)
+
+
+def build_mime(message: OutgoingEmail, when: datetime | None = None) -> EmailMessage:
+    mime = EmailMessage(policy=email.policy.SMTP)
+    mime["From"] = message.sender
+    mime["To"] = message.to
+    mime["Subject"] = message.subject
+    mime["Date"] = format_datetime(when or datetime.now(timezone.utc))
+    mime["Message-ID"] = make_msgid(idstring=message.notification_id, domain="callflow.localhost")
+    mime["Idempotency-Key"] = message.idempotency_key
+    for name, value in message.tags:
+        mime[f"X-Callflow-{name.replace('_', '-').title()}"] = value
+    mime.set_content(message.text)
+    mime.add_alternative(message.html, subtype="html")
+    return mime
+
+
+class OutboxMailer:
+    """Development: writes the email as `<notification id>.eml` to CALLFLOW_OUTBOX_DIR.
+
+    One file per outbox row (the file name is the row id, written atomically), so a repeated
+    attempt rewrites the same file rather than adding a second email.
+    """
+
+    rate_limited = False
+
+    def __init__(self, directory: Path | str) -> None:
+        self.directory = Path(directory)
+
+    def path_for(self, notification_id: str) -> Path:
+        return self.directory / f"{notification_id}.eml"
+
+    def send(self, message: OutgoingEmail) -> str:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            target = self.path_for(message.notification_id)
+            data = build_mime(message).as_bytes()
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".eml")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                os.replace(tmp, target)
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
+                raise
+        except OSError as exc:
+            raise RetryableSendError(f"cannot write the outbox: {exc.strerror or exc}", None, "outbox_error") from None
+        return f"outbox:{target.name}"

@@ -1,0 +1,222 @@
+"""Delivery of one outbox row: the whole decision, without Celery.
+
+`deliver()` runs one attempt inside one database transaction that holds the row's lock
+(`for update ... skip locked`) from the read to the recorded outcome:
+
+- a second task for the same row meanwhile finds it locked and leaves it to the first (`busy`);
+- a worker killed mid-send loses its connection and with it the lock: the row is `pending` and
+  free again, and the redelivered task (acks_late + reject_on_worker_lost) or the pending sweep
+  sends it again with the same Idempotency-Key, to which Resend answers with the first answer
+  instead of a second email;
+- `attempts` counts the requests made (an attempt cut short by a killed worker goes uncounted,
+  as its transaction never commits).
+
+The caller (the Celery task) turns `retry` and `throttled` outcomes into a re-queue with the
+outcome's countdown.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Protocol
+
+from config.logging import get_logger
+from orchestration.db import get_pool
+from orchestration.domain.model import deserves_missed_call_email
+from orchestration.notifications import store
+from orchestration.notifications.mailers import (
+    OutgoingEmail,
+    PermanentSendError,
+    RetryableSendError,
+    idempotency_key,
+)
+from orchestration.notifications.rendering import MissedCall, display_name, recipient_zone, render_missed_call
+
+log = get_logger("callflow.notifications")
+
+MAX_ATTEMPTS = 6  # requests per delivery run before the row is `failed`
+BACKOFF_BASE_SECONDS = 1.0
+BACKOFF_MAX_SECONDS = 60.0
+TOKEN_WAIT_SECONDS = 1.5  # the longest a task sleeps for a rate-limit token before re-queueing
+EXPIRY = timedelta(hours=23)  # Resend keeps idempotency keys 24 hours
+
+
+class Mailer(Protocol):
+    rate_limited: bool
+
+    def send(self, message: OutgoingEmail) -> str: ...
+
+
+class Bucket(Protocol):
+    def acquire(self, max_wait: float) -> float: ...
+
+    def hold_off(self, seconds: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: str  # sent | skipped | failed | retry | throttled | busy | done | missing
+    detail: str = ""
+    countdown: float | None = None
+    message_id: str | None = None
+
+    @property
+    def requeue(self) -> bool:
+        return self.kind in ("retry", "throttled")
+
+
+def backoff(failures: int) -> float:
+    """1, 2, 4, 8 ... seconds (capped), with up to 25 % jitter."""
+    delay = min(BACKOFF_MAX_SECONDS, BACKOFF_BASE_SECONDS * (2 ** max(0, failures)))
+    return delay * random.uniform(1.0, 1.25)
+
+
+def _opted_out(meta: dict) -> bool:
+    value = meta.get("missed_call_emails", True)
+    return value is False or (isinstance(value, str) and value.strip().lower() == "false")
+
+
+def skip_reason(row: dict) -> str | None:
+    """Why this row gets no email, or None when it gets one."""
+    if not deserves_missed_call_email(row["invitation_status"], row["ringing_at"], row["ended_at"]):
+        return f"invitation {row['invitation_status']} does not call for a missed-call email"
+    meta = row["callee_meta"] if isinstance(row["callee_meta"], dict) else {}
+    if _opted_out(meta):
+        return "recipient turned missed-call emails off (raw_user_meta_data.missed_call_emails is false)"
+    if not row["recipient_email"]:
+        return "recipient has no email address"
+    return None
+
+
+def compose(row: dict, sender: str, app_url: str) -> OutgoingEmail:
+    """The email for an outbox row: a pure function of the row (same body on every attempt)."""
+    callee_meta = row["callee_meta"] if isinstance(row["callee_meta"], dict) else {}
+    call = MissedCall(
+        caller_name=display_name(row["caller_meta"]),
+        callee_name=display_name(callee_meta),
+        call_type=row["call_type"],
+        outcome=row["invitation_status"],
+        at=row["ringing_at"] or row["invited_at"],
+        zone=recipient_zone(callee_meta),
+        app_url=app_url,
+    )
+    rendered = render_missed_call(call)
+    return OutgoingEmail(
+        notification_id=row["id"],
+        idempotency_key=idempotency_key(row["id"]),
+        sender=sender,
+        to=row["recipient_email"],
+        subject=rendered.subject,
+        html=rendered.html,
+        text=rendered.text,
+        tags=(("kind", row["kind"]), ("notification_id", row["id"])),
+    )
+
+
+def deliver(notification_id: str, *, database_url: str, mailer: Mailer, bucket: Bucket | None, sender: str,
+            app_url: str, failures: int = 0, token_wait: float = TOKEN_WAIT_SECONDS) -> Outcome:
+    """One attempt at the row. `failures` = retryable failures so far in this delivery run."""
+    with get_pool(database_url).connection() as conn:
+        row = store.lock_for_delivery(conn, notification_id)
+        if row is None:
+            status = store.status_of(conn, notification_id)
+            if status is None:
+                return Outcome("missing", "no such notification")
+            return Outcome("busy" if status == "pending" else "done", f"another task holds it (status {status})")
+        if row["status"] != "pending":
+            return Outcome("done", f"status is {row['status']}")
+
+        if row["created_at"] < datetime.now(timezone.utc) - EXPIRY:
+            store.mark_failed(conn, notification_id, "expired: not delivered within 23 hours")
+            return Outcome("failed", "expired")
+
+        why = skip_reason(row)
+        if why:
+            store.mark_skipped(conn, notification_id, why)
+            log.info("notification skipped", notification_id=notification_id, why=why)
+            return Outcome("skipped", why)
+
+        message = compose(row, sender, app_url)
+
+        if mailer.rate_limited and bucket is not None:
+            wait = bucket.acquire(token_wait)
+            if wait > 0:
+                conn.rollback()  # nothing recorded; the lock goes with it
+                return Outcome("throttled", "no rate-limit token yet", countdown=wait)
+
+        attempts = store.count_attempt(conn, notification_id)
+        try:
+            message_id = mailer.send(message)
+        except PermanentSendError as exc:
+            store.mark_failed(conn, notification_id, exc.describe())
+            log.warning("notification failed", notification_id=notification_id, attempts=attempts,
+                        error=exc.describe())
+            return Outcome("failed", exc.describe())
+        except RetryableSendError as exc:
+            if exc.status == 429 and exc.retry_after and bucket is not None and mailer.rate_limited:
+                bucket.hold_off(exc.retry_after)
+            if failures + 1 >= MAX_ATTEMPTS:
+                store.mark_failed(conn, notification_id, f"gave up after {failures + 1} tries: {exc.describe()}")
+                log.warning("notification failed", notification_id=notification_id, attempts=attempts,
+                            error=exc.describe(), gave_up=True)
+                return Outcome("failed", exc.describe())
+            store.note_error(conn, notification_id, exc.describe())
+            countdown = exc.retry_after if exc.retry_after is not None else backoff(failures)
+            countdown = max(countdown, 0.2) + random.uniform(0, 0.2)
+            log.info("notification will be retried", notification_id=notification_id, attempts=attempts,
+                     error=exc.describe(), countdown=round(countdown, 2))
+            return Outcome("retry", exc.describe(), countdown=countdown)
+
+        store.mark_sent(conn, notification_id, message_id)
+        if mailer.rate_limited:
+            log.info("notification sent", notification_id=notification_id, attempts=attempts,
+                     provider_message_id=message_id)
+        else:
+            log.info("email written to outbox (development: no RESEND_API_KEY)", notification_id=notification_id,
+                     to=message.to, subject=message.subject,
+                     path=str(mailer.path_for(notification_id)) if hasattr(mailer, "path_for") else message_id)
+        return Outcome("sent", message_id=message_id)
+
+
+# ---- the pending sweep -------------------------------------------------------------------------
+
+SWEEP_MIN_AGE_SECONDS = 10.0  # a row younger than this still has its first task on the way
+SWEEP_RESEND_EVERY_SECONDS = 60  # at most one sweep re-send per row per this many seconds
+
+
+def scheduled_key(notification_id: str) -> str:
+    return f"callflow:notifications:scheduled:{notification_id}"
+
+
+def swept_key(notification_id: str) -> str:
+    return f"callflow:notifications:swept:{notification_id}"
+
+
+def mark_scheduled(redis_client, notification_id: str, countdown: float) -> None:
+    """A task re-queued itself for later: the sweep leaves the row alone until then (+ slack)."""
+    redis_client.set(scheduled_key(notification_id), "1", ex=max(1, int(countdown + 30)))
+
+
+def sweep_lost(database_url: str, redis_client, enqueue, min_age_seconds: float = SWEEP_MIN_AGE_SECONDS) -> dict:
+    """Re-sends `pending` rows whose task got lost (a worker killed with its queue of countdowns,
+    a broker hiccup after the lifecycle's commit): rows no sender holds, not waiting for a
+    scheduled retry, at most once a minute each. Duplicates are harmless (the task re-reads the row
+    and the Idempotency-Key covers the send), this only keeps them rare."""
+    resent: list[str] = []
+    with get_pool(database_url).connection() as conn:
+        expired = store.expire_stale(conn)
+        conn.commit()
+        candidates = store.lost_pending(conn, min_age_seconds)
+        conn.commit()  # release the rows before their tasks look at them
+    for notification_id in candidates:
+        if redis_client.exists(scheduled_key(notification_id)):
+            continue
+        if not redis_client.set(swept_key(notification_id), "1", nx=True, ex=SWEEP_RESEND_EVERY_SECONDS):
+            continue
+        enqueue(notification_id)
+        resent.append(notification_id)
+    if resent or expired:
+        log.info("notification sweep", resent=len(resent), expired=expired)
+    return {"resent": resent, "expired": expired}
