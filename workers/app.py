@@ -75,6 +75,12 @@ app.conf.update(
             "schedule": timedelta(seconds=settings.callflow_sweep_interval_seconds),
             "options": {"queue": "sweeps", "expires": max(settings.callflow_sweep_interval_seconds * 5, 5)},
         },
+        # Re-sends `pending` email outbox rows whose task got lost (orchestration.notifications).
+        "sweep-notifications": {
+            "task": "callflow.sweep_notifications",
+            "schedule": timedelta(seconds=max(5.0, settings.callflow_sweep_interval_seconds)),
+            "options": {"queue": "sweeps", "expires": 30},
+        },
     },
 )
 
