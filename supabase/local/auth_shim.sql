@@ -26,13 +26,14 @@ create table if not exists auth.users (
 );
 
 -- As Supabase defines it: the `sub` claim of the request's JWT, set by PostgREST per request.
+-- (A setting once set with is_local reads '' afterwards in that session, not null: hence nullif.)
 create or replace function auth.uid() returns uuid
 language sql stable
 as $$
   select nullif(
     coalesce(
       current_setting('request.jwt.claim.sub', true),
-      (current_setting('request.jwt.claims', true)::jsonb ->> 'sub')
+      (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub')
     ),
     ''
   )::uuid
@@ -44,7 +45,7 @@ as $$
   select nullif(
     coalesce(
       current_setting('request.jwt.claim.role', true),
-      (current_setting('request.jwt.claims', true)::jsonb ->> 'role')
+      (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'role')
     ),
     ''
   )::text
