@@ -10,6 +10,7 @@ nothing.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable
@@ -46,7 +47,7 @@ class LifecycleConfig:
 
     @property
     def departure_timeout(self) -> int:
-        return int(self.grace) + 10
+        return int(math.ceil(self.grace)) + 2
 
 
 @dataclass

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 
 import httpx
 from livekit import api
 
+import structlog
+
 from orchestration.ports import LiveParticipant, RoomError, RoomInfo
 
 _TOKEN_TTL = 600
+log = structlog.get_logger("callflow.livekit")
 
 
 class LiveKitRooms:
@@ -24,23 +28,28 @@ class LiveKitRooms:
         self._key, self._secret = api_key, api_secret
         self._client = httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=32, max_keepalive_connections=32))
         self._attempts = attempts
-        self._token: tuple[str, float] | None = None
+        self._tokens: dict[str, tuple[str, float]] = {}
         self._lock = threading.Lock()
 
-    def _auth(self) -> str:
+    def _auth(self, room: str | None) -> str:
+        """An admin token; per-room operations need `room_admin` for that very room."""
+        key = room or ""
         with self._lock:
             now = time.time()
-            if self._token is None or self._token[1] - now < 60:
-                grants = api.VideoGrants(room_create=True, room_admin=True, room_list=True)
+            cached = self._tokens.get(key)
+            if cached is None or cached[1] - now < 60:
+                grants = api.VideoGrants(room_create=True, room_list=True, room_admin=bool(room), room=room or "")
                 jwt = (
                     api.AccessToken(self._key, self._secret)
                     .with_identity("callflow")
                     .with_grants(grants)
-                    .with_ttl(__import__("datetime").timedelta(seconds=_TOKEN_TTL))
+                    .with_ttl(timedelta(seconds=_TOKEN_TTL))
                     .to_jwt()
                 )
-                self._token = (jwt, now + _TOKEN_TTL)
-            return self._token[0]
+                if len(self._tokens) > 1024:
+                    self._tokens.clear()
+                cached = self._tokens[key] = (jwt, now + _TOKEN_TTL)
+            return cached[0]
 
     def _call(self, method: str, body: dict, *, not_found_ok: bool = False) -> dict | None:
         last: Exception | None = None
@@ -48,7 +57,7 @@ class LiveKitRooms:
             try:
                 response = self._client.post(
                     self._base + method, json=body,
-                    headers={"Authorization": f"Bearer {self._auth()}", "Content-Type": "application/json"},
+                    headers={"Authorization": f"Bearer {self._auth(body.get('room'))}", "Content-Type": "application/json"},
                 )
             except httpx.HTTPError as exc:
                 last = exc
@@ -76,7 +85,8 @@ class LiveKitRooms:
     def list_participants(self, room: str) -> list[LiveParticipant] | None:
         try:
             result = self._call("ListParticipants", {"room": room}, not_found_ok=True)
-        except RoomError:
+        except RoomError as exc:
+            log.warning("LiveKit cannot list participants", room_name=room, error=str(exc))
             return None
         if result is None:
             return []
