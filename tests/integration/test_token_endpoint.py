@@ -36,9 +36,9 @@ def auth():
 
 def start_web(log_dir, auth: JWKSServer, **env) -> tuple[services.Process, str]:
     port = services.free_port()
-    proc = services.web_server(subprocess_env(
-        SUPABASE_URL=auth.url, SUPABASE_JWT_SECRET=LEGACY_SECRET, LIVEKIT_PUBLIC_URL=PUBLIC_URL,
-        CALLFLOW_TOKEN_TTL_SECONDS=str(TTL), **env), log_dir, port)
+    settings = {"SUPABASE_URL": auth.url, "SUPABASE_JWT_SECRET": LEGACY_SECRET, "LIVEKIT_PUBLIC_URL": PUBLIC_URL,
+                "CALLFLOW_TOKEN_TTL_SECONDS": str(TTL), **env}
+    proc = services.web_server(subprocess_env(**settings), log_dir, port)
     base = f"http://127.0.0.1:{port}"
     try:
         services.wait_for(lambda: httpx.get(f"{base}/openapi.json", timeout=1).status_code == 200 or not proc.alive(),
@@ -317,3 +317,20 @@ def test_openapi_describes_the_route_and_every_answer(api):
     schema = doc["components"]["schemas"]["TokenRequest"]
     assert set(schema["properties"]) == {"room_name", "invitation_id"}
     assert doc["components"]["securitySchemes"]["supabaseAccessToken"]["scheme"] == "bearer"
+
+
+# ---- CORS (browsers on the product's web app, CALLFLOW_APP_URL) --------------------------------
+
+def test_cors_for_the_app_origin_only(api, auth, make_user):
+    app_origin = "http://localhost:3000"  # CALLFLOW_APP_URL's development default
+    pre = api.options("/api/livekit/token", headers={"Origin": app_origin, "Access-Control-Request-Method": "POST",
+                                                      "Access-Control-Request-Headers": "authorization, content-type"})
+    assert pre.status_code == 204
+    assert pre.headers["access-control-allow-origin"] == app_origin
+    assert "authorization" in pre.headers["access-control-allow-headers"].lower()
+    resp = api.post("/api/livekit/token", headers={**bearer(es_token(auth, make_user())), "Origin": app_origin},
+                    json={"room_name": "nowhere"})
+    assert resp.status_code == 404 and resp.headers["access-control-allow-origin"] == app_origin
+    evil = api.options("/api/livekit/token", headers={"Origin": "https://evil.example",
+                                                       "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in evil.headers

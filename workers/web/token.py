@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 import redis.asyncio as aioredis
@@ -128,6 +129,32 @@ def parse_body(raw: bytes) -> tuple[str | None, str | None]:
     except ValueError:
         raise _BodyError("invitation_id", "invitation_id must be a UUID") from None
     return None, str(parsed)
+
+
+def _cors_headers(request: Request, settings: Settings) -> dict[str, str]:
+    """Browsers may call from the product's web app (`CALLFLOW_APP_URL`'s origin) only."""
+    origin = request.headers.get("origin")
+    if not origin:
+        return {}
+    parts = urlsplit(settings.callflow_app_url)
+    if origin != f"{parts.scheme}://{parts.netloc}":
+        return {"Vary": "Origin"}
+    return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+
+
+async def token_endpoint(request: Request) -> Response:
+    settings = _services.get().settings
+    assert settings is not None
+    cors = _cors_headers(request, settings)
+    if request.method == "OPTIONS":  # CORS preflight
+        headers = dict(cors)
+        if "Access-Control-Allow-Origin" in cors:
+            headers.update({"Access-Control-Allow-Methods": "POST", "Access-Control-Max-Age": "600",
+                            "Access-Control-Allow-Headers": "Authorization, Content-Type"})
+        return Response(status_code=204, headers={**headers, "Allow": "POST, OPTIONS"})
+    response = await issue_token(request)
+    response.headers.update(cors)
+    return response
 
 
 async def issue_token(request: Request) -> Response:
@@ -344,6 +371,6 @@ async def openapi(_request: Request) -> Response:
 
 
 routes: list = [
-    Route(PATH, issue_token, methods=["POST"]),
+    Route(PATH, token_endpoint, methods=["POST", "OPTIONS"]),
     Route("/openapi.json", openapi, methods=["GET"]),
 ]
