@@ -164,6 +164,11 @@ def configure_logging(production: bool | None = None, level: str = "INFO", strea
             root.removeHandler(old)
     handler._callflow = True  # type: ignore[attr-defined]
     root.addHandler(handler)
+    # uvicorn installs its own handlers (propagate off): route its lines through ours instead.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        uvicorn_logger = logging.getLogger(name)
+        uvicorn_logger.handlers.clear()
+        uvicorn_logger.propagate = True
     root.setLevel(level)
     _configured = True
 

@@ -167,6 +167,34 @@ def test_stdlib_loggers_like_celery_are_redacted_and_carry_the_context(output):
         assert text.count(FIELDS["room_name"]) >= 6
 
 
+def test_uvicorn_lines_go_through_the_same_chain(monkeypatch):
+    """uvicorn sets up its own handlers (propagate off) before the app configures logging."""
+    import logging.config
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    monkeypatch.setattr(callflow_logging, "_extra_secrets", set())
+    logging.config.dictConfig(LOGGING_CONFIG)
+    buf = io.StringIO()
+    try:
+        configure_logging(True, stream=buf)
+        try:
+            _fail_with_secrets()
+        except RuntimeError:
+            logging.getLogger("uvicorn.error").exception("Exception in ASGI application")
+        logging.getLogger("uvicorn.access").info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "POST",
+                                                 f"/api/livekit/token?access_token={USER_JWT}", "1.1", 401)
+    finally:
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            if getattr(handler, "_callflow", False):
+                root.removeHandler(handler)
+        structlog.reset_defaults()
+    lines = _check(True, buf.getvalue())
+    assert [line["logger"] for line in lines] == ["uvicorn.error", "uvicorn.access"]
+    assert "Traceback" in lines[0]["exception"] and "401" in lines[1]["event"]
+
+
 def test_configured_secrets_are_registered_by_configure_logging(monkeypatch):
     """Whichever process configures logging (web, worker, listener), its configured secrets are
     redacted wherever they show up, without each process registering them itself."""
