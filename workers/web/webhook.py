@@ -1,3 +1,180 @@
-"""(being built)"""
+"""`POST /livekit/webhook`: LiveKit's signed webhooks, verified, deduplicated, put on `events`.
 
-routes: list = []
+A plain ASGI endpoint (no Request object, no middleware on the hot path): headers first (size,
+then the token, before any of the body is read), then the body streamed with a running count,
+then the body hash, the event's shape, and one Redis round trip (`RedisEnqueuer`). Answers:
+200 accepted or duplicate; 401 / 400 / 413 per the contract; 503 when Redis cannot take it
+(`Retry-After: 1`; LiveKit retries). Each rejection is logged once (reason, never the token) and
+counted; accepted events are counted by type, the Redis step timed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily
+from starlette.routing import Route
+
+from config.logging import get_logger
+from config.settings import get_settings
+from orchestration.adapters.redis_enqueue import EnqueueUnavailable, RedisEnqueuer
+from orchestration.webhooks import (
+    MAX_BODY_BYTES,
+    CeleryMessageBuilder,
+    InvalidEvent,
+    PayloadTooLarge,
+    WebhookRejected,
+    WebhookVerifier,
+    parse_event,
+)
+
+TASK_NAME = "callflow.livekit_event"
+QUEUE = "events"
+
+log = get_logger("callflow.web.webhook")
+
+WEBHOOKS_RECEIVED = Counter(
+    "callflow_webhooks_received_total", "Verified LiveKit webhooks by event type and outcome",
+    ["event", "outcome"],
+)
+WEBHOOKS_REJECTED = Counter(
+    "callflow_webhooks_rejected_total", "LiveKit webhook requests refused, by reason", ["reason"],
+)
+ENQUEUE_SECONDS = Histogram(
+    "callflow_webhook_enqueue_seconds", "Time of the dedupe+enqueue Redis round trip",
+    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+for _reason in ("unsigned", "malformed_token", "unknown_key", "bad_signature", "expired", "not_yet_valid",
+                "hash_mismatch", "not_json", "bad_shape", "too_large", "redis_unavailable"):
+    WEBHOOKS_REJECTED.labels(_reason)
+
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+def _error_body(code: str, message: str) -> bytes:
+    return json.dumps({"error": {"code": code, "message": message}}).encode()
+
+
+_OK_ACCEPTED = b'{"status":"accepted"}'
+_OK_DUPLICATE = b'{"status":"duplicate"}'
+_UNAVAILABLE = _error_body("unavailable", "the event queue is unavailable; retry later")
+
+
+async def _respond(send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+    if extra:
+        headers.extend(extra)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Disconnected(Exception):
+    pass
+
+
+class LiveKitWebhook:
+    """The ASGI endpoint. Its Redis client is made lazily, inside the server's event loop."""
+
+    def __init__(self, verifier: WebhookVerifier | None = None, redis_url: str | None = None,
+                 max_body: int = MAX_BODY_BYTES) -> None:
+        settings = get_settings()
+        self.verifier = verifier or WebhookVerifier(settings.webhook_keys())
+        self.redis_url = redis_url or settings.redis_url
+        self.max_body = max_body
+        self.builder = CeleryMessageBuilder.for_task(TASK_NAME, QUEUE)
+        self._enqueuer: RedisEnqueuer | None = None
+
+    @property
+    def enqueuer(self) -> RedisEnqueuer:
+        if self._enqueuer is None:
+            self._enqueuer = RedisEnqueuer(self.redis_url, QUEUE)
+        return self._enqueuer
+
+    async def _reject(self, send, exc: WebhookRejected, **context) -> None:
+        WEBHOOKS_REJECTED.labels(exc.reason).inc()
+        log.warning("webhook rejected", reason=exc.reason, status=exc.status, **context)
+        # A 413 is answered before the body is read: close the connection rather than drain it.
+        extra = [(b"connection", b"close")] if exc.status == 413 else None
+        await _respond(send, exc.status, _error_body(exc.code, exc.message), extra)
+
+    async def _read_body(self, receive) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected()
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > self.max_body:
+                    raise PayloadTooLarge(self.max_body)
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def __call__(self, scope, receive, send) -> None:
+        authorization = None
+        content_length = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value
+            elif name == b"content-length":
+                content_length = value
+        try:
+            if content_length is not None:
+                try:
+                    declared = int(content_length)
+                except ValueError:
+                    raise InvalidEvent("bad_request", "malformed Content-Length") from None
+                if declared > self.max_body:
+                    raise PayloadTooLarge(self.max_body)
+            claims = self.verifier.verify_token(authorization)
+            body = await self._read_body(receive)
+            self.verifier.check_body(claims, body)
+            event = parse_event(body)
+        except WebhookRejected as exc:
+            await self._reject(send, exc)
+            return
+        except _Disconnected:
+            WEBHOOKS_REJECTED.labels("client_disconnected").inc()
+            return
+
+        received_at = datetime.now(timezone.utc).isoformat()
+        event_type = event["event"]
+        message = self.builder.build_livekit_event(body, event, received_at)
+        started = time.perf_counter()
+        try:
+            fresh = await self.enqueuer.enqueue_once(event["id"], message)
+        except EnqueueUnavailable as exc:
+            WEBHOOKS_REJECTED.labels("redis_unavailable").inc()
+            log.warning("webhook rejected", reason="redis_unavailable", status=503, event_id=event["id"],
+                        event_type=event_type, error=str(exc)[:200])
+            await _respond(send, 503, _UNAVAILABLE, [(b"retry-after", b"1")])
+            return
+        ENQUEUE_SECONDS.observe(time.perf_counter() - started)
+        WEBHOOKS_RECEIVED.labels(event_type, "enqueued" if fresh else "duplicate").inc()
+        await _respond(send, 200, _OK_ACCEPTED if fresh else _OK_DUPLICATE)
+
+
+endpoint = LiveKitWebhook()
+
+
+class _PipelineCollector:
+    """How well the Redis calls are pipelined: calls / batches is the mean batch size."""
+
+    def collect(self):
+        enqueuer = endpoint._enqueuer
+        yield CounterMetricFamily("callflow_webhook_redis_batches", "Pipelined Redis writes of webhook events",
+                                  value=enqueuer.batches if enqueuer else 0)
+        yield CounterMetricFamily("callflow_webhook_redis_calls", "Dedupe+enqueue calls sent in those writes",
+                                  value=enqueuer.calls if enqueuer else 0)
+
+
+REGISTRY.register(_PipelineCollector())
+
+routes: list = [Route("/livekit/webhook", endpoint, methods=["POST"])]

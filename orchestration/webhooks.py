@@ -1,0 +1,341 @@
+"""LiveKit webhooks, the pure part: verify the signature, parse the event, build the Celery message.
+
+No I/O here: `workers/web/webhook.py` feeds requests in, `orchestration/adapters/redis_enqueue.py`
+puts the message on Redis.
+
+Verification (as LiveKit's Go verifier does it, livekit/protocol `webhook/`):
+  the `Authorization` header is a JWT (HS256) issued by one of our API keys (`iss` = key), valid
+  now (`exp` required, `nbf` if present, a small leeway for clock skew), whose `sha256` claim is
+  base64(SHA-256(raw body)), compared in constant time. LiveKit sends the bare JWT; a `Bearer `
+  prefix is tolerated too (some proxies and hand-written senders add it): it changes nothing about
+  what must verify.
+
+Parsing: the body is protojson of `livekit.WebhookEvent`; we keep it as the dict LiveKit sent
+(lowerCamelCase, int64 as strings) and only check its shape: an object with a non-empty string
+`event` and `id`, and objects where the envelope has messages. Unknown fields (a newer server) and
+unknown event names are accepted: the worker records every event.
+
+The message: Celery protocol 2 (`celery.app.amqp.AMQP.as_task_v2`), wrapped the way kombu's Redis
+transport writes it onto the queue's list (`kombu.transport.virtual.Channel.prepare_message` +
+`_inplace_augment_message`, body base64-encoded), so a stock `celery worker` consumes it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import os
+import re
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from jwt.algorithms import HMACAlgorithm
+
+MAX_BODY_BYTES = 1024 * 1024
+# LiveKit's tokens live 5 minutes; the SDKs' verifiers allow a minute of clock skew.
+DEFAULT_LEEWAY_SECONDS = 60.0
+MAX_EVENT_ID_LENGTH = 256
+
+LIVEKIT_EVENT_TYPES = (
+    "room_started", "room_finished",
+    "participant_joined", "participant_left", "participant_connection_aborted",
+    "track_published", "track_unpublished",
+    "egress_started", "egress_updated", "egress_ended",
+    "ingress_started", "ingress_ended",
+)
+# Envelope fields that are messages in `livekit.WebhookEvent`: when present they must be objects.
+_MESSAGE_FIELDS = ("room", "participant", "track", "egressInfo", "ingressInfo")
+
+
+class WebhookRejected(Exception):
+    """A request we answer with an error. `reason` is for logs and metrics (never a secret)."""
+
+    status: int = 400
+    code: str = "invalid_request"
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class Unauthorized(WebhookRejected):
+    status = 401
+    code = "unauthorized"
+
+
+class InvalidEvent(WebhookRejected):
+    status = 400
+    code = "invalid_request"
+
+
+class PayloadTooLarge(WebhookRejected):
+    status = 413
+    code = "payload_too_large"
+
+    def __init__(self, limit: int = MAX_BODY_BYTES) -> None:
+        super().__init__("too_large", f"body over {limit} bytes")
+
+
+def body_sha256(body: bytes) -> str:
+    """What LiveKit puts in the `sha256` claim: base64 (standard, padded) of SHA-256(body)."""
+    return base64.b64encode(hashlib.sha256(body).digest()).decode("ascii")
+
+
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def _b64url(segment: str) -> bytes:
+    """Strict base64url (no padding, as JWTs are written): anything else is malformed."""
+    if not _B64URL.fullmatch(segment) or len(segment) % 4 == 1:
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+def _int_claim(claims: Mapping[str, Any], name: str) -> int:
+    try:
+        return int(claims[name])  # PyJWT's reading of NumericDate claims
+    except (ValueError, TypeError, OverflowError):
+        raise Unauthorized("malformed_token", f"token claim `{name}` is not a number") from None
+
+
+class WebhookVerifier:
+    """Checks LiveKit's signature against every accepted key:secret pair (key rotation).
+
+    The checks are PyJWT's for `jwt.decode(token, secret, algorithms=["HS256"], issuer=key,
+    leeway=..., options={"require": ["exp", "iss"]})` (tests/unit/test_webhook_verify.py holds
+    them side by side with PyJWT on generated tokens), but done in one pass: `iss` has to be read
+    before the secret is known, and PyJWT's decode costs ~35 us a token, half of the whole budget
+    of a webhook at the rate we aim for. The signature itself is PyJWT's HS256 algorithm
+    (`HMACAlgorithm.verify`: HMAC-SHA256 compared in constant time).
+    """
+
+    def __init__(self, keys: Mapping[str, str], leeway: float = DEFAULT_LEEWAY_SECONDS) -> None:
+        if not keys:
+            raise ValueError("no webhook keys configured")
+        self._hs256 = HMACAlgorithm(HMACAlgorithm.SHA256)
+        self._keys = {key: self._hs256.prepare_key(secret) for key, secret in keys.items()}
+        self._leeway = leeway
+        self._headers: dict[str, bool] = {}  # header segment -> acceptable (there are a few at most)
+
+    def _check_header(self, segment: str) -> None:
+        known = self._headers.get(segment)
+        if known is None:
+            try:
+                header = json.loads(_b64url(segment))
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                raise Unauthorized("malformed_token", "malformed authorization token") from None
+            if not isinstance(header, dict):
+                raise Unauthorized("malformed_token", "malformed authorization token")
+            crit = header.get("crit")
+            known = (header.get("alg") == "HS256" and crit is None and header.get("b64", True) is True
+                     and isinstance(header.get("kid", ""), str))
+            if len(self._headers) < 64:
+                self._headers[segment] = known
+        if not known:
+            raise Unauthorized("bad_signature", "token algorithm or header not accepted")
+
+    def verify_token(self, authorization: str | bytes | None) -> dict[str, Any]:
+        """The verified claims of the `Authorization` header; raises `Unauthorized`."""
+        if isinstance(authorization, bytes):
+            try:
+                authorization = authorization.decode("ascii")
+            except UnicodeDecodeError:
+                raise Unauthorized("malformed_token", "malformed authorization token") from None
+        token = (authorization or "").strip()
+        if token[:7].lower() == "bearer ":
+            token = token[7:].strip()
+        if not token:
+            raise Unauthorized("unsigned", "missing authorization token")
+        parts = token.split(".")
+        if len(parts) != 3:
+            raise Unauthorized("malformed_token", "malformed authorization token")
+        header_segment, payload_segment, signature_segment = parts
+        self._check_header(header_segment)
+        try:
+            claims = json.loads(_b64url(payload_segment))
+            signature = _b64url(signature_segment)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise Unauthorized("malformed_token", "malformed authorization token") from None
+        if not isinstance(claims, dict):
+            raise Unauthorized("malformed_token", "malformed authorization token")
+        issuer = claims.get("iss")
+        key = self._keys.get(issuer) if isinstance(issuer, str) else None
+        if key is None:
+            raise Unauthorized("unknown_key", "unknown API key")
+        signing_input = token[: len(header_segment) + 1 + len(payload_segment)].encode("ascii")
+        if not self._hs256.verify(signing_input, key, signature):
+            raise Unauthorized("bad_signature", "bad token signature")
+        if "exp" not in claims:
+            raise Unauthorized("malformed_token", "token lacks a required claim")
+        now = time.time()
+        if _int_claim(claims, "exp") <= now - self._leeway:
+            raise Unauthorized("expired", "token expired")
+        if "nbf" in claims and _int_claim(claims, "nbf") > now + self._leeway:
+            raise Unauthorized("not_yet_valid", "token not yet valid")
+        if "iat" in claims and _int_claim(claims, "iat") > now + self._leeway:
+            raise Unauthorized("not_yet_valid", "token not yet valid")
+        if claims.get("aud"):
+            raise Unauthorized("malformed_token", "token is meant for an audience")
+        return claims
+
+    @staticmethod
+    def check_body(claims: Mapping[str, Any], body: bytes) -> None:
+        """The body is the one LiveKit signed; raises `Unauthorized`."""
+        claimed = claims.get("sha256")
+        if not isinstance(claimed, str) or not claimed:
+            raise Unauthorized("hash_mismatch", "token carries no body hash")
+        if not hmac.compare_digest(claimed.encode("ascii", "replace"), body_sha256(body).encode("ascii")):
+            raise Unauthorized("hash_mismatch", "body does not match the signed hash")
+
+    def verify(self, authorization: str | bytes | None, body: bytes) -> dict[str, Any]:
+        claims = self.verify_token(authorization)
+        self.check_body(claims, body)
+        return claims
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def parse_event(body: bytes) -> dict[str, Any]:
+    """The webhook event as LiveKit sent it (protojson dict); raises `InvalidEvent`."""
+    try:
+        event = _DECODER.decode(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise InvalidEvent("not_json", "body is not JSON") from None
+    if not isinstance(event, dict):
+        raise InvalidEvent("bad_shape", "body is not a LiveKit webhook event") from None
+    name, event_id = event.get("event"), event.get("id")
+    if not isinstance(name, str) or not name:
+        raise InvalidEvent("bad_shape", "webhook event has no `event` name")
+    if not isinstance(event_id, str) or not event_id:
+        raise InvalidEvent("bad_shape", "webhook event has no `id`")
+    if len(event_id) > MAX_EVENT_ID_LENGTH or len(name) > 100:
+        raise InvalidEvent("bad_shape", "webhook event `id` or `event` too long")
+    for field in _MESSAGE_FIELDS:
+        value = event.get(field)
+        if value is not None and not isinstance(value, dict):
+            raise InvalidEvent("bad_shape", f"webhook event `{field}` is not an object")
+    created = event.get("createdAt")
+    if created is not None and (isinstance(created, bool) or not isinstance(created, (str, int))):
+        raise InvalidEvent("bad_shape", "webhook event `createdAt` is not an int64")
+    return event
+
+
+# ---- Celery protocol 2 on kombu's Redis transport ---------------------------------------------------
+
+_EMBED_JSON = b'{"callbacks": null, "errbacks": null, "chain": null, "chord": null}'
+_MARKERS = re.compile(r'@@(BODY|ID|TAG|ARGSREPR)@@|"@@ARGSREPR@@"')
+
+
+def _short_repr(value: Any, limit: int = 1024) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class CeleryMessageBuilder:
+    """Builds the bytes `app.send_task(task, args, queue=queue)` would LPUSH with Redis.
+
+    `reply_to` and `origin` are per process, as Celery's are (`app.thread_oid`, `gen<pid>@<host>`).
+    The envelope is rendered once into a template; a message is then one join of its parts.
+    """
+
+    task: str
+    queue: str
+    origin: str = ""
+    reply_to: str = ""
+
+    @classmethod
+    def for_task(cls, task: str, queue: str) -> "CeleryMessageBuilder":
+        return cls(task, queue, origin=f"gen{os.getpid()}@{socket.gethostname()}", reply_to=str(uuid.uuid4()))
+
+    def __post_init__(self) -> None:
+        envelope = {
+            "body": "@@BODY@@",
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {
+                "lang": "py",
+                "task": self.task,
+                "id": "@@ID@@",
+                "shadow": None,
+                "eta": None,
+                "expires": None,
+                "group": None,
+                "group_index": None,
+                "retries": 0,
+                "timelimit": [None, None],
+                "root_id": "@@ID@@",
+                "parent_id": None,
+                "argsrepr": "@@ARGSREPR@@",
+                "kwargsrepr": "{}",
+                "origin": self.origin,
+                "ignore_result": None,
+                "replaced_task_nesting": 0,
+                "stamped_headers": None,
+                "stamps": {},
+            },
+            "properties": {
+                "correlation_id": "@@ID@@",
+                "reply_to": self.reply_to,
+                "delivery_mode": 2,
+                "delivery_info": {"exchange": "", "routing_key": self.queue},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": "@@TAG@@",
+            },
+        }
+        rendered = json.dumps(envelope)
+        parts: list[str] = []
+        slots: list[str] = []
+        last = 0
+        for match in _MARKERS.finditer(rendered):
+            parts.append(rendered[last:match.start()])
+            slots.append(match.group(1) or "ARGSREPR")
+            last = match.end()
+        parts.append(rendered[last:])
+        object.__setattr__(self, "_parts", tuple(parts))
+        object.__setattr__(self, "_slots", tuple(slots))
+
+    def build_from_json(self, args_json: bytes, argsrepr: str, task_id: str | None = None) -> bytes:
+        """`args_json`: the JSON array of the task's positional arguments, already serialised."""
+        task_id = task_id or str(uuid.uuid4())
+        values = {
+            "BODY": base64.b64encode(b"[" + args_json + b", {}, " + _EMBED_JSON + b"]").decode("ascii"),
+            "ID": task_id,
+            # kombu's delivery tag only has to be unique per message: the task id is.
+            "TAG": task_id,
+            "ARGSREPR": json.dumps(argsrepr),
+        }
+        parts, out = self._parts, [self._parts[0]]
+        for i, slot in enumerate(self._slots):
+            out.append(values[slot])
+            out.append(parts[i + 1])
+        return "".join(out).encode("utf-8")
+
+    def build(self, args: list[Any], task_id: str | None = None, argsrepr: str | None = None) -> bytes:
+        return self.build_from_json(json.dumps(args).encode("utf-8"),
+                                    argsrepr if argsrepr is not None else _short_repr(args), task_id)
+
+    def build_livekit_event(self, body: bytes, event: dict[str, Any], received_at: str,
+                            task_id: str | None = None) -> bytes:
+        """`callflow.livekit_event(event, received_at)` from the raw body `parse_event` accepted.
+
+        The body is spliced in as it came (it is JSON: `parse_event` parsed it as UTF-8 JSON
+        without NaN/Infinity), so the worker gets exactly what LiveKit sent. argsrepr (what
+        Flower shows) is kept short.
+        """
+        args_json = b"[" + body + b", " + json.dumps(received_at).encode("ascii") + b"]"
+        argsrepr = _short_repr([{"event": event.get("event"), "id": event.get("id"), "...": "..."}, received_at], 256)
+        return self.build_from_json(args_json, argsrepr, task_id)
