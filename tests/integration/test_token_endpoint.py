@@ -334,3 +334,37 @@ def test_cors_for_the_app_origin_only(api, auth, make_user):
     evil = api.options("/api/livekit/token", headers={"Origin": "https://evil.example",
                                                        "Access-Control-Request-Method": "POST"})
     assert "access-control-allow-origin" not in evil.headers
+
+
+# ---- `callflow dev-token` -----------------------------------------------------------------------
+
+def _callflow(*args: str, **env: str):
+    import subprocess
+
+    return subprocess.run([str(services.VENV_BIN / "callflow"), *args], env=subprocess_env(**env),
+                          capture_output=True, text=True, timeout=60, cwd=services.ROOT)
+
+
+def test_dev_token_gets_a_join_token(api, auth, db, make_user):
+    caller, callee = make_user("Dev Caller"), make_user()
+    inv = invite(db, caller, callee, status="pending")
+    out = _callflow("dev-token", "--user", caller, SUPABASE_URL=auth.url, SUPABASE_JWT_SECRET=LEGACY_SECRET)
+    assert out.returncode == 0, out.stderr
+    user_token = out.stdout.strip()
+    claims = jwt.decode(user_token, LEGACY_SECRET, algorithms=["HS256"], audience="authenticated", issuer=auth.issuer)
+    assert claims["sub"] == caller and claims["role"] == "authenticated"
+    assert claims["user_metadata"]["full_name"] == "Dev Caller" and claims["email"].endswith("@example.test")
+    resp = ask(api, user_token, {"room_name": inv["room"]})
+    assert resp.status_code == 200, resp.text
+
+
+def test_dev_token_is_refused_in_production(auth):
+    out = _callflow(
+        "dev-token", "--user", str(uuid.uuid4()), CALLFLOW_ENV="production", REDIS_URL="redis://127.0.0.1:1/0",
+        LIVEKIT_URL="wss://lk.example", LIVEKIT_API_KEY="k", LIVEKIT_API_SECRET="s" * 32, RESEND_API_KEY="re_x",
+        CALLFLOW_EMAIL_FROM="a@b.example", SUPABASE_URL=auth.url, SUPABASE_SERVICE_ROLE_KEY="srk",
+        SUPABASE_JWT_SECRET=LEGACY_SECRET,
+    )
+    assert out.returncode != 0
+    assert "refused in production" in out.stderr
+    assert "eyJ" not in out.stdout + out.stderr
