@@ -36,7 +36,7 @@ def test_fuzz_token_endpoint_finds_no_server_errors(log_dir, auth, db, make_user
              "--header", f"Authorization: Bearer {token}",
              "--generation-database", "none", "--no-color", "--request-timeout", "10",
              "--report", "har", "--report-har-path", str(tmp_path / "run.har")],
-            capture_output=True, text=True, timeout=240,
+            capture_output=True, text=True, timeout=240, cwd=tmp_path,  # its caches stay out of the repo
         )
         output = result.stdout + result.stderr
         assert result.returncode == 0, output[-6000:]
