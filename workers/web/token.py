@@ -201,6 +201,9 @@ async def issue_token(request: Request) -> Response:
     except (psycopg.OperationalError, PoolTimeout) as exc:
         log.warning("token request: database unavailable", error=exc.__class__.__name__)
         return _error(503, "unavailable", "the database is unavailable; try again", headers={"Retry-After": "2"})
+    except psycopg.Error:
+        log.exception("token request: database error")
+        return _error(503, "unavailable", "the database could not answer; try again", headers={"Retry-After": "2"})
     if decision.outcome == "not_found":
         return _error(404, "not_found", decision.reason)
     if decision.outcome == "forbidden":
