@@ -9,10 +9,11 @@ lifecycle task is idempotent on `call_events.event_id`), never lose it.
 
 `catch_up()` is the safety net behind both sources (Realtime delivers at most once; NOTIFY is
 lost while nobody listens): it reads the invitations whose `(updated_at, id)` is past the
-watermark kept in Redis minus an overlap, feeds them through the same sink, and moves the
-watermark forward (monotonically, shared by every listener and the beat task). Rows seen again
-inside the overlap hit their dedupe keys and are not enqueued again; rows older than the overlap
-are never read again, so old rows are not re-enqueued forever.
+watermark kept in Redis (shared by every listener and the beat task), feeds them through the same
+sink, and moves the watermark (monotonically) to the database time of the scan minus an overlap.
+So each catch-up re-reads only the last overlap-plus-interval of changes; rows seen again hit their
+dedupe keys and are not enqueued again, and older rows are never read again, so old rows are not
+re-enqueued forever (not even after their dedupe keys expire).
 
 `updated_at` is stamped with the writer's transaction start (`now()`), so a row becomes visible
 up to one transaction's length after its `updated_at`: the overlap (default 30 s) must exceed
@@ -177,23 +178,23 @@ select id, status, room_name, caller_id, callee_id, call_type, created_at, updat
 def catch_up(conn: Any, sink: IngestSink, *, source: str = "postgres", overlap_seconds: float = 30.0,
              initial_horizon_seconds: float = 3600.0, page_size: int = 1000, max_rows: int = 50_000,
              on_malformed: Callable[[str], None] | None = None) -> CatchUpResult:
-    """Enqueue every invitation change since the watermark (minus the overlap) that is not yet enqueued.
+    """Enqueue every invitation change past the watermark that is not enqueued yet; move the watermark.
 
     `conn` is a psycopg connection (dict rows or tuples); nothing is written to the database.
     """
     redis = sink.redis
     result = CatchUpResult()
+    row = conn.execute("select now() as now").fetchone()
+    db_now = row["now"] if isinstance(row, dict) else row[0]
     mark = read_watermark(redis)
-    if mark is None:
-        row = conn.execute("select now() as now").fetchone()
-        db_now = row["now"] if isinstance(row, dict) else row[0]
-        start = db_now - timedelta(seconds=initial_horizon_seconds)
-    else:
-        start = mark - timedelta(seconds=overlap_seconds)
+    start = mark if mark is not None else db_now - timedelta(seconds=initial_horizon_seconds)
     result.started_from = start
     cursor_ts, cursor_id = start, "00000000-0000-0000-0000-000000000000"
-    last_ts: datetime | None = None
-    while result.scanned < max_rows:
+    truncated = False
+    while True:
+        if result.scanned >= max_rows:
+            truncated = True
+            break
         rows = conn.execute(_PAGE_SQL, (cursor_ts, cursor_id, page_size)).fetchall()
         if not rows:
             break
@@ -209,7 +210,6 @@ def catch_up(conn: Any, sink: IngestSink, *, source: str = "postgres", overlap_s
                 if on_malformed:
                     on_malformed(str(exc))
             cursor_ts, cursor_id = row["updated_at"], str(row["id"])
-        last_ts = cursor_ts
         submitted = sink.submit(changes)
         result.enqueued.extend(submitted.enqueued)
         result.duplicates += submitted.duplicates
@@ -218,5 +218,10 @@ def catch_up(conn: Any, sink: IngestSink, *, source: str = "postgres", overlap_s
             break
     if hasattr(conn, "commit") and not getattr(conn, "autocommit", True):
         conn.commit()  # end the read-only transaction; nothing was written
-    result.watermark = advance_watermark(redis, last_ts) if last_ts is not None else mark
+    # Everything older than (scan time - overlap) is committed and was read; a truncated scan may
+    # only claim what it read.
+    target = db_now - timedelta(seconds=overlap_seconds)
+    if truncated:
+        target = min(target, cursor_ts)
+    result.watermark = advance_watermark(redis, target)
     return result

@@ -52,6 +52,12 @@ class Source(Protocol):
     async def session(self, listener: "Listener") -> None: ...
 
 
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
+    """Capped exponential backoff with "equal jitter": in [c/2, c], c = min(cap, base * 2**(attempt-1))."""
+    ceiling = min(cap, base * (2 ** min(max(0, attempt - 1), 30)))
+    return (rng or random).uniform(ceiling / 2, ceiling)
+
+
 class SessionEnded(Exception):
     """A session is over (the reason is the message); the supervisor reconnects."""
 
@@ -162,9 +168,7 @@ class Listener:
             return False
 
     def backoff(self, attempt: int) -> float:
-        o = self.options
-        ceiling = min(o.backoff_max, o.backoff_base * (2 ** max(0, attempt - 1)))
-        return random.uniform(ceiling / 2, ceiling)  # "equal jitter": never 0, never over the cap
+        return backoff_delay(attempt, self.options.backoff_base, self.options.backoff_max)
 
     async def _supervise(self) -> None:
         attempt = 0

@@ -21,7 +21,7 @@ from config.settings import ConfigurationError
 class TokenProvider:
     def __init__(self, key: str, jwt_secret: str | None, ttl_seconds: float = 3600.0) -> None:
         self.key = key
-        self.ttl = max(5.0, float(ttl_seconds))
+        self.ttl = max(2.0, float(ttl_seconds))
         self.claims: dict[str, Any] | None = None
         self.can_mint = False
         self._token: str | None = None

@@ -1,0 +1,137 @@
+"""Catch-up and the Redis dedupe behind both listener sources, against real Redis, Postgres and Celery.
+
+The safety net must enqueue every missed transition once, must not re-enqueue old rows forever,
+must survive a crash between claim and enqueue, and runs as a beat task in a real worker.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import psycopg
+import pytest
+import redis
+from celery import Celery
+
+from orchestration.ingest.mapping import dedupe_key, from_row
+from orchestration.ingest.sink import IngestSink, catch_up, celery_sender, read_watermark
+from tests.conftest import subprocess_env, wait_for
+from tests.integration.test_listener_support import event_counts, insert_invitations, queued, set_status
+from tests.support import services
+
+CATCH_UP_REDIS_DB = 10
+
+
+@pytest.fixture
+def broker(redis_server):
+    url = f"redis://127.0.0.1:{redis_server.port}/{CATCH_UP_REDIS_DB}"
+    client = redis.Redis.from_url(url, decode_responses=True)
+    client.flushdb()
+    app = Celery("catch-up-test", broker=url)
+    app.conf.update(task_serializer="json", broker_connection_retry_on_startup=True)
+    yield url, client, app
+    client.close()
+
+
+@pytest.fixture
+def sink(broker):
+    _url, client, app = broker
+    return IngestSink(client, celery_sender(app))
+
+
+@pytest.fixture
+def users(make_user):
+    return make_user(), make_user()
+
+
+def run(database_url, sink, **kw):
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        return catch_up(conn, sink, initial_horizon_seconds=kw.pop("horizon", 5), **kw)
+
+
+def test_catch_up_enqueues_missed_changes_once_and_never_rereads_old_rows(database_url, sink, broker, users):
+    _url, client, _app = broker
+    caller, callee = users
+    ids = insert_invitations(database_url, caller, callee, 5)
+    first = run(database_url, sink, overlap_seconds=0.5)
+    assert {c.invitation_id for c in first.enqueued} >= set(ids)
+    assert read_watermark(client) is not None
+    again = run(database_url, sink, overlap_seconds=0.5)
+    assert not [c for c in again.enqueued if c.invitation_id in ids], "dedupe keys stop a second enqueue"
+    time.sleep(1.0)  # older than the overlap now
+    assert not run(database_url, sink, overlap_seconds=0.5).enqueued
+    later = run(database_url, sink, overlap_seconds=0.5)
+    assert later.scanned == 0, "rows behind the watermark and its overlap are not read again"
+    # a status change moves updated_at forward: the next catch-up sees the new transition only
+    set_status(database_url, callee, ids[0], "declined")
+    changed = run(database_url, sink, overlap_seconds=0.5)
+    assert [c.event_id for c in changed.enqueued] == [f"realtime:{ids[0]}:declined"]
+    counts = event_counts(client, set(ids))
+    assert set(counts.values()) == {1} and len(counts) == 6
+
+
+def test_paging_through_a_backlog(database_url, sink, broker, users):
+    _url, client, _app = broker
+    caller, callee = users
+    ids = insert_invitations(database_url, caller, callee, 25)
+    result = run(database_url, sink, page_size=4, overlap_seconds=0.5)
+    assert set(ids) <= {c.invitation_id for c in result.enqueued}
+    assert len(event_counts(client, set(ids))) == 25
+
+
+def test_a_claim_left_by_a_crash_is_taken_again_once_stale(database_url, sink, broker, users):
+    _url, client, _app = broker
+    caller, callee = users
+    stale, fresh = insert_invitations(database_url, caller, callee, 2)
+    # a listener claimed both and died before enqueueing: one claim long ago, one just now
+    client.set(dedupe_key(stale, "pending"), f"claimed:{int(time.time() * 1000) - 120_000}")
+    client.set(dedupe_key(fresh, "pending"), f"claimed:{int(time.time() * 1000)}")
+    result = run(database_url, sink, overlap_seconds=5)
+    enqueued = {c.invitation_id for c in result.enqueued}
+    assert stale in enqueued and fresh not in enqueued
+    assert client.get(dedupe_key(stale, "pending")) == "sent"
+
+
+def test_a_failed_enqueue_releases_its_claims(database_url, broker, users):
+    _url, client, app = broker
+    caller, callee = users
+    (invitation,) = insert_invitations(database_url, caller, callee, 1)
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("select * from public.call_invitations where id = %s", (invitation,)).fetchone()
+        columns = [d.name for d in conn.execute("select * from public.call_invitations limit 0").description]
+    change = from_row(dict(zip(columns, row)))
+    dead = Celery("dead-broker", broker=f"redis://127.0.0.1:{services.free_port()}/0")
+    dead.conf.update(broker_connection_retry=False, broker_connection_max_retries=0)
+    broken = IngestSink(client, celery_sender(dead))
+    with pytest.raises(Exception):
+        broken.submit([change])
+    assert client.get(dedupe_key(invitation, "pending")) is None, "the claim was released"
+    working = IngestSink(client, celery_sender(app))
+    assert [c.invitation_id for c in working.submit([change]).enqueued] == [invitation]
+    assert working.submit([change]).duplicates == 1
+
+
+def test_the_beat_task_runs_in_a_real_worker(database_url, broker, users, log_dir):
+    from workers.app import app as callflow_app
+
+    entry = [e for e in callflow_app.conf.beat_schedule.values() if e["task"] == "callflow.catch_up_invitations"]
+    assert entry and entry[0]["options"]["queue"] == "sweeps" and entry[0]["schedule"].total_seconds() <= 10
+    url, client, app = broker
+    caller, callee = users
+    ids = insert_invitations(database_url, caller, callee, 3)
+    # a worker on its own broker database, consuming only `sweeps`: what it enqueues stays readable
+    worker = services.celery_worker(subprocess_env(REDIS_URL=url), log_dir, name="catchup", concurrency=1,
+                                    extra=["-Q", "sweeps"])
+    try:
+        app.send_task("callflow.catch_up_invitations", queue="sweeps")
+        wait_for(lambda: len(event_counts(client, set(ids))) == 3 or not worker.alive(), timeout=60,
+                 what="catch-up task enqueued the invitations")
+        assert worker.alive(), worker.log()[-3000:]
+        app.send_task("callflow.catch_up_invitations", queue="sweeps")
+        time.sleep(2)
+    finally:
+        worker.stop()
+    assert set(event_counts(client, set(ids)).values()) == {1}
+    assert all(c["source"] == "postgres" and c["payload"]["op"] == "CATCH_UP"
+               for c in queued(client) if c["invitation_id"] in ids)
