@@ -172,7 +172,7 @@ def standin(resend_api):
 
 @pytest.fixture(scope="module")
 def broker_url(redis_server):
-    url = redis_db_url(redis_server, 7)
+    url = redis_db_url(redis_server, 12)
     redis_lib.Redis.from_url(url).flushdb()
     return url
 
@@ -395,7 +395,7 @@ def test_worker_process_killed_mid_send_gives_one_email(db, people, standin, red
                                                         mail_database_url):
     """The pool process dies while Resend is answering: Celery redelivers the task
     (acks_late + reject_on_worker_lost), the repeat carries the same Idempotency-Key."""
-    url = redis_db_url(redis_server, 8)
+    url = redis_db_url(redis_server, 13)
     redis_lib.Redis.from_url(url).flushdb()
     worker = start_worker(mail_env(mail_database_url, url, resend_api), log_dir, "killchild", concurrency=1)
     try:
@@ -420,7 +420,7 @@ def test_whole_worker_killed_mid_send_gives_one_email_through_the_sweep(db, peop
                                                                          resend_api, log_dir, mail_database_url):
     """The whole worker dies (its unacked task comes back only after the visibility timeout): the
     row lock died with its connection, so the pending sweep re-sends it at once."""
-    url = redis_db_url(redis_server, 9)
+    url = redis_db_url(redis_server, 14)
     redis_lib.Redis.from_url(url).flushdb()
     env = mail_env(mail_database_url, url, resend_api)
     first = start_worker(env, log_dir, "killall", concurrency=1)
