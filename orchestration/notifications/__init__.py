@@ -19,7 +19,8 @@ def mailer_from_settings(settings: Settings) -> ResendMailer | OutboxMailer:
     """Resend when RESEND_API_KEY is set; else (development only: production requires the key)
     the `.eml` outbox in CALLFLOW_OUTBOX_DIR."""
     if settings.resend_api_key is not None and settings.resend_api_key.get_secret_value().strip():
-        return ResendMailer(settings.resend_api_key.get_secret_value().strip(), settings.resend_api_url)
+        return ResendMailer(settings.resend_api_key.get_secret_value().strip(), settings.resend_api_url,
+                            configured_rate=settings.callflow_email_rate_per_second)
     return OutboxMailer(settings.callflow_outbox_dir)
 
 

@@ -96,10 +96,33 @@ class ResendMailer:
     rate_limited = True
     _lock = threading.Lock()
 
-    def __init__(self, api_key: str, api_url: str | None = None, timeout: int = 15) -> None:
+    def __init__(self, api_key: str, api_url: str | None = None, timeout: int = 15,
+                 configured_rate: float | None = None) -> None:
         self.api_key = api_key
         self.api_url = (api_url or DEFAULT_RESEND_API_URL).rstrip("/")
         self.timeout = timeout
+        self.configured_rate = configured_rate
+        self._warned_rate = False
+
+    def _check_account_limit(self, headers: dict | None) -> None:
+        """Resend's `ratelimit-limit` header says the account's real limit: say so, once per
+        process, when CALLFLOW_EMAIL_RATE_PER_SECOND is above it (429s would follow)."""
+        if self._warned_rate or not self.configured_rate or not headers:
+            return
+        for name, value in headers.items():
+            if str(name).lower() == "ratelimit-limit":
+                try:
+                    limit = float(str(value).split(",")[0].split(";")[0])
+                except ValueError:
+                    return
+                if limit < self.configured_rate:
+                    from config.logging import get_logger
+
+                    get_logger("callflow.notifications").warning(
+                        "CALLFLOW_EMAIL_RATE_PER_SECOND is above the Resend account's limit",
+                        configured=self.configured_rate, resend_limit=limit)
+                    self._warned_rate = True
+                return
 
     def _configure(self) -> None:
         # The SDK keeps its configuration in module globals; set them (idempotently) per send.
@@ -125,6 +148,8 @@ class ResendMailer:
             response = resend.Emails.send(params, options={"idempotency_key": message.idempotency_key})
         except ResendError as exc:
             raise classify(exc) from None
+        if hasattr(response, "get"):
+            self._check_account_limit(response.get("http_headers"))
         message_id = response.get("id") if hasattr(response, "get") else None
         if not message_id:
             raise RetryableSendError("Resend answered without a message id", 200, "no_message_id")

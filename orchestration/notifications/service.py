@@ -140,13 +140,15 @@ def deliver(notification_id: str, *, database_url: str, mailer: Mailer, bucket: 
 
         message = compose(row, sender, app_url)
 
+        attempts = store.count_attempt(conn, notification_id)
+        # The token last, right before the request: the time between a grant and the request's
+        # arrival at Resend is what the bucket's margin has to absorb.
         if mailer.rate_limited and bucket is not None:
             wait = bucket.acquire(token_wait)
             if wait > 0:
-                conn.rollback()  # nothing recorded; the lock goes with it
+                conn.rollback()  # nothing recorded (not even the attempt); the lock goes with it
                 return Outcome("throttled", "no rate-limit token yet", countdown=wait)
 
-        attempts = store.count_attempt(conn, notification_id)
         try:
             message_id = mailer.send(message)
         except PermanentSendError as exc:

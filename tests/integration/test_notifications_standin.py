@@ -170,3 +170,15 @@ def test_hold_off_stops_everybody(bucket_redis):
     bucket = TokenBucket(bucket_redis, rate_per_second=100, key=key)
     bucket.hold_off(1.0)
     assert 0.9 <= bucket.try_acquire() <= 1.0
+
+
+def test_a_configured_rate_above_the_accounts_limit_is_reported_once(resend_api):
+    from structlog.testing import capture_logs
+
+    resend_api.rate_limit = 2  # the stand-in's ratelimit-limit header
+    mailer = ResendMailer("re_test_standin_0001", resend_api.url, configured_rate=10)
+    with capture_logs() as logs:
+        mailer.send(message())
+        mailer.send(message())
+    warnings = [e for e in logs if "above the Resend account's limit" in e["event"]]
+    assert len(warnings) == 1 and warnings[0]["resend_limit"] == 2.0 and warnings[0]["configured"] == 10
