@@ -149,8 +149,9 @@ class WebhookVerifier:
             except UnicodeDecodeError:
                 raise Unauthorized("malformed_token", "malformed authorization token") from None
         token = (authorization or "").strip()
-        if token[:7].lower() == "bearer ":
-            token = token[7:].strip()
+        scheme, _, rest = token.partition(" ")
+        if scheme.lower() == "bearer":
+            token = rest.strip()
         if not token:
             raise Unauthorized("unsigned", "missing authorization token")
         parts = token.split(".")
