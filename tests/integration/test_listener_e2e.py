@@ -215,8 +215,9 @@ def test_server_down_for_a_minute_loses_none(rig, users):
     # the catch-up reads rows as they are now: the invitation declined while down is one `declined`
     expected = pending_events(during[1:]) | {f"realtime:{during[0]}:declined"}
     wait_events(rig.redis, expected, set(during), timeout=30)
-    beat = proc.wait_live(rig.redis, after_reconnects=2)
-    assert beat["catch_up_enqueued"] >= len(during)
+    proc.wait_live(rig.redis, after_reconnects=2)
+    wait_for(lambda: proc.heartbeat(rig.redis)["catch_up_enqueued"] >= len(during), timeout=5,
+             what="the resubscribe's catch-up enqueued what was inserted while down")
     after = insert_invitations(rig.database_url, caller, callee, 1)
     wait_events(rig.redis, pending_events(after), set(after))
     assert next(c for c in queued(rig.redis) if c["invitation_id"] == after[0])["source"] == rig.source
