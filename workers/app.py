@@ -81,6 +81,12 @@ app.conf.update(
             "schedule": timedelta(seconds=max(5.0, settings.callflow_sweep_interval_seconds)),
             "options": {"queue": "sweeps", "expires": 30},
         },
+        # Enqueues invitation changes the listener missed (workers/tasks/ingest.py).
+        "catch-up-invitations": {
+            "task": "callflow.catch_up_invitations",
+            "schedule": timedelta(seconds=5),
+            "options": {"queue": "sweeps", "expires": 10},
+        },
     },
 )
 
