@@ -124,7 +124,8 @@ class ListenerCollector:
             if isinstance(self._redis, str):
                 import redis
 
-                self._client = redis.Redis.from_url(self._redis, socket_timeout=2, socket_connect_timeout=2,
+                # short timeouts: a scrape runs on the web process's event loop
+                self._client = redis.Redis.from_url(self._redis, socket_timeout=0.5, socket_connect_timeout=0.5,
                                                     decode_responses=True)
             else:
                 self._client = self._redis

@@ -1,11 +1,12 @@
-"""The one path every invitation change takes: Redis dedupe, then the Celery task.
+"""The one path every invitation change takes: Redis dedupe and the Celery task, atomically.
 
-`IngestSink.submit(changes)` claims each change's dedupe key (`callflow:ingest:seen:realtime:
-<invitation id>:<status>`) with one Lua call for the whole batch, enqueues the claimed ones as
-`callflow.invitation_changed` on queue `events`, then marks them sent. A claim that was never
-marked sent (the process died between claim and enqueue) goes stale after `stale_claim_seconds`
-and the next catch-up may take it again, so a crash can at worst enqueue a transition twice (the
-lifecycle task is idempotent on `call_events.event_id`), never lose it.
+`IngestSink.submit(changes)` runs one Lua script for the whole batch: for each change,
+`SET callflow:ingest:seen:realtime:<invitation id>:<status> NX EX ttl` and, only if the mark is
+new, `LPUSH` onto queue `events` the message `app.send_task("callflow.invitation_changed",
+args=[change], queue="events")` would push (built by the webhook consumer's
+`CeleryMessageBuilder`). Mark and message go in together or not at all, so two listeners, a
+reconnect and the catch-ups enqueue each transition exactly once, and a crash never leaves a
+mark without its message. (The lifecycle task is idempotent on `call_events.event_id` anyway.)
 
 `catch_up()` is the safety net behind both sources (Realtime delivers at most once; NOTIFY is
 lost while nobody listens): it reads the invitations whose `(updated_at, id)` is past the
@@ -22,41 +23,34 @@ the longest transaction that writes invitations (clients write with single state
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 from orchestration.ingest.mapping import TASK_NAME, TASK_QUEUE, Change, MalformedChange, dedupe_key, from_row
 
 WATERMARK_KEY = "callflow:ingest:watermark"
 DEDUPE_TTL_SECONDS = 2 * 24 * 3600
 
-# KEYS: dedupe keys. ARGV: now_ms, ttl_seconds, stale_ms. Returns 1 per key claimed, else 0.
-_CLAIM = """
+# KEYS: the dedupe keys, then the queue list. ARGV: ttl, then one message per key.
+# Returns 1 per change marked and queued now, 0 per duplicate.
+_ENQUEUE_ONCE = """
+local n = #KEYS - 1
+local queue = KEYS[#KEYS]
 local out = {}
-local now = tonumber(ARGV[1])
-for i, key in ipairs(KEYS) do
-  local v = redis.call('GET', key)
-  local take = 0
-  if not v then
-    take = 1
-  elseif string.sub(v, 1, 8) == 'claimed:' then
-    local at = tonumber(string.sub(v, 9))
-    if at == nil or at < now - tonumber(ARGV[3]) then take = 1 end
+for i = 1, n do
+  if redis.call('SET', KEYS[i], 'sent', 'NX', 'EX', ARGV[1]) then
+    local pushed = redis.pcall('LPUSH', queue, ARGV[i + 1])
+    if type(pushed) == 'table' and pushed.err then
+      redis.call('DEL', KEYS[i])
+      return redis.error_reply(pushed.err)
+    end
+    out[i] = 1
+  else
+    out[i] = 0
   end
-  if take == 1 then redis.call('SET', key, 'claimed:' .. ARGV[1], 'EX', ARGV[2]) end
-  out[i] = take
 end
 return out
-"""
-
-# KEYS: dedupe keys. ARGV: claim value. Frees claims still holding that value (enqueue failed).
-_RELEASE = """
-for _, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
-end
-return 1
 """
 
 # KEYS[1]: watermark. ARGV[1]: microseconds since the epoch. Only ever moves forward.
@@ -69,20 +63,6 @@ end
 return cur
 """
 
-Sender = Callable[[Sequence[dict[str, Any]]], None]
-
-
-def celery_sender(app: Any) -> Sender:
-    """Enqueue task args with one producer for the batch (the Celery app of `workers.app`)."""
-
-    def send(changes: Sequence[dict[str, Any]]) -> None:
-        with app.producer_or_acquire() as producer:
-            for change in changes:
-                app.send_task(TASK_NAME, args=[change], queue=TASK_QUEUE, producer=producer)
-
-    return send
-
-
 @dataclass
 class SubmitResult:
     enqueued: list[Change] = field(default_factory=list)
@@ -90,14 +70,20 @@ class SubmitResult:
 
 
 class IngestSink:
-    def __init__(self, redis: Any, send: Sender, *, ttl_seconds: int = DEDUPE_TTL_SECONDS,
-                 stale_claim_seconds: float = 60.0) -> None:
+    """Dedupe + enqueue onto the Celery Redis broker `redis` (the `REDIS_URL` the workers consume)."""
+
+    def __init__(self, redis: Any, *, queue: str = TASK_QUEUE, ttl_seconds: int = DEDUPE_TTL_SECONDS) -> None:
+        from orchestration.webhooks import CeleryMessageBuilder
+
         self.redis = redis
-        self.send = send
+        self.queue = queue
         self.ttl = int(ttl_seconds)
-        self.stale_ms = int(stale_claim_seconds * 1000)
-        self._claim = redis.register_script(_CLAIM)
-        self._release = redis.register_script(_RELEASE)
+        self.builder = CeleryMessageBuilder.for_task(TASK_NAME, queue)
+        self._script = redis.register_script(_ENQUEUE_ONCE)
+
+    def message(self, change: Change) -> bytes:
+        arg = change.as_task_arg()
+        return self.builder.build([arg], argsrepr=f"[{{'event_id': {change.event_id!r}, ...}}]")
 
     def submit(self, changes: Iterable[Change]) -> SubmitResult:
         """Enqueue each change whose transition was not enqueued before; raises if Redis fails."""
@@ -111,27 +97,11 @@ class IngestSink:
                 unique[key] = change
         if not unique:
             return SubmitResult(duplicates=duplicates)
-        now_ms = int(time.time() * 1000)
         keys = list(unique)
-        taken = self._claim(keys=keys, args=[now_ms, self.ttl, self.stale_ms])
-        claimed_keys = [k for k, t in zip(keys, taken) if int(t) == 1]
-        duplicates += len(keys) - len(claimed_keys)
-        if not claimed_keys:
-            return SubmitResult(duplicates=duplicates)
-        claimed = [unique[k] for k in claimed_keys]
-        try:
-            self.send([c.as_task_arg() for c in claimed])
-        except BaseException:
-            try:
-                self._release(keys=claimed_keys, args=[f"claimed:{now_ms}"])
-            except Exception:  # noqa: BLE001 - a stale claim is taken again by a later catch-up
-                pass
-            raise
-        pipe = self.redis.pipeline(transaction=False)
-        for key in claimed_keys:
-            pipe.set(key, "sent", ex=self.ttl, xx=True)
-        pipe.execute()
-        return SubmitResult(enqueued=claimed, duplicates=duplicates)
+        batch = [unique[k] for k in keys]
+        taken = self._script(keys=keys + [self.queue], args=[self.ttl] + [self.message(c) for c in batch])
+        enqueued = [c for c, t in zip(batch, taken) if int(t) == 1]
+        return SubmitResult(enqueued=enqueued, duplicates=duplicates + len(batch) - len(enqueued))
 
 
 # ---- watermark --------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import redis
 from celery import Celery
 
 from orchestration.ingest.mapping import dedupe_key, from_row
-from orchestration.ingest.sink import IngestSink, catch_up, celery_sender, read_watermark
+from orchestration.ingest.sink import IngestSink, catch_up, read_watermark
 from tests.conftest import subprocess_env, wait_for
 from tests.integration.test_listener_support import event_counts, insert_invitations, queued, set_status
 from tests.support import services
@@ -36,8 +36,8 @@ def broker(redis_server):
 
 @pytest.fixture
 def sink(broker):
-    _url, client, app = broker
-    return IngestSink(client, celery_sender(app))
+    _url, client, _app = broker
+    return IngestSink(client)
 
 
 @pytest.fixture
@@ -80,36 +80,23 @@ def test_paging_through_a_backlog(database_url, sink, broker, users):
     assert len(event_counts(client, set(ids))) == 25
 
 
-def test_a_claim_left_by_a_crash_is_taken_again_once_stale(database_url, sink, broker, users):
+def test_mark_and_message_go_together_or_not_at_all(database_url, broker, users):
     _url, client, _app = broker
-    caller, callee = users
-    stale, fresh = insert_invitations(database_url, caller, callee, 2)
-    # a listener claimed both and died before enqueueing: one claim long ago, one just now
-    client.set(dedupe_key(stale, "pending"), f"claimed:{int(time.time() * 1000) - 120_000}")
-    client.set(dedupe_key(fresh, "pending"), f"claimed:{int(time.time() * 1000)}")
-    result = run(database_url, sink, overlap_seconds=5)
-    enqueued = {c.invitation_id for c in result.enqueued}
-    assert stale in enqueued and fresh not in enqueued
-    assert client.get(dedupe_key(stale, "pending")) == "sent"
-
-
-def test_a_failed_enqueue_releases_its_claims(database_url, broker, users):
-    _url, client, app = broker
     caller, callee = users
     (invitation,) = insert_invitations(database_url, caller, callee, 1)
     with psycopg.connect(database_url) as conn:
-        row = conn.execute("select * from public.call_invitations where id = %s", (invitation,)).fetchone()
-        columns = [d.name for d in conn.execute("select * from public.call_invitations limit 0").description]
-    change = from_row(dict(zip(columns, row)))
-    dead = Celery("dead-broker", broker=f"redis://127.0.0.1:{services.free_port()}/0")
-    dead.conf.update(broker_connection_retry=False, broker_connection_max_retries=0)
-    broken = IngestSink(client, celery_sender(dead))
-    with pytest.raises(Exception):
-        broken.submit([change])
-    assert client.get(dedupe_key(invitation, "pending")) is None, "the claim was released"
-    working = IngestSink(client, celery_sender(app))
-    assert [c.invitation_id for c in working.submit([change]).enqueued] == [invitation]
-    assert working.submit([change]).duplicates == 1
+        cur = conn.execute("select * from public.call_invitations where id = %s", (invitation,))
+        row = dict(zip([d.name for d in cur.description], cur.fetchone()))
+    change = from_row(row)
+    sink = IngestSink(client)
+    client.set("events", "not a list")  # the push will fail (WRONGTYPE) inside the script
+    with pytest.raises(redis.exceptions.ResponseError):
+        sink.submit([change])
+    assert client.get(dedupe_key(invitation, "pending")) is None, "no mark without its message"
+    client.delete("events")
+    assert [c.invitation_id for c in sink.submit([change, change]).enqueued] == [invitation]
+    assert sink.submit([change]).duplicates == 1
+    assert event_counts(client, {invitation}) == {f"realtime:{invitation}:pending": 1}
 
 
 def test_the_beat_task_runs_in_a_real_worker(database_url, broker, users, log_dir):

@@ -380,3 +380,13 @@ def test_inserts_become_ringing(rig, users, worker, redis_server, database_url):
 
         wait_for(lambda: {f"realtime:{ids[0]}:accepted", f"realtime:{ids[1]}:declined"} <= recorded(), timeout=30,
                  what="accept and decline recorded by the lifecycle")
+
+
+@pytest.mark.parametrize("source", ["postgres"], indirect=True)
+def test_metrics_endpoint_of_web_reports_the_listener(rig, web, redis_server):
+    import httpx
+
+    proc = rig.start(redis_url=redis_server.url, args=["--initial-horizon", "1"])
+    text = httpx.get(f"{web}/metrics", timeout=10).text
+    assert f'callflow_listener_connected{{listener="{proc.listener_id}",source="postgres",state="live"}} 1.0' in text
+    assert f'callflow_listener_heartbeat_age_seconds{{listener="{proc.listener_id}",source="postgres"}}' in text

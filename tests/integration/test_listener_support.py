@@ -107,6 +107,8 @@ class ListenerProcess(services.Process):
             if not self.alive():
                 raise AssertionError(f"listener died:\n{self.log()[-3000:]}")
             beat = self.heartbeat(client)
-            return beat if beat and beat["state"] == "live" and beat["reconnects"] >= after_reconnects else None
+            # live, and the catch-up of this subscription has run
+            return beat if (beat and beat["state"] == "live" and beat["reconnects"] >= after_reconnects
+                            and (beat["last_catch_up_at"] or 0) >= beat["since"]) else None
 
         return services.wait_for(live, timeout=timeout, what=f"listener {self.listener_id} live")

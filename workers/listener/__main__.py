@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     import redis
     import structlog
 
-    from orchestration.ingest.sink import IngestSink, celery_sender
+    from orchestration.ingest.sink import IngestSink
     from workers.listener.core import Listener, Options
 
     log = structlog.get_logger("callflow.listener")
@@ -76,11 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"callflow: configuration error: {exc}", file=sys.stderr)
         return 2
 
-    from workers.app import app
-
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=10,
                                   socket_connect_timeout=5, health_check_interval=15)
-    listener = Listener(source, IngestSink(client, celery_sender(app)), settings.database_url, options, args.id)
+    listener = Listener(source, IngestSink(client), settings.database_url, options, args.id)
     log.info("listener starting", source=source.name, listener=listener.id)
 
     async def run() -> None:

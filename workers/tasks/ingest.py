@@ -22,11 +22,11 @@ CATCH_UP_INTERVAL_SECONDS = 5.0
 def _sink():
     import redis
 
-    from orchestration.ingest.sink import IngestSink, celery_sender
+    from orchestration.ingest.sink import IngestSink
 
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=10,
                                   socket_connect_timeout=5)
-    return IngestSink(client, celery_sender(app))
+    return IngestSink(client)
 
 
 @app.task(name="callflow.catch_up_invitations", acks_late=False, ignore_result=True)
