@@ -12,6 +12,7 @@ from starlette.routing import Route
 
 from config.logging import get_logger
 from config.settings import get_settings
+from orchestration.ingest import metrics as _listener_metrics  # noqa: F401 - registers the listener heartbeat collector
 from workers.web import webhook
 
 CHECK_TIMEOUT_SECONDS = 2.0
