@@ -12,3 +12,4 @@ settings = load_settings_or_exit()
 configure_logging(settings.is_production)
 
 app = Starlette(routes=[*webhook.routes, *token.routes, *health.routes])
+app.add_middleware(webhook.FastPath)  # POST /livekit/webhook skips the router (hot path)
