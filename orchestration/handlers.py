@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable
@@ -198,6 +199,11 @@ def _parse_time(value: Any) -> datetime | None:
 
 # ---- invitation changes (Realtime / LISTEN / catch-up / sweep) ------------------------------------
 def handle_invitation_changed(change: dict, ports: Ports) -> Outcome:
+    """Look at the invitation now: ring it if it is new, else take note of where it went.
+
+    The change only says which invitation to look at; the row is re-read under the room's lock,
+    so the order and number of changes do not matter.
+    """
     invitation_id = str(change.get("invitation_id") or "")
     event = EventRecord(
         event_id=str(change.get("event_id") or f"realtime:{invitation_id}:{change.get('status')}"),
@@ -208,6 +214,7 @@ def handle_invitation_changed(change: dict, ports: Ports) -> Outcome:
         occurred_at=_parse_time(change.get("occurred_at")),
         payload=change.get("payload") or {},
     )
+    # Read-only first look: nothing is locked while LiveKit makes the room of a new invitation.
     with ports.store.transaction() as tx:
         if tx.event_seen(event.event_id):
             return Outcome("duplicate")
@@ -217,76 +224,70 @@ def handle_invitation_changed(change: dict, ports: Ports) -> Outcome:
             event.payload = {**event.payload, "note": "no such invitation"}
             tx.record_event(event)
             return Outcome("unknown_invitation")
+        room, busy, call_id = None, False, ""
+        if inv.status == S.PENDING:
+            live = tx.live_call_for_room(inv.room_name)
+            call_id = str(live["id"]) if live else str(uuid.uuid4())
+            busy = tx.callee_busy(inv.callee_id, str(live["id"]) if live else None)
     event.room_name = inv.room_name
-    if inv.status == S.PENDING:
-        return _start_ringing(inv.id, event, ports)
+    room_error = None
+    if inv.status == S.PENDING and not busy:
+        try:
+            room = _create_room(ports, inv.room_name, call_id)
+        except RoomError as exc:
+            room_error = exc
 
     effects: list = []
     with ports.store.transaction(inv.room_name) as tx:
         if tx.event_seen(event.event_id):
             return Outcome("duplicate")
         inv = tx.invitation(inv.id, for_update=True)
-        if inv.status == S.PENDING:  # raced back? cannot happen (pending is never re-entered)
-            return Outcome("retry")
-        call = _ensure_call(tx, inv)
-        inv = tx.invitation(inv.id)
-        if inv.status == S.ACCEPTED:
-            tx.activate_call(str(call["id"]))
-            if not call["livekit_room_sid"]:
-                effects.append(EnsureRoom(inv.room_name, str(call["id"])))
-        elif inv.terminal:
-            _after_invitation_ended(tx, inv, effects)
-        tx.record_event(event)
-    run_effects(effects, ports)
-    return Outcome(f"seen_{inv.status}", effects)
-
-
-def _start_ringing(invitation_id: str, event: EventRecord, ports: Ports) -> Outcome:
-    effects: list = []
-    room_name = event.room_name
-    with ports.store.transaction(room_name) as tx:
-        inv = tx.invitation(invitation_id, for_update=True)
-        if inv.status != S.PENDING:
-            tx.record_event(event)
-            return Outcome("already_moved")
-        live = tx.live_call_for_room(room_name)
-        if tx.callee_busy(inv.callee_id, str(live["id"]) if live else None):
-            call = _ensure_call(tx, inv)
-            ended = tx.end_invitation(inv.id, S.BUSY, EndReason.CALLEE_BUSY)
-            _after_invitation_ended(tx, ended, effects)
-            tx.record_event(event)
-            outcome = Outcome("busy", effects)
+        if inv.status == S.PENDING:
+            result = _ring(tx, inv, event, room, room_error, call_id, ports, effects)
         else:
             call = _ensure_call(tx, inv)
-            outcome = None
-    if outcome is not None:
-        run_effects(effects, ports)
-        return outcome
-
-    call_id = str(call["id"])
-    try:
-        room = _create_room(ports, room_name, call_id)
-    except RoomError as exc:
-        log.error("room could not be made", invitation_id=invitation_id, room_name=room_name, error=str(exc))
-        with ports.store.transaction(room_name) as tx:
-            failed = tx.end_invitation(invitation_id, S.FAILED, EndReason.ERROR)
-            if failed:
-                _after_invitation_ended(tx, failed, effects)
-            event.payload = {**event.payload, "error": str(exc)[:500]}
-            tx.record_event(event)
-        run_effects(effects, ports)
-        return Outcome("failed", effects)
-
-    with ports.store.transaction(room_name) as tx:
-        inv = tx.invitation(invitation_id, for_update=True)
-        tx.set_room_sid(call_id, room.sid)
-        if inv.status != S.PENDING:
-            tx.record_event(event)
-            return Outcome("already_moved")
-        deadline = tx.start_ringing(invitation_id, ports.config.ring_timeout)
+            inv = tx.invitation(inv.id)
+            if inv.status == S.ACCEPTED:
+                tx.activate_call(str(call["id"]))
+                if not call["livekit_room_sid"]:
+                    effects.append(EnsureRoom(inv.room_name, str(call["id"])))
+            elif inv.terminal:
+                _after_invitation_ended(tx, inv, effects)
+            result = f"seen_{inv.status}"
         tx.record_event(event)
-    ports.scheduler.ring_timeout(invitation_id, deadline)
-    return Outcome("ringing", [ScheduleRingTimeout(invitation_id, deadline)])
+    run_effects(effects, ports)
+    return Outcome(result, effects)
+
+
+def _ring(tx: Tx, inv: Invitation, event: EventRecord, room, room_error: Exception | None, call_id: str,
+          ports: Ports, effects: list) -> str:
+    """A pending invitation: busy, failed (no room), or ringing with its deadline scheduled."""
+    live = tx.live_call_for_room(inv.room_name)
+    if tx.callee_busy(inv.callee_id, str(live["id"]) if live else None):
+        _ensure_call(tx, inv)
+        ended = tx.end_invitation(inv.id, S.BUSY, EndReason.CALLEE_BUSY)
+        _after_invitation_ended(tx, ended, effects)
+        return "busy"
+    if room is None and room_error is None:
+        # It looked busy a moment ago but its other call has ended since: make the room now
+        # (rare, so holding the room's lock over this one LiveKit call is acceptable).
+        try:
+            room = _create_room(ports, inv.room_name, str(live["id"]) if live else call_id)
+        except RoomError as exc:
+            room_error = exc
+    if live is None:
+        live = tx.create_call(inv.room_name, inv.call_type, inv.caller_id, call_id=call_id)
+    tx.link_invitation(inv, str(live["id"]))
+    if room_error is not None:
+        log.error("room could not be made", invitation_id=inv.id, room_name=inv.room_name, error=str(room_error))
+        failed = tx.end_invitation(inv.id, S.FAILED, EndReason.ERROR)
+        event.payload = {**event.payload, "error": str(room_error)[:500]}
+        _after_invitation_ended(tx, failed, effects)
+        return "failed"
+    tx.set_room_sid(str(live["id"]), room.sid)
+    deadline = tx.start_ringing(inv.id, ports.config.ring_timeout)
+    effects.append(ScheduleRingTimeout(inv.id, deadline))
+    return "ringing"
 
 
 # ---- ring timeout (countdown task and sweep) ------------------------------------------------------

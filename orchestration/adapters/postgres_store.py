@@ -135,11 +135,12 @@ class Tx:
             "select * from public.calls where room_name = %s and status in ('ringing', 'active')", (room_name,)
         )
 
-    def create_call(self, room_name: str, call_type: str, caller_id: str | None, room_sid: str | None = None) -> dict:
+    def create_call(self, room_name: str, call_type: str, caller_id: str | None, room_sid: str | None = None,
+                    call_id: str | None = None) -> dict:
         return self._one(
-            """insert into public.calls (room_name, call_type, caller_id, status, livekit_room_sid)
-               values (%s, %s, %s, 'ringing', %s) returning *""",
-            (room_name, call_type, caller_id, room_sid or None),
+            """insert into public.calls (id, room_name, call_type, caller_id, status, livekit_room_sid)
+               values (coalesce(%s::uuid, gen_random_uuid()), %s, %s, %s, 'ringing', %s) returning *""",
+            (call_id, room_name, call_type, caller_id, room_sid or None),
         )
 
     def call_for_livekit(self, room_sid: str | None, room_name: str, at: datetime | None) -> dict | None:

@@ -1,0 +1,135 @@
+"""The whole callflow stack for a benchmark run: a fresh database on the local cluster, a private
+Redis, the real LiveKit server, workers, the listener and beat as subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.support import services
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def machine() -> str:
+    cpu = "unknown cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Python {sys.version.split()[0]}"
+
+
+def pss_mib(pids: list[int]) -> float:
+    """Proportional set size summed over processes (shared pages counted once overall)."""
+    total_kib = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total_kib += int(line.split()[1])
+        except OSError:
+            pass
+    return total_kib / 1024
+
+
+def process_tree(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
+    pids = [pid]
+    for child in out:
+        pids.extend(process_tree(int(child)))
+    return pids
+
+
+class Stack:
+    def __init__(self, env_overrides: dict[str, str]) -> None:
+        self.log_dir = Path(tempfile.mkdtemp(prefix="callflow-bench-"))
+        self.env_overrides = env_overrides
+        self.procs: list[services.Process] = []
+
+    def start(self, workers: int = 1, concurrency: int = 4, listener: bool = True, beat: bool = False) -> "Stack":
+        self.redis = services.RedisServer().start()
+        self.database_url = services.create_database("callflow_bench")
+        lk_port = services.free_port()
+        self.env = dict(os.environ)
+        self.env.update({
+            "CALLFLOW_ENV": "development", "DATABASE_URL": self.database_url, "REDIS_URL": self.redis.url,
+            "LIVEKIT_URL": f"ws://127.0.0.1:{lk_port}", "LIVEKIT_API_KEY": "devkey",
+            "LIVEKIT_API_SECRET": "devsecret-devsecret-devsecret-0001", "CALLFLOW_LISTENER_SOURCE": "postgres",
+            "CALLFLOW_OUTBOX_DIR": str(self.log_dir / "outbox"),
+        })
+        for key in ("SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "RESEND_API_KEY", "RESEND_API_URL"):
+            self.env.pop(key, None)
+        self.env.update(self.env_overrides)
+        self.livekit = services.LiveKitServer(self.log_dir, "http://127.0.0.1:9/none", "devkey",
+                                              "devsecret-devsecret-devsecret-0001", port=lk_port).start()
+        self.workers = [services.celery_worker(self.env, self.log_dir, name=f"bench{i}", concurrency=concurrency,
+                                               extra=["-l", "WARNING"])
+                        for i in range(workers)]
+        for w in self.workers:
+            services.wait_for(lambda w=w: "ready." in w.log() or not w.alive() or _ready(w), timeout=60,
+                              what="worker ready")
+        self.procs.extend(self.workers)
+        if listener:
+            self.listener = services.Process("listener", [sys.executable, "-m", "workers.listener"], self.env,
+                                             self.log_dir).start()
+            self.procs.append(self.listener)
+        if beat:
+            self.beat = services.celery_beat(self.env, self.log_dir)
+            self.procs.append(self.beat)
+        time.sleep(1.0)
+        return self
+
+    def worker_pss_mib(self) -> float:
+        pids: list[int] = []
+        for w in self.workers:
+            if w.alive():
+                pids.extend(process_tree(w.proc.pid))
+        return pss_mib(pids)
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+        self.livekit.stop()
+        self.redis.cleanup()
+        services.drop_database(self.database_url)
+
+
+def _ready(worker: services.Process) -> bool:
+    import redis
+    from celery import Celery
+
+    app = Celery("probe", broker=worker.env["REDIS_URL"])
+    return bool(app.control.ping(timeout=0.5))
+
+
+@contextmanager
+def stack(env: dict[str, str] | None = None, **kwargs):
+    s = Stack(env or {})
+    try:
+        yield s.start(**kwargs)
+    finally:
+        s.stop()
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, int(round(p / 100 * (len(ordered) - 1)))))
+    return ordered[k]
+
+
+def table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
