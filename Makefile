@@ -17,4 +17,4 @@ stop:
 	scripts/stack.sh stop
 
 bench:
-	.venv/bin/python -m bench
+	for b in webhook listener lifecycle timers; do .venv/bin/python -m bench.$$b || exit 1; done

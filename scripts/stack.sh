@@ -80,6 +80,8 @@ ensure_livekit() {
   mv "$gobin/server" "$LIVEKIT_BIN"
 }
 
+STARTED_HERE=()
+
 start_postgres() {
   local bindir data sock
   bindir="$(pg_bindir)"
@@ -100,6 +102,7 @@ start_postgres() {
     return
   fi
   log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
+  STARTED_HERE+=(postgres)
   as_root runuser -u postgres -- "$bindir/pg_ctl" -D "$data" -l "$sock/postgres.log" -w -t 60 \
     -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $sock -c max_connections=300 -c fsync=${CALLFLOW_PG_FSYNC:-on} -c shared_buffers=256MB" \
     start >/dev/null
@@ -108,6 +111,7 @@ start_postgres() {
 start_redis() {
   if redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping >/dev/null 2>&1; then return; fi
   log "starting Redis on 127.0.0.1:$REDIS_PORT (append-only file in $STATE_DIR/redis)"
+  STARTED_HERE+=(redis)
   as_root mkdir -p "$STATE_DIR/redis"
   redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$STATE_DIR/redis" --appendonly yes \
     --daemonize yes --logfile "$STATE_DIR/redis.log" --pidfile "$STATE_DIR/redis.pid" --save ""
@@ -115,10 +119,24 @@ start_redis() {
   log "Redis did not start: see $STATE_DIR/redis.log"; exit 1
 }
 
-stop_services() {
+stop_postgres() {
   local bindir; bindir="$(pg_bindir)"
-  as_root runuser -u postgres -- "$bindir/pg_ctl" -D "$STATE_DIR/postgres" -m fast stop 2>/dev/null || true
-  redis-cli -h 127.0.0.1 -p "$REDIS_PORT" shutdown nosave 2>/dev/null || true
+  as_root runuser -u postgres -- "$bindir/pg_ctl" -D "$STATE_DIR/postgres" -m fast stop >/dev/null 2>&1 || true
+}
+
+stop_redis() {
+  # Redis keeps its append-only file; SHUTDOWN also rewrites nothing else.
+  redis-cli -h 127.0.0.1 -p "$REDIS_PORT" shutdown >/dev/null 2>&1 || true
+}
+
+stop_services() { stop_postgres; stop_redis; }
+
+stop_started_here() {
+  local s
+  for s in "${STARTED_HERE[@]}"; do
+    log "stopping $s"
+    "stop_$s"
+  done
 }
 
 write_livekit_config() {
@@ -148,8 +166,11 @@ case "${1:-}" in
     port="${PORT:-8000}"
     { cat Procfile; echo "livekit: $LIVEKIT_BIN --config $LOCAL_DIR/livekit.yaml"; } > "$LOCAL_DIR/Procfile.run"
     log "starting web (:$port), listener, worker, beat, flower and LiveKit (:7880); Ctrl-C stops everything"
+    # Ctrl-C stops the Procfile processes (honcho) and then the Postgres/Redis this run started.
+    trap stop_started_here EXIT
+    trap 'exit 130' INT TERM
     # honcho gives the first Procfile entry (web) PORT=$port; the webhook URL points there.
-    exec "$VENV/bin/honcho" -f "$LOCAL_DIR/Procfile.run" -d "$ROOT" -p "$port" start
+    "$VENV/bin/honcho" -f "$LOCAL_DIR/Procfile.run" -d "$ROOT" -p "$port" start || true
     ;;
   test)
     setup

@@ -1,0 +1,13 @@
+"""`python -m bench`: the benchmarks, each its own one command."""
+
+BENCHMARKS = {
+    "webhook": "webhook ingest: verified webhooks/s and latency beside a bare endpoint and redis-benchmark",
+    "listener": "insert-to-enqueue latency and inserts/s through the listener beside raw INSERT",
+    "lifecycle": "complete invitation lifecycles/s beside pgbench simple-update",
+    "timers": "ring-timeout lateness p50/p99/max and worker PSS, optionally with a worker SIGKILLed",
+}
+
+if __name__ == "__main__":
+    print("run one benchmark with:  .venv/bin/python -m bench.NAME   (figures: bench/RESULTS.md)\n")
+    for name, what in BENCHMARKS.items():
+        print(f"  bench.{name:<10} {what}")
