@@ -40,14 +40,25 @@ def test_timeouts_held_by_a_sigkilled_worker_fire_within_the_sweep_interval_plus
         doomed.stop()
 
 
-def test_an_invitation_whose_room_cannot_be_made_ends_failed(db, database_url, make_user, redis_server, log_dir):
-    # A worker of its own (its own broker database) whose LiveKit is unreachable.
+def test_an_invitation_whose_room_cannot_be_made_ends_failed(redis_server, log_dir):
+    # A worker of its own (its own database and broker, so no other worker or sweep serves the
+    # invitation first) whose LiveKit is unreachable.
+    import json
+    import uuid
+
+    from orchestration.db import connect
+
+    database_url = services.create_database()
     broker = redis_server.url.rsplit("/", 1)[0] + "/9"
-    proc = services.celery_worker(subprocess_env(REDIS_URL=broker, LIVEKIT_URL="ws://127.0.0.1:9"), log_dir,
-                                  name="nolivekit", concurrency=1)
+    proc = services.celery_worker(subprocess_env(REDIS_URL=broker, DATABASE_URL=database_url,
+                                                 LIVEKIT_URL="ws://127.0.0.1:9"), log_dir, name="nolivekit", concurrency=1)
     _wait_worker_ready(proc)
+    db = connect(database_url, autocommit=True)
     try:
-        caller, callee = make_user(), make_user()
+        caller, callee = str(uuid.uuid4()), str(uuid.uuid4())
+        for uid in (caller, callee):
+            db.execute("insert into auth.users (id, email, raw_user_meta_data) values (%s, %s, %s)",
+                       (uid, f"{uid[:8]}@example.test", json.dumps({})))
         inv = insert_invitation(database_url, caller, callee)
         app = Celery("sender", broker=broker)
         enqueue_change(inv["id"], "pending", app=app)
@@ -60,3 +71,5 @@ def test_an_invitation_whose_room_cannot_be_made_ends_failed(db, database_url, m
         assert "LiveKit" in event["payload"]["error"]
     finally:
         proc.stop()
+        db.close()
+        services.drop_database(database_url)
