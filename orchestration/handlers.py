@@ -491,6 +491,41 @@ def handle_grace_expired(room_name: str, participant_sid: str, identity: str, ab
     return Outcome(result, effects)
 
 
+# ---- reconciliation with LiveKit ---------------------------------------------------------------------
+def reconcile_live_calls(ports: Ports, older_than: float = 60.0, limit: int = 200) -> int:
+    """End live calls whose LiveKit room is gone and whose room_finished never reached us.
+
+    LiveKit drops webhooks that waited more than 30 s in its queue and keeps none, so a call can
+    be left `active` (or `ringing`) with its room long closed. Such a call is finished as
+    room_finished would have: at its last participant's departure, or now.
+    """
+    with ports.store.transaction() as tx:
+        candidates = tx.live_calls_older_than(older_than, limit)
+    if not candidates:
+        return 0
+    existing = ports.rooms.existing_rooms(sorted({c["room_name"] for c in candidates}))
+    if existing is None:
+        return 0
+    ended = 0
+    for candidate in candidates:
+        if candidate["room_name"] in existing:
+            continue
+        call_id = str(candidate["id"])
+        effects: list = []
+        with ports.store.transaction(candidate["room_name"]) as tx:
+            call = tx.call(call_id, for_update=True)
+            if call is None or call["status"] not in (CallStatus.RINGING, CallStatus.ACTIVE):
+                continue
+            event = EventRecord(f"reconcile:{call_id}", "sweep", "room_finished", call["room_name"], None, tx.now(),
+                                {"reason": "room gone from LiveKit without a room_finished webhook"})
+            if not tx.record_event(event):
+                continue
+            _room_finished(tx, call, tx.last_left_at(call_id) or tx.now(), effects)
+            ended += 1
+        run_effects(effects, ports)
+    return ended
+
+
 # ---- the sweep ------------------------------------------------------------------------------------------
 @dataclass
 class SweepWork:

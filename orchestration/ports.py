@@ -33,6 +33,9 @@ class Rooms(Protocol):
     def list_participants(self, room: str) -> list[LiveParticipant] | None:
         """The room's live participants; [] when the room does not exist; None when LiveKit can't say."""
 
+    def existing_rooms(self, names: list[str]) -> set[str] | None:
+        """Which of these rooms exist now; None when LiveKit can't say."""
+
     def delete_room(self, room: str) -> None: ...
 
     def remove_participant(self, room: str, identity: str) -> None: ...

@@ -95,6 +95,16 @@ class LiveKitRooms:
             for p in result.get("participants", [])
         ]
 
+    def existing_rooms(self, names: list[str]) -> set[str] | None:
+        if not names:
+            return set()
+        try:
+            result = self._call("ListRooms", {"names": names})
+        except RoomError as exc:
+            log.warning("LiveKit cannot list rooms", error=str(exc))
+            return None
+        return {room.get("name", "") for room in (result or {}).get("rooms", [])}
+
     def delete_room(self, room: str) -> None:
         self._call("DeleteRoom", {"room": room}, not_found_ok=True)
 

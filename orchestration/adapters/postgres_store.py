@@ -294,6 +294,17 @@ class Tx:
             (older_than, limit),
         )
 
+    def live_calls_older_than(self, seconds: float, limit: int) -> list[dict]:
+        return self._all(
+            """select id, room_name from public.calls where status in ('ringing', 'active')
+                 and created_at < now() - make_interval(secs => %s) order by created_at limit %s""",
+            (seconds, limit),
+        )
+
+    def last_left_at(self, call_id: str) -> datetime | None:
+        row = self._one("select max(left_at) as t from public.call_participants where call_id = %s", (call_id,))
+        return row["t"] if row else None
+
     def due_grace_expiries(self, grace: float, limit: int) -> list[dict]:
         return self._all(
             """select p.participant_sid, p.identity, c.room_name from public.call_participants p

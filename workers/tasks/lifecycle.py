@@ -117,6 +117,9 @@ def sweep(self) -> dict:
                 "occurred_at": row["updated_at"].isoformat(), "payload": {"reason": "stale pending"},
             })
             sent["pending"] += 1
+    # Every half minute (one sweep of all, whichever worker), calls whose room is gone are ended.
+    if r.set("callflow:sweep:reconcile", 1, nx=True, ex=30):
+        sent["reconciled"] = handlers.reconcile_live_calls(p)
     if any(sent.values()):
         log.info("sweep handed on overdue work", **sent)
     return sent
