@@ -61,8 +61,10 @@ app.conf.update(
     worker_prefetch_multiplier=8,
     worker_eta_task_limit=20000,
     worker_hijack_root_logger=False,
-    worker_send_task_events=True,
-    task_send_sent_event=True,
+    # Task events cost three extra broker writes per task; Flower switches them on while it runs
+    # (it broadcasts enable_events), so they are off by default.
+    worker_send_task_events=False,
+    task_send_sent_event=False,
     broker_connection_retry_on_startup=True,
     broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
     result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
