@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 
 import pytest
 
@@ -56,6 +57,7 @@ def test_createdat_as_number_is_accepted():
     (b'{"event": "room_started", "id": "EV_1", "createdAt": true}', "bad_shape"),
     (b'{"event": "room_started", "id": "' + b"x" * 300 + b'"}', "bad_shape"),
     (b"[" * 100000 + b"]" * 100000, "not_json"),
+    (b'{"event": "room_started", "id": "EV_\\ud800"}', "not_json"),  # a lone surrogate: not storable as jsonb
 ])
 def test_what_is_not_a_webhook_event(body, why):
     with pytest.raises(InvalidEvent) as info:
@@ -86,8 +88,19 @@ def test_celery_message_carries_the_body_as_sent_and_received_at():
 def test_each_message_has_its_own_task_id():
     builder = CeleryMessageBuilder.for_task("callflow.livekit_event", "events")
     body = event_body("room_started")
-    ids = {json.loads(builder.build_livekit_event(body, parse_event(body), "t"))["headers"]["id"] for _ in range(50)}
-    assert len(ids) == 50
+    ids = {json.loads(builder.build_livekit_event(body, parse_event(body), "t"))["headers"]["id"] for _ in range(500)}
+    other = CeleryMessageBuilder.for_task("callflow.livekit_event", "events")
+    ids |= {json.loads(other.build_livekit_event(body, parse_event(body), "t"))["headers"]["id"] for _ in range(500)}
+    assert len(ids) == 1000
+    assert all(uuid.UUID(i).version == 4 and uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
+
+
+def test_percent_signs_anywhere_are_kept():
+    builder = CeleryMessageBuilder("callflow.livekit_event", "events", origin="gen1@host%name", reply_to="r%s")
+    body = json.dumps({"event": "room_started", "id": "EV_%s%(ID)s", "room": {"name": "100%"}}).encode()
+    envelope, (args, _kw, _embed) = decode(builder.build_livekit_event(body, parse_event(body), "t"))
+    assert envelope["headers"]["origin"] == "gen1@host%name" and envelope["properties"]["reply_to"] == "r%s"
+    assert args[0]["id"] == "EV_%s%(ID)s" and args[0]["room"]["name"] == "100%"
 
 
 def test_marker_like_text_in_the_event_is_not_substituted():
