@@ -1,19 +1,20 @@
 """Deduplicate and enqueue in one Redis round trip (redis.asyncio, for the `web` process).
 
-One Lua script does both, atomically: `SET key NX EX ttl`; only if the mark is new, `LPUSH` the
-pre-built Celery message onto the queue's list (what kombu's Redis transport does for priority 0).
-If the push fails the mark is deleted in the same script, so a retry is never taken for a
-duplicate. If the reply is lost (Redis stalled after running it) both are there: the retry then
-finds the mark and is a duplicate, and the message is already queued. Either way: once, or
-never with a 503 the sender retries.
+One Lua script does both, atomically, for each event: `SET mark NX EX ttl`; only if the mark is
+new, `LPUSH` the pre-built Celery message onto the queue's list (what kombu's Redis transport
+does for priority 0). If the push fails the mark is deleted in the same script, so a retry is
+never taken for a duplicate. If the reply is lost (Redis stalled after running it) both are
+there: the retry then finds the mark and is a duplicate, and the message is already queued.
+Either way: once, or never with a 503 the sender retries.
 
-Speed: requests that arrive together are pipelined together. `enqueue_once` puts its script call
-on a pending list; a flush (scheduled for the next turn of the event loop) sends everything
-pending as one write on one of a few dedicated connections and reads the replies in order. At
-low load a batch is one call (one round trip, as before); under load one write and one read
-serve dozens of requests, which is what keeps the `web` process near its bare HTTP rate. Each
-batch is bounded by `timeout`; a call never waits for a batch longer than `timeout` before its
-own is sent, so every caller has its answer within about twice `timeout`.
+Speed: requests that arrive together go to Redis together. `enqueue_once` puts its event on a
+pending list; a flush (scheduled for the next turn of the event loop) sends everything pending
+as ONE script call (marks as KEYS, messages as ARGV; the script loops, one result per event) on
+one of a few dedicated connections. At low load a batch is one event (one round trip, as
+before); under load one call serves dozens of requests, for Redis as for us, which is what keeps
+the `web` process near its bare HTTP rate. Each batch is bounded by `timeout`; an event never
+waits longer than `timeout` before its batch is sent, so every caller has its answer within about
+twice `timeout`.
 """
 
 from __future__ import annotations
@@ -31,16 +32,28 @@ DEDUPE_PREFIX = "callflow:webhook:seen:"
 # database's unique `call_events.event_id` is the final guard.
 DEDUPE_TTL_SECONDS = 3600
 
+# KEYS: the events' marks, then the queue. ARGV: ttl, then the events' messages.
+# Per event: 1 queued now, 0 duplicate, or the error text (its mark is not left behind).
 ENQUEUE_ONCE_LUA = """
-if not redis.call('SET', KEYS[1], ARGV[2], 'NX', 'EX', ARGV[1]) then
-  return 0
+local queue, ttl = KEYS[#KEYS], ARGV[1]
+local out = {}
+for i = 1, #KEYS - 1 do
+  local marked = redis.pcall('SET', KEYS[i], '1', 'NX', 'EX', ttl)
+  if not marked then
+    out[i] = 0
+  elseif marked.err then
+    out[i] = marked.err
+  else
+    local pushed = redis.pcall('LPUSH', queue, ARGV[i + 1])
+    if type(pushed) == 'table' and pushed.err then
+      redis.pcall('DEL', KEYS[i])
+      out[i] = pushed.err
+    else
+      out[i] = 1
+    end
+  end
 end
-local pushed = redis.pcall('LPUSH', KEYS[2], ARGV[3])
-if type(pushed) == 'table' and pushed.err then
-  redis.call('DEL', KEYS[1])
-  return redis.error_reply(pushed.err)
-end
-return 1
+return out
 """
 ENQUEUE_ONCE_SHA = hashlib.sha1(ENQUEUE_ONCE_LUA.encode()).hexdigest()
 
@@ -68,31 +81,40 @@ class RedisEnqueuer:
             url, socket_connect_timeout=timeout, socket_timeout=None, max_connections=max_inflight + 4,
         )
         self.client = aioredis.Redis(connection_pool=self._pool)  # ping (callers bound it)
-        self._pending: deque[tuple[str, bytes, str, asyncio.Future, float]] = deque()
+        self._pending: deque[tuple[str, bytes, asyncio.Future, float]] = deque()
         self._idle: list[Any] = []
         self._inflight = 0
         self._scheduled = False
         self._tasks: set[asyncio.Task] = set()
         self.batches = 0  # counters for metrics: batches sent, calls sent in them
         self.calls = 0
-        queue, ttl = queue.encode(), str(ttl).encode()
-        self._evalsha_head = b"*8\r\n$7\r\nEVALSHA\r\n$40\r\n" + ENQUEUE_ONCE_SHA.encode() + b"\r\n$1\r\n2\r\n"
-        self._queue_ttl = b"\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(queue), queue, len(ttl), ttl)
+        queue_b, ttl_b = queue.encode(), str(ttl).encode()
+        self._queue_ttl = b"$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(queue_b), queue_b, len(ttl_b), ttl_b)
 
-    async def enqueue_once(self, dedupe_id: str, message: bytes, mark: str = "1") -> bool:
+    async def enqueue_once(self, dedupe_id: str, message: bytes) -> bool:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending.append((self.prefix + dedupe_id, message, mark, future, loop.time()))
+        self._pending.append((self.prefix + dedupe_id, message, future, loop.time()))
         if not self._scheduled and self._inflight < self.max_inflight:
             self._scheduled = True
             loop.call_soon(self._flush)
         return await future
 
-    def _pack(self, key: str, mark: str, message: bytes) -> bytes:
-        """`EVALSHA sha 2 key queue ttl mark message` in RESP (what redis-py would pack, cheaper)."""
-        k, m = key.encode(), mark.encode()
-        return b"".join((self._evalsha_head, b"$%d\r\n" % len(k), k, self._queue_ttl, b"$%d\r\n" % len(m), m,
-                         b"\r\n$%d\r\n" % len(message), message, b"\r\n"))
+    def _pack(self, command: bytes, batch: list) -> bytes:
+        """`EVALSHA|EVAL script n+1 mark... queue ttl message...` in RESP (no per-argument objects)."""
+        script = ENQUEUE_ONCE_SHA.encode() if command == b"EVALSHA" else ENQUEUE_ONCE_LUA.encode()
+        numkeys = b"%d" % (len(batch) + 1)
+        parts = [b"*%d\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+            3 + 2 * len(batch) + 2, len(command), command, len(script), script, len(numkeys), numkeys)]
+        for item in batch:
+            key = item[0].encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(key), key))
+        parts.append(self._queue_ttl)
+        for item in batch:
+            parts.append(b"$%d\r\n" % len(item[1]))
+            parts.append(item[1])
+            parts.append(b"\r\n")
+        return b"".join(parts)
 
     # ---- batching ---------------------------------------------------------------------------------
     def _flush(self) -> None:
@@ -103,10 +125,10 @@ class RedisEnqueuer:
             batch = []
             while self._pending and len(batch) < self.max_batch:
                 item = self._pending.popleft()
-                future = item[3]
+                future = item[2]
                 if future.done():  # its caller went away: never sent, never marked
                     continue
-                if item[4] < too_old:  # waited a whole timeout behind stalled batches: not sent
+                if item[3] < too_old:  # waited a whole timeout behind stalled batches: not sent
                     future.set_exception(EnqueueUnavailable("Redis did not answer in time"))
                     continue
                 batch.append(item)
@@ -119,46 +141,30 @@ class RedisEnqueuer:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, batch: list[tuple[str, bytes, str, asyncio.Future, float]]) -> None:
+    async def _run(self, batch: list[tuple[str, bytes, asyncio.Future, float]]) -> None:
         conn = self._idle.pop() if self._idle else self._pool.make_connection()
-        results: list[Any] = []
+        results: list[Any] | None = None
+        error: EnqueueUnavailable | None = None
         try:
             async with asyncio.timeout(self.timeout):
-                await conn.send_packed_command(b"".join([self._pack(key, mark, message)
-                                                         for key, message, mark, _f, _t in batch]),
-                                               check_health=False)
-                missing: list[int] = []
-                for index in range(len(batch)):
-                    try:
-                        results.append(await conn.read_response())
-                    except NoScriptError:
-                        results.append(None)
-                        missing.append(index)
-                    except ResponseError as exc:
-                        results.append(EnqueueUnavailable(f"Redis refused: {exc}"))
-                if missing:  # Redis restarted or flushed its scripts: send the script itself
-                    commands = [("EVAL", ENQUEUE_ONCE_LUA, 2, batch[i][0], self.queue, self.ttl, batch[i][2],
-                                 batch[i][1]) for i in missing]
-                    await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-                    for index in missing:
-                        try:
-                            results[index] = await conn.read_response()
-                        except ResponseError as exc:
-                            results[index] = EnqueueUnavailable(f"Redis refused: {exc}")
+                await conn.send_packed_command(self._pack(b"EVALSHA", batch), check_health=False)
+                try:
+                    results = await conn.read_response()
+                except NoScriptError:  # Redis restarted or flushed its scripts: send the script itself
+                    await conn.send_packed_command(self._pack(b"EVAL", batch), check_health=False)
+                    results = await conn.read_response()
+        except ResponseError as exc:  # the script as a whole refused (nothing of it ran)
+            error = EnqueueUnavailable(f"Redis refused: {exc}")
         except (TimeoutError, RedisError, OSError) as exc:
-            await conn.disconnect(nowait=True)
-            error = EnqueueUnavailable(f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__)
-            results.extend([error] * (len(batch) - len(results)))
             # A reply that never came leaves "maybe queued": the sender's retry then finds the
             # mark (a duplicate, answered 200) and the message is on the queue; or neither is there.
-            for i, result in enumerate(results):
-                if result is None:
-                    results[i] = error
+            await conn.disconnect(nowait=True)
+            error = EnqueueUnavailable(f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__)
         except BaseException:
             await conn.disconnect(nowait=True)
             for item in batch:
-                if not item[3].done():
-                    item[3].cancel()
+                if not item[2].done():
+                    item[2].cancel()
             raise
         finally:
             self._idle.append(conn)
@@ -166,14 +172,20 @@ class RedisEnqueuer:
             if self._pending and not self._scheduled:
                 self._scheduled = True
                 asyncio.get_running_loop().call_soon(self._flush)
+        if results is None or len(results) != len(batch):
+            error = error or EnqueueUnavailable("unexpected reply from Redis")
+            results = [error] * len(batch)
         for item, result in zip(batch, results):
-            future = item[3]
+            future = item[2]
             if future.done():
                 continue
-            if isinstance(result, Exception):
+            if result == 1 or result == 0:
+                future.set_result(result == 1)
+            elif isinstance(result, EnqueueUnavailable):
                 future.set_exception(result)
             else:
-                future.set_result(result == 1)
+                text = result.decode(errors="replace") if isinstance(result, bytes) else str(result)
+                future.set_exception(EnqueueUnavailable(f"Redis refused: {text}"))
 
     # ---- other ------------------------------------------------------------------------------------
     async def ping(self) -> bool:
