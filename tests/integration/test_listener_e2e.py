@@ -33,6 +33,15 @@ OUTAGE_SECONDS = {"realtime": float(os.environ.get("CALLFLOW_TEST_OUTAGE_SECONDS
 
 # ---- fixtures ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
+def database_url():
+    """A database of this module's own: the run's worker and beat sweep the shared one (they ring
+    stale `pending` invitations), which would move the rows these tests expect to find pending."""
+    url = services.create_database()
+    yield url
+    services.drop_database(url)
+
+
+@pytest.fixture(scope="module")
 def listener_role(database_url):
     """A least-privilege login for the listener (LISTEN + reading invitations), which tests can lock out."""
     role = f"cf_listener_{uuid.uuid4().hex[:8]}"
@@ -355,11 +364,26 @@ def test_heartbeat_in_doctor_and_metrics(rig, users):
     assert any(line.startswith("FAIL listener") for line in out.splitlines()), out
 
 
-def test_inserts_become_ringing(rig, users, worker, redis_server, database_url):
-    """With the real worker consuming the run's Redis: inserts become ringing invitations, and an
-    accept and a decline drive the lifecycle."""
+def test_inserts_become_ringing(rig, users, livekit, redis_server, database_url, log_dir):
+    """With a real worker (on this module's database) consuming the listener's queue: inserts become
+    ringing invitations, and an accept and a decline drive the lifecycle."""
+    from tests.conftest import _wait_worker_ready
+
     caller, callee = users
-    rig.start(redis_url=redis_server.url, args=["--initial-horizon", "1"])
+    broker = f"redis://127.0.0.1:{redis_server.port}/7"
+    redis.Redis.from_url(broker).flushdb()
+    worker = services.celery_worker(subprocess_env(DATABASE_URL=database_url, REDIS_URL=broker), log_dir,
+                                    name="listener-e2e")
+    _wait_worker_ready(worker)
+    request_cleanup = worker.stop
+    rig.start(redis_url=broker, args=["--initial-horizon", "1"])
+    try:
+        _inserts_become_ringing(database_url, caller, callee)
+    finally:
+        request_cleanup()
+
+
+def _inserts_become_ringing(database_url, caller, callee):
     ids = insert_invitations(database_url, caller, callee, 3)
 
     def statuses():
