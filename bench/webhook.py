@@ -119,12 +119,15 @@ def _wait(predicate, timeout: float, what: str) -> None:
     raise SystemExit(f"bench: timed out waiting for {what}")
 
 
+PIN: dict[str, list[str]] = {"server": [], "load": []}  # taskset prefixes, set in main()
+
+
 def _start_redis(workdir: Path) -> tuple[subprocess.Popen, int]:
     import redis
 
     port = _free_port()
     proc = subprocess.Popen(
-        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir), "--save", "",
+        [*PIN["load"], "redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir), "--save", "",
          "--appendonly", "no", "--loglevel", "warning"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -137,7 +140,7 @@ def _start_uvicorn(app: str, port: int, env: dict[str, str], log: Path) -> subpr
 
     uvicorn = str(Path(sys.executable).parent / "uvicorn")
     proc = subprocess.Popen(
-        [uvicorn, app, "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"],
+        [*PIN["server"], uvicorn, app, "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"],
         cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     _wait(lambda: httpx.post(f"http://127.0.0.1:{port}/livekit/webhook", content=b"{}", timeout=1).status_code > 0,
@@ -191,7 +194,7 @@ def _wrk(url: str, requests_file: Path, script: Path, duration: float, connectio
          rate: int = 0, server_pid: int | None = None) -> dict[str, float]:
     cpu_before = _cpu_seconds(server_pid) if server_pid else 0.0
     env = {**os.environ, "BENCH_REQUESTS": str(requests_file), "BENCH_RATE": str(rate)}
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, int(duration))}s", "--timeout", "5s", "-s", str(script),
+    argv = [*PIN["load"], "wrk", "-t1", f"-c{connections}", f"-d{max(1, int(duration))}s", "--timeout", "5s", "-s", str(script),
             url]
     out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=duration + 60).stdout
     match = re.search(r"BENCH requests=(\d+) duration_us=(\d+) non2xx=(\d+) errors=(\d+) p50_us=(\d+) p99_us=(\d+)",
@@ -205,7 +208,7 @@ def _wrk(url: str, requests_file: Path, script: Path, duration: float, connectio
 
 
 def _redis_benchmark(port: int, requests: int = 200_000, clients: int = 50) -> dict[str, float]:
-    out = subprocess.run(["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", "lpush", "-n", str(requests),
+    out = subprocess.run([*PIN["load"], "redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", "lpush", "-n", str(requests),
                           "-c", str(clients), "--csv"], capture_output=True, text=True, timeout=120).stdout
     rows = [line for line in out.splitlines() if line.startswith('"LPUSH"')]
     if not rows:
@@ -222,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=1000, help="the fixed rate of the latency runs (req/s)")
     parser.add_argument("--events", type=int, default=0, help="distinct signed events (default: enough)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating bare/webhook max-rate rounds")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="do not pin the server to one CPU and wrk + Redis to the other")
     parser.add_argument("--profile", metavar="SVG", help="py-spy record the webhook server during its max run")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
@@ -231,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: redis-server / redis-benchmark are missing: apt-get install redis-server", file=sys.stderr)
         return 2
 
+    if not args.no_pin and shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
+        last = (os.cpu_count() or 2) - 1
+        PIN["server"] = ["taskset", "-c", str(last)]
+        PIN["load"] = ["taskset", "-c", ",".join(str(c) for c in range(last))]
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     workdir = Path(tempfile.mkdtemp(prefix="callflow-bench-"))
     procs: list[subprocess.Popen] = []
@@ -314,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"same by server CPU per request (bare / webhook): median {cpu_ratios[len(cpu_ratios) // 2]:.2f}")
         print(f"p99 at {args.rate} req/s: {webhook_fixed['p99_ms']:.2f} ms (target < 20 ms)")
         print(f"every acknowledged event on the `events` queue once: {'yes' if queued_ok else 'NO'}")
-        print(f"machine: {os.cpu_count()} CPUs, load average before the run {load_before}")
+        pinning = (f"server on CPU {PIN['server'][-1]}, wrk and Redis on CPU {PIN['load'][-1]}" if PIN["server"]
+                   else "no CPU pinning")
+        print(f"machine: {os.cpu_count()} CPUs, {pinning}, load average before the run {load_before}")
         return 0 if queued_ok and not any(res["non2xx"] or res["errors"] for _n, res in results) else 1
     finally:
         for proc in reversed(procs):

@@ -89,18 +89,16 @@ def body_sha256(body: bytes) -> str:
     return base64.b64encode(hashlib.sha256(body).digest()).decode("ascii")
 
 
-_B64URL = re.compile(r"[A-Za-z0-9_-]*")
-
-
+_B64URL = re.compile(rb"[A-Za-z0-9_-]*")
 _URLSAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
-_PADDING = ("", "", "==", "=")
+_PADDING = (b"", b"", b"==", b"=")
 
 
-def _b64url(segment: str) -> bytes:
+def _b64url(segment: bytes) -> bytes:
     """Strict base64url (no padding, as JWTs are written): anything else is malformed."""
     if not _B64URL.fullmatch(segment) or len(segment) % 4 == 1:
         raise ValueError("not base64url")
-    return binascii.a2b_base64((segment + _PADDING[len(segment) % 4]).encode("ascii").translate(_URLSAFE_TO_STANDARD))
+    return binascii.a2b_base64((segment + _PADDING[len(segment) % 4]).translate(_URLSAFE_TO_STANDARD))
 
 
 def _int_claim(claims: Mapping[str, Any], name: str) -> int:
@@ -128,9 +126,9 @@ class WebhookVerifier:
         # HMAC-SHA256 keyed once per secret; each token copies the keyed state (hmac.HMAC.copy).
         self._keys = {key: hmac.new(secret.encode("utf-8"), digestmod=hashlib.sha256) for key, secret in keys.items()}
         self._leeway = leeway
-        self._headers: dict[str, bool] = {}  # header segment -> acceptable (there are a few at most)
+        self._headers: dict[bytes, bool] = {}  # header segment -> acceptable (there are a few at most)
 
-    def _check_header(self, segment: str) -> None:
+    def _check_header(self, segment: bytes) -> None:
         known = self._headers.get(segment)
         if known is None:
             try:
@@ -149,18 +147,18 @@ class WebhookVerifier:
 
     def verify_token(self, authorization: str | bytes | None) -> dict[str, Any]:
         """The verified claims of the `Authorization` header; raises `Unauthorized`."""
-        if isinstance(authorization, bytes):
+        if isinstance(authorization, str):
             try:
-                authorization = authorization.decode("ascii")
-            except UnicodeDecodeError:
+                authorization = authorization.encode("ascii")
+            except UnicodeEncodeError:
                 raise Unauthorized("malformed_token", "malformed authorization token") from None
-        token = (authorization or "").strip()
-        scheme, _, rest = token.partition(" ")
-        if scheme.lower() == "bearer":
+        token = (authorization or b"").strip()
+        scheme, _, rest = token.partition(b" ")
+        if scheme.lower() == b"bearer":
             token = rest.strip()
         if not token:
             raise Unauthorized("unsigned", "missing authorization token")
-        parts = token.split(".")
+        parts = token.split(b".")
         if len(parts) != 3:
             raise Unauthorized("malformed_token", "malformed authorization token")
         header_segment, payload_segment, signature_segment = parts
@@ -176,9 +174,8 @@ class WebhookVerifier:
         key = self._keys.get(issuer) if isinstance(issuer, str) else None
         if key is None:
             raise Unauthorized("unknown_key", "unknown API key")
-        signing_input = token[: len(header_segment) + 1 + len(payload_segment)].encode("ascii")
         mac = key.copy()
-        mac.update(signing_input)
+        mac.update(token[: len(header_segment) + 1 + len(payload_segment)])
         if not hmac.compare_digest(signature, mac.digest()):
             raise Unauthorized("bad_signature", "bad token signature")
         if "exp" not in claims:
@@ -301,7 +298,7 @@ class CeleryMessageBuilder:
         }
         rendered = json.dumps(envelope).replace("%", "%%")
         template = _MARKERS.sub(lambda m: f"%({m.group(1) or 'ARGSREPR'})s", rendered)
-        object.__setattr__(self, "_template", template)
+        object.__setattr__(self, "_template", template.encode("utf-8"))
         # Task ids: UUID-shaped (version 4 bits set), a random 80-bit prefix per builder and a
         # counter: unique without a urandom call per message.
         h = os.urandom(10).hex()
@@ -313,14 +310,14 @@ class CeleryMessageBuilder:
 
     def build_from_json(self, args_json: bytes, argsrepr: str, task_id: str | None = None) -> bytes:
         """`args_json`: the JSON array of the task's positional arguments, already serialised."""
-        task_id = task_id or self._next_id()
-        return (self._template % {
-            "BODY": binascii.b2a_base64(b"[" + args_json + b", {}, " + _EMBED_JSON + b"]", newline=False).decode("ascii"),
-            "ID": task_id,
+        task_id_b = (task_id or self._next_id()).encode("ascii")
+        return self._template % {
+            b"BODY": binascii.b2a_base64(b"".join((b"[", args_json, b", {}, ", _EMBED_JSON, b"]")), newline=False),
+            b"ID": task_id_b,
             # kombu's delivery tag only has to be unique per message: the task id is.
-            "TAG": task_id,
-            "ARGSREPR": orjson.dumps(argsrepr).decode("utf-8"),
-        }).encode("utf-8")
+            b"TAG": task_id_b,
+            b"ARGSREPR": orjson.dumps(argsrepr),
+        }
 
     def build(self, args: list[Any], task_id: str | None = None, argsrepr: str | None = None) -> bytes:
         return self.build_from_json(json.dumps(args).encode("utf-8"),
@@ -334,6 +331,6 @@ class CeleryMessageBuilder:
         worker gets exactly what LiveKit sent. argsrepr (what
         Flower shows) is kept short.
         """
-        args_json = b"[" + body + b", " + orjson.dumps(received_at) + b"]"
+        args_json = b"".join((b"[", body, b", ", orjson.dumps(received_at), b"]"))
         argsrepr = f"[{{'event': {event['event']!r}, 'id': {event['id']!r}, ...}}, {received_at!r}]"
         return self.build_from_json(args_json, argsrepr, task_id)
