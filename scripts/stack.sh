@@ -41,6 +41,7 @@ ensure_debian_packages() {
   [ -n "$(pg_bindir)" ] || want+=(postgresql postgresql-contrib)
   command -v psql >/dev/null 2>&1 || want+=(postgresql-client)
   command -v runuser >/dev/null 2>&1 || want+=(util-linux)
+  command -v wrk >/dev/null 2>&1 || want+=(wrk)  # bench.webhook's load generator
   if [ "${#want[@]}" -gt 0 ]; then
     log "installing Debian packages: ${want[*]}"
     as_root apt-get update -qq
