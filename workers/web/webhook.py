@@ -1,8 +1,10 @@
 """`POST /livekit/webhook`: LiveKit's signed webhooks, verified, deduplicated, put on `events`.
 
-A plain ASGI endpoint (no Request object, no middleware on the hot path): headers first (size,
+A plain ASGI endpoint (no Request object; `FastPath` spares it the router): headers first (size,
 then the token, before any of the body is read), then the body streamed with a running count,
-then the body hash, the event's shape, and one Redis round trip (`RedisEnqueuer`). Answers:
+then the body hash, the event's shape, and one Redis round trip (`RedisEnqueuer`, shared with
+the requests arriving at the same time). A `Bearer ` prefix on the token is tolerated (LiveKit
+sends the bare JWT). Answers:
 200 accepted or duplicate; 401 / 400 / 413 per the contract; 503 when Redis cannot take it
 (`Retry-After: 1`; LiveKit retries). Each rejection is logged once (reason, never the token) and
 counted; accepted events are counted by type, the Redis step timed.
