@@ -446,7 +446,7 @@ def _room_finished(tx: Tx, call: dict | None, finished_at: datetime | None, effe
 
 # ---- grace period -------------------------------------------------------------------------------------
 def handle_grace_expired(room_name: str, participant_sid: str, identity: str, aborted: bool | None,
-                         ports: Ports) -> Outcome:
+                         ports: Ports, source: str = "timer") -> Outcome:
     event_id = f"grace:{participant_sid}"
     with ports.store.transaction() as tx:
         if tx.event_seen(event_id):
@@ -460,7 +460,7 @@ def handle_grace_expired(room_name: str, participant_sid: str, identity: str, ab
         if tx.event_seen(event_id):
             return Outcome("duplicate")
         session = tx.participant(participant_sid)
-        record = EventRecord(event_id, "timer", "grace_expired", room_name, None, tx.now(),
+        record = EventRecord(event_id, "sweep" if source == "sweep" else "timer", "grace_expired", room_name, None, tx.now(),
                              {"participant_sid": participant_sid, "identity": identity})
         result = "nothing"
         call = tx.call(str(session["call_id"]), for_update=True) if session else None

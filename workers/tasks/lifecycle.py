@@ -82,8 +82,9 @@ def ring_timeout(self, invitation_id: str, source: str = "timer") -> str:
 
 
 @app.task(name="callflow.grace_expired", **_TASK)
-def grace_expired(self, room_name: str, participant_sid: str, identity: str, aborted: bool | None = None) -> str:
-    return _run(self, lambda: handlers.handle_grace_expired(room_name, participant_sid, identity, aborted, ports()),
+def grace_expired(self, room_name: str, participant_sid: str, identity: str, aborted: bool | None = None,
+                  source: str = "timer") -> str:
+    return _run(self, lambda: handlers.handle_grace_expired(room_name, participant_sid, identity, aborted, ports(), source),
                 room_name=room_name, event_id=f"grace:{participant_sid}")
 
 
@@ -106,7 +107,7 @@ def sweep(self) -> dict:
             sent["timeouts"] += 1
     for room_name, sid, identity in work.due_graces:
         if r.set(f"callflow:sweep:grace:{sid}", 1, nx=True, ex=throttle):
-            app.send_task("callflow.grace_expired", args=[room_name, sid, identity, None], queue="timers")
+            app.send_task("callflow.grace_expired", args=[room_name, sid, identity, None, "sweep"], queue="timers")
             sent["graces"] += 1
     for row in work.stale_pending:
         invitation_id = str(row["id"])
