@@ -21,7 +21,7 @@ import uuid
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from bench.stack import machine, percentile, stack, table
+from bench.stack import cpu_by_process, cpu_delta, machine, percentile, stack, table
 
 
 async def drive(database_url: str, count: int, in_flight: int) -> dict:
@@ -137,21 +137,27 @@ def main() -> None:
     ap.add_argument("--in-flight", type=int, default=200)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--concurrency", type=int, default=6)
+    ap.add_argument("--pool", default="prefork", choices=["prefork", "threads"])
     args = ap.parse_args()
     env = {"CALLFLOW_RING_TIMEOUT_SECONDS": "120", "CALLFLOW_SWEEP_INTERVAL_SECONDS": "1"}
-    with stack(env, workers=args.workers, concurrency=args.concurrency, listener=True, beat=True) as s:
+    with stack(env, workers=args.workers, concurrency=args.concurrency, listener=True, beat=True, pool=args.pool) as s:
         asyncio.run(drive(s.database_url, min(200, args.count), args.in_flight))  # warm-up
+        cpu_before = cpu_by_process()
         result = asyncio.run(drive(s.database_url, args.count, args.in_flight))
+        cpu = cpu_delta(cpu_before, cpu_by_process())
         tps = pgbench(s.database_url)
     rate = args.count / result["elapsed"]
     rl = [x * 1000 for x in result["ring_latencies"]]
     print(f"machine: {machine()}")
-    print(f"workers: {args.workers} x prefork {args.concurrency}; {args.count} lifecycles, {args.in_flight} in flight\n")
+    print(f"workers: {args.workers} x {args.pool} {args.concurrency}; {args.count} lifecycles, {args.in_flight} in flight\n")
     print(table([
         ["callflow lifecycles (insert→ringing→accept→active)", f"{rate:,.0f}/s",
          f"insert→ringing p50 {percentile(rl, 50):.0f} ms, p99 {percentile(rl, 99):.0f} ms"],
         ["pgbench simple-update (4 clients), same Postgres", f"{tps:,.0f} tx/s", "ceiling: one small write transaction"],
     ], ["what", "rate", "notes"]))
+    print("\nwhere the CPU went during the measured run (ms of CPU per lifecycle):")
+    print(table([[k, f"{v * 1000 / args.count:.1f}"] for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])],
+                ["process", "ms/lifecycle"]))
 
 
 if __name__ == "__main__":

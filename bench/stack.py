@@ -56,7 +56,8 @@ class Stack:
         self.env_overrides = env_overrides
         self.procs: list[services.Process] = []
 
-    def start(self, workers: int = 1, concurrency: int = 4, listener: bool = True, beat: bool = False) -> "Stack":
+    def start(self, workers: int = 1, concurrency: int = 4, listener: bool = True, beat: bool = False,
+              pool: str = "prefork") -> "Stack":
         self.redis = services.RedisServer().start()
         self.database_url = services.create_database("callflow_bench")
         lk_port = services.free_port()
@@ -73,7 +74,7 @@ class Stack:
         self.livekit = services.LiveKitServer(self.log_dir, "http://127.0.0.1:9/none", "devkey",
                                               "devsecret-devsecret-devsecret-0001", port=lk_port).start()
         self.workers = [services.celery_worker(self.env, self.log_dir, name=f"bench{i}", concurrency=concurrency,
-                                               extra=["-l", "WARNING"])
+                                               extra=["-l", "WARNING", "--pool", pool])
                         for i in range(workers)]
         for w in self.workers:
             services.wait_for(lambda w=w: "ready." in w.log() or not w.alive() or _ready(w), timeout=60,
@@ -133,3 +134,35 @@ def table(rows: list[list[str]], headers: list[str]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def cpu_by_process() -> dict[str, float]:
+    """Cumulative CPU seconds (user+system) of every process on the machine, grouped by role."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    groups: dict[str, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        seconds = (int(fields[11]) + int(fields[12])) / ticks
+        groups[_role(cmdline)] = groups.get(_role(cmdline), 0.0) + seconds
+    return groups
+
+
+def _role(cmdline: str) -> str:
+    for needle, role in (("celery -A workers.app worker", "celery worker"), ("workers.app worker", "celery worker"),
+                         ("workers.app beat", "celery beat"), ("workers.listener", "listener"),
+                         ("postgres", "postgres"), ("livekit-server", "livekit-server"), ("redis-server", "redis"),
+                         ("bench.", "benchmark driver"), ("uvicorn", "web")):
+        if needle in cmdline:
+            return role
+    return "other"
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) - before.get(k, 0) > 0.05}

@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=10000)
     ap.add_argument("--insert-seconds", type=float, default=10)
     ap.add_argument("--ring-timeout", type=float, default=120)
-    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--concurrency", type=int, default=2, help="prefork processes per worker (the Procfile worker: one per core)")
     ap.add_argument("--kill", action="store_true", help="also run with one of two workers SIGKILLed halfway")
     args = ap.parse_args()
     runs = [("1 worker", False)] + ([("2 workers, one SIGKILLed halfway", True)] if args.kill else [])
