@@ -198,6 +198,10 @@ def _parse_time(value: Any) -> datetime | None:
 
 
 # ---- invitation changes (Realtime / LISTEN / catch-up / sweep) ------------------------------------
+# Statuses only a worker sets; a client-made one (accepted, declined, cancelled) needs the full look.
+WORKER_MADE = frozenset({S.RINGING, S.MISSED, S.BUSY, S.FAILED})
+
+
 def handle_invitation_changed(change: dict, ports: Ports) -> Outcome:
     """Look at the invitation now: ring it if it is new, else take note of where it went.
 
@@ -224,6 +228,10 @@ def handle_invitation_changed(change: dict, ports: Ports) -> Outcome:
             event.payload = {**event.payload, "note": "no such invitation"}
             tx.record_event(event)
             return Outcome("unknown_invitation")
+        if inv.status == change.get("status") and inv.status in WORKER_MADE and inv.call_id:
+            # The echo of a transition a worker made: its effects were committed with it.
+            tx.record_event(event)
+            return Outcome(f"seen_{inv.status}")
         room, busy, call_id = None, False, ""
         if inv.status == S.PENDING:
             live = tx.live_call_for_room(inv.room_name)
@@ -306,7 +314,7 @@ def handle_ring_timeout(invitation_id: str, source: str, ports: Ports) -> Outcom
         if source == "timer":
             ports.scheduler.ring_timeout(invitation_id, decision.at)
         return Outcome("rescheduled")
-    callee_in_room = False
+    callee_in_room, live = False, None
     if decision.action != "nothing":
         # Webhooks lag: ask LiveKit whether the callee already joined before calling it missed.
         live = ports.rooms.list_participants(inv.room_name)
@@ -330,6 +338,9 @@ def handle_ring_timeout(invitation_id: str, source: str, ports: Ports) -> Outcom
                 result = "missed"
         tx.record_event(EventRecord(event_id, "timer" if source == "timer" else "sweep", "ring_timeout",
                                     inv.room_name, inv.id, inv.ring_deadline, {"decision": result}))
+    if live == []:
+        # LiveKit just said nobody is in the room: there is no one to release.
+        effects = [e for e in effects if not isinstance(e, DeleteRoom)]
     run_effects(effects, ports)
     return Outcome(result, effects)
 

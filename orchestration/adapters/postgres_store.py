@@ -270,13 +270,24 @@ class Tx:
 
     # ---- outbox ---------------------------------------------------------------------------------
     def add_missed_call_notification(self, inv: Invitation) -> str | None:
+        """The outbox row, in the transaction of the transition that calls for it.
+
+        A recipient who turned missed-call emails off, or has no address, gets the row already
+        `skipped` (with why), so no delivery task is needed; returns the id of a `pending` row only.
+        """
         row = self._one(
-            """insert into public.notifications (kind, invitation_id, recipient_id, recipient_email, status)
-               select 'missed_call', %(i)s, %(u)s, u.email, 'pending' from auth.users u where u.id = %(u)s
-               on conflict (kind, invitation_id, recipient_id) do nothing returning id""",
+            """insert into public.notifications (kind, invitation_id, recipient_id, recipient_email, status, last_error)
+               select 'missed_call', %(i)s, %(u)s, u.email,
+                      case when lower(coalesce(u.raw_user_meta_data->>'missed_call_emails', 'true')) = 'false'
+                             or coalesce(u.email, '') = '' then 'skipped' else 'pending' end,
+                      case when lower(coalesce(u.raw_user_meta_data->>'missed_call_emails', 'true')) = 'false'
+                           then 'recipient turned missed-call emails off (raw_user_meta_data.missed_call_emails is false)'
+                           when coalesce(u.email, '') = '' then 'recipient has no email address' end
+                 from auth.users u where u.id = %(u)s
+               on conflict (kind, invitation_id, recipient_id) do nothing returning id, status""",
             {"i": inv.id, "u": inv.callee_id},
         )
-        return str(row["id"]) if row else None
+        return str(row["id"]) if row and row["status"] == "pending" else None
 
     # ---- sweeps ---------------------------------------------------------------------------------
     def due_ring_timeouts(self, limit: int) -> list[dict]:
