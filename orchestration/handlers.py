@@ -13,7 +13,7 @@ import json
 import math
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable
 
 import structlog
@@ -312,7 +312,7 @@ def handle_ring_timeout(invitation_id: str, source: str, ports: Ports) -> Outcom
     if decision.action == "reschedule":
         # Early (a countdown fired before the deadline): re-schedule, record nothing.
         if source == "timer":
-            ports.scheduler.ring_timeout(invitation_id, decision.at)
+            ports.scheduler.ring_timeout_at(invitation_id, decision.at)
         return Outcome("rescheduled")
     callee_in_room, live = False, None
     if decision.action != "nothing":
@@ -343,6 +343,25 @@ def handle_ring_timeout(invitation_id: str, source: str, ports: Ports) -> Outcom
         effects = [e for e in effects if not isinstance(e, DeleteRoom)]
     run_effects(effects, ports)
     return Outcome(result, effects)
+
+
+def handle_ring_timeouts_due(bucket_end: float, ports: Ports, parallel_map=map) -> Outcome:
+    """A timer bucket's countdown: every invitation whose deadline fell in the bucket, at once.
+
+    Buckets are disjoint, so two workers never look at the same deadline through them; an
+    invitation a lost bucket left behind is the sweep's. Early (clocks differ): re-schedule.
+    """
+    from orchestration.adapters.celery_scheduler import TIMER_BUCKET_SECONDS
+
+    end = datetime.fromtimestamp(bucket_end, tz=timezone.utc)
+    with ports.store.transaction() as tx:
+        now = tx.now()
+        if now < end:
+            ports.scheduler.ring_timeout_bucket(bucket_end)
+            return Outcome("rescheduled")
+        ids = tx.ringing_due_between(end - timedelta(seconds=TIMER_BUCKET_SECONDS), end)
+    results = list(parallel_map(lambda i: handle_ring_timeout(i, "timer", ports).result, ids))
+    return Outcome(f"{len(ids)} due: " + ", ".join(f"{results.count(r)} {r}" for r in sorted(set(results))) if ids else "none due")
 
 
 # ---- LiveKit webhooks -----------------------------------------------------------------------------
@@ -545,10 +564,11 @@ class SweepWork:
     stale_pending: list[dict]
 
 
-def find_sweep_work(ports: Ports, limit: int = 500, stale_after: float = 10.0) -> SweepWork:
+def find_sweep_work(ports: Ports, limit: int = 500, stale_after: float = 10.0, overdue_by: float = 0.5) -> SweepWork:
+    """Work whose own countdown is overdue (lost with a killed worker, or never sent)."""
     with ports.store.transaction() as tx:
         return SweepWork(
-            due_timeouts=[str(r["id"]) for r in tx.due_ring_timeouts(limit)],
+            due_timeouts=[str(r["id"]) for r in tx.due_ring_timeouts(limit, overdue_by)],
             due_graces=[(r["room_name"], r["participant_sid"], r["identity"]) for r in tx.due_grace_expiries(ports.config.grace, limit)],
             stale_pending=tx.stale_pending(stale_after, limit),
         )

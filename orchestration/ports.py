@@ -44,7 +44,14 @@ class Rooms(Protocol):
 class Scheduler(Protocol):
     """Work that must happen later or elsewhere, handed to the task queue after commit."""
 
-    def ring_timeout(self, invitation_id: str, at: datetime) -> None: ...
+    def ring_timeout(self, invitation_id: str, at: datetime) -> None:
+        """Make sure the invitation's deadline is looked at when it comes."""
+
+    def ring_timeout_bucket(self, end: float) -> None:
+        """Look at every deadline of the bucket ending at `end` (unix seconds) then."""
+
+    def ring_timeout_at(self, invitation_id: str, at: datetime) -> None:
+        """Look at this one invitation's deadline at `at`."""
 
     def grace_expiry(self, room_name: str, participant_sid: str, identity: str, aborted: bool, delay: float) -> None: ...
 

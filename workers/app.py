@@ -46,6 +46,7 @@ app.conf.update(
         "callflow.invitation_changed": {"queue": "events"},
         "callflow.livekit_event": {"queue": "events"},
         "callflow.ring_timeout": {"queue": "timers"},
+        "callflow.ring_timeouts_due": {"queue": "timers"},
         "callflow.grace_expired": {"queue": "timers"},
         "callflow.sweep": {"queue": "sweeps"},
         "callflow.catch_up_invitations": {"queue": "sweeps"},

@@ -2,17 +2,45 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import math
+from datetime import datetime, timezone
 
+import redis
 from celery import Celery
+
+# Ring deadlines are grouped in buckets this wide: one countdown task per bucket ends every
+# invitation due in it, so 10,000 ringing invitations are a few thousand timers, not 10,000.
+TIMER_BUCKET_SECONDS = 0.05
+
+
+def bucket_end(at: datetime) -> float:
+    """The end of the bucket holding `at` (unix seconds, a multiple of the bucket width)."""
+    return math.ceil(round(at.timestamp() / TIMER_BUCKET_SECONDS, 6)) * TIMER_BUCKET_SECONDS
 
 
 class CeleryScheduler:
     def __init__(self, app: Celery) -> None:
         self.app = app
+        self._redis: redis.Redis | None = None
+
+    def _r(self) -> redis.Redis:
+        if self._redis is None:
+            self._redis = redis.Redis.from_url(self.app.conf.broker_url)
+        return self._redis
 
     def ring_timeout(self, invitation_id: str, at: datetime) -> None:
-        # A countdown task at the deadline; the beat sweep enforces the same deadline without it.
+        # A countdown task for the deadline's bucket (the first invitation in it sends it); the
+        # beat sweep enforces the same deadlines without it.
+        end = bucket_end(at)
+        if self._r().set(f"callflow:timer-bucket:{int(round(end * 1000))}", 1, nx=True, ex=24 * 3600):
+            self.ring_timeout_bucket(end)
+
+    def ring_timeout_bucket(self, end: float) -> None:
+        self.app.send_task("callflow.ring_timeouts_due", args=[end], queue="timers",
+                           eta=datetime.fromtimestamp(end, tz=timezone.utc))
+
+    def ring_timeout_at(self, invitation_id: str, at: datetime) -> None:
+        """One invitation's own countdown (a re-schedule after an early look)."""
         self.app.send_task("callflow.ring_timeout", args=[invitation_id, "timer"], eta=at, queue="timers")
 
     def grace_expiry(self, room_name: str, participant_sid: str, identity: str, aborted: bool | None, delay: float) -> None:

@@ -24,7 +24,7 @@ def test_timeouts_held_by_a_sigkilled_worker_fire_within_the_sweep_interval_plus
             enqueue_change(inv["id"], "pending")
         for inv in invs:
             wait_invitation(db, inv["id"], "ringing")
-        wait_for(lambda: doomed.log().count("callflow.ring_timeout[") >= 1, timeout=5,
+        wait_for(lambda: doomed.log().count("callflow.ring_timeouts_due[") >= 1, timeout=5,
                  what="the doomed worker holding ring timeouts")
         time.sleep(0.5)
         doomed.kill(signal.SIGKILL)
@@ -34,7 +34,7 @@ def test_timeouts_held_by_a_sigkilled_worker_fire_within_the_sweep_interval_plus
                     for inv in invs]
         sweep_interval = 0.5
         assert max(lateness) <= sweep_interval + 1.0, lateness
-        held = doomed.log().count("callflow.ring_timeout[")
+        held = doomed.log().count("callflow.ring_timeouts_due[")
         assert held >= 1
     finally:
         doomed.stop()

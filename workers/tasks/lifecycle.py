@@ -32,7 +32,7 @@ _TASK = dict(bind=True, acks_late=True, max_retries=8, retry_backoff=True, retry
 def ports() -> handlers.Ports:
     """One set of adapters per worker process (created after the fork, on first use)."""
     return handlers.Ports(
-        store=PostgresStore(settings.database_url),
+        store=PostgresStore(settings.database_url, pool_size=10),
         rooms=LiveKitRooms(settings.livekit_http_url, settings.livekit_api_key,
                            settings.livekit_api_secret.get_secret_value()),
         scheduler=CeleryScheduler(app),
@@ -81,6 +81,27 @@ def ring_timeout(self, invitation_id: str, source: str = "timer") -> str:
                 invitation_id=invitation_id, event_id=f"timeout:{invitation_id}")
 
 
+_timeouts_pool = None
+
+
+def _parallel_map(fn, items):
+    """Deadlines of one bucket are looked at side by side (each waits on LiveKit and Postgres)."""
+    global _timeouts_pool
+    items = list(items)
+    if len(items) <= 1:
+        return map(fn, items)
+    if _timeouts_pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _timeouts_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="timeouts")
+    return _timeouts_pool.map(fn, items)
+
+
+@app.task(name="callflow.ring_timeouts_due", **_TASK)
+def ring_timeouts_due(self, bucket_end: float) -> str:
+    return _run(self, lambda: handlers.handle_ring_timeouts_due(float(bucket_end), ports(), _parallel_map))
+
+
 @app.task(name="callflow.grace_expired", **_TASK)
 def grace_expired(self, room_name: str, participant_sid: str, identity: str, aborted: bool | None = None,
                   source: str = "timer") -> str:
@@ -97,7 +118,8 @@ def sweep(self) -> dict:
     a backlog is not multiplied; the handlers' own idempotency makes a repeat harmless anyway.
     """
     p = ports()
-    work = handlers.find_sweep_work(p)
+    # Deadlines overdue by half an interval are the sweep's: their bucket's countdown is lost or late.
+    work = handlers.find_sweep_work(p, overdue_by=min(0.5, settings.callflow_sweep_interval_seconds / 2))
     r = _redis()
     throttle = max(2, int(settings.callflow_sweep_interval_seconds * 4))
     sent = {"timeouts": 0, "graces": 0, "pending": 0}
