@@ -97,8 +97,10 @@ def main() -> None:
     ap.add_argument("--ring-timeout", type=float, default=120)
     ap.add_argument("--concurrency", type=int, default=2, help="prefork processes per worker (the Procfile worker: one per core)")
     ap.add_argument("--kill", action="store_true", help="also run with one of two workers SIGKILLed halfway")
+    ap.add_argument("--kill-only", action="store_true", help="only the run with a worker SIGKILLed")
     args = ap.parse_args()
-    runs = [("1 worker", False)] + ([("2 workers, one SIGKILLed halfway", True)] if args.kill else [])
+    runs = ([] if args.kill_only else [("1 worker", False)]) + \
+        ([("2 workers, one SIGKILLed halfway", True)] if args.kill or args.kill_only else [])
     rows = []
     for label, kill in runs:
         r = run(args.count, args.insert_seconds, args.ring_timeout, kill, args.concurrency)

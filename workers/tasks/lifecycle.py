@@ -111,7 +111,7 @@ def grace_expired(self, room_name: str, participant_sid: str, identity: str, abo
 
 @app.task(name="callflow.sweep", bind=True, acks_late=False, ignore_result=True)
 def sweep(self) -> dict:
-    """Beat, every CALLFLOW_SWEEP_INTERVAL_SECONDS: hand every overdue piece of work to a worker.
+    """Beat, every CALLFLOW_SWEEP_INTERVAL_SECONDS: make every overdue piece of work happen.
 
     Overdue ring deadlines, grace periods whose countdown never ran, and invitations still
     `pending` long after insert. Each is handed on at most once per few seconds (a Redis mark), so
@@ -123,10 +123,11 @@ def sweep(self) -> dict:
     r = _redis()
     throttle = max(2, int(settings.callflow_sweep_interval_seconds * 4))
     sent = {"timeouts": 0, "graces": 0, "pending": 0}
-    for invitation_id in work.due_timeouts:
-        if r.set(f"callflow:sweep:timeout:{invitation_id}", 1, nx=True, ex=throttle):
-            p.scheduler.ring_timeout_now(invitation_id, "sweep")
-            sent["timeouts"] += 1
+    # Overdue deadlines are ended right here, side by side: handing each to its own task would
+    # add a queue hop per invitation just when a worker has died and the others are busiest.
+    overdue = [i for i in work.due_timeouts if r.set(f"callflow:sweep:timeout:{i}", 1, nx=True, ex=throttle)]
+    results = list(_parallel_map(lambda i: handlers.handle_ring_timeout(i, "sweep", p).result, overdue))
+    sent["timeouts"] = sum(1 for result in results if result in ("missed", "answered"))
     for room_name, sid, identity in work.due_graces:
         if r.set(f"callflow:sweep:grace:{sid}", 1, nx=True, ex=throttle):
             app.send_task("callflow.grace_expired", args=[room_name, sid, identity, None, "sweep"], queue="timers")
