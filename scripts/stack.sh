@@ -168,10 +168,11 @@ case "${1:-}" in
     { cat Procfile; echo "livekit: $LIVEKIT_BIN --config $LOCAL_DIR/livekit.yaml"; } > "$LOCAL_DIR/Procfile.run"
     log "starting web (:$port), listener, worker, beat, flower and LiveKit (:7880); Ctrl-C stops everything"
     # Ctrl-C stops the Procfile processes (honcho) and then the Postgres/Redis this run started.
+    export PATH="$VENV/bin:$PATH"   # the Procfile's uvicorn, celery and python are the venv's
     trap stop_started_here EXIT
     trap 'exit 130' INT TERM
     # honcho gives the first Procfile entry (web) PORT=$port; the webhook URL points there.
-    "$VENV/bin/honcho" -f "$LOCAL_DIR/Procfile.run" -d "$ROOT" -p "$port" start || true
+    "$VENV/bin/honcho" start -f "$LOCAL_DIR/Procfile.run" -d "$ROOT" -p "$port" || true
     ;;
   test)
     setup
