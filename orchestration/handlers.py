@@ -299,30 +299,38 @@ def _ring(tx: Tx, inv: Invitation, event: EventRecord, room, room_error: Excepti
 
 
 # ---- ring timeout (countdown task and sweep) ------------------------------------------------------
-def handle_ring_timeout(invitation_id: str, source: str, ports: Ports) -> Outcome:
+def handle_ring_timeout(invitation_id: str, source: str, ports: Ports, due: dict | None = None) -> Outcome:
+    """One invitation's deadline. `due` (room_name, callee_id) comes from a query that found it
+    ringing past its deadline, which spares the first look."""
     event_id = f"timeout:{invitation_id}"
-    with ports.store.transaction() as tx:
-        if tx.event_seen(event_id):
-            return Outcome("duplicate")
-        inv = tx.invitation(invitation_id)
-        if inv is None:
-            return Outcome("unknown_invitation")
-        now = tx.now()
-    decision = decide_ring_timeout(inv, now, callee_in_room=None)
-    if decision.action == "reschedule":
-        # Early (a countdown fired before the deadline): re-schedule, record nothing.
-        if source == "timer":
-            ports.scheduler.ring_timeout_at(invitation_id, decision.at)
-        return Outcome("rescheduled")
+    if due is not None:
+        room_name, callee_id, action = due["room_name"], str(due["callee_id"]), "miss"
+    else:
+        with ports.store.transaction() as tx:
+            if tx.event_seen(event_id):
+                return Outcome("duplicate")
+            inv = tx.invitation(invitation_id)
+            if inv is None:
+                return Outcome("unknown_invitation")
+            now = tx.now()
+        decision = decide_ring_timeout(inv, now, callee_in_room=None)
+        if decision.action == "reschedule":
+            # Early (a countdown fired before the deadline): re-schedule, record nothing.
+            if source == "timer":
+                ports.scheduler.ring_timeout_at(invitation_id, decision.at)
+            return Outcome("rescheduled")
+        room_name, callee_id, action = inv.room_name, inv.callee_id, decision.action
     callee_in_room, live = False, None
-    if decision.action != "nothing":
+    if action != "nothing":
         # Webhooks lag: ask LiveKit whether the callee already joined before calling it missed.
-        live = ports.rooms.list_participants(inv.room_name)
-        callee_in_room = bool(live) and any(p.identity == inv.callee_id for p in live)
+        live = ports.rooms.list_participants(room_name)
+        callee_in_room = bool(live) and any(p.identity == callee_id for p in live)
 
     effects: list = []
-    with ports.store.transaction(inv.room_name) as tx:
+    with ports.store.transaction(room_name) as tx:
         inv = tx.invitation(invitation_id, for_update=True)
+        if inv is None:
+            return Outcome("unknown_invitation")
         now = tx.now()
         decision = decide_ring_timeout(inv, now, callee_in_room)
         if decision.action == "reschedule":
@@ -360,7 +368,7 @@ def handle_ring_timeouts_due(bucket_end: float, ports: Ports, parallel_map=map) 
             ports.scheduler.ring_timeout_bucket(bucket_end)
             return Outcome("rescheduled")
         ids = tx.ringing_due_between(end - timedelta(seconds=TIMER_BUCKET_SECONDS), end)
-    results = list(parallel_map(lambda i: handle_ring_timeout(i, "timer", ports).result, ids))
+    results = list(parallel_map(lambda row: handle_ring_timeout(str(row["id"]), "timer", ports, due=row).result, ids))
     return Outcome(f"{len(ids)} due: " + ", ".join(f"{results.count(r)} {r}" for r in sorted(set(results))) if ids else "none due")
 
 

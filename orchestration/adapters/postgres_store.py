@@ -290,13 +290,13 @@ class Tx:
         return str(row["id"]) if row and row["status"] == "pending" else None
 
     # ---- sweeps ---------------------------------------------------------------------------------
-    def ringing_due_between(self, start: datetime, end: datetime, limit: int = 2000) -> list[str]:
-        rows = self._all(
-            """select id from public.call_invitations where status = 'ringing'
-                 and ring_deadline > %s and ring_deadline <= %s order by ring_deadline limit %s""",
+    def ringing_due_between(self, start: datetime, end: datetime, limit: int = 2000) -> list[dict]:
+        return self._all(
+            """select id, room_name, callee_id from public.call_invitations where status = 'ringing'
+                 and ring_deadline > %s and ring_deadline <= %s and ring_deadline <= now()
+               order by ring_deadline limit %s""",
             (start, end, limit),
         )
-        return [str(r["id"]) for r in rows]
 
     def due_ring_timeouts(self, limit: int, overdue_by: float = 0.0) -> list[dict]:
         return self._all(
