@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-from contextlib import contextmanager
-from typing import Iterator
-
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
@@ -36,13 +33,6 @@ def get_pool(url: str, max_size: int = 8) -> ConnectionPool:
                 )
                 _pools[key] = pool
     return pool
-
-
-@contextmanager
-def transaction(url: str) -> Iterator[psycopg.Connection]:
-    """A pooled connection inside one transaction: committed on success, rolled back on error."""
-    with get_pool(url).connection() as conn:
-        yield conn
 
 
 def close_pools() -> None:

@@ -405,8 +405,6 @@ def handle_livekit_event(event: dict, received_at: str | None, ports: Ports) -> 
                                            kind == "participant_connection_aborted", effects)
             elif kind == "room_finished":
                 result = _room_finished(tx, call, occurred_at, effects)
-            if call is not None:
-                record.invitation_id = None
         tx.record_event(record)
     run_effects(effects, ports)
     return Outcome(result, effects)

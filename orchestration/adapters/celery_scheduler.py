@@ -52,6 +52,3 @@ class CeleryScheduler:
 
     def invitation_changed(self, change: dict) -> None:
         self.app.send_task("callflow.invitation_changed", args=[change], queue="events")
-
-    def ring_timeout_now(self, invitation_id: str, source: str) -> None:
-        self.app.send_task("callflow.ring_timeout", args=[invitation_id, source], queue="timers")

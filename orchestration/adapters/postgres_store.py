@@ -8,11 +8,10 @@ effects, so a duplicate finds its `event_id` and changes nothing.
 
 from __future__ import annotations
 
-import json
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Iterator
 
 import psycopg
@@ -352,10 +351,3 @@ class PostgresStore:
                     tx.lock_room(room_name)
                 yield tx
 
-
-def jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
-def seconds_from_now(delta: float) -> timedelta:
-    return timedelta(seconds=delta)

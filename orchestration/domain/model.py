@@ -6,7 +6,7 @@ module is what the workers decide with, and what the unit tests pin down.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Iterable
@@ -48,7 +48,6 @@ class CallStatus(StrEnum):
 S = InvitationStatus
 
 TERMINAL: frozenset[InvitationStatus] = frozenset({S.ACCEPTED, S.DECLINED, S.CANCELLED, S.MISSED, S.BUSY, S.FAILED})
-LIVE_CALL_STATUSES: frozenset[CallStatus] = frozenset({CallStatus.RINGING, CallStatus.ACTIVE})
 
 TRANSITIONS: dict[InvitationStatus, frozenset[InvitationStatus]] = {
     S.PENDING: frozenset({S.RINGING, S.ACCEPTED, S.DECLINED, S.CANCELLED, S.BUSY, S.FAILED}),
@@ -75,10 +74,6 @@ class IllegalTransition(Exception):
     pass
 
 
-def is_terminal(status: str) -> bool:
-    return InvitationStatus(status) in TERMINAL
-
-
 def can_transition(old: str, new: str) -> bool:
     return InvitationStatus(new) in TRANSITIONS.get(InvitationStatus(old), frozenset())
 
@@ -86,10 +81,6 @@ def can_transition(old: str, new: str) -> bool:
 def check_transition(old: str, new: str) -> None:
     if not can_transition(old, new):
         raise IllegalTransition(f"illegal invitation transition {old} -> {new}")
-
-
-def can_still_be_answered(status: str) -> bool:
-    return InvitationStatus(status) in (S.PENDING, S.RINGING)
 
 
 @dataclass(frozen=True)
@@ -203,20 +194,3 @@ def decide_ring_timeout(inv: Invitation, now: datetime, callee_in_room: bool | N
         return TimeoutDecision("answer")
     return TimeoutDecision("miss")
 
-
-@dataclass
-class CallView:
-    """A call and its invitations, as the handlers see them."""
-
-    id: str
-    room_name: str
-    status: CallStatus
-    invitations: list[Invitation] = field(default_factory=list)
-
-    @property
-    def is_group(self) -> bool:
-        return len(self.invitations) > 1
-
-    @property
-    def live(self) -> bool:
-        return self.status in LIVE_CALL_STATUSES
