@@ -23,6 +23,15 @@ from tests.support import services
 CATCH_UP_REDIS_DB = 10
 
 
+@pytest.fixture(scope="module")
+def database_url():
+    """A database of this module's own: the run's worker and sweeps move rows in the shared one
+    (they ring stale `pending` invitations), which catch-up would then rightly report as changes."""
+    url = services.create_database()
+    yield url
+    services.drop_database(url)
+
+
 @pytest.fixture
 def broker(redis_server):
     url = f"redis://127.0.0.1:{redis_server.port}/{CATCH_UP_REDIS_DB}"
@@ -108,7 +117,7 @@ def test_the_beat_task_runs_in_a_real_worker(database_url, broker, users, log_di
     caller, callee = users
     ids = insert_invitations(database_url, caller, callee, 3)
     # a worker on its own broker database, consuming only `sweeps`: what it enqueues stays readable
-    worker = services.celery_worker(subprocess_env(REDIS_URL=url), log_dir, name="catchup", concurrency=1,
+    worker = services.celery_worker(subprocess_env(REDIS_URL=url, DATABASE_URL=database_url), log_dir, name="catchup", concurrency=1,
                                     extra=["-Q", "sweeps"])
     try:
         app.send_task("callflow.catch_up_invitations", queue="sweeps")
