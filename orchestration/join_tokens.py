@@ -1,8 +1,9 @@
 """LiveKit join tokens: who may join which room, and the token they get.
 
-Authorisation (the contract): a user gets a token for a room only as the caller or a callee of a
-live invitation of that room: `pending`, `ringing`, or `accepted` while its call (`calls` via
-`call_invitations.call_id`) is `ringing` or `active`. One query answers everything, on an async
+Authorisation (the contract): a user gets a token for a room only as one of its parties: the caller
+or the callee of an invitation of that room that is `pending`, `ringing`, or `accepted` while its
+call (`calls` via `call_invitations.call_id`) is `ringing` or `active` or not made yet; or the caller
+of the room's live call. One query answers everything, on an async
 psycopg pool (autocommit: a single read needs no transaction), using the partial index on live
 invitations by room. A room "exists" when it has a live invitation, a call, or any invitation of
 the asking user (all found by index: no scan of the whole table for unknown names).
@@ -42,7 +43,12 @@ with target as (
    where i.room_name = (select name from room)
      and i.status in ('pending', 'ringing', 'accepted')
      and (i.caller_id = %(user_id)s::uuid or i.callee_id = %(user_id)s::uuid)
-     and (i.status <> 'accepted' or c.status in ('ringing', 'active'))
+     and (i.status <> 'accepted' or c.status in ('ringing', 'active') or i.call_id is null)
+  union all
+  -- the caller of the room's live call
+  select c.call_type from public.calls c
+   where c.room_name = (select name from room) and c.status in ('ringing', 'active')
+     and c.caller_id = %(user_id)s::uuid
 )
 select (select name from room) as room_name,
        exists (select 1 from target) as invitation_found,

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from orchestration.domain.model import Invitation
+    from orchestration.lifecycle.state import Decision, Snapshot, Want
 
 
 @dataclass(frozen=True)
@@ -53,8 +58,61 @@ class Scheduler(Protocol):
     def ring_timeout_at(self, invitation_id: str, at: datetime) -> None:
         """Look at this one invitation's deadline at `at`."""
 
-    def grace_expiry(self, room_name: str, participant_sid: str, identity: str, aborted: bool, delay: float) -> None: ...
+    def grace_expiry(self, room_name: str, participant_sid: str, identity: str, aborted: bool | None, delay: float) -> None: ...
 
     def send_notification(self, notification_id: str) -> None: ...
 
     def invitation_changed(self, change: dict) -> None: ...
+
+
+class UnitOfWork(Protocol):
+    """One transaction of the store. `load` and `apply` are the lifecycle's; the rest are the
+    small reads of first looks and sweeps."""
+
+    def now(self) -> datetime: ...
+
+    def load(self, want: "Want", *, lock: bool = True) -> "Snapshot":
+        """The snapshot a decision needs; with `lock`, its invitation and call rows are locked."""
+
+    def apply(self, decision: "Decision") -> list:
+        """Write what the decision changed; returns the follow-up effects (emails to send)."""
+
+    def event_seen(self, event_id: str) -> bool: ...
+
+    def invitation(self, invitation_id: str) -> "Invitation | None": ...
+
+    def counter_invitations(self, caller_id: str, callee_id: str) -> list["Invitation"]:
+        """Open invitations from `callee_id` to `caller_id` (the other half of a glare)."""
+
+    def live_call_id(self, room_name: str) -> str | None: ...
+
+    def set_room_sid(self, call_id: str, room_sid: str) -> None: ...
+
+    # sweeps
+    def ringing_due_between(self, start: datetime, end: datetime, limit: int = 2000) -> list[dict]: ...
+
+    def due_ring_timeouts(self, limit: int, overdue_by: float = 0.0) -> list[dict]: ...
+
+    def stale_pending(self, older_than: float, limit: int) -> list[dict]: ...
+
+    def unrecorded_transitions(self, older_than: float, within: float, limit: int) -> list[dict]:
+        """Client-made terminal invitations whose change was never taken (no event recorded)."""
+
+    def due_grace_expiries(self, grace: float, limit: int) -> list[dict]: ...
+
+    def silent_active_calls(self, ring_timeout: float, grace: float, limit: int) -> list[dict]:
+        """Active calls nobody is connected to, answered longer than the ring timeout ago."""
+
+    def live_calls_older_than(self, seconds: float, limit: int) -> list[dict]: ...
+
+    def last_left_at(self, call_id: str) -> datetime | None: ...
+
+
+class Store(Protocol):
+    def transaction(self, *rooms: str, pair: tuple[str, str] | None = None) -> AbstractContextManager[UnitOfWork]:
+        """One transaction; serialised with every other one on the same rooms (and pair of users)."""
+
+
+class Throttle(Protocol):
+    def once(self, key: str, seconds: float) -> bool:
+        """True the first time `key` is asked for within `seconds` (across all workers)."""

@@ -8,9 +8,8 @@ from datetime import datetime, timezone
 import redis
 from celery import Celery
 
-# Ring deadlines are grouped in buckets this wide: one countdown task per bucket ends every
-# invitation due in it, so 10,000 ringing invitations are a few thousand timers, not 10,000.
-TIMER_BUCKET_SECONDS = 0.05
+
+from orchestration.lifecycle.ring_timeout import TIMER_BUCKET_SECONDS
 
 
 def bucket_end(at: datetime) -> float:
@@ -52,3 +51,14 @@ class CeleryScheduler:
 
     def invitation_changed(self, change: dict) -> None:
         self.app.send_task("callflow.invitation_changed", args=[change], queue="events")
+
+
+class RedisThrottle:
+    """`once(key, seconds)` across all workers: a Redis key set only if absent, with an expiry."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "callflow:sweep:") -> None:
+        self.client = client
+        self.prefix = prefix
+
+    def once(self, key: str, seconds: float) -> bool:
+        return bool(self.client.set(self.prefix + key, 1, nx=True, px=max(1, int(seconds * 1000))))

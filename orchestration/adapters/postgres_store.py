@@ -1,42 +1,45 @@
-"""The lifecycle's store: one transaction per unit of work, serialised per room.
+"""The lifecycle's store on Postgres: one transaction per unit of work, serialised per room.
 
-Every unit of work that touches a room takes a transaction-scoped advisory lock on the room name
-first, so the events of one room apply one at a time whichever worker runs them, while different
-rooms go on in parallel. Events are recorded in `call_events` in the same transaction as their
-effects, so a duplicate finds its `event_id` and changes nothing.
+A unit of work that touches a room takes a transaction-scoped advisory lock on the room name
+first (and, for a new invitation, one on the pair of users, so glare is decided once), so the
+events of one room apply one at a time whichever worker runs them, while different rooms go on in
+parallel. `load` reads a snapshot (locking its invitation and call rows, so a client's own update
+waits for the decision), `apply` writes what the decision changed and records its events, in the
+same transaction: a duplicate finds its `event_id` and changes nothing.
 """
 
 from __future__ import annotations
 
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import psycopg
 from psycopg.types.json import Jsonb
 
 from orchestration.db import get_pool
-from orchestration.domain.model import Invitation
+from orchestration.domain.model import Call, Invitation, Participant
+from orchestration.lifecycle.state import Decision, EventRecord, SendNotification, Snapshot, Want
+
+_LIVE = "('ringing', 'active')"
 
 
-@dataclass
-class EventRecord:
-    event_id: str
-    source: str
-    type: str
-    room_name: str | None
-    invitation_id: str | None
-    occurred_at: datetime | None
-    payload: dict
+def _uuids(values) -> list[str]:
+    out = []
+    for v in values:
+        try:
+            out.append(str(uuid.UUID(str(v))))
+        except ValueError:
+            pass
+    return out
 
 
-class Tx:
-    """The queries of one unit of work (inside one transaction)."""
-
-    def __init__(self, conn: psycopg.Connection) -> None:
+class PostgresUnitOfWork:
+    def __init__(self, conn: psycopg.Connection, clock: Callable[[], datetime] | None = None) -> None:
         self.conn = conn
+        self._clock = clock
+        self._now: datetime | None = None
 
     def _one(self, sql: str, params: Any = None) -> dict | None:
         return self.conn.execute(sql, params).fetchone()
@@ -44,16 +47,130 @@ class Tx:
     def _all(self, sql: str, params: Any = None) -> list[dict]:
         return self.conn.execute(sql, params).fetchall()
 
-    # ---- clock & locks --------------------------------------------------------------------------
+    # ---- locks & clock --------------------------------------------------------------------
+    def lock(self, key: str, space: int) -> None:
+        self.conn.execute("select pg_advisory_xact_lock(hashtextextended(%s, %s))", (key, space))
+
     def now(self) -> datetime:
-        return self._one("select now() as now")["now"]
+        """The transaction's time: the database's (constant within a transaction), or the clock's."""
+        if self._clock is not None:
+            return self._clock()
+        if self._now is None:
+            self._now = self._one("select now() as now")["now"]
+        return self._now
 
-    def lock_room(self, room_name: str) -> None:
-        self.conn.execute("select pg_advisory_xact_lock(hashtextextended(%s, 7))", (room_name,))
+    # ---- the lifecycle's load and apply -----------------------------------------------------
+    def load(self, want: Want, *, lock: bool = True) -> Snapshot:
+        fu = " for update" if lock else ""
+        rooms = [r for r in (want.room_name, *want.other_rooms) if r]
+        sids = list(want.participant_sids)
+        now = self.now()
+        calls = {str(r["id"]): Call.from_row(r) for r in self._all(
+            f"""select * from public.calls
+                 where (room_name = any(%(rooms)s) and status in {_LIVE})
+                    or id = any(%(ids)s::uuid[])
+                    or (%(sid)s::text is not null and livekit_room_sid = %(sid)s)
+                    or id in (select call_id from public.call_participants where participant_sid = any(%(sids)s))
+                 order by created_at{fu}""",
+            {"rooms": rooms, "ids": _uuids(want.call_ids), "sid": want.room_sid, "sids": sids})}
+        invitations = {str(r["id"]): Invitation.from_row(r) for r in self._all(
+            f"""select * from public.call_invitations
+                 where (room_name = any(%(rooms)s)
+                        and (status in ('pending', 'ringing') or (status = 'accepted' and call_id is null)))
+                    or id = any(%(ids)s::uuid[])
+                    or call_id = any(%(calls)s::uuid[])
+                 order by created_at, id{fu}""",
+            {"rooms": rooms, "ids": _uuids(want.invitation_ids), "calls": list(calls)})}
+        participants = {r["participant_sid"]: Participant.from_row(r) for r in self._all(
+            "select * from public.call_participants where call_id = any(%(calls)s::uuid[]) or participant_sid = any(%(sids)s)",
+            {"calls": list(calls), "sids": sids})}
+        seen = frozenset(r["event_id"] for r in self._all(
+            "select event_id from public.call_events where event_id = any(%s)", (list(want.event_ids),))) \
+            if want.event_ids else frozenset()
+        busy: frozenset[str] = frozenset()
+        if want.busy_user:
+            live_here = [c.id for c in calls.values() if c.live and c.room_name == want.room_name]
+            if self._busy(want.busy_user, live_here):
+                busy = frozenset({want.busy_user})
+        counters: tuple[Invitation, ...] = ()
+        if want.counter_of:
+            caller, callee = want.counter_of
+            counters = tuple(Invitation.from_row(r) for r in self._all(
+                f"""select * from public.call_invitations
+                     where caller_id = %s and callee_id = %s and status in ('pending', 'ringing')
+                     order by created_at, id{fu}""", (callee, caller)))
+            for c in counters:
+                invitations.setdefault(c.id, c)
+        aborted: frozenset[str] = frozenset()
+        if want.aborted_sids:
+            aborted = frozenset(r["sid"] for r in self._all(
+                """select payload->'participant'->>'sid' as sid from public.call_events
+                    where room_name = %s and type = 'participant_connection_aborted'
+                      and payload->'participant'->>'sid' = any(%s)""",
+                (want.room_name, list(want.aborted_sids))))
+        return Snapshot(now=now, room_name=want.room_name, invitations=invitations, calls=calls,
+                        participants=participants, seen_events=seen, busy_users=busy,
+                        counter_invitations=counters, aborted_sids=aborted)
 
-    # ---- events ---------------------------------------------------------------------------------
-    def event_seen(self, event_id: str) -> bool:
-        return self._one("select 1 as x from public.call_events where event_id = %s", (event_id,)) is not None
+    def _busy(self, user: str, other_than_calls: list[str]) -> bool:
+        """In an active call: connected in it, or its accepted invitation's call is active."""
+        row = self._one(
+            """select exists (
+                 select 1 from public.call_participants p join public.calls c on c.id = p.call_id
+                  where p.identity = %(u)s::text and p.left_at is null and c.status = 'active'
+                    and c.id <> all(%(calls)s::uuid[])
+               ) or exists (
+                 select 1 from public.call_invitations i join public.calls c on c.id = i.call_id
+                  where i.callee_id = %(u)s::uuid and i.status = 'accepted'
+                    and c.status = 'active' and c.id <> all(%(calls)s::uuid[])
+               ) as busy""",
+            {"u": user, "calls": other_than_calls},
+        )
+        return bool(row["busy"])
+
+    def apply(self, decision: Decision) -> list:
+        # Ended calls first: a new live call in the same room must find the old one ended.
+        for call in sorted(decision.calls, key=lambda c: c.live):
+            self.conn.execute(
+                """insert into public.calls (id, room_name, livekit_room_sid, call_type, caller_id, status, created_at,
+                                             started_at, ended_at, duration_seconds, end_reason)
+                   values (%(id)s, %(room_name)s, %(sid)s, %(call_type)s, %(caller_id)s, %(status)s, %(created_at)s,
+                           %(started_at)s, %(ended_at)s, %(duration)s, %(end_reason)s)
+                   on conflict (id) do update set
+                     livekit_room_sid = excluded.livekit_room_sid, call_type = excluded.call_type,
+                     status = excluded.status, started_at = excluded.started_at, ended_at = excluded.ended_at,
+                     duration_seconds = excluded.duration_seconds, end_reason = excluded.end_reason""",
+                {"id": call.id, "room_name": call.room_name, "sid": call.livekit_room_sid, "call_type": call.call_type,
+                 "caller_id": call.caller_id, "status": str(call.status), "created_at": call.created_at,
+                 "started_at": call.started_at, "ended_at": call.ended_at, "duration": call.duration_seconds,
+                 "end_reason": call.end_reason})
+        for inv in decision.invitations:
+            self.conn.execute(
+                """update public.call_invitations
+                      set status = %(status)s, call_id = %(call_id)s, ringing_at = %(ringing_at)s,
+                          ring_deadline = %(ring_deadline)s, answered_at = %(answered_at)s, ended_at = %(ended_at)s,
+                          end_reason = %(end_reason)s
+                    where id = %(id)s""",
+                {"id": inv.id, "status": str(inv.status), "call_id": inv.call_id, "ringing_at": inv.ringing_at,
+                 "ring_deadline": inv.ring_deadline, "answered_at": inv.answered_at, "ended_at": inv.ended_at,
+                 "end_reason": inv.end_reason})
+        for p in decision.participants:
+            self.conn.execute(
+                """insert into public.call_participants (call_id, identity, participant_sid, joined_at, left_at,
+                                                         duration_seconds)
+                   values (%(c)s, %(i)s, %(s)s, %(j)s, %(l)s, %(d)s)
+                   on conflict (participant_sid) do update set joined_at = excluded.joined_at,
+                     left_at = excluded.left_at, duration_seconds = excluded.duration_seconds""",
+                {"c": p.call_id, "i": p.identity, "s": p.sid, "j": p.joined_at, "l": p.left_at,
+                 "d": p.duration_seconds})
+        for ev in decision.events:
+            self.record_event(ev)
+        follow_ups = []
+        for mail in decision.outbox:
+            notification_id = self.add_missed_call_notification(mail.invitation_id, mail.callee_id)
+            if notification_id:
+                follow_ups.append(SendNotification(notification_id))
+        return follow_ups
 
     def record_event(self, ev: EventRecord) -> bool:
         row = self._one(
@@ -64,211 +181,7 @@ class Tx:
         )
         return row is not None
 
-    # ---- invitations ----------------------------------------------------------------------------
-    def invitation(self, invitation_id: str, *, for_update: bool = False) -> Invitation | None:
-        try:
-            uuid.UUID(str(invitation_id))
-        except ValueError:
-            return None
-        sql = "select * from public.call_invitations where id = %s" + (" for update" if for_update else "")
-        row = self._one(sql, (invitation_id,))
-        return Invitation.from_row(row) if row else None
-
-    def invitations_of_call(self, call_id: str) -> list[Invitation]:
-        rows = self._all("select * from public.call_invitations where call_id = %s order by created_at, id", (call_id,))
-        return [Invitation.from_row(r) for r in rows]
-
-    def answerable_invitations_in_room(self, room_name: str) -> list[Invitation]:
-        rows = self._all(
-            """select * from public.call_invitations where room_name = %s and status in ('pending', 'ringing')
-               order by created_at, id""",
-            (room_name,),
-        )
-        return [Invitation.from_row(r) for r in rows]
-
-    def link_invitation(self, inv: Invitation, call_id: str) -> None:
-        if inv.call_id != call_id:
-            self.conn.execute("update public.call_invitations set call_id = %s where id = %s", (call_id, inv.id))
-        if inv.call_type == "video":
-            self.conn.execute("update public.calls set call_type = 'video' where id = %s and call_type <> 'video'", (call_id,))
-
-    def start_ringing(self, invitation_id: str, ring_timeout: float) -> datetime:
-        row = self._one(
-            """update public.call_invitations
-                  set status = 'ringing', ringing_at = now(), ring_deadline = now() + make_interval(secs => %s)
-                where id = %s and status = 'pending' returning ring_deadline""",
-            (ring_timeout, invitation_id),
-        )
-        return row["ring_deadline"]
-
-    def end_invitation(self, invitation_id: str, status: str, end_reason: str | None = None) -> Invitation | None:
-        """Move to a terminal status (the database stamps ended_at/answered_at); None if it was no longer open."""
-        row = self._one(
-            """update public.call_invitations set status = %s, end_reason = coalesce(%s, end_reason)
-                where id = %s and status in ('pending', 'ringing') returning *""",
-            (status, end_reason, invitation_id),
-        )
-        return Invitation.from_row(row) if row else None
-
-    def callee_busy(self, callee_id: str, other_than_call: str | None) -> bool:
-        row = self._one(
-            """select exists (
-                 select 1 from public.call_participants p join public.calls c on c.id = p.call_id
-                  where p.identity = %(u)s::text and p.left_at is null and c.status = 'active'
-                    and c.id is distinct from %(call)s::uuid
-               ) or exists (
-                 select 1 from public.call_invitations i join public.calls c on c.id = i.call_id
-                  where i.callee_id = %(u)s::uuid and i.status = 'accepted' and c.status = 'active'
-                    and c.id is distinct from %(call)s::uuid
-               ) as busy""",
-            {"u": callee_id, "call": other_than_call},
-        )
-        return bool(row["busy"])
-
-    # ---- calls ----------------------------------------------------------------------------------
-    def call(self, call_id: str, *, for_update: bool = False) -> dict | None:
-        return self._one("select * from public.calls where id = %s" + (" for update" if for_update else ""), (call_id,))
-
-    def live_call_for_room(self, room_name: str) -> dict | None:
-        return self._one(
-            "select * from public.calls where room_name = %s and status in ('ringing', 'active')", (room_name,)
-        )
-
-    def create_call(self, room_name: str, call_type: str, caller_id: str | None, room_sid: str | None = None,
-                    call_id: str | None = None) -> dict:
-        return self._one(
-            """insert into public.calls (id, room_name, call_type, caller_id, status, livekit_room_sid)
-               values (coalesce(%s::uuid, gen_random_uuid()), %s, %s, %s, 'ringing', %s) returning *""",
-            (call_id, room_name, call_type, caller_id, room_sid or None),
-        )
-
-    def call_for_livekit(self, room_sid: str | None, room_name: str, at: datetime | None) -> dict | None:
-        """The call a LiveKit event belongs to: by room sid, else by room name and time."""
-        if room_sid:
-            row = self._one("select * from public.calls where livekit_room_sid = %s", (room_sid,))
-            if row:
-                return row
-        live = self.live_call_for_room(room_name)
-        if live:
-            return live
-        if at is not None:
-            # Second-resolution timestamps: a second of slack on each side of the lifetime.
-            return self._one(
-                """select * from public.calls where room_name = %s
-                     and created_at <= %s + interval '1 second'
-                     and (ended_at is null or ended_at >= %s - interval '1 second')
-                   order by created_at desc limit 1""",
-                (room_name, at, at),
-            )
-        return None
-
-    def set_room_sid(self, call_id: str, room_sid: str) -> None:
-        if room_sid:
-            self.conn.execute(
-                """update public.calls set livekit_room_sid = %s
-                    where id = %s and livekit_room_sid is null
-                      and not exists (select 1 from public.calls where livekit_room_sid = %s)""",
-                (room_sid, call_id, room_sid),
-            )
-
-    def activate_call(self, call_id: str) -> None:
-        self.conn.execute("update public.calls set status = 'active' where id = %s and status = 'ringing'", (call_id,))
-
-    def end_call(self, call_id: str, status: str, end_reason: str, ended_at: datetime | None) -> bool:
-        row = self._one(
-            """update public.calls set status = %s, end_reason = %s, ended_at = coalesce(%s, now())
-                where id = %s and status in ('ringing', 'active') returning id""",
-            (status, end_reason, ended_at, call_id),
-        )
-        if row:
-            self.close_open_sessions(call_id)
-            self.refresh_call_times(call_id)
-        return row is not None
-
-    def lower_call_end(self, call_id: str, ended_at: datetime) -> None:
-        """LiveKit's room_finished time bounds an ended call's end from above."""
-        self.conn.execute(
-            "update public.calls set ended_at = least(ended_at, %s) where id = %s and ended_at is not null",
-            (ended_at, call_id),
-        )
-        self.close_open_sessions(call_id)
-        self.refresh_call_times(call_id)
-
-    def refresh_call_times(self, call_id: str) -> None:
-        """started_at = first join of the second identity; duration from started_at to ended_at."""
-        self.conn.execute(
-            """with firsts as (
-                 select identity, min(joined_at) as first_join from public.call_participants
-                  where call_id = %(c)s and joined_at is not null group by identity
-               ), second as (
-                 select first_join from firsts order by first_join offset 1 limit 1
-               )
-               update public.calls c
-                  set started_at = (select first_join from second),
-                      duration_seconds = coalesce(greatest(0, round(extract(epoch from
-                          (c.ended_at - (select first_join from second)))))::int, 0)
-                where c.id = %(c)s""",
-            {"c": call_id},
-        )
-
-    # ---- participants ---------------------------------------------------------------------------
-    def upsert_participant(self, call_id: str, identity: str, sid: str, joined_at: datetime | None,
-                           left_at: datetime | None) -> dict:
-        row = self._one(
-            """insert into public.call_participants (call_id, identity, participant_sid, joined_at, left_at)
-               values (%(c)s, %(i)s, %(s)s, %(j)s, %(l)s)
-               on conflict (participant_sid) do update set
-                 joined_at = coalesce(least(call_participants.joined_at, excluded.joined_at),
-                                      call_participants.joined_at, excluded.joined_at),
-                 left_at = coalesce(least(call_participants.left_at, excluded.left_at),
-                                    call_participants.left_at, excluded.left_at)
-               returning *""",
-            {"c": call_id, "i": identity, "s": sid, "j": joined_at, "l": left_at},
-        )
-        self.conn.execute(
-            """update public.call_participants p
-                  set left_at = coalesce(p.left_at, c.ended_at)
-                 from public.calls c where c.id = p.call_id and p.participant_sid = %s""",
-            (sid,),
-        )
-        self._refresh_session_duration("participant_sid = %s", (sid,))
-        return row
-
-    def close_open_sessions(self, call_id: str) -> None:
-        self.conn.execute(
-            """update public.call_participants p set left_at = c.ended_at
-                 from public.calls c where c.id = p.call_id and p.call_id = %s and p.left_at is null
-                  and c.ended_at is not null""",
-            (call_id,),
-        )
-        self._refresh_session_duration("call_id = %s", (call_id,))
-
-    def _refresh_session_duration(self, where: str, params: tuple) -> None:
-        self.conn.execute(
-            f"""update public.call_participants
-                   set duration_seconds = coalesce(greatest(0, round(extract(epoch from (left_at - joined_at))))::int, 0)
-                 where {where}""",
-            params,
-        )
-
-    def participant(self, sid: str) -> dict | None:
-        return self._one("select * from public.call_participants where participant_sid = %s", (sid,))
-
-    def identity_connected(self, call_id: str, identity: str) -> bool:
-        return self._one(
-            "select 1 as x from public.call_participants where call_id = %s and identity = %s and left_at is null",
-            (call_id, identity),
-        ) is not None
-
-    def session_aborted(self, sid: str) -> bool:
-        return self._one(
-            """select 1 as x from public.call_events where type = 'participant_connection_aborted'
-                 and payload->'participant'->>'sid' = %s limit 1""",
-            (sid,),
-        ) is not None
-
-    # ---- outbox ---------------------------------------------------------------------------------
-    def add_missed_call_notification(self, inv: Invitation) -> str | None:
+    def add_missed_call_notification(self, invitation_id: str, callee_id: str) -> str | None:
         """The outbox row, in the transaction of the transition that calls for it.
 
         A recipient who turned missed-call emails off, or has no address, gets the row already
@@ -284,70 +197,127 @@ class Tx:
                            when coalesce(u.email, '') = '' then 'recipient has no email address' end
                  from auth.users u where u.id = %(u)s
                on conflict (kind, invitation_id, recipient_id) do nothing returning id, status""",
-            {"i": inv.id, "u": inv.callee_id},
+            {"i": invitation_id, "u": callee_id},
         )
         return str(row["id"]) if row and row["status"] == "pending" else None
 
-    # ---- sweeps ---------------------------------------------------------------------------------
+    # ---- first looks -------------------------------------------------------------------------
+    def event_seen(self, event_id: str) -> bool:
+        return self._one("select 1 as x from public.call_events where event_id = %s", (event_id,)) is not None
+
+    def invitation(self, invitation_id: str) -> Invitation | None:
+        if not _uuids([invitation_id]):
+            return None
+        row = self._one("select * from public.call_invitations where id = %s", (invitation_id,))
+        return Invitation.from_row(row) if row else None
+
+    def counter_invitations(self, caller_id: str, callee_id: str) -> list[Invitation]:
+        return [Invitation.from_row(r) for r in self._all(
+            """select * from public.call_invitations
+                where caller_id = %s and callee_id = %s and status in ('pending', 'ringing')""",
+            (callee_id, caller_id))]
+
+    def live_call_id(self, room_name: str) -> str | None:
+        row = self._one(f"select id from public.calls where room_name = %s and status in {_LIVE}", (room_name,))
+        return str(row["id"]) if row else None
+
+    def set_room_sid(self, call_id: str, room_sid: str) -> None:
+        if room_sid:
+            self.conn.execute(
+                "update public.calls set livekit_room_sid = %s where id = %s and livekit_room_sid is null",
+                (room_sid, call_id))
+
+    # ---- sweeps --------------------------------------------------------------------------------
     def ringing_due_between(self, start: datetime, end: datetime, limit: int = 2000) -> list[dict]:
         return self._all(
             """select id, room_name, callee_id from public.call_invitations where status = 'ringing'
-                 and ring_deadline > %s and ring_deadline <= %s and ring_deadline <= now()
+                 and ring_deadline > %s and ring_deadline <= %s and ring_deadline <= %s
                order by ring_deadline limit %s""",
-            (start, end, limit),
+            (start, end, self.now(), limit),
         )
 
     def due_ring_timeouts(self, limit: int, overdue_by: float = 0.0) -> list[dict]:
         return self._all(
             """select id, room_name, callee_id from public.call_invitations
-                where status = 'ringing' and ring_deadline <= now() - make_interval(secs => %s)
+                where status = 'ringing' and ring_deadline <= %s::timestamptz - make_interval(secs => %s)
                 order by ring_deadline limit %s""",
-            (overdue_by, limit),
+            (self.now(), overdue_by, limit),
         )
 
     def stale_pending(self, older_than: float, limit: int) -> list[dict]:
         return self._all(
             """select id, room_name, status, updated_at from public.call_invitations
-                where status = 'pending' and created_at < now() - make_interval(secs => %s)
+                where status = 'pending' and created_at < %s::timestamptz - make_interval(secs => %s)
                 order by created_at limit %s""",
-            (older_than, limit),
+            (self.now(), older_than, limit),
+        )
+
+    def unrecorded_transitions(self, older_than: float, within: float, limit: int) -> list[dict]:
+        return self._all(
+            """select i.id, i.room_name, i.status, i.updated_at from public.call_invitations i
+                where i.status in ('accepted', 'declined', 'cancelled')
+                  and i.updated_at < %(now)s::timestamptz - make_interval(secs => %(after)s)
+                  and i.updated_at > %(now)s::timestamptz - make_interval(secs => %(within)s)
+                  and not exists (select 1 from public.call_events e
+                                   where e.event_id in ('realtime:' || i.id || ':' || i.status,
+                                                        'transition_recovered:' || i.id || ':' || i.status))
+                order by i.updated_at limit %(limit)s""",
+            {"now": self.now(), "after": older_than, "within": within, "limit": limit},
+        )
+
+    def due_grace_expiries(self, grace: float, limit: int) -> list[dict]:
+        return self._all(
+            f"""select p.participant_sid, p.identity, c.room_name from public.call_participants p
+                 join public.calls c on c.id = p.call_id
+                where c.status in {_LIVE} and p.left_at is not null
+                  and p.left_at < %s::timestamptz - make_interval(secs => %s)
+                  and not exists (select 1 from public.call_events e where e.event_id = 'grace:' || p.participant_sid)
+                limit %s""",
+            (self.now(), grace + 1.0, limit),
+        )
+
+    def silent_active_calls(self, ring_timeout: float, grace: float, limit: int) -> list[dict]:
+        return self._all(
+            """select c.id, c.room_name from public.calls c
+                where c.status = 'active'
+                  and not exists (select 1 from public.call_participants p where p.call_id = c.id and p.left_at is null)
+                  and not exists (select 1 from public.call_participants p where p.call_id = c.id
+                                   and p.left_at > %(now)s::timestamptz - make_interval(secs => %(grace)s))
+                  and (select min(i.answered_at) from public.call_invitations i where i.call_id = c.id)
+                      < %(now)s::timestamptz - make_interval(secs => %(ring)s)
+                order by c.created_at limit %(limit)s""",
+            {"now": self.now(), "grace": grace, "ring": ring_timeout, "limit": limit},
         )
 
     def live_calls_older_than(self, seconds: float, limit: int) -> list[dict]:
         return self._all(
-            """select id, room_name from public.calls where status in ('ringing', 'active')
-                 and created_at < now() - make_interval(secs => %s) order by created_at limit %s""",
-            (seconds, limit),
+            f"""select id, room_name from public.calls where status in {_LIVE}
+                 and created_at < %s::timestamptz - make_interval(secs => %s) order by created_at limit %s""",
+            (self.now(), seconds, limit),
         )
 
     def last_left_at(self, call_id: str) -> datetime | None:
         row = self._one("select max(left_at) as t from public.call_participants where call_id = %s", (call_id,))
         return row["t"] if row else None
 
-    def due_grace_expiries(self, grace: float, limit: int) -> list[dict]:
-        return self._all(
-            """select p.participant_sid, p.identity, c.room_name from public.call_participants p
-                 join public.calls c on c.id = p.call_id
-                where c.status in ('ringing', 'active') and p.left_at is not null
-                  and p.left_at < now() - make_interval(secs => %s)
-                  and not exists (select 1 from public.call_events e where e.event_id = 'grace:' || p.participant_sid)
-                limit %s""",
-            (grace + 1.0, limit),
-        )
-
 
 class PostgresStore:
-    def __init__(self, database_url: str, pool_size: int = 4) -> None:
+    ROOM_LOCKS = 7
+    PAIR_LOCKS = 11
+
+    def __init__(self, database_url: str, pool_size: int = 4, clock: Callable[[], datetime] | None = None) -> None:
         self.url = database_url
         self.pool_size = pool_size
+        self.clock = clock  # None: the database's clock (the model tests bring their own)
 
     @contextmanager
-    def transaction(self, room_name: str | None = None) -> Iterator[Tx]:
-        """One transaction; with `room_name`, serialised with every other unit of work on that room."""
+    def transaction(self, *rooms: str, pair: tuple[str, str] | None = None) -> Iterator[PostgresUnitOfWork]:
+        """One transaction; serialised with every other one on the same rooms (the pair first)."""
         with get_pool(self.url, self.pool_size).connection() as conn:
             with conn.transaction():
-                tx = Tx(conn)
-                if room_name is not None:
-                    tx.lock_room(room_name)
-                yield tx
-
+                uow = PostgresUnitOfWork(conn, self.clock)
+                if pair is not None:
+                    uow.lock(":".join(sorted(pair)), self.PAIR_LOCKS)
+                for room in sorted(set(rooms)):
+                    uow.lock(room, self.ROOM_LOCKS)
+                yield uow

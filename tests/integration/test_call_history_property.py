@@ -2,7 +2,7 @@
 LiveKit events arrive: hypothesis shuffles and duplicates them and the `calls` and
 `call_participants` rows always come out the same.
 
-Handlers run in-process against the real Postgres and LiveKit; the scheduler is the real Celery
+The use cases run in-process against the real Postgres and LiveKit; the scheduler is the real Celery
 one on a Redis database that no worker consumes, so grace countdowns never fire mid-example.
 """
 
@@ -15,10 +15,13 @@ import pytest
 from celery import Celery
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 
-from orchestration import handlers
 from orchestration.adapters.celery_scheduler import CeleryScheduler
 from orchestration.adapters.livekit_rooms import LiveKitRooms
 from orchestration.adapters.postgres_store import PostgresStore
+from orchestration.lifecycle.context import LifecycleConfig, Ports
+from orchestration.lifecycle.invitation_changed import handle_invitation_changed
+from orchestration.lifecycle.livekit_event import handle_livekit_event
+from orchestration.lifecycle.reconcile import reconcile_live_calls
 from tests.support.calls import change_event, client_set_status, insert_invitation
 
 T0 = 1_800_000_000  # unix seconds
@@ -30,25 +33,26 @@ def ports(database_url, redis_server, livekit):
 
     s = get_settings()
     idle_app = Celery("idle", broker=redis_server.url.rsplit("/", 1)[0] + "/15")
-    p = handlers.Ports(
+    p = Ports(
         store=PostgresStore(database_url),
         rooms=LiveKitRooms(livekit.url.replace("ws://", "http://"), s.livekit_api_key, s.livekit_api_secret.get_secret_value()),
         scheduler=CeleryScheduler(idle_app),
-        config=handlers.LifecycleConfig(ring_timeout=30, grace=1.5),
+        config=LifecycleConfig(ring_timeout=30, grace=1.5),
     )
     yield p
     p.rooms.close()
 
 
 def answered_call(ports, database_url, make_user):
-    """An invitation rung and accepted through the handlers; returns (invitation, call row, events)."""
+    """An invitation rung and accepted through the use cases; returns (invitation, call row, events)."""
     caller, callee = make_user(), make_user()
     inv = insert_invitation(database_url, caller, callee)
-    handlers.handle_invitation_changed(change_event(inv["id"], "pending"), ports)
+    handle_invitation_changed(change_event(inv["id"], "pending"), ports)
     client_set_status(database_url, callee, inv["id"], "accepted")
-    handlers.handle_invitation_changed(change_event(inv["id"], "accepted"), ports)
+    handle_invitation_changed(change_event(inv["id"], "accepted"), ports)
     with ports.store.transaction() as tx:
-        call = tx.live_call_for_room(inv["room_name"])
+        call = tx.conn.execute("select * from public.calls where id = %s",
+                               (tx.live_call_id(inv["room_name"]),)).fetchone()
     assert call["status"] == "active"
     room = {"sid": call["livekit_room_sid"], "name": inv["room_name"], "creationTime": str(T0)}
 
@@ -76,7 +80,7 @@ def answered_call(ports, database_url, make_user):
 
 def snapshot(ports, call_id):
     with ports.store.transaction() as tx:
-        call = tx.call(call_id)
+        call = tx.conn.execute("select * from public.calls where id = %s", (call_id,)).fetchone()
         parts = tx.conn.execute(
             """select identity, participant_sid, joined_at, left_at, duration_seconds from public.call_participants
                 where call_id = %s order by participant_sid""", (call_id,)).fetchall()
@@ -93,7 +97,7 @@ def test_answered_call_history_is_order_and_duplicate_independent(ports, databas
     delivered = [events[i] for i in order] + [events[i] for i in repeats]
     delivered = data.draw(st.permutations(delivered))
     for event in delivered:
-        handlers.handle_livekit_event(event, None, ports)
+        handle_livekit_event(event, None, ports)
 
     got_call, got_parts = snapshot(ports, str(call["id"]))
     at = lambda s: datetime.fromtimestamp(T0 + s, tz=timezone.utc)  # noqa: E731
@@ -129,12 +133,12 @@ def test_a_live_call_whose_room_is_gone_is_ended_by_reconciliation(ports, db):
     ports.rooms.create_room(live_room, empty_timeout=60, departure_timeout=5, max_participants=5, metadata="{}")
     still = db.execute("""insert into public.calls (room_name, status, created_at) values (%s, 'active', now() - interval '5 minutes')
                           returning *""", (live_room,)).fetchone()
-    assert handlers.reconcile_live_calls(ports, older_than=60) >= 1
+    assert reconcile_live_calls(ports, older_than=60) >= 1
     ended = db.execute("select * from public.calls where id = %s", (call["id"],)).fetchone()
     assert ended["status"] == "completed" and ended["end_reason"] == "hangup"
     last_left = db.execute("select max(left_at) as t from public.call_participants where call_id = %s", (call["id"],)).fetchone()["t"]
     assert ended["ended_at"] == last_left and ended["duration_seconds"] == 120
-    assert db.execute("select * from public.call_events where event_id = %s", (f"reconcile:{call['id']}",)).fetchone()
+    assert db.execute("select * from public.call_events where event_id = %s", (f"room_reconciled:{call['id']}",)).fetchone()
     assert db.execute("select status from public.calls where id = %s", (still["id"],)).fetchone()["status"] == "active"
     ports.rooms.delete_room(live_room)
     db.execute("update public.calls set status = 'completed', ended_at = now() where id = %s", (still["id"],))

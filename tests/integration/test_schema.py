@@ -443,10 +443,15 @@ def test_calls_constraints(svc):
         svc.execute("insert into calls (room_name, status) values ('r', 'ended')")
     with pytest.raises(errors.CheckViolation):
         svc.execute("insert into calls (room_name, duration_seconds) values ('r', -1)")
+    # A sid is not unique over time (LiveKit serves an empty room's sid again), but at most one
+    # live call has it.
     sid = f"RM_{uuid.uuid4().hex[:10]}"
     svc.execute("insert into calls (room_name, status, livekit_room_sid) values (%s, 'completed', %s)", ("r1", sid))
+    svc.execute("insert into calls (room_name, status, livekit_room_sid) values (%s, 'ringing', %s)", ("r1", sid))
     with pytest.raises(errors.UniqueViolation):
-        svc.execute("insert into calls (room_name, status, livekit_room_sid) values (%s, 'completed', %s)", ("r2", sid))
+        svc.execute("insert into calls (room_name, status, livekit_room_sid) values (%s, 'active', %s)", ("r2", sid))
+    svc.execute("delete from calls where livekit_room_sid = %s", (sid,))
+    svc.execute("insert into calls (room_name, status, end_reason) values ('r3', 'cancelled', 'glare')")
 
 
 # ---- migrate ------------------------------------------------------------------------------------

@@ -161,20 +161,30 @@ def test_stranger_gets_403_for_someone_elses_room(api, auth, db, make_user):
 
 @pytest.mark.parametrize("status,call_status", [
     ("declined", None), ("cancelled", None), ("missed", "ringing"), ("accepted", "completed"),
-    ("accepted", None), ("busy", None), ("failed", None),
+    ("busy", None), ("failed", None),
 ])
 def test_no_token_once_the_invitation_is_over(api, auth, db, make_user, status, call_status):
     caller, callee = make_user(), make_user()
     inv = invite(db, caller, callee, status=status, call_status=call_status)
-    for user in (caller, callee):
+    # The caller of a call still live is one of its room's parties (the contract's definition).
+    users = (callee,) if call_status in ("ringing", "active") else (caller, callee)
+    for user in users:
         for body in ({"room_name": inv["room"]}, {"invitation_id": inv["id"]}):
             assert_error(ask(api, es_token(auth, user), body), 403, "forbidden")
+
+
+def test_the_caller_of_a_live_call_gets_a_token_the_missed_callee_does_not(api, auth, db, make_user):
+    caller, callee = make_user(), make_user()
+    inv = invite(db, caller, callee, status="missed", call_status="ringing")
+    assert ask(api, es_token(auth, caller), {"room_name": inv["room"]}).status_code == 200
+    assert_error(ask(api, es_token(auth, callee), {"room_name": inv["room"]}), 403, "forbidden")
 
 
 # ---- 200 ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("status,call_status", [
     ("pending", None), ("ringing", None), ("ringing", "ringing"), ("accepted", "ringing"), ("accepted", "active"),
+    ("accepted", None),  # answered before the worker linked it to a call
 ])
 def test_caller_and_callee_of_a_live_invitation_get_a_token(api, auth, db, make_user, status, call_status):
     caller, callee = make_user("Grace Hopper"), make_user(name=None, email=None)

@@ -11,7 +11,11 @@ from orchestration.domain.model import (
     IllegalTransition,
     Invitation,
     InvitationStatus as S,
-    ParticipantSession,
+    Participant,
+    EndReason,
+    is_one_to_one,
+    room_parties,
+    Call,
     call_settles,
     call_started_at,
     can_transition,
@@ -88,9 +92,9 @@ def test_a_call_settles_only_when_nothing_can_be_answered_and_nothing_was():
 
 def test_started_at_is_the_second_identity_to_join_whatever_the_order():
     sessions = [
-        ParticipantSession("callee", "PA_2", T0 + timedelta(seconds=5)),
-        ParticipantSession("caller", "PA_1", T0),
-        ParticipantSession("caller", "PA_3", T0 + timedelta(seconds=9)),  # a re-join
+        Participant("call", "callee", "PA_2", T0 + timedelta(seconds=5)),
+        Participant("call", "caller", "PA_1", T0),
+        Participant("call", "caller", "PA_3", T0 + timedelta(seconds=9)),  # a re-join
     ]
     assert call_started_at(sessions) == T0 + timedelta(seconds=5)
     assert call_started_at(reversed(sessions)) == T0 + timedelta(seconds=5)
@@ -114,3 +118,41 @@ def test_ring_timeout_decisions():
     assert decide_ring_timeout(inv, T0 + timedelta(seconds=1), True).action == "answer"
     done = Invitation("i", "r", "a", "b", "video", S.ACCEPTED, ring_deadline=T0)
     assert decide_ring_timeout(done, T0 + timedelta(seconds=1), False).action == "nothing"
+
+
+def _inv(id, status, caller="a", callee="b", room="r", call_id=None, reason=None, created=T0):
+    return Invitation(id, room, caller, callee, "video", S(status), call_id=call_id, end_reason=reason,
+                      created_at=created)
+
+
+def test_glare_never_earns_an_email():
+    assert not deserves_missed_call_email("cancelled", T0, T0 + timedelta(seconds=10), EndReason.GLARE)
+    assert deserves_missed_call_email("cancelled", T0, T0 + timedelta(seconds=10), EndReason.ROOM_CLOSED)
+
+
+def test_an_unanswered_call_keeps_the_reason_of_its_invitation():
+    invs = [_inv("1", "cancelled", reason="room_closed"), _inv("2", "declined", reason="declined")]
+    assert unanswered_call_outcome(invs) == (CallStatus.DECLINED, "declined")
+    assert unanswered_call_outcome(invs[:1]) == (CallStatus.CANCELLED, "room_closed")
+    aborted = [_inv("1", "cancelled", reason="connection_aborted")]
+    assert unanswered_call_outcome(aborted) == (CallStatus.CANCELLED, "connection_aborted")
+
+
+def test_the_parties_of_a_room():
+    live = Call("c1", "r", "video", "a", CallStatus.ACTIVE, T0)
+    invs = [
+        _inv("1", "accepted", "a", "b", call_id="c1"),           # answered into the live call
+        _inv("2", "ringing", "a", "c", call_id="c1"),            # still ringing
+        _inv("3", "declined", "a", "d", call_id="c1"),           # declined: no longer a party
+        _inv("4", "accepted", "e", "f", call_id="old"),          # answered into an ended call
+        _inv("5", "accepted", "g", "h"),                         # answered, not linked yet
+    ]
+    assert room_parties(invs, live) == {"a", "b", "c", "g", "h"}
+    assert room_parties([], live) == {"a"}
+    assert room_parties(invs[2:4], None) == set()
+
+
+def test_a_call_is_one_to_one_while_it_involves_two_users():
+    assert is_one_to_one([_inv("1", "accepted", "a", "b")])
+    assert is_one_to_one([_inv("1", "declined", "a", "b"), _inv("2", "accepted", "a", "b")])
+    assert not is_one_to_one([_inv("1", "accepted", "a", "b"), _inv("2", "ringing", "a", "c")])

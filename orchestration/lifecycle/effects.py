@@ -1,0 +1,63 @@
+"""Effects run after commit. Each is idempotent; a failed one is logged and left to the sweeps
+and LiveKit's own timeouts, which make every one of them certain."""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable
+
+import structlog
+
+from orchestration.lifecycle.context import Ports
+from orchestration.lifecycle.state import (
+    EnsureRoom,
+    ReleaseRoom,
+    RemoveParticipant,
+    ScheduleGrace,
+    ScheduleRingTimeout,
+    SendNotification,
+)
+from orchestration.ports import RoomError, RoomInfo
+
+log = structlog.get_logger("callflow.lifecycle")
+
+
+def create_room(ports: Ports, room_name: str) -> RoomInfo:
+    cfg = ports.config
+    return ports.rooms.create_room(room_name, empty_timeout=cfg.empty_timeout,
+                                   departure_timeout=cfg.departure_timeout,
+                                   max_participants=cfg.max_participants,
+                                   metadata=json.dumps({"callflow": True}))
+
+
+def run_effects(effects: Iterable, ports: Ports) -> None:
+    for effect in effects:
+        try:
+            _run(effect, ports)
+        except RoomError as exc:
+            log.warning("effect failed", effect=type(effect).__name__, error=str(exc))
+
+
+def _run(effect, ports: Ports) -> None:
+    if isinstance(effect, ScheduleRingTimeout):
+        ports.scheduler.ring_timeout(effect.invitation_id, effect.at)
+    elif isinstance(effect, ScheduleGrace):
+        ports.scheduler.grace_expiry(effect.room_name, effect.participant_sid, effect.identity,
+                                     effect.aborted, ports.config.grace)
+    elif isinstance(effect, SendNotification):
+        ports.scheduler.send_notification(effect.notification_id)
+    elif isinstance(effect, RemoveParticipant):
+        ports.rooms.remove_participant(effect.room_name, effect.identity)
+    elif isinstance(effect, ReleaseRoom):
+        # Under the room's lock, so a redial's new call cannot be given the room in between;
+        # a newer live call in the room keeps it (its strangers are removed one by one).
+        with ports.store.transaction(effect.room_name) as uow:
+            live = uow.live_call_id(effect.room_name)
+            if live is None or live == effect.call_id:
+                ports.rooms.delete_room(effect.room_name)
+    elif isinstance(effect, EnsureRoom):
+        info = create_room(ports, effect.room_name)
+        with ports.store.transaction(effect.room_name) as uow:
+            uow.set_room_sid(effect.call_id, info.sid)
+    else:  # pragma: no cover - a new effect type without its runner is a bug
+        raise TypeError(f"unknown effect {effect!r}")

@@ -1,0 +1,235 @@
+"""Use case: an invitation changed (Realtime, LISTEN, the listener's catch-up, or a sweep).
+
+The change only says which invitation to look at; the row is re-read, so the order and number of
+changes do not matter. A pending invitation is answered by glare, refused as busy, failed when
+its room cannot be made, or rung; any other status is linked to its call and settles it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+import structlog
+
+from orchestration.domain.model import (
+    Call,
+    CallStatus,
+    EndReason,
+    Invitation,
+    InvitationStatus as S,
+    order_key,
+)
+from orchestration.ingest.livekit import parse_time
+from orchestration.lifecycle import rules
+from orchestration.lifecycle.context import LifecycleConfig, Outcome, Ports
+from orchestration.lifecycle.effects import create_room, run_effects
+from orchestration.lifecycle.state import (
+    Decision,
+    EnsureRoom,
+    EventRecord,
+    ScheduleRingTimeout,
+    Snapshot,
+    Want,
+    Working,
+)
+from orchestration.ports import RoomError, RoomInfo
+
+log = structlog.get_logger("callflow.lifecycle")
+
+# Statuses only a worker sets: their echo needs no look when the invitation is linked already.
+WORKER_MADE = frozenset({S.RINGING, S.MISSED, S.BUSY, S.FAILED})
+NEEDS_ROOM = "needs_room"
+STALE_ROOM = "stale_room"
+
+
+def change_event(change: dict) -> EventRecord:
+    invitation_id = str(change.get("invitation_id") or "")
+    return EventRecord(
+        event_id=str(change.get("event_id") or f"realtime:{invitation_id}:{change.get('status')}"),
+        source=change.get("source") if change.get("source") in ("realtime", "postgres", "sweep") else "realtime",
+        type=str(change.get("type") or f"invitation_{change.get('status')}"),
+        room_name=change.get("room_name"),
+        invitation_id=invitation_id or None,
+        occurred_at=parse_time(change.get("occurred_at")),
+        payload=dict(change.get("payload") or {}),
+    )
+
+
+# ---- decide (pure) ------------------------------------------------------------------------------
+def decide(snap: Snapshot, invitation_id: str, event: EventRecord, config: LifecycleConfig,
+           room: RoomInfo | None = None, room_error: str | None = None,
+           new_id: Callable[[], str] | None = None) -> Decision:
+    w = Working(snap, new_id)
+    inv = w.invitations[invitation_id]
+    event.room_name = inv.room_name
+    if inv.status == S.PENDING:
+        counters = sorted((i for i in snap.counter_invitations if w.invitations.get(i.id, i).open), key=order_key)
+        if counters:
+            result = _glare(w, inv, w.invitations.get(counters[0].id, counters[0]), config)
+        elif inv.callee_id in snap.busy_users:
+            result = _busy(w, inv)
+        elif room is None and room_error is None:
+            return Decision(NEEDS_ROOM)
+        elif room_error is not None:
+            result = _failed(w, inv, room_error, event)
+        else:
+            if any(c.livekit_room_sid == room.sid and not c.live for c in w.calls.values()):
+                # LiveKit still holds the room of an ended call: it must be made anew first.
+                return Decision(STALE_ROOM)
+            result = _ring(w, inv, room, config)
+    elif inv.status == S.ACCEPTED:
+        result = _answered(w, inv)
+    else:
+        result = _ended(w, inv)
+    w.record(event)
+    return w.decision(result)
+
+
+def _call_for(w: Working, inv: Invitation, status: CallStatus = CallStatus.RINGING) -> Call:
+    """The invitation's call: the one it is linked to, else its room's live call, else a new one."""
+    if inv.call_id and inv.call_id in w.calls:
+        return w.calls[inv.call_id]
+    return w.live_call(inv.room_name) or w.new_call(inv, status)
+
+
+def _glare(w: Working, inv: Invitation, counter: Invitation, config: LifecycleConfig) -> str:
+    """The callee had already invited the caller: the earlier is answered, the later ends glare."""
+    earlier, later = sorted((inv, counter), key=order_key)
+    rules.end_invitation(w, later, S.CANCELLED, EndReason.GLARE)
+    if later.call_id:
+        rules.settle_call(w, later.call_id)
+    earlier = w.invitations[earlier.id]
+    if earlier.open:
+        call = _call_for(w, earlier, CallStatus.ACTIVE)
+        earlier = w.link(earlier, call)
+        rules.answer(w, earlier)
+        if not w.calls[call.id].livekit_room_sid:
+            w.effects.append(EnsureRoom(earlier.room_name, call.id))
+    w.record(EventRecord(f"glare:{later.id}", "sweep", "glare", later.room_name, later.id, w.now,
+                         {"answered": earlier.id, "glare": later.id}))
+    return "glare_answered" if earlier.id == inv.id else "glare"
+
+
+def _busy(w: Working, inv: Invitation) -> str:
+    inv = w.link(inv, _call_for(w, inv))
+    rules.end_invitation(w, inv, S.BUSY, EndReason.CALLEE_BUSY)
+    rules.settle_call(w, inv.call_id)
+    return "busy"
+
+
+def _failed(w: Working, inv: Invitation, error: str, event: EventRecord) -> str:
+    inv = w.link(inv, _call_for(w, inv))
+    rules.end_invitation(w, inv, S.FAILED, EndReason.ERROR)
+    rules.settle_call(w, inv.call_id)
+    event.payload = {**event.payload, "error": error[:500]}
+    return "failed"
+
+
+def _ring(w: Working, inv: Invitation, room: RoomInfo, config: LifecycleConfig) -> str:
+    call = w.live_call(inv.room_name)
+    if call is None:
+        call = w.new_call(inv, sid=room.sid)
+    elif call.livekit_room_sid != room.sid:
+        # The room LiveKit serves now is the call's room (made again after a deletion or timeout).
+        call = w.put_call(replace(call, livekit_room_sid=room.sid))
+    inv = w.link(inv, call)
+    inv = w.put_invitation(inv.ring(w.now, config.ring_timeout))
+    w.effects.append(ScheduleRingTimeout(inv.id, inv.ring_deadline))
+    return "ringing"
+
+
+def _answered(w: Working, inv: Invitation) -> str:
+    call = _call_for(w, inv, CallStatus.ACTIVE)
+    if not call.live:
+        return "seen_accepted"  # its call ended since; nothing left to do
+    inv = w.link(inv, call)
+    call = rules.activate(w, w.calls[call.id])
+    if not call.livekit_room_sid:
+        w.effects.append(EnsureRoom(inv.room_name, call.id))
+    return "seen_accepted"
+
+
+def _ended(w: Working, inv: Invitation) -> str:
+    if inv.call_id is None and inv.end_reason != EndReason.GLARE:
+        inv = w.link(inv, _call_for(w, inv))
+    # The outbox's unique key makes this once-only whoever ended the invitation.
+    rules.after_client_ended(w, inv)
+    rules.settle_call(w, inv.call_id)
+    return f"seen_{inv.status}"
+
+
+# ---- load, decide, apply ---------------------------------------------------------------------------
+def handle_invitation_changed(change: dict, ports: Ports) -> Outcome:
+    event = change_event(change)
+    invitation_id = event.invitation_id or ""
+    with ports.store.transaction() as uow:  # a first look, nothing locked
+        if uow.event_seen(event.event_id):
+            return Outcome("duplicate")
+        inv = uow.invitation(invitation_id)
+        if inv is None:
+            event.invitation_id = None
+            event.payload = {**event.payload, "note": "no such invitation"}
+            uow.apply(Decision("unknown_invitation", events=[event]))
+            return Outcome("unknown_invitation")
+        if inv.status == change.get("status") and inv.status in WORKER_MADE and inv.call_id:
+            # The echo of a transition a worker made: its effects were committed with it.
+            event.room_name = inv.room_name
+            uow.apply(Decision(f"seen_{inv.status}", events=[event]))
+            return Outcome(f"seen_{inv.status}")
+        counters = uow.counter_invitations(inv.caller_id, inv.callee_id) if inv.status == S.PENDING else []
+        want = _want(inv, counters, event)
+        first = decide(uow.load(want, lock=False), inv.id, event, ports.config) if inv.status == S.PENDING else None
+
+    room, room_error = None, None
+    if first is not None and first.result == NEEDS_ROOM:
+        # LiveKit makes the room while nothing is locked.
+        room, room_error = _make_room(ports, inv.room_name)
+
+    rooms = sorted({inv.room_name, *(c.room_name for c in counters)})
+    pair = tuple(sorted((inv.caller_id, inv.callee_id))) if inv.status == S.PENDING else None
+    with ports.store.transaction(*rooms, pair=pair) as uow:
+        snap = uow.load(want)
+        if event.event_id in snap.seen_events:
+            return Outcome("duplicate")
+        decision = decide(snap, inv.id, change_event(change), ports.config, room, room_error)
+        if decision.result == NEEDS_ROOM:
+            # It looked busy a moment ago but is not any more: make the room now (rare).
+            room, room_error = _make_room(ports, inv.room_name)
+            decision = decide(snap, inv.id, change_event(change), ports.config, room, room_error)
+        if decision.result == STALE_ROOM:
+            # Under the room's lock: the ended call's room goes, and the new call gets a room of its own.
+            try:
+                ports.rooms.delete_room(inv.room_name)
+            except RoomError:
+                pass
+            room, room_error = _make_room(ports, inv.room_name)
+            decision = decide(snap, inv.id, change_event(change), ports.config, room, room_error)
+            if decision.result == STALE_ROOM:
+                decision = decide(snap, inv.id, change_event(change), ports.config, None,
+                                  "LiveKit kept serving the room of an ended call")
+        if decision.result == "failed":
+            log.error("room could not be made", invitation_id=inv.id, room_name=inv.room_name, error=room_error)
+        effects = decision.effects + uow.apply(decision)
+    run_effects(effects, ports)
+    return Outcome(decision.result, effects)
+
+
+def _want(inv: Invitation, counters: list[Invitation], event: EventRecord) -> Want:
+    return Want(
+        room_name=inv.room_name,
+        other_rooms=tuple(sorted({c.room_name for c in counters} - {inv.room_name})),
+        invitation_ids=(inv.id, *(c.id for c in counters)),
+        call_ids=tuple(c.call_id for c in [inv, *counters] if c.call_id),
+        event_ids=(event.event_id,),
+        busy_user=inv.callee_id if inv.status == S.PENDING else None,
+        counter_of=(inv.caller_id, inv.callee_id) if inv.status == S.PENDING else None,
+    )
+
+
+def _make_room(ports: Ports, room_name: str) -> tuple[RoomInfo | None, str | None]:
+    try:
+        return create_room(ports, room_name), None
+    except RoomError as exc:
+        return None, str(exc) or "LiveKit could not make the room"
+

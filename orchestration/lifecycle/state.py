@@ -1,0 +1,228 @@
+"""What a use case loads, what it decides, and what happens after commit.
+
+Every use case runs the same three steps:
+
+1. **load** a `Snapshot` through the store port, inside a transaction serialised on the room;
+2. **decide** in a pure function: a `Working` copy of the snapshot is changed by the rules in
+   `rules.py`, and it turns into a `Decision` (the rows that changed, the events to record, the
+   outbox rows to add, and the effects to run once committed);
+3. **apply** the decision in that same transaction, then run its effects after commit.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Callable
+
+from orchestration.domain.model import (
+    OPEN,
+    Call,
+    CallStatus,
+    Invitation,
+    InvitationStatus as S,
+    Participant,
+    order_key,
+    room_parties,
+)
+
+
+@dataclass(frozen=True)
+class Want:
+    """What a use case needs loaded (besides the room's live call and open invitations)."""
+
+    room_name: str
+    other_rooms: tuple[str, ...] = ()      # rooms whose live call and open invitations are needed too
+    invitation_ids: tuple[str, ...] = ()
+    call_ids: tuple[str, ...] = ()
+    participant_sids: tuple[str, ...] = ()
+    room_sid: str | None = None
+    event_ids: tuple[str, ...] = ()
+    busy_user: str | None = None          # is this user busy in another room's call?
+    counter_of: tuple[str, str] | None = None  # (caller, callee): open invitations callee -> caller
+    # Sessions known to have aborted (LiveKit's participant_connection_aborted), among these sids.
+    aborted_sids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The state a decision is made on, read inside the transaction that applies it."""
+
+    now: datetime
+    room_name: str
+    invitations: dict[str, Invitation]
+    calls: dict[str, Call]
+    participants: dict[str, Participant]
+    seen_events: frozenset[str] = frozenset()
+    busy_users: frozenset[str] = frozenset()
+    counter_invitations: tuple[Invitation, ...] = ()
+    aborted_sids: frozenset[str] = frozenset()
+
+
+@dataclass
+class EventRecord:
+    """One row of `call_events`."""
+
+    event_id: str
+    source: str
+    type: str
+    room_name: str | None
+    invitation_id: str | None
+    occurred_at: datetime | None
+    payload: dict
+
+
+# ---- effects: what happens outside the database, after commit (each idempotent) ---------------
+@dataclass(frozen=True)
+class ScheduleRingTimeout:
+    invitation_id: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class ScheduleGrace:
+    room_name: str
+    participant_sid: str
+    identity: str
+    aborted: bool
+
+
+@dataclass(frozen=True)
+class SendNotification:
+    notification_id: str
+
+
+@dataclass(frozen=True)
+class ReleaseRoom:
+    """A call ended: remove everyone left in its room and delete it, unless a newer call lives there."""
+
+    room_name: str
+    call_id: str
+
+
+@dataclass(frozen=True)
+class RemoveParticipant:
+    room_name: str
+    identity: str
+    participant_sid: str
+
+
+@dataclass(frozen=True)
+class EnsureRoom:
+    """An answered call with no LiveKit room yet: make it, then record its sid on the call."""
+
+    room_name: str
+    call_id: str
+
+
+@dataclass(frozen=True)
+class MissedCallEmail:
+    """Ask the outbox for a missed-call email to the invitation's callee (the outbox decides skips)."""
+
+    invitation_id: str
+    callee_id: str
+
+
+@dataclass
+class Decision:
+    result: str
+    invitations: list[Invitation] = field(default_factory=list)
+    calls: list[Call] = field(default_factory=list)
+    participants: list[Participant] = field(default_factory=list)
+    events: list[EventRecord] = field(default_factory=list)
+    outbox: list[MissedCallEmail] = field(default_factory=list)
+    effects: list = field(default_factory=list)
+
+    @property
+    def changes_nothing(self) -> bool:
+        return not (self.invitations or self.calls or self.participants or self.events or self.outbox)
+
+
+class Working:
+    """A working copy of a snapshot that the rules change; it remembers what changed."""
+
+    def __init__(self, snap: Snapshot, new_id: Callable[[], str] | None = None) -> None:
+        self.snap = snap
+        self.now = snap.now
+        self.room_name = snap.room_name
+        self.invitations = dict(snap.invitations)
+        self.calls = dict(snap.calls)
+        self.participants = dict(snap.participants)
+        self._new_id = new_id or (lambda: str(uuid.uuid4()))
+        self._changed_inv: list[str] = []
+        self._changed_calls: list[str] = []
+        self._changed_parts: list[str] = []
+        self.events: list[EventRecord] = []
+        self.outbox: list[MissedCallEmail] = []
+        self.effects: list = []
+
+    # ---- reading ---------------------------------------------------------------------------
+    def live_call(self, room_name: str | None = None) -> Call | None:
+        """The room's live call (at most one: the database's unique index keeps it so)."""
+        room_name = room_name or self.room_name
+        live = [c for c in self.calls.values() if c.room_name == room_name and c.live]
+        return min(live, key=lambda c: c.created_at) if live else None
+
+    def invitations_of(self, call_id: str) -> list[Invitation]:
+        return sorted((i for i in self.invitations.values() if i.call_id == call_id), key=order_key)
+
+    def open_unlinked(self) -> list[Invitation]:
+        """The room's invitations no call has taken yet (pending before the worker saw them)."""
+        return sorted((i for i in self.invitations.values()
+                       if i.room_name == self.room_name and i.call_id is None and i.status in OPEN), key=order_key)
+
+    def participants_of(self, call_id: str) -> list[Participant]:
+        return [p for p in self.participants.values() if p.call_id == call_id]
+
+    def parties(self) -> set[str]:
+        live = self.live_call()
+        room_invs = [i for i in self.invitations.values() if i.room_name == self.room_name]
+        return room_parties(room_invs, live)
+
+    # ---- changing --------------------------------------------------------------------------
+    def put_invitation(self, inv: Invitation) -> Invitation:
+        self.invitations[inv.id] = inv
+        if inv.id not in self._changed_inv:
+            self._changed_inv.append(inv.id)
+        return inv
+
+    def put_call(self, call: Call) -> Call:
+        self.calls[call.id] = call
+        if call.id not in self._changed_calls:
+            self._changed_calls.append(call.id)
+        return call
+
+    def put_participant(self, p: Participant) -> Participant:
+        self.participants[p.sid] = p
+        if p.sid not in self._changed_parts:
+            self._changed_parts.append(p.sid)
+        return p
+
+    def new_call(self, inv: Invitation, status: CallStatus = CallStatus.RINGING, sid: str | None = None) -> Call:
+        return self.put_call(Call(id=self._new_id(), room_name=inv.room_name, call_type=inv.call_type,
+                                  caller_id=inv.caller_id, status=status, created_at=self.now, livekit_room_sid=sid))
+
+    def link(self, inv: Invitation, call: Call) -> Invitation:
+        if inv.call_id != call.id:
+            inv = self.put_invitation(replace(inv, call_id=call.id))
+        if inv.call_type == "video" and call.call_type != "video":
+            self.put_call(replace(self.calls[call.id], call_type="video"))
+        return inv
+
+    def record(self, event: EventRecord) -> None:
+        self.events.append(event)
+
+    def decision(self, result: str) -> Decision:
+        return Decision(
+            result=result,
+            invitations=[self.invitations[i] for i in self._changed_inv],
+            calls=[self.calls[c] for c in self._changed_calls],
+            participants=[self.participants[p] for p in self._changed_parts],
+            events=self.events, outbox=self.outbox, effects=self.effects,
+        )
+
+
+def accepted_without_call(w: Working) -> list[Invitation]:
+    return [i for i in w.invitations.values()
+            if i.room_name == w.room_name and i.status == S.ACCEPTED and i.call_id is None]

@@ -1,0 +1,104 @@
+"""Use case: the beat sweep makes every piece of overdue work happen, whatever was lost.
+
+- ring deadlines overdue by half an interval (their countdown was lost or is late): ended here,
+  side by side;
+- grace periods whose countdown never ran;
+- invitations still `pending` long after insert (their change was lost): handed on again;
+- client-made transitions (`accepted`, `declined`, `cancelled`) whose change was never taken
+  (Realtime delivers at most once; a task can be lost after the listener's dedupe mark):
+  re-read as `transition_recovered:<invitation id>:<status>`;
+- answered calls nobody is in (see `reconcile.py`);
+- every half minute, live calls whose LiveKit room is gone.
+
+Each piece is handed on at most once per few seconds (the throttle), so a backlog is not
+multiplied; the use cases' own idempotency makes a repeat harmless anyway.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from orchestration.lifecycle.context import Ports
+from orchestration.lifecycle.grace_expired import handle_grace_expired
+from orchestration.lifecycle.invitation_changed import handle_invitation_changed
+from orchestration.lifecycle.reconcile import handle_silent_call, reconcile_live_calls
+from orchestration.lifecycle.ring_timeout import handle_ring_timeout
+from orchestration.ports import Throttle
+
+STALE_PENDING_AFTER = 10.0       # seconds a pending invitation may wait for its change
+UNRECORDED_AFTER = 2.0           # seconds a client's transition may wait for its change
+UNRECORDED_WITHIN = 6 * 3600.0   # how far back lost transitions are looked for
+RECONCILE_EVERY = 30.0
+
+
+@dataclass
+class SweepReport:
+    timeouts: int = 0
+    graces: int = 0
+    pending: int = 0
+    recovered: int = 0
+    silent: int = 0
+    reconciled: int = 0
+    results: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "results"}
+
+    @property
+    def did_something(self) -> bool:
+        return any(self.as_dict().values())
+
+
+def recovery_change(row: dict) -> dict:
+    invitation_id, status = str(row["id"]), row["status"]
+    return {"event_id": f"transition_recovered:{invitation_id}:{status}", "source": "sweep",
+            "type": "transition_recovered", "invitation_id": invitation_id, "status": status,
+            "room_name": row["room_name"], "occurred_at": row["updated_at"].isoformat(),
+            "payload": {"reason": f"no change of {status} was taken"}}
+
+
+def run_sweep(ports: Ports, throttle: Throttle, *, interval: float, parallel_map: Callable = map,
+              limit: int = 500) -> SweepReport:
+    cfg = ports.config
+    overdue_by = min(0.5, interval / 2)
+    hold = max(2.0, interval * 4)
+    with ports.store.transaction() as uow:
+        due = uow.due_ring_timeouts(limit, overdue_by)
+        graces = uow.due_grace_expiries(cfg.grace, limit)
+        stale = uow.stale_pending(STALE_PENDING_AFTER, limit)
+        lost = uow.unrecorded_transitions(UNRECORDED_AFTER, UNRECORDED_WITHIN, limit)
+        silent = uow.silent_active_calls(cfg.ring_timeout, cfg.grace, limit)
+    report = SweepReport()
+
+    overdue = [str(r["id"]) for r in due if throttle.once(f"timeout:{r['id']}", hold)]
+    results = list(parallel_map(lambda i: handle_ring_timeout(i, "sweep", ports).result, overdue))
+    report.timeouts = sum(1 for r in results if r in ("missed", "answered"))
+
+    graces = [g for g in graces if throttle.once(f"grace:{g['participant_sid']}", hold)]
+    results = list(parallel_map(lambda g: handle_grace_expired(g["room_name"], g["participant_sid"], g["identity"],
+                                                               None, ports, "sweep").result, graces))
+    report.graces = sum(1 for r in results if r != "duplicate")
+
+    for row in stale:
+        invitation_id = str(row["id"])
+        if throttle.once(f"pending:{invitation_id}", 30):
+            ports.scheduler.invitation_changed({
+                "event_id": f"realtime:{invitation_id}:pending", "source": "sweep", "type": "invitation_pending",
+                "invitation_id": invitation_id, "status": "pending", "room_name": row["room_name"],
+                "occurred_at": row["updated_at"].isoformat(), "payload": {"reason": "stale pending"},
+            })
+            report.pending += 1
+
+    lost = [row for row in lost if throttle.once(f"recover:{row['id']}:{row['status']}", hold)]
+    results = list(parallel_map(lambda row: handle_invitation_changed(recovery_change(row), ports).result, lost))
+    report.recovered = sum(1 for r in results if r != "duplicate")
+
+    silent = [row for row in silent if throttle.once(f"silent:{row['id']}", hold)]
+    results = list(parallel_map(lambda row: handle_silent_call(str(row["id"]), row["room_name"], ports).result,
+                                silent))
+    report.silent = sum(1 for r in results if r == "ended_silent")
+
+    if throttle.once("reconcile", RECONCILE_EVERY):
+        report.reconciled = reconcile_live_calls(ports)
+    return report

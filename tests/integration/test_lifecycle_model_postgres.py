@@ -1,0 +1,149 @@
+"""The lifecycle model of `tests/unit/test_lifecycle_model.py`, against the real Postgres.
+
+The same rules, steps and invariants; the world is the real database (the same migrations,
+guards and unique indexes as production) through the real `PostgresStore`, so its `load`, `apply`
+and sweep queries are checked against the decisions the fakes were checked with. The clock is the
+model's (the store takes it in place of the database's `now()`), so thirty seconds of ringing
+pass in no time. LiveKit, the scheduler and the throttle stay fakes: the e2e tier has the real ones.
+
+Clients act as the database lets them: the client rule (who may move what) is checked as the
+guard does, then the row is written with the model's clock; the transition table, terminal
+statuses and unique indexes are the database's own.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import datetime, timezone
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, Phase, settings
+
+from orchestration.adapters.postgres_store import PostgresStore
+from orchestration.domain.model import CLIENT_MOVES, DEFAULT_END_REASON, Call, Invitation, InvitationStatus as S, Participant
+from orchestration.lifecycle.state import EventRecord
+from tests.support.fakes import FakeClock, GuardViolation, Notification
+from tests.unit.test_lifecycle_model import ROOMS, USERS, LifecycleModel
+
+EXAMPLES = int(os.environ.get("CALLFLOW_MODEL_PG_EXAMPLES", "200"))
+_TABLES = "public.call_events, public.notifications, public.call_participants, public.call_invitations, public.calls"
+
+
+class PostgresWorld:
+    """The database as clients and the lifecycle see it."""
+
+    def __init__(self, database_url: str, clock: FakeClock) -> None:
+        self.url = database_url
+        self.clock = clock
+        self.store = PostgresStore(database_url, pool_size=2, clock=clock.now)
+        self.conn = psycopg.connect(database_url, autocommit=True, row_factory=psycopg.rows.dict_row)
+
+    def transaction(self, *rooms, pair=None):
+        return self.store.transaction(*rooms, pair=pair)
+
+    def insert_invitation(self, caller: str, callee: str, room: str, call_type: str = "video") -> Invitation:
+        row = self.conn.execute(
+            """insert into public.call_invitations (room_name, caller_id, callee_id, call_type, created_at)
+               values (%s, %s, %s, %s, %s) returning *""", (room, caller, callee, call_type, self.clock.now())).fetchone()
+        return Invitation.from_row(row)
+
+    def client_update(self, user: str, invitation_id: str, status: S) -> None:
+        inv = Invitation.from_row(self.conn.execute("select * from public.call_invitations where id = %s",
+                                                    (invitation_id,)).fetchone())
+        role = "callee" if user == inv.callee_id else "caller" if user == inv.caller_id else None
+        if (role, inv.status, status) not in CLIENT_MOVES:
+            raise GuardViolation(f"{role} may not move {inv.status} -> {status}")
+        now = self.clock.now()
+        try:
+            self.conn.execute(
+                """update public.call_invitations set status = %s, ended_at = %s, end_reason = %s,
+                          answered_at = case when %s = 'accepted' then %s else answered_at end
+                    where id = %s""",
+                (str(status), now, DEFAULT_END_REASON[status].value, str(status), now, invitation_id))
+        except psycopg.errors.CheckViolation as exc:
+            raise GuardViolation(str(exc)) from exc
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class PostgresView:
+    """The tables, read after every step, in the shapes the invariants read."""
+
+    def __init__(self) -> None:
+        self.history: dict[str, list[Invitation]] = {}
+        self.invitations: dict[str, Invitation] = {}
+        self.calls: dict[str, Call] = {}
+        self.participants: dict[str, Participant] = {}
+        self.events: dict[str, EventRecord] = {}
+        self.notifications: dict[str, Notification] = {}
+
+    def load(self, conn: psycopg.Connection) -> None:
+        self.invitations = {str(r["id"]): Invitation.from_row(r)
+                            for r in conn.execute("select * from public.call_invitations").fetchall()}
+        for inv in self.invitations.values():
+            versions = self.history.setdefault(inv.id, [])
+            if not versions or versions[-1] != inv:
+                versions.append(inv)
+        self.calls = {str(r["id"]): Call.from_row(r) for r in conn.execute("select * from public.calls").fetchall()}
+        self.participants = {r["participant_sid"]: Participant.from_row(r)
+                             for r in conn.execute("select * from public.call_participants").fetchall()}
+        self.events = {r["event_id"]: EventRecord(r["event_id"], r["source"], r["type"], r["room_name"],
+                                                  str(r["invitation_id"]) if r["invitation_id"] else None,
+                                                  r["occurred_at"], r["payload"])
+                       for r in conn.execute("select * from public.call_events").fetchall()}
+        self.notifications = {str(r["invitation_id"]): Notification(str(r["invitation_id"]), str(r["recipient_id"]),
+                                                                    r["status"])
+                              for r in conn.execute("select * from public.notifications").fetchall()}
+
+
+@pytest.fixture(scope="module")
+def model_database(database_url):
+    PostgresLifecycleModel.database_url = database_url
+    yield database_url
+
+
+class PostgresLifecycleModel(LifecycleModel):
+    database_url: str = ""
+
+    def make_clock(self) -> FakeClock:
+        # The database stamps `updated_at` with its own clock: start the model's at the same time.
+        return FakeClock(datetime.now(timezone.utc).replace(microsecond=0))
+
+    def make_world(self):
+        world = PostgresWorld(self.database_url, self.clock)
+        world.conn.execute(f"truncate {_TABLES}")
+        return world
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.uid = {name: str(uuid.uuid4()) for name in USERS}
+        suffix = uuid.uuid4().hex[:8]
+        self.room = {name: f"{name}-{suffix}" for name in ROOMS}
+        for name, uid in self.uid.items():
+            self.world.conn.execute("insert into auth.users (id, email) values (%s, %s)",
+                                    (uid, f"{name}-{uid[:8]}@example.test"))
+        self.view = PostgresView()
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.view.load(self.world.conn)
+
+    def teardown(self):
+        super().teardown()
+        self.world.conn.execute("delete from auth.users where id = any(%s::uuid[])", (list(self.uid.values()),))
+        self.world.close()
+
+
+PostgresLifecycleModel.TestCase.settings = settings(
+    max_examples=EXAMPLES, stateful_step_count=30, deadline=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+
+@pytest.mark.usefixtures("model_database")
+class TestLifecycleModelOnPostgres(PostgresLifecycleModel.TestCase):
+    pass

@@ -1,0 +1,332 @@
+"""In-memory fakes of the lifecycle's ports: store, rooms (LiveKit), scheduler, clock, throttle.
+
+`FakeStore` keeps the same tables as the database and enforces the same guards the database
+keeps (the transition table, terminal statuses, what a client may do, one live call per room and
+per sid, one outbox row per invitation), so a decision the database would refuse fails here too.
+Its `load` follows the Postgres adapter's query for query.
+"""
+
+from __future__ import annotations
+
+import itertools
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+
+from orchestration.domain.model import (
+    CLIENT_MOVES,
+    DEFAULT_END_REASON,
+    Call,
+    Invitation,
+    InvitationStatus as S,
+    Participant,
+    can_transition,
+    order_key,
+)
+from orchestration.lifecycle.state import Decision, EventRecord, SendNotification, Snapshot, Want
+from orchestration.ports import LiveParticipant, RoomError, RoomInfo
+
+T0 = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
+
+
+class GuardViolation(Exception):
+    """What the database would refuse."""
+
+
+class FakeClock:
+    def __init__(self, start: datetime = T0) -> None:
+        self.t = start
+
+    def now(self) -> datetime:
+        return self.t
+
+    def advance(self, seconds: float) -> datetime:
+        self.t += timedelta(seconds=seconds)
+        return self.t
+
+
+@dataclass
+class Notification:
+    invitation_id: str
+    recipient_id: str
+    status: str
+
+
+class FakeStore:
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.invitations: dict[str, Invitation] = {}
+        self.calls: dict[str, Call] = {}
+        self.participants: dict[str, Participant] = {}
+        self.events: dict[str, EventRecord] = {}
+        self.notifications: dict[str, Notification] = {}
+        self.opted_out: set[str] = set()
+        self.history: dict[str, list[Invitation]] = {}  # every version of each invitation
+        self._ids = itertools.count(1)
+        self.locked: list[tuple[str, ...]] = []
+
+    # ---- as clients act (through the database's guards) ------------------------------------------
+    def insert_invitation(self, caller: str, callee: str, room: str, call_type: str = "video") -> Invitation:
+        if caller == callee:
+            raise GuardViolation("caller = callee")
+        inv = Invitation(id=f"inv-{next(self._ids):05d}", room_name=room, caller_id=caller, callee_id=callee,
+                         call_type=call_type, status=S.PENDING, created_at=self.clock.now())
+        self._put_invitation(inv)
+        return inv
+
+    def client_update(self, user: str, invitation_id: str, status: S) -> Invitation:
+        inv = self.invitations[invitation_id]
+        role = "callee" if user == inv.callee_id else "caller" if user == inv.caller_id else None
+        if (role, inv.status, status) not in CLIENT_MOVES:
+            raise GuardViolation(f"{role} may not move {inv.status} -> {status}")
+        now = self.clock.now()
+        moved = replace(inv, status=status, ended_at=now, end_reason=DEFAULT_END_REASON[status].value,
+                        answered_at=now if status == S.ACCEPTED else inv.answered_at)
+        self._put_invitation(moved)
+        return moved
+
+    def _put_invitation(self, inv: Invitation) -> None:
+        old = self.invitations.get(inv.id)
+        if old is not None and old.status != inv.status:
+            if old.terminal:
+                raise GuardViolation(f"{inv.id} is {old.status} and can no longer become {inv.status}")
+            if not can_transition(old.status, inv.status):
+                raise GuardViolation(f"illegal transition {old.status} -> {inv.status}")
+        self.invitations[inv.id] = inv
+        self.history.setdefault(inv.id, []).append(inv)
+
+    # ---- the port ---------------------------------------------------------------------------------
+    @contextmanager
+    def transaction(self, *rooms: str, pair: tuple[str, str] | None = None):
+        self.locked.append(tuple(sorted(set(rooms))))
+        yield FakeUnitOfWork(self)
+
+
+class FakeUnitOfWork:
+    def __init__(self, store: FakeStore) -> None:
+        self.s = store
+
+    def now(self) -> datetime:
+        return self.s.clock.now()
+
+    def load(self, want: Want, *, lock: bool = True) -> Snapshot:
+        s = self.s
+        rooms = {r for r in (want.room_name, *want.other_rooms) if r}
+        sids = set(want.participant_sids)
+        part_calls = {p.call_id for p in s.participants.values() if p.sid in sids}
+        calls = {c.id: c for c in s.calls.values()
+                 if (c.room_name in rooms and c.live) or c.id in want.call_ids
+                 or (want.room_sid and c.livekit_room_sid == want.room_sid) or c.id in part_calls}
+        invitations = {i.id: i for i in s.invitations.values()
+                       if (i.room_name in rooms and (i.open or (i.status == S.ACCEPTED and i.call_id is None)))
+                       or i.id in want.invitation_ids or i.call_id in calls}
+        participants = {p.sid: p for p in s.participants.values() if p.call_id in calls or p.sid in sids}
+        busy = frozenset()
+        if want.busy_user:
+            here = {c.id for c in calls.values() if c.live and c.room_name == want.room_name}
+            u = want.busy_user
+            connected = any(p.identity == u and p.left_at is None and s.calls[p.call_id].status == "active"
+                            and p.call_id not in here for p in s.participants.values())
+            accepted = any(i.callee_id == u and i.status == S.ACCEPTED and i.call_id
+                           and s.calls[i.call_id].status == "active" and i.call_id not in here
+                           for i in s.invitations.values())
+            busy = frozenset({u}) if connected or accepted else frozenset()
+        counters: tuple = ()
+        if want.counter_of:
+            caller, callee = want.counter_of
+            counters = tuple(sorted((i for i in s.invitations.values()
+                                     if i.caller_id == callee and i.callee_id == caller and i.open), key=order_key))
+            for c in counters:
+                invitations.setdefault(c.id, c)
+        aborted = frozenset(sid for sid in want.aborted_sids
+                            if any(e.type == "participant_connection_aborted"
+                                   and (e.payload.get("participant") or {}).get("sid") == sid
+                                   for e in s.events.values()))
+        return Snapshot(now=self.now(), room_name=want.room_name, invitations=invitations, calls=calls,
+                        participants=participants,
+                        seen_events=frozenset(e for e in want.event_ids if e in s.events),
+                        busy_users=busy, counter_invitations=counters, aborted_sids=aborted)
+
+    def apply(self, decision: Decision) -> list:
+        s = self.s
+        for call in sorted(decision.calls, key=lambda c: c.live):
+            s.calls[call.id] = call
+        live_rooms = [c.room_name for c in s.calls.values() if c.live]
+        if len(live_rooms) != len(set(live_rooms)):
+            raise GuardViolation(f"two live calls in one room: {sorted(live_rooms)}")
+        live_sids = [c.livekit_room_sid for c in s.calls.values() if c.live and c.livekit_room_sid]
+        if len(live_sids) != len(set(live_sids)):
+            raise GuardViolation("two live calls with one sid")
+        for inv in decision.invitations:
+            if inv.call_id is not None and inv.call_id not in s.calls:
+                raise GuardViolation(f"{inv.id} linked to a call that does not exist")
+            s._put_invitation(inv)
+        for p in decision.participants:
+            s.participants[p.sid] = p
+        for ev in decision.events:
+            s.events.setdefault(ev.event_id, ev)
+        follow = []
+        for mail in decision.outbox:
+            if mail.invitation_id in s.notifications:
+                continue
+            status = "skipped" if mail.callee_id in s.opted_out else "pending"
+            s.notifications[mail.invitation_id] = Notification(mail.invitation_id, mail.callee_id, status)
+            if status == "pending":
+                follow.append(SendNotification(f"n-{mail.invitation_id}"))
+        return follow
+
+    def event_seen(self, event_id: str) -> bool:
+        return event_id in self.s.events
+
+    def invitation(self, invitation_id: str) -> Invitation | None:
+        return self.s.invitations.get(invitation_id)
+
+    def counter_invitations(self, caller_id: str, callee_id: str) -> list[Invitation]:
+        return [i for i in self.s.invitations.values() if i.caller_id == callee_id and i.callee_id == caller_id and i.open]
+
+    def live_call_id(self, room_name: str) -> str | None:
+        return next((c.id for c in self.s.calls.values() if c.room_name == room_name and c.live), None)
+
+    def set_room_sid(self, call_id: str, room_sid: str) -> None:
+        call = self.s.calls.get(call_id)
+        if call and not call.livekit_room_sid and room_sid:
+            if any(c.live and c.livekit_room_sid == room_sid for c in self.s.calls.values()):
+                return
+            self.s.calls[call_id] = replace(call, livekit_room_sid=room_sid)
+
+    # sweeps
+    def ringing_due_between(self, start, end, limit=2000):
+        now = self.now()
+        return [dict(id=i.id, room_name=i.room_name, callee_id=i.callee_id) for i in self.s.invitations.values()
+                if i.status == S.RINGING and start < i.ring_deadline <= end and i.ring_deadline <= now][:limit]
+
+    def due_ring_timeouts(self, limit, overdue_by=0.0):
+        edge = self.now() - timedelta(seconds=overdue_by)
+        return sorted((dict(id=i.id, room_name=i.room_name, callee_id=i.callee_id, deadline=i.ring_deadline)
+                       for i in self.s.invitations.values() if i.status == S.RINGING and i.ring_deadline <= edge),
+                      key=lambda r: r["deadline"])[:limit]
+
+    def stale_pending(self, older_than, limit):
+        edge = self.now() - timedelta(seconds=older_than)
+        return [dict(id=i.id, room_name=i.room_name, status=i.status, updated_at=i.created_at)
+                for i in self.s.invitations.values() if i.status == S.PENDING and i.created_at < edge][:limit]
+
+    def unrecorded_transitions(self, older_than, within, limit):
+        edge = self.now() - timedelta(seconds=older_than)
+        out = []
+        for i in self.s.invitations.values():
+            updated = i.ended_at or i.created_at
+            if i.status in (S.ACCEPTED, S.DECLINED, S.CANCELLED) and updated < edge and not (
+                    f"realtime:{i.id}:{i.status}" in self.s.events
+                    or f"transition_recovered:{i.id}:{i.status}" in self.s.events):
+                out.append(dict(id=i.id, room_name=i.room_name, status=str(i.status), updated_at=updated))
+        return out[:limit]
+
+    def due_grace_expiries(self, grace, limit):
+        edge = self.now() - timedelta(seconds=grace + 1.0)
+        return [dict(participant_sid=p.sid, identity=p.identity, room_name=self.s.calls[p.call_id].room_name)
+                for p in self.s.participants.values()
+                if self.s.calls[p.call_id].live and p.left_at is not None and p.left_at < edge
+                and f"grace:{p.sid}" not in self.s.events][:limit]
+
+    def silent_active_calls(self, ring_timeout, grace, limit):
+        now = self.now()
+        out = []
+        for c in self.s.calls.values():
+            if c.status != "active":
+                continue
+            sessions = [p for p in self.s.participants.values() if p.call_id == c.id]
+            if any(p.left_at is None for p in sessions):
+                continue
+            if any(p.left_at > now - timedelta(seconds=grace) for p in sessions):
+                continue
+            answered = [i.answered_at for i in self.s.invitations.values() if i.call_id == c.id and i.answered_at]
+            if answered and min(answered) < now - timedelta(seconds=ring_timeout):
+                out.append(dict(id=c.id, room_name=c.room_name))
+        return out[:limit]
+
+    def live_calls_older_than(self, seconds, limit):
+        edge = self.now() - timedelta(seconds=seconds)
+        return [dict(id=c.id, room_name=c.room_name) for c in self.s.calls.values()
+                if c.live and c.created_at < edge][:limit]
+
+    def last_left_at(self, call_id):
+        return max((p.left_at for p in self.s.participants.values() if p.call_id == call_id and p.left_at),
+                   default=None)
+
+
+@dataclass
+class FakeRoom:
+    sid: str
+    participants: dict[str, str] = field(default_factory=dict)  # identity -> participant sid
+
+
+class FakeRooms:
+    """LiveKit's RoomService as the lifecycle sees it. Participants are moved by the test."""
+
+    def __init__(self) -> None:
+        self.rooms: dict[str, FakeRoom] = {}
+        self._sids = itertools.count(1)
+        self.fail_create = False
+        self.removed: list[tuple[str, str]] = []
+        self.deleted: list[str] = []
+
+    def new_sid(self, prefix: str) -> str:
+        return f"{prefix}_{next(self._sids):05d}"
+
+    def create_room(self, name, *, empty_timeout, departure_timeout, max_participants, metadata) -> RoomInfo:
+        if self.fail_create:
+            raise RoomError("LiveKit is down")
+        room = self.rooms.setdefault(name, FakeRoom(self.new_sid("RM")))
+        return RoomInfo(name, room.sid)
+
+    def list_participants(self, room):
+        r = self.rooms.get(room)
+        if r is None:
+            return []
+        return [LiveParticipant(identity, sid, "ACTIVE") for identity, sid in r.participants.items()]
+
+    def existing_rooms(self, names):
+        return {n for n in names if n in self.rooms}
+
+    def delete_room(self, room):
+        self.deleted.append(room)
+        self.rooms.pop(room, None)
+
+    def remove_participant(self, room, identity):
+        self.removed.append((room, identity))
+        r = self.rooms.get(room)
+        if r is not None:
+            r.participants.pop(identity, None)
+
+
+class FakeScheduler:
+    def __init__(self) -> None:
+        self.timeouts: list[tuple[str, datetime]] = []
+        self.buckets: list[float] = []
+        self.graces: list[tuple[str, str, str, bool | None, float]] = []
+        self.notifications: list[str] = []
+        self.changes: list[dict] = []
+
+    def ring_timeout(self, invitation_id, at):
+        self.timeouts.append((invitation_id, at))
+
+    def ring_timeout_bucket(self, end):
+        self.buckets.append(end)
+
+    def ring_timeout_at(self, invitation_id, at):
+        self.timeouts.append((invitation_id, at))
+
+    def grace_expiry(self, room_name, participant_sid, identity, aborted, delay):
+        self.graces.append((room_name, participant_sid, identity, aborted, delay))
+
+    def send_notification(self, notification_id):
+        self.notifications.append(notification_id)
+
+    def invitation_changed(self, change):
+        self.changes.append(change)
+
+
+class FakeThrottle:
+    def once(self, key: str, seconds: float) -> bool:
+        return True

@@ -1,0 +1,397 @@
+"""The lifecycle against a model of every interleaving (hypothesis state machine, no services).
+
+Clients insert and move invitations (their changes delivered, duplicated or lost), participants
+join, leave, abort and rejoin from another device, LiveKit's webhooks arrive late, twice, out of
+order or never, rooms time out, timers fire or are lost, and the sweep runs — all against the
+real decision code through the fakes of `tests/support/fakes.py`. After every step the contract's
+invariants are checked.
+
+What it does not model: two workers at once (the store's locks serialise a room; the integration
+tier runs the same machine against Postgres), and LiveKit's own 30-second drop of old webhooks
+(a dropped webhook is modelled directly).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from datetime import timedelta
+
+import hypothesis.strategies as st
+from hypothesis import HealthCheck, Phase, event, settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from orchestration.domain.model import (
+    CallStatus,
+    EndReason,
+    InvitationStatus as S,
+    call_started_at,
+    deserves_missed_call_email,
+    room_parties,
+    seconds_between,
+)
+from orchestration.lifecycle.context import LifecycleConfig, Ports
+from orchestration.lifecycle.grace_expired import handle_grace_expired
+from orchestration.lifecycle.invitation_changed import handle_invitation_changed
+from orchestration.lifecycle.livekit_event import handle_livekit_event
+from orchestration.lifecycle.ring_timeout import handle_ring_timeout
+from orchestration.lifecycle.sweep import run_sweep
+from tests.support.fakes import FakeClock, FakeRoom, FakeRooms, FakeScheduler, FakeStore, FakeThrottle, GuardViolation
+
+USERS = ("ana", "bo", "cy", "di")
+ROOMS = ("r1", "r2")
+RING, GRACE, SWEEP = 30.0, 5.0, 1.0
+SLACK = timedelta(seconds=1)  # LiveKit's second-resolution times
+EXAMPLES = int(os.environ.get("CALLFLOW_MODEL_EXAMPLES", "2000"))
+
+
+class LiveKitSim(FakeRooms):
+    """FakeRooms that emits webhooks (protojson, second resolution) as LiveKit would."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__()
+        self.clock = clock
+        self.outbox: list[dict] = []
+        self._ev = itertools.count(1)
+
+    def _emit(self, kind: str, room: str, sid: str, participant: dict | None = None) -> None:
+        ev = {"id": f"EV_{next(self._ev):06d}", "event": kind, "room": {"name": room, "sid": sid},
+              "createdAt": str(int(self.clock.now().timestamp()))}
+        if participant is not None:
+            ev["participant"] = participant
+        self.outbox.append(ev)
+
+    def _p(self, identity: str, sid: str, joined: int) -> dict:
+        return {"sid": sid, "identity": identity, "joinedAt": str(joined), "state": "ACTIVE"}
+
+    def create_room(self, name, **kw):
+        fresh = name not in self.rooms
+        info = super().create_room(name, **kw)
+        if fresh:
+            self._emit("room_started", name, info.sid)
+        return info
+
+    def join(self, identity: str, room: str) -> None:
+        if room not in self.rooms:  # a valid token brings a closed room back
+            self.rooms[room] = FakeRoom(self.new_sid("RM"))
+            self._emit("room_started", room, self.rooms[room].sid)
+        r = self.rooms[room]
+        if identity in r.participants:  # the same identity from another device: the first is dropped
+            self._emit("participant_left", room, r.sid, self._p(identity, r.participants[identity], self._joined))
+        sid = self.new_sid("PA")
+        self._joined = int(self.clock.now().timestamp())
+        r.participants[identity] = sid
+        self._emit("participant_joined", room, r.sid, self._p(identity, sid, self._joined))
+
+    _joined = 0
+
+    def leave(self, identity: str, room: str, aborted: bool = False) -> None:
+        r = self.rooms[room]
+        sid = r.participants.pop(identity)
+        self._emit("participant_connection_aborted" if aborted else "participant_left", room, r.sid,
+                   self._p(identity, sid, int(self.clock.now().timestamp())))
+
+    def close_if_empty(self, room: str) -> None:
+        r = self.rooms.get(room)
+        if r is not None and not r.participants:
+            del self.rooms[room]
+            self._emit("room_finished", room, r.sid)
+
+    def delete_room(self, room):
+        r = self.rooms.get(room)
+        super().delete_room(room)
+        if r is not None:
+            for identity, sid in r.participants.items():
+                self._emit("participant_left", room, r.sid, self._p(identity, sid, 0))
+            self._emit("room_finished", room, r.sid)
+
+    def remove_participant(self, room, identity):
+        r = self.rooms.get(room)
+        if r is not None and identity in r.participants:
+            self.leave(identity, room)
+        self.removed.append((room, identity))
+
+
+class LifecycleModel(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = self.make_clock()
+        self.livekit = LiveKitSim(self.clock)
+        self.scheduler = FakeScheduler()
+        self.world = self.make_world()  # where clients write, and what the invariants read
+        self.view = self.world
+        self.uid = {name: name for name in USERS}
+        self.room = {name: name for name in ROOMS}
+        self.ports = Ports(self.world, self.livekit, self.scheduler, LifecycleConfig(ring_timeout=RING, grace=GRACE))
+        self.webhooks: list[dict] = []        # sent by LiveKit, not yet delivered
+        self.dropped_rooms: set[str] = set()  # rooms some webhook of which was lost
+        self.timers: list[tuple] = []         # (due, kind, args)
+        self.inserted: list[str] = []         # invitation ids, in insert order
+        self.last_sweep = None
+
+    # ---- the world: in memory here, Postgres in the integration tier --------------------------
+    def make_clock(self) -> FakeClock:
+        return FakeClock()
+
+    def make_world(self):
+        return FakeStore(self.clock)
+
+    def refresh(self) -> None:
+        """Bring `view` up to date with the world (a no-op in memory)."""
+
+    # ---- plumbing ---------------------------------------------------------------------------
+    def _collect(self) -> None:
+        """Move what the code sent (webhooks, countdowns, queue hand-offs) into the world."""
+        self.webhooks.extend(self.livekit.outbox)
+        self.livekit.outbox.clear()
+        now = self.clock.now()
+        for invitation_id, at in self.scheduler.timeouts:
+            self.timers.append((at, "timeout", (invitation_id,)))
+        for room, sid, identity, aborted, delay in self.scheduler.graces:
+            self.timers.append((now + timedelta(seconds=delay), "grace", (room, sid, identity, aborted)))
+        changes = list(self.scheduler.changes)
+        self.scheduler.timeouts.clear()
+        self.scheduler.graces.clear()
+        self.scheduler.changes.clear()
+        for change in changes:
+            handle_invitation_changed(change, self.ports)
+            self._collect()
+        self.refresh()
+
+    def _change(self, invitation_id: str, status: str) -> None:
+        handle_invitation_changed({"event_id": f"realtime:{invitation_id}:{status}", "source": "realtime",
+                                   "invitation_id": invitation_id, "status": status}, self.ports)
+        self._collect()
+
+    def _invitations(self, *statuses):
+        # In the order they were inserted (ids may be random: draws must not depend on them).
+        return [i for i in self.inserted if not statuses or self.view.invitations[i].status in statuses]
+
+    # ---- clients ----------------------------------------------------------------------------
+    @rule(caller=st.sampled_from(USERS), callee=st.sampled_from(USERS), room=st.sampled_from(ROOMS),
+          video=st.booleans(), delivered=st.booleans())
+    def insert(self, caller, callee, room, video, delivered):
+        if caller == callee:
+            return
+        inv = self.world.insert_invitation(self.uid[caller], self.uid[callee], self.room[room],
+                                           "video" if video else "audio")
+        self.inserted.append(inv.id)
+        if delivered:
+            self._change(inv.id, "pending")
+        self._collect()
+
+    @rule(data=st.data(), move=st.sampled_from([S.ACCEPTED, S.DECLINED, S.CANCELLED]), delivered=st.booleans())
+    def client_moves(self, data, move, delivered):
+        open_ids = self._invitations(S.PENDING, S.RINGING)
+        if not open_ids:
+            return
+        inv = self.view.invitations[data.draw(st.sampled_from(open_ids))]
+        user = inv.caller_id if move == S.CANCELLED else inv.callee_id
+        try:
+            self.world.client_update(user, inv.id, move)
+        except GuardViolation:
+            return
+        if delivered:
+            self._change(inv.id, move)
+        self._collect()
+
+    @rule(data=st.data())
+    def change_delivered_again(self, data):
+        ids = self._invitations()
+        if ids:
+            inv = self.view.invitations[data.draw(st.sampled_from(ids))]
+            self._change(inv.id, inv.status)
+
+    # ---- participants ----------------------------------------------------------------------------
+    @rule(identity=st.sampled_from(USERS), room=st.sampled_from(ROOMS))
+    def join(self, identity, room):
+        self.livekit.join(self.uid[identity], self.room[room])
+        self._collect()
+
+    @rule(data=st.data(), aborted=st.booleans())
+    def leave(self, data, aborted):
+        present = sorted((room, identity) for room, r in self.livekit.rooms.items() for identity in r.participants)
+        if present:
+            room, identity = data.draw(st.sampled_from(present))
+            self.livekit.leave(identity, room, aborted)
+            self._collect()
+
+    @rule(room=st.sampled_from(ROOMS))
+    def empty_room_times_out(self, room):
+        self.livekit.close_if_empty(self.room[room])
+        self._collect()
+
+    # ---- LiveKit's webhooks ------------------------------------------------------------------------
+    @precondition(lambda self: self.webhooks)
+    @rule(data=st.data(), fate=st.sampled_from(["deliver", "deliver", "deliver", "twice", "drop"]))
+    def webhook(self, data, fate):
+        # Any waiting webhook, not only the oldest: they can arrive out of order.
+        index = data.draw(st.integers(0, min(2, len(self.webhooks) - 1)))
+        event = self.webhooks.pop(index)
+        if fate == "drop":
+            self.dropped_rooms.add(event["room"]["name"])
+            self._collect()
+            return
+        handle_livekit_event(event, None, self.ports)
+        if fate == "twice":
+            assert handle_livekit_event(event, None, self.ports).result == "duplicate"
+        self._collect()
+
+    # ---- time, timers, sweeps ------------------------------------------------------------------------
+    @rule(seconds=st.sampled_from([0.3, 1.0, 2.5, 4.0, 6.0, 12.0, 31.0]), lose_timers=st.booleans())
+    def time_passes(self, seconds, lose_timers):
+        self.clock.advance(seconds)
+        now = self.clock.now()
+        due = [t for t in self.timers if t[0] <= now]
+        self.timers = [t for t in self.timers if t[0] > now]
+        if lose_timers:
+            self._collect()
+            return
+        for _, kind, args in sorted(due, key=lambda t: t[0]):
+            if kind == "timeout":
+                handle_ring_timeout(args[0], "timer", self.ports)
+            else:
+                handle_grace_expired(*args, self.ports)
+            self._collect()
+        self._collect()
+
+    @rule()
+    def sweep(self):
+        run_sweep(self.ports, FakeThrottle(), interval=SWEEP)
+        self._collect()
+        self.last_sweep = self.clock.now()
+
+    def teardown(self):
+        # What the run reached (shown by --hypothesis-show-statistics), so a model that stopped
+        # exploring is noticed.
+        for status in sorted({str(c.status) for c in self.view.calls.values()}):
+            event(f"a call ended {status}")
+        for reason in sorted({str(i.end_reason) for i in self.view.invitations.values() if i.end_reason}):
+            event(f"an invitation ended {reason}")
+        if any(e.type == "transition_recovered" for e in self.view.events.values()):
+            event("a lost transition was recovered")
+        if any(e.type == "participant_removed" for e in self.view.events.values()):
+            event("a stranger was removed")
+
+    # ---- invariants ------------------------------------------------------------------------------
+    @invariant()
+    def terminal_invitations_never_change(self):
+        """Status, reason and times are final; only a missing call link may still be filled in."""
+        for versions in self.view.history.values():
+            terminal = [v for v in versions if v.terminal]
+            for v in terminal:
+                assert (v.status, v.end_reason, v.ended_at, v.answered_at, v.ringing_at) == (
+                    terminal[0].status, terminal[0].end_reason, terminal[0].ended_at, terminal[0].answered_at,
+                    terminal[0].ringing_at), versions
+                assert terminal[0].call_id is None or v.call_id == terminal[0].call_id, versions
+
+    @invariant()
+    def one_live_call_per_room(self):
+        live = [c.room_name for c in self.view.calls.values() if c.live]
+        assert len(live) == len(set(live))
+
+    @invariant()
+    def sessions_lie_inside_their_call(self):
+        for p in self.view.participants.values():
+            call = self.view.calls[p.call_id]
+            assert p.joined_at is None or p.joined_at >= call.created_at - SLACK, (p, call)
+            if call.ended_at is not None:
+                assert p.left_at is not None and p.left_at <= call.ended_at + SLACK, (p, call)
+            if p.left_at is not None and p.joined_at is not None:
+                assert p.left_at >= p.joined_at
+                assert p.duration_seconds == seconds_between(p.joined_at, p.left_at)
+            # In the call of its room at that time: no other call of the room was live then.
+            for other in self.view.calls.values():
+                if other.id != call.id and other.room_name == call.room_name and p.joined_at is not None:
+                    inside_other = other.created_at + SLACK < p.joined_at and (
+                        other.ended_at is None or p.joined_at + SLACK < other.ended_at)
+                    assert not inside_other, (p, call, other)
+
+    @invariant()
+    def call_times_come_from_sessions(self):
+        for call in self.view.calls.values():
+            sessions = [p for p in self.view.participants.values() if p.call_id == call.id]
+            started = call_started_at(sessions)
+            if call.ended_at is not None and started is not None and started > call.ended_at:
+                started = call.ended_at
+            assert call.started_at == started, (call, sessions)
+            assert call.duration_seconds == seconds_between(call.started_at, call.ended_at)
+            if not call.live:
+                assert call.ended_at is not None and call.end_reason
+
+    @invariant()
+    def ended_calls_ring_nobody(self):
+        for inv in self.view.invitations.values():
+            if inv.call_id and not self.view.calls[inv.call_id].live:
+                assert not inv.open, (inv, self.view.calls[inv.call_id])
+
+    @invariant()
+    def unanswered_calls_end_with_their_invitations_reason(self):
+        for call in self.view.calls.values():
+            invs = [i for i in self.view.invitations.values() if i.call_id == call.id]
+            if call.status not in (CallStatus.RINGING, CallStatus.ACTIVE, CallStatus.COMPLETED) and invs:
+                assert call.status in {i.status.value for i in invs}, (call, invs)
+                assert call.end_reason in {i.end_reason for i in invs}, (call, invs)
+
+    @invariant()
+    def emails_once_and_only_when_earned(self):
+        for inv in self.view.invitations.values():
+            earned = inv.terminal and deserves_missed_call_email(inv.status, inv.ringing_at, inv.ended_at,
+                                                                 inv.end_reason)
+            if inv.id in self.view.notifications:
+                assert earned, inv
+            elif earned and self.last_sweep is not None and inv.ended_at + timedelta(seconds=3) < self.last_sweep:
+                raise AssertionError(f"no outbox row for {inv}")
+
+    @invariant()
+    def glare_answers_the_earlier(self):
+        for inv in self.view.invitations.values():
+            if inv.end_reason == EndReason.GLARE:
+                assert inv.status == S.CANCELLED and inv.id not in self.view.notifications
+
+    @invariant()
+    def nothing_rings_past_its_deadline_after_a_sweep(self):
+        if self.last_sweep != self.clock.now():
+            return
+        now = self.clock.now()
+        for inv in self.view.invitations.values():
+            if inv.status == S.RINGING:
+                assert inv.ring_deadline > now - timedelta(seconds=SWEEP), inv
+            if inv.status == S.PENDING:
+                assert inv.created_at > now - timedelta(seconds=10 + SWEEP), inv
+        # A client's transition is never left unrecorded for long.
+        for inv in self.view.invitations.values():
+            if inv.status in (S.ACCEPTED, S.DECLINED, S.CANCELLED) and inv.ended_at < now - timedelta(seconds=3):
+                assert inv.call_id is not None or inv.end_reason == EndReason.GLARE, inv
+
+    @invariant()
+    def active_calls_have_someone(self):
+        if self.last_sweep != self.clock.now():
+            return
+        now = self.clock.now()
+        for call in self.view.calls.values():
+            if call.status != CallStatus.ACTIVE or call.room_name in self.dropped_rooms:
+                continue
+            if any(w["room"]["name"] == call.room_name for w in self.webhooks):
+                continue  # LiveKit has not told us yet
+            invs = [i for i in self.view.invitations.values() if i.room_name == call.room_name]
+            parties = room_parties(invs, call)
+            room = self.livekit.rooms.get(call.room_name)
+            if room is not None and parties & set(room.participants):
+                continue
+            sessions = [p for p in self.view.participants.values() if p.call_id == call.id]
+            if any(p.left_at and p.left_at > now - timedelta(seconds=GRACE + 1 + SWEEP) for p in sessions):
+                continue
+            answered = [i.answered_at for i in invs if i.call_id == call.id and i.answered_at]
+            if answered and min(answered) > now - timedelta(seconds=RING + SWEEP):
+                continue
+            if room is None and call.created_at > now - timedelta(seconds=60 + SWEEP):
+                continue  # the room is gone: the reconciliation ends it within its period
+            raise AssertionError(f"active call with nobody: {call} sessions={sessions} room={room}")
+
+
+LifecycleModel.TestCase.settings = settings(
+    max_examples=EXAMPLES, phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink], stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestLifecycleModel = LifecycleModel.TestCase
