@@ -39,7 +39,16 @@ def _checksum(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def migrate(database_url: str, directory: Path = MIGRATIONS_DIR) -> MigrationResult:
+def database_settings(settings) -> dict[str, str]:
+    """The variables the database's own rules read (`callflow_settings`)."""
+    return {
+        "CALLFLOW_INVITE_RATE_PER_MINUTE": str(settings.callflow_invite_rate_per_minute),
+        "CALLFLOW_ALLOW_ANONYMOUS": "true" if settings.callflow_allow_anonymous else "false",
+        "CALLFLOW_RING_TIMEOUT_SECONDS": str(settings.callflow_ring_timeout_seconds),
+    }
+
+
+def migrate(database_url: str, directory: Path = MIGRATIONS_DIR, settings: dict[str, str] | None = None) -> MigrationResult:
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("select pg_advisory_lock(%s)", (_LOCK_KEY,))
         try:
@@ -73,6 +82,12 @@ def migrate(database_url: str, directory: Path = MIGRATIONS_DIR) -> MigrationRes
                 except psycopg.Error as exc:
                     raise MigrationError(f"{path.name}: {exc.diag.message_primary or exc}") from exc
                 applied.append(path.name)
+            if settings:
+                with conn.transaction():
+                    for key, value in settings.items():
+                        conn.execute(
+                            """insert into public.callflow_settings (key, value) values (%s, %s)
+                               on conflict (key) do update set value = excluded.value""", (key, value))
             return MigrationResult(applied, already, shim)
         finally:
             conn.execute("select pg_advisory_unlock(%s)", (_LOCK_KEY,))

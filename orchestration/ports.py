@@ -86,6 +86,9 @@ class UnitOfWork(Protocol):
 
     def live_call_id(self, room_name: str) -> str | None: ...
 
+    def is_party(self, room_name: str, identity: str) -> bool:
+        """Whether `identity` is one of the room's parties now (the contract's definition)."""
+
     def set_room_sid(self, call_id: str, room_sid: str) -> None: ...
 
     # sweeps
@@ -104,6 +107,9 @@ class UnitOfWork(Protocol):
         """Active calls nobody is connected to, answered longer than the ring timeout ago."""
 
     def live_calls_older_than(self, seconds: float, limit: int) -> list[dict]: ...
+
+    def live_rooms(self, limit: int) -> list[str]:
+        """The room names of live calls."""
 
     def last_left_at(self, call_id: str) -> datetime | None: ...
 

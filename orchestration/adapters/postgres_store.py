@@ -36,8 +36,10 @@ def _uuids(values) -> list[str]:
 
 
 class PostgresUnitOfWork:
-    def __init__(self, conn: psycopg.Connection, clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(self, conn: psycopg.Connection, clock: Callable[[], datetime] | None = None,
+                 email_repeat_window: float = 900.0) -> None:
         self.conn = conn
+        self.email_repeat_window = email_repeat_window
         self._clock = clock
         self._now: datetime | None = None
 
@@ -167,7 +169,7 @@ class PostgresUnitOfWork:
             self.record_event(ev)
         follow_ups = []
         for mail in decision.outbox:
-            notification_id = self.add_missed_call_notification(mail.invitation_id, mail.callee_id)
+            notification_id = self.add_missed_call_notification(mail.invitation_id, mail.caller_id, mail.callee_id)
             if notification_id:
                 follow_ups.append(SendNotification(notification_id))
         return follow_ups
@@ -181,23 +183,39 @@ class PostgresUnitOfWork:
         )
         return row is not None
 
-    def add_missed_call_notification(self, invitation_id: str, callee_id: str) -> str | None:
+    def add_missed_call_notification(self, invitation_id: str, caller_id: str, callee_id: str) -> str | None:
         """The outbox row, in the transaction of the transition that calls for it.
 
-        A recipient who turned missed-call emails off, or has no address, gets the row already
-        `skipped` (with why), so no delivery task is needed; returns the id of a `pending` row only.
+        Born `skipped` (with why, and no delivery task) when the recipient turned missed-call
+        emails off, has no address, or had one from the same caller within the repeat window (the
+        pair's lock makes two at once see each other). Returns the id of a `pending` row only.
         """
+        self.lock(f"mail:{caller_id}:{callee_id}", 17)
         row = self._one(
-            """insert into public.notifications (kind, invitation_id, recipient_id, recipient_email, status, last_error)
-               select 'missed_call', %(i)s, %(u)s, u.email,
-                      case when lower(coalesce(u.raw_user_meta_data->>'missed_call_emails', 'true')) = 'false'
-                             or coalesce(u.email, '') = '' then 'skipped' else 'pending' end,
-                      case when lower(coalesce(u.raw_user_meta_data->>'missed_call_emails', 'true')) = 'false'
+            """with recipient as (
+                 select u.email,
+                        lower(coalesce(u.raw_user_meta_data->>'missed_call_emails', 'true')) = 'false' as opted_out,
+                        exists (select 1 from public.notifications n
+                                  join public.call_invitations i on i.id = n.invitation_id
+                                 where n.recipient_id = u.id and n.kind = 'missed_call' and i.caller_id = %(caller)s
+                                   and n.status in ('pending', 'sent')
+                                   and n.created_at > %(now)s::timestamptz - make_interval(secs => %(window)s)) as repeat
+                   from auth.users u where u.id = %(u)s
+               )
+               insert into public.notifications (kind, invitation_id, recipient_id, recipient_email, status, last_error,
+                                                 created_at)
+               select 'missed_call', %(i)s, %(u)s, email,
+                      case when opted_out or coalesce(email, '') = '' or repeat then 'skipped' else 'pending' end,
+                      case when opted_out
                            then 'recipient turned missed-call emails off (raw_user_meta_data.missed_call_emails is false)'
-                           when coalesce(u.email, '') = '' then 'recipient has no email address' end
-                 from auth.users u where u.id = %(u)s
+                           when coalesce(email, '') = '' then 'recipient has no email address'
+                           when repeat then 'a missed-call email from this caller reached this recipient within '
+                                            || %(window)s || ' s (CALLFLOW_EMAIL_REPEAT_WINDOW_SECONDS)' end,
+                      %(now)s
+                 from recipient
                on conflict (kind, invitation_id, recipient_id) do nothing returning id, status""",
-            {"i": invitation_id, "u": callee_id},
+            {"i": invitation_id, "u": callee_id, "caller": caller_id, "now": self.now(),
+             "window": self.email_repeat_window},
         )
         return str(row["id"]) if row and row["status"] == "pending" else None
 
@@ -220,6 +238,10 @@ class PostgresUnitOfWork:
     def live_call_id(self, room_name: str) -> str | None:
         row = self._one(f"select id from public.calls where room_name = %s and status in {_LIVE}", (room_name,))
         return str(row["id"]) if row else None
+
+    def is_party(self, room_name: str, identity: str) -> bool:
+        return self._one("select exists (select 1 from public.callflow_room_parties(%s) p where p::text = %s) as x",
+                         (room_name, identity))["x"]
 
     def set_room_sid(self, call_id: str, room_sid: str) -> None:
         if room_sid:
@@ -296,6 +318,10 @@ class PostgresUnitOfWork:
             (self.now(), seconds, limit),
         )
 
+    def live_rooms(self, limit: int) -> list[str]:
+        return [r["room_name"] for r in self._all(
+            f"select room_name from public.calls where status in {_LIVE} order by created_at limit %s", (limit,))]
+
     def last_left_at(self, call_id: str) -> datetime | None:
         row = self._one("select max(left_at) as t from public.call_participants where call_id = %s", (call_id,))
         return row["t"] if row else None
@@ -305,8 +331,10 @@ class PostgresStore:
     ROOM_LOCKS = 7
     PAIR_LOCKS = 11
 
-    def __init__(self, database_url: str, pool_size: int = 4, clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(self, database_url: str, pool_size: int = 4, clock: Callable[[], datetime] | None = None,
+                 email_repeat_window: float = 900.0) -> None:
         self.url = database_url
+        self.email_repeat_window = email_repeat_window
         self.pool_size = pool_size
         self.clock = clock  # None: the database's clock (the model tests bring their own)
 
@@ -315,7 +343,7 @@ class PostgresStore:
         """One transaction; serialised with every other one on the same rooms (the pair first)."""
         with get_pool(self.url, self.pool_size).connection() as conn:
             with conn.transaction():
-                uow = PostgresUnitOfWork(conn, self.clock)
+                uow = PostgresUnitOfWork(conn, self.clock, self.email_repeat_window)
                 if pair is not None:
                     uow.lock(":".join(sorted(pair)), self.PAIR_LOCKS)
                 for room in sorted(set(rooms)):

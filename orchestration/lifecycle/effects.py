@@ -47,6 +47,10 @@ def _run(effect, ports: Ports) -> None:
     elif isinstance(effect, SendNotification):
         ports.scheduler.send_notification(effect.notification_id)
     elif isinstance(effect, RemoveParticipant):
+        # Rights are checked again just before: they may have been invited since.
+        with ports.store.transaction(effect.room_name) as uow:
+            if uow.is_party(effect.room_name, effect.identity):
+                return
         ports.rooms.remove_participant(effect.room_name, effect.identity)
     elif isinstance(effect, ReleaseRoom):
         # Under the room's lock, so a redial's new call cannot be given the room in between;

@@ -1,5 +1,8 @@
 """Use case: the sweep compares live calls with what LiveKit says, and ends what is over.
 
+- **strangers**: anyone in a live call's room who is not one of the room's parties is removed
+  (a lost `participant_joined` webhook must not leave them in): `participant_removed:<sid>`.
+
 - **room gone**: LiveKit drops webhooks that waited more than 30 s in its queue, so a call can be
   left live with its room long closed. It is finished as `room_finished` would have finished it:
   at its last participant's departure, or now (`room_reconciled:<call id>`).
@@ -15,7 +18,43 @@ from orchestration.domain.model import CallStatus
 from orchestration.lifecycle import rules
 from orchestration.lifecycle.context import LifecycleConfig, Outcome, Ports
 from orchestration.lifecycle.effects import run_effects
-from orchestration.lifecycle.state import Decision, EventRecord, ReleaseRoom, Snapshot, Want, Working
+from orchestration.lifecycle.state import (
+    Decision,
+    EventRecord,
+    ReleaseRoom,
+    RemoveParticipant,
+    Snapshot,
+    Want,
+    Working,
+)
+from orchestration.ports import LiveParticipant
+
+
+def decide_room_members(snap: Snapshot, listed: list[LiveParticipant]) -> Decision:
+    w = Working(snap)
+    parties = w.parties()
+    removed = 0
+    for p in listed:
+        if p.identity not in parties:
+            w.effects.append(RemoveParticipant(w.room_name, p.identity, p.sid))
+            w.record(EventRecord(f"participant_removed:{p.sid}", "sweep", "participant_removed", w.room_name, None,
+                                 w.now, {"identity": p.identity, "participant_sid": p.sid,
+                                         "reason": "not a party of this room (found by the sweep)"}))
+            removed += 1
+    return w.decision(f"removed {removed}" if removed else "nothing")
+
+
+def handle_room_members(room_name: str, ports: Ports) -> Outcome:
+    """Compare a live call's room with LiveKit's participant list; remove who has no right there."""
+    listed = ports.rooms.list_participants(room_name)
+    if not listed:
+        return Outcome("nothing")
+    with ports.store.transaction(room_name) as uow:
+        snap = uow.load(Want(room_name=room_name, event_ids=tuple(f"participant_removed:{p.sid}" for p in listed)))
+        decision = decide_room_members(snap, [p for p in listed if f"participant_removed:{p.sid}" not in snap.seen_events])
+        effects = decision.effects + uow.apply(decision)
+    run_effects(effects, ports)
+    return Outcome(decision.result, effects)
 
 
 def decide_room_gone(snap: Snapshot, call_id: str) -> Decision:

@@ -25,14 +25,14 @@ def end_invitation(w: Working, inv: Invitation, status: S, reason: str, at: date
     """A worker's move of an open invitation to a terminal status; the outbox row if it earns one."""
     ended = w.put_invitation(inv.end(status, reason, at or w.now))
     if deserves_missed_call_email(ended.status, ended.ringing_at, ended.ended_at, ended.end_reason):
-        w.outbox.append(MissedCallEmail(ended.id, ended.callee_id))
+        w.outbox.append(MissedCallEmail(ended.id, ended.caller_id, ended.callee_id))
     return ended
 
 
 def after_client_ended(w: Working, inv: Invitation) -> None:
     """A client ended the invitation (the database stamped it): the outbox row if it earns one."""
     if deserves_missed_call_email(inv.status, inv.ringing_at, inv.ended_at, inv.end_reason):
-        w.outbox.append(MissedCallEmail(inv.id, inv.callee_id))
+        w.outbox.append(MissedCallEmail(inv.id, inv.caller_id, inv.callee_id))
 
 
 def answer(w: Working, inv: Invitation, at: datetime | None = None) -> Invitation:

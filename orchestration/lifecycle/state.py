@@ -121,6 +121,7 @@ class MissedCallEmail:
     """Ask the outbox for a missed-call email to the invitation's callee (the outbox decides skips)."""
 
     invitation_id: str
+    caller_id: str
     callee_id: str
 
 

@@ -8,6 +8,7 @@
   (Realtime delivers at most once; a task can be lost after the listener's dedupe mark):
   re-read as `transition_recovered:<invitation id>:<status>`;
 - answered calls nobody is in (see `reconcile.py`);
+- every few seconds, the rooms of live calls against LiveKit's participant lists (strangers out);
 - every half minute, live calls whose LiveKit room is gone.
 
 Each piece is handed on at most once per few seconds (the throttle), so a backlog is not
@@ -22,7 +23,7 @@ from typing import Callable
 from orchestration.lifecycle.context import Ports
 from orchestration.lifecycle.grace_expired import handle_grace_expired
 from orchestration.lifecycle.invitation_changed import handle_invitation_changed
-from orchestration.lifecycle.reconcile import handle_silent_call, reconcile_live_calls
+from orchestration.lifecycle.reconcile import handle_room_members, handle_silent_call, reconcile_live_calls
 from orchestration.lifecycle.ring_timeout import handle_ring_timeout
 from orchestration.ports import Throttle
 
@@ -30,6 +31,7 @@ STALE_PENDING_AFTER = 10.0       # seconds a pending invitation may wait for its
 UNRECORDED_AFTER = 2.0           # seconds a client's transition may wait for its change
 UNRECORDED_WITHIN = 6 * 3600.0   # how far back lost transitions are looked for
 RECONCILE_EVERY = 30.0
+MEMBERS_EVERY = 3.0
 
 
 @dataclass
@@ -39,6 +41,7 @@ class SweepReport:
     pending: int = 0
     recovered: int = 0
     silent: int = 0
+    removed: int = 0
     reconciled: int = 0
     results: list[str] = field(default_factory=list)
 
@@ -98,6 +101,12 @@ def run_sweep(ports: Ports, throttle: Throttle, *, interval: float, parallel_map
     results = list(parallel_map(lambda row: handle_silent_call(str(row["id"]), row["room_name"], ports).result,
                                 silent))
     report.silent = sum(1 for r in results if r == "ended_silent")
+
+    if throttle.once("members", MEMBERS_EVERY):
+        with ports.store.transaction() as uow:
+            rooms = uow.live_rooms(limit)
+        results = list(parallel_map(lambda room: handle_room_members(room, ports).result, rooms))
+        report.removed = sum(int(r.split()[1]) for r in results if r.startswith("removed"))
 
     if throttle.once("reconcile", RECONCILE_EVERY):
         report.reconciled = reconcile_live_calls(ports)

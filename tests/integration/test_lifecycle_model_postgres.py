@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import psycopg
 import pytest
@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, Phase, settings
 from orchestration.adapters.postgres_store import PostgresStore
 from orchestration.domain.model import CLIENT_MOVES, DEFAULT_END_REASON, Call, Invitation, InvitationStatus as S, Participant
 from orchestration.lifecycle.state import EventRecord
+from tests.support.calls import as_client
 from tests.support.fakes import FakeClock, GuardViolation, Notification
 from tests.unit.test_lifecycle_model import ROOMS, USERS, LifecycleModel
 
@@ -39,14 +40,28 @@ class PostgresWorld:
         self.clock = clock
         self.store = PostgresStore(database_url, pool_size=2, clock=clock.now)
         self.conn = psycopg.connect(database_url, autocommit=True, row_factory=psycopg.rows.dict_row)
+        self.inserted = 0
 
     def transaction(self, *rooms, pair=None):
         return self.store.transaction(*rooms, pair=pair)
 
     def insert_invitation(self, caller: str, callee: str, room: str, call_type: str = "video") -> Invitation:
-        row = self.conn.execute(
-            """insert into public.call_invitations (room_name, caller_id, callee_id, call_type, created_at)
-               values (%s, %s, %s, %s, %s) returning *""", (room, caller, callee, call_type, self.clock.now())).fetchone()
+        """As the caller's client (the database's admission rules decide), then dated by the model's clock."""
+        try:
+            with self.conn.transaction():
+                as_client(self.conn, caller)
+                row = self.conn.execute(
+                    """insert into public.call_invitations (room_name, caller_id, callee_id, call_type)
+                       values (%s, %s, %s, %s) returning id""", (room, caller, callee, call_type)).fetchone()
+                self.conn.execute("reset role")
+                # A microsecond apart: ties of `created_at` would be broken by random ids, and
+                # hypothesis needs the same steps to give the same story.
+                self.inserted += 1
+                created = self.clock.now() + timedelta(microseconds=self.inserted)
+                row = self.conn.execute("update public.call_invitations set created_at = %s where id = %s returning *",
+                                        (created, row["id"])).fetchone()
+        except psycopg.errors.RaiseException as exc:
+            raise GuardViolation(str(exc)) from exc
         return Invitation.from_row(row)
 
     def client_update(self, user: str, invitation_id: str, status: S) -> None:
@@ -115,6 +130,10 @@ class PostgresLifecycleModel(LifecycleModel):
     def make_world(self):
         world = PostgresWorld(self.database_url, self.clock)
         world.conn.execute(f"truncate {_TABLES}")
+        # Invitations are dated by the model's clock, ahead of the database's: no rate limit here
+        # (the migration's own tests cover it).
+        world.conn.execute("""insert into public.callflow_settings (key, value) values ('CALLFLOW_INVITE_RATE_PER_MINUTE', '100000')
+                              on conflict (key) do update set value = excluded.value""")
         return world
 
     def __init__(self) -> None:

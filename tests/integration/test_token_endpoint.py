@@ -378,3 +378,24 @@ def test_dev_token_is_refused_in_production(auth):
     assert out.returncode != 0
     assert "refused in production" in out.stderr
     assert "eyJ" not in out.stdout + out.stderr
+
+
+# ---- anonymous users ------------------------------------------------------------------------------
+
+def test_an_anonymous_user_gets_no_token(api, auth, db, make_user):
+    caller, callee = make_user(), make_user()
+    inv = invite(db, caller, callee)
+    resp = ask(api, es_token(auth, callee, is_anonymous=True), {"invitation_id": inv["id"]})
+    assert "anonymous" in assert_error(resp, 403, "anonymous")["message"]
+
+
+def test_anonymous_users_get_tokens_when_allowed(log_dir, auth, db, make_user):
+    proc, base = start_web(log_dir, auth, CALLFLOW_ALLOW_ANONYMOUS="true")
+    try:
+        caller, callee = make_user(), make_user()
+        inv = invite(db, caller, callee)
+        with httpx.Client(base_url=base, timeout=10) as client:
+            resp = ask(client, es_token(auth, callee, is_anonymous=True), {"invitation_id": inv["id"]})
+        assert resp.status_code == 200, resp.text
+    finally:
+        proc.stop()

@@ -22,6 +22,7 @@ from orchestration.domain.model import (
     Participant,
     can_transition,
     order_key,
+    room_parties,
 )
 from orchestration.lifecycle.state import Decision, EventRecord, SendNotification, Snapshot, Want
 from orchestration.ports import LiveParticipant, RoomError, RoomInfo
@@ -50,11 +51,14 @@ class Notification:
     invitation_id: str
     recipient_id: str
     status: str
+    caller_id: str = ""
+    created_at: datetime | None = None
 
 
 class FakeStore:
-    def __init__(self, clock: FakeClock) -> None:
+    def __init__(self, clock: FakeClock, email_repeat_window: float = 900.0) -> None:
         self.clock = clock
+        self.email_repeat_window = timedelta(seconds=email_repeat_window)
         self.invitations: dict[str, Invitation] = {}
         self.calls: dict[str, Call] = {}
         self.participants: dict[str, Participant] = {}
@@ -69,6 +73,15 @@ class FakeStore:
     def insert_invitation(self, caller: str, callee: str, room: str, call_type: str = "video") -> Invitation:
         if caller == callee:
             raise GuardViolation("caller = callee")
+        # The database's admission rules (the rate limit and anonymous users are left to the
+        # tests of the migration itself).
+        room_invs = [i for i in self.invitations.values() if i.room_name == room]
+        live = next((c for c in self.calls.values() if c.room_name == room and c.live), None)
+        parties = room_parties(room_invs, live)
+        if parties and caller not in parties:
+            raise GuardViolation(f"room_in_use: {room}")
+        if any(i.callee_id == callee and i.open for i in room_invs):
+            raise GuardViolation(f"already_invited: {callee} in {room}")
         inv = Invitation(id=f"inv-{next(self._ids):05d}", room_name=room, caller_id=caller, callee_id=callee,
                          call_type=call_type, status=S.PENDING, created_at=self.clock.now())
         self._put_invitation(inv)
@@ -169,8 +182,13 @@ class FakeUnitOfWork:
         for mail in decision.outbox:
             if mail.invitation_id in s.notifications:
                 continue
-            status = "skipped" if mail.callee_id in s.opted_out else "pending"
-            s.notifications[mail.invitation_id] = Notification(mail.invitation_id, mail.callee_id, status)
+            now = self.now()
+            repeat = any(n.recipient_id == mail.callee_id and n.caller_id == mail.caller_id
+                         and n.status in ("pending", "sent") and n.created_at > now - s.email_repeat_window
+                         for n in s.notifications.values())
+            status = "skipped" if mail.callee_id in s.opted_out or repeat else "pending"
+            s.notifications[mail.invitation_id] = Notification(mail.invitation_id, mail.callee_id, status,
+                                                               mail.caller_id, now)
             if status == "pending":
                 follow.append(SendNotification(f"n-{mail.invitation_id}"))
         return follow
@@ -186,6 +204,10 @@ class FakeUnitOfWork:
 
     def live_call_id(self, room_name: str) -> str | None:
         return next((c.id for c in self.s.calls.values() if c.room_name == room_name and c.live), None)
+
+    def is_party(self, room_name: str, identity: str) -> bool:
+        live = next((c for c in self.s.calls.values() if c.room_name == room_name and c.live), None)
+        return identity in room_parties([i for i in self.s.invitations.values() if i.room_name == room_name], live)
 
     def set_room_sid(self, call_id: str, room_sid: str) -> None:
         call = self.s.calls.get(call_id)
@@ -249,6 +271,9 @@ class FakeUnitOfWork:
         edge = self.now() - timedelta(seconds=seconds)
         return [dict(id=c.id, room_name=c.room_name) for c in self.s.calls.values()
                 if c.live and c.created_at < edge][:limit]
+
+    def live_rooms(self, limit):
+        return [c.room_name for c in self.s.calls.values() if c.live][:limit]
 
     def last_left_at(self, call_id):
         return max((p.left_at for p in self.s.participants.values() if p.call_id == call_id and p.left_at),
