@@ -1,5 +1,6 @@
-"""callflow's domain (the invitation state machine, commands, events) and its service layer.
+"""callflow's domain and its service layer.
 
-`domain` is pure; `handlers` decide with ports passed in; `adapters` talk to Postgres, LiveKit,
-Celery and Resend.
+`domain` is pure; `lifecycle` holds the use cases (load a snapshot through a port, decide in a
+pure function, apply in one transaction, run effects after commit); `adapters` talk to Postgres,
+LiveKit, Celery and Resend.
 """
