@@ -81,6 +81,23 @@ def _resend(settings: Settings) -> str:
     return f"Resend at {base} accepts the key"
 
 
+def _push(settings: Settings) -> str:
+    if not settings.expo_push_configured:
+        return f"no EXPO_PUSH_URL or EXPO_ACCESS_TOKEN: pushes are written to {settings.callflow_outbox_dir}/push"
+    import httpx
+
+    base = settings.expo_push_base_url
+    # An empty receipts request proves the host answers (and, with a token, that it is accepted).
+    headers = {"Authorization": f"Bearer {settings.expo_access_token.get_secret_value()}"} if settings.expo_access_token else {}
+    response = httpx.post(f"{base}/--/api/v2/push/getReceipts", json={"ids": []}, headers=headers, timeout=5)
+    if response.status_code in (401, 403):
+        raise RuntimeError(f"Expo refused the access token (HTTP {response.status_code})")
+    if response.status_code >= 500:
+        raise RuntimeError(f"Expo answered HTTP {response.status_code}")
+    token = "with an access token" if settings.expo_access_token else "without an access token"
+    return f"Expo push at {base} answers ({token}), {settings.callflow_push_rate_per_second:g}/s"
+
+
 EXTRA_CHECKS: list[Callable[[Settings], Check]] = []
 
 
@@ -92,7 +109,7 @@ def run_checks() -> Iterator[Check]:
         return
     yield "configuration", True, f"{settings.callflow_env}, listener source {settings.listener_source}"
     for name, fn in (("postgres", _postgres), ("redis", _redis), ("livekit", _livekit),
-                     ("supabase", _supabase), ("resend", _resend)):
+                     ("supabase", _supabase), ("resend", _resend), ("push", _push)):
         ok, detail = _timed(lambda fn=fn: fn(settings))
         yield name, ok, detail
     for extra in EXTRA_CHECKS:

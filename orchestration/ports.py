@@ -62,6 +62,9 @@ class Scheduler(Protocol):
 
     def send_notification(self, notification_id: str) -> None: ...
 
+    def send_pushes(self, message_ids: list[str]) -> None:
+        """Deliver these push outbox rows (batched, rate limited, after commit)."""
+
     def invitation_changed(self, change: dict) -> None: ...
 
 

@@ -49,6 +49,9 @@ class CeleryScheduler:
     def send_notification(self, notification_id: str) -> None:
         self.app.send_task("callflow.send_notification", args=[notification_id], queue="notifications")
 
+    def send_pushes(self, message_ids: list[str]) -> None:
+        self.app.send_task("callflow.send_pushes", args=[message_ids], queue="push")
+
     def invitation_changed(self, change: dict) -> None:
         self.app.send_task("callflow.invitation_changed", args=[change], queue="events")
 

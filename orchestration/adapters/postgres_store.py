@@ -20,7 +20,7 @@ from psycopg.types.json import Jsonb
 
 from orchestration.db import get_pool
 from orchestration.domain.model import Call, Invitation, Participant
-from orchestration.lifecycle.state import Decision, EventRecord, SendNotification, Snapshot, Want
+from orchestration.lifecycle.state import Decision, EventRecord, Push, SendNotification, SendPushes, Snapshot, Want
 
 _LIVE = "('ringing', 'active')"
 
@@ -167,12 +167,53 @@ class PostgresUnitOfWork:
                  "d": p.duration_seconds})
         for ev in decision.events:
             self.record_event(ev)
-        follow_ups = []
-        for mail in decision.outbox:
-            notification_id = self.add_missed_call_notification(mail.invitation_id, mail.caller_id, mail.callee_id)
+        follow_ups: list = []
+        pushes: list[str] = []
+        for item in decision.outbox:
+            if isinstance(item, Push):
+                pushes += self.add_pushes(item)
+                continue
+            notification_id = self.add_missed_call_notification(item.invitation_id, item.caller_id, item.callee_id)
             if notification_id:
                 follow_ups.append(SendNotification(notification_id))
+        if pushes:
+            follow_ups.append(SendPushes(tuple(pushes)))
         return follow_ups
+
+    def add_pushes(self, push: Push) -> list[str]:
+        """One push outbox row per enabled device of the callee; returns the `pending` ones.
+
+        A `missed_call` follows the missed-call email's rules: born `skipped` (with why) when the
+        callee turned missed-call notices off or had one from the same caller within the repeat
+        window (the pair's lock makes two at once see each other).
+        """
+        if push.kind == "missed_call":
+            self.lock(f"push:{push.caller_id}:{push.callee_id}", 17)
+        rows = self._all(
+            """with recipient as (
+                 select u.id,
+                        %(kind)s = 'missed_call'
+                          and lower(coalesce(u.raw_user_meta_data->>'missed_call_emails', 'true')) = 'false' as opted_out,
+                        %(kind)s = 'missed_call' and exists (
+                          select 1 from public.push_messages m join public.call_invitations i on i.id = m.invitation_id
+                           where m.kind = 'missed_call' and i.caller_id = %(caller)s and i.callee_id = u.id
+                             and m.status in ('pending', 'sent')
+                             and m.created_at > %(now)s::timestamptz - make_interval(secs => %(window)s)) as repeat
+                   from auth.users u where u.id = %(callee)s
+               )
+               insert into public.push_messages (kind, invitation_id, push_token_id, status, last_error, created_at)
+               select %(kind)s, %(inv)s, t.id,
+                      case when r.opted_out or r.repeat then 'skipped' else 'pending' end,
+                      case when r.opted_out then 'recipient turned missed-call notices off'
+                           when r.repeat then 'a missed-call push from this caller reached this recipient within '
+                                              || %(window)s || ' s (CALLFLOW_EMAIL_REPEAT_WINDOW_SECONDS)' end,
+                      %(now)s
+                 from public.push_tokens t join recipient r on r.id = t.user_id
+                where t.disabled_at is null
+               on conflict (kind, invitation_id, push_token_id) do nothing returning id, status""",
+            {"kind": push.kind, "inv": push.invitation_id, "caller": push.caller_id, "callee": push.callee_id,
+             "now": self.now(), "window": self.email_repeat_window})
+        return [str(r["id"]) for r in rows if r["status"] == "pending"]
 
     def record_event(self, ev: EventRecord) -> bool:
         row = self._one(

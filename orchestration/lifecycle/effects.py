@@ -16,6 +16,7 @@ from orchestration.lifecycle.state import (
     ScheduleGrace,
     ScheduleRingTimeout,
     SendNotification,
+    SendPushes,
 )
 from orchestration.ports import RoomError, RoomInfo
 
@@ -46,6 +47,8 @@ def _run(effect, ports: Ports) -> None:
                                      effect.aborted, ports.config.grace)
     elif isinstance(effect, SendNotification):
         ports.scheduler.send_notification(effect.notification_id)
+    elif isinstance(effect, SendPushes):
+        ports.scheduler.send_pushes(list(effect.message_ids))
     elif isinstance(effect, RemoveParticipant):
         # Rights are checked again just before: they may have been invited since.
         with ports.store.transaction(effect.room_name) as uow:

@@ -28,7 +28,6 @@ from orchestration.lifecycle.state import (
     Decision,
     EnsureRoom,
     EventRecord,
-    ScheduleRingTimeout,
     Snapshot,
     Want,
     Working,
@@ -133,13 +132,12 @@ def _ring(w: Working, inv: Invitation, room: RoomInfo, config: LifecycleConfig) 
     elif call.livekit_room_sid != room.sid:
         # The room LiveKit serves now is the call's room (made again after a deletion or timeout).
         call = w.put_call(replace(call, livekit_room_sid=room.sid))
-    inv = w.link(inv, call)
-    inv = w.put_invitation(inv.ring(w.now, config.ring_timeout))
-    w.effects.append(ScheduleRingTimeout(inv.id, inv.ring_deadline))
+    rules.ring(w, w.link(inv, call), config.ring_timeout)
     return "ringing"
 
 
 def _answered(w: Working, inv: Invitation) -> str:
+    rules.announce_end(w, inv)  # every other device of the callee stops ringing
     call = _call_for(w, inv, CallStatus.ACTIVE)
     if not call.live:
         return "seen_accepted"  # its call ended since; nothing left to do
@@ -153,8 +151,7 @@ def _answered(w: Working, inv: Invitation) -> str:
 def _ended(w: Working, inv: Invitation) -> str:
     if inv.call_id is None and inv.end_reason != EndReason.GLARE:
         inv = w.link(inv, _call_for(w, inv))
-    # The outbox's unique key makes this once-only whoever ended the invitation.
-    rules.after_client_ended(w, inv)
+    rules.announce_end(w, inv)
     rules.settle_call(w, inv.call_id)
     return f"seen_{inv.status}"
 

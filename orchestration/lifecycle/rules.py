@@ -18,26 +18,39 @@ from orchestration.domain.model import (
     seconds_between,
     unanswered_call_outcome,
 )
-from orchestration.lifecycle.state import MissedCallEmail, ReleaseRoom, Working
+from orchestration.lifecycle.state import MissedCallEmail, Push, ReleaseRoom, ScheduleRingTimeout, Working
 
 
 def end_invitation(w: Working, inv: Invitation, status: S, reason: str, at: datetime | None = None) -> Invitation:
-    """A worker's move of an open invitation to a terminal status; the outbox row if it earns one."""
+    """A worker's move of an open invitation to a terminal status, and what its end calls for."""
     ended = w.put_invitation(inv.end(status, reason, at or w.now))
-    if deserves_missed_call_email(ended.status, ended.ringing_at, ended.ended_at, ended.end_reason):
-        w.outbox.append(MissedCallEmail(ended.id, ended.caller_id, ended.callee_id))
+    announce_end(w, ended)
     return ended
 
 
-def after_client_ended(w: Working, inv: Invitation) -> None:
-    """A client ended the invitation (the database stamped it): the outbox row if it earns one."""
+def announce_end(w: Working, inv: Invitation) -> None:
+    """An invitation ended, whoever ended it: every device that rang stops (`call_ended`), and a
+    missed call earns its email and `missed_call` push. The outboxes' unique keys make this
+    once-only, however often an end is looked at."""
+    if inv.ringing_at is not None:
+        w.outbox.append(Push("call_ended", inv.id, inv.caller_id, inv.callee_id))
     if deserves_missed_call_email(inv.status, inv.ringing_at, inv.ended_at, inv.end_reason):
         w.outbox.append(MissedCallEmail(inv.id, inv.caller_id, inv.callee_id))
+        w.outbox.append(Push("missed_call", inv.id, inv.caller_id, inv.callee_id))
+
+
+def ring(w: Working, inv: Invitation, ring_timeout: float) -> Invitation:
+    """The invitation starts ringing: its countdown, and the callee's devices ring too."""
+    ringing = w.put_invitation(inv.ring(w.now, ring_timeout))
+    w.effects.append(ScheduleRingTimeout(ringing.id, ringing.ring_deadline))
+    w.outbox.append(Push("incoming_call", ringing.id, ringing.caller_id, ringing.callee_id, ringing.ring_deadline))
+    return ringing
 
 
 def answer(w: Working, inv: Invitation, at: datetime | None = None) -> Invitation:
     """The callee answered (a join, a timeout that found them in the room, or glare)."""
     accepted = w.put_invitation(inv.end(S.ACCEPTED, EndReason.ANSWERED, at or w.now))
+    announce_end(w, accepted)
     if accepted.call_id:
         activate(w, w.calls[accepted.call_id])
     return accepted

@@ -125,6 +125,25 @@ class MissedCallEmail:
     callee_id: str
 
 
+@dataclass(frozen=True)
+class Push:
+    """Ask the push outbox for one `kind` message to each enabled device of the callee.
+
+    `deadline`: an incoming call's ring deadline (a push that cannot go before it is skipped).
+    """
+
+    kind: str  # incoming_call, call_ended, missed_call
+    invitation_id: str
+    caller_id: str
+    callee_id: str
+    deadline: datetime | None = None
+
+
+@dataclass(frozen=True)
+class SendPushes:
+    message_ids: tuple[str, ...]
+
+
 @dataclass
 class Decision:
     result: str
@@ -132,7 +151,7 @@ class Decision:
     calls: list[Call] = field(default_factory=list)
     participants: list[Participant] = field(default_factory=list)
     events: list[EventRecord] = field(default_factory=list)
-    outbox: list[MissedCallEmail] = field(default_factory=list)
+    outbox: list = field(default_factory=list)  # MissedCallEmail and Push requests
     effects: list = field(default_factory=list)
 
     @property
@@ -155,7 +174,7 @@ class Working:
         self._changed_calls: list[str] = []
         self._changed_parts: list[str] = []
         self.events: list[EventRecord] = []
-        self.outbox: list[MissedCallEmail] = []
+        self.outbox: list = []  # MissedCallEmail and Push requests
         self.effects: list = []
 
     # ---- reading ---------------------------------------------------------------------------

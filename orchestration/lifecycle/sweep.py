@@ -71,7 +71,6 @@ def run_sweep(ports: Ports, throttle: Throttle, *, interval: float, parallel_map
         graces = uow.due_grace_expiries(cfg.grace, limit)
         stale = uow.stale_pending(STALE_PENDING_AFTER, limit)
         lost = uow.unrecorded_transitions(UNRECORDED_AFTER, UNRECORDED_WITHIN, limit)
-        silent = uow.silent_active_calls(cfg.ring_timeout, cfg.grace, limit)
     report = SweepReport()
 
     overdue = [str(r["id"]) for r in due if throttle.once(f"timeout:{r['id']}", hold)]
@@ -97,6 +96,9 @@ def run_sweep(ports: Ports, throttle: Throttle, *, interval: float, parallel_map
     results = list(parallel_map(lambda row: handle_invitation_changed(recovery_change(row), ports).result, lost))
     report.recovered = sum(1 for r in results if r != "duplicate")
 
+    # Looked for after the recoveries: a recovered answer may be long past its join window.
+    with ports.store.transaction() as uow:
+        silent = uow.silent_active_calls(cfg.ring_timeout, cfg.grace, limit)
     silent = [row for row in silent if throttle.once(f"silent:{row['id']}", hold)]
     results = list(parallel_map(lambda row: handle_silent_call(str(row["id"]), row["room_name"], ports).result,
                                 silent))

@@ -29,7 +29,7 @@ from tests.support.fakes import FakeClock, GuardViolation, Notification
 from tests.unit.test_lifecycle_model import ROOMS, USERS, LifecycleModel
 
 EXAMPLES = int(os.environ.get("CALLFLOW_MODEL_PG_EXAMPLES", "200"))
-_TABLES = "public.call_events, public.notifications, public.call_participants, public.call_invitations, public.calls"
+_TABLES = "public.push_messages, public.push_tokens, public.call_events, public.notifications, public.call_participants, public.call_invitations, public.calls"
 
 
 class PostgresWorld:
@@ -112,6 +112,9 @@ class PostgresView:
         self.notifications = {str(r["invitation_id"]): Notification(str(r["invitation_id"]), str(r["recipient_id"]),
                                                                     r["status"])
                               for r in conn.execute("select * from public.notifications").fetchall()}
+        self.push_messages = {(r["kind"], str(r["invitation_id"]), r["token"]): r["status"] for r in conn.execute(
+            """select m.kind, m.invitation_id, t.token, m.status from public.push_messages m
+                 join public.push_tokens t on t.id = m.push_token_id""").fetchall()}
 
 
 @pytest.fixture(scope="module")
@@ -144,11 +147,29 @@ class PostgresLifecycleModel(LifecycleModel):
         for name, uid in self.uid.items():
             self.world.conn.execute("insert into auth.users (id, email) values (%s, %s)",
                                     (uid, f"{name}-{uid[:8]}@example.test"))
+        self.tokens: dict[str, list[str]] = {}
         self.view = PostgresView()
+        self.register_devices()
         self.refresh()
 
     def refresh(self) -> None:
         self.view.load(self.world.conn)
+
+    def register_devices(self) -> None:
+        if not hasattr(self, "tokens"):
+            return  # the base class asks before the users exist; __init__ asks again
+        from tests.unit.test_lifecycle_model import DEVICES
+
+        for name, n in DEVICES.items():
+            for i in range(n):
+                token = f"ExponentPushToken[{name}-{self.uid[name][:8]}-{i}]"
+                self.world.conn.execute(
+                    "insert into public.push_tokens (user_id, token, platform) values (%s, %s, 'ios')",
+                    (self.uid[name], token))
+                self.tokens.setdefault(self.uid[name], []).append(token)
+
+    def devices_of(self, user: str) -> set[str]:
+        return set(self.tokens.get(user, ()))
 
     def teardown(self):
         super().teardown()

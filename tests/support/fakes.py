@@ -24,7 +24,7 @@ from orchestration.domain.model import (
     order_key,
     room_parties,
 )
-from orchestration.lifecycle.state import Decision, EventRecord, SendNotification, Snapshot, Want
+from orchestration.lifecycle.state import Decision, EventRecord, Push, SendNotification, SendPushes, Snapshot, Want
 from orchestration.ports import LiveParticipant, RoomError, RoomInfo
 
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
@@ -65,6 +65,8 @@ class FakeStore:
         self.events: dict[str, EventRecord] = {}
         self.notifications: dict[str, Notification] = {}
         self.opted_out: set[str] = set()
+        self.push_tokens: dict[str, list[str]] = {}   # user -> device tokens
+        self.push_messages: dict[tuple[str, str, str], str] = {}  # (kind, invitation, token) -> status
         self.history: dict[str, list[Invitation]] = {}  # every version of each invitation
         self._ids = itertools.count(1)
         self.locked: list[tuple[str, ...]] = []
@@ -179,7 +181,17 @@ class FakeUnitOfWork:
         for ev in decision.events:
             s.events.setdefault(ev.event_id, ev)
         follow = []
-        for mail in decision.outbox:
+        pushes = []
+        for item in decision.outbox:
+            if isinstance(item, Push):
+                for token in s.push_tokens.get(item.callee_id, ()):
+                    key = (item.kind, item.invitation_id, token)
+                    if key not in s.push_messages:
+                        s.push_messages[key] = "pending"
+                        pushes.append(f"push-{len(s.push_messages)}")
+        if pushes:
+            follow.append(SendPushes(tuple(pushes)))
+        for mail in (m for m in decision.outbox if not isinstance(m, Push)):
             if mail.invitation_id in s.notifications:
                 continue
             now = self.now()
@@ -331,6 +343,7 @@ class FakeScheduler:
         self.buckets: list[float] = []
         self.graces: list[tuple[str, str, str, bool | None, float]] = []
         self.notifications: list[str] = []
+        self.pushes: list[list[str]] = []
         self.changes: list[dict] = []
 
     def ring_timeout(self, invitation_id, at):
@@ -347,6 +360,9 @@ class FakeScheduler:
 
     def send_notification(self, notification_id):
         self.notifications.append(notification_id)
+
+    def send_pushes(self, message_ids):
+        self.pushes.append(list(message_ids))
 
     def invitation_changed(self, change):
         self.changes.append(change)

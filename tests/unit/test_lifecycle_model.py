@@ -39,6 +39,7 @@ from orchestration.lifecycle.sweep import run_sweep
 from tests.support.fakes import FakeClock, FakeRoom, FakeRooms, FakeScheduler, FakeStore, FakeThrottle, GuardViolation
 
 USERS = ("ana", "bo", "cy", "di")
+DEVICES = {"ana": 2, "bo": 1, "di": 1}  # push tokens each user registered (cy has none)
 ROOMS = ("r1", "r2")
 RING, GRACE, SWEEP = 30.0, 5.0, 1.0
 SLACK = timedelta(seconds=1)  # LiveKit's second-resolution times
@@ -122,6 +123,7 @@ class LifecycleModel(RuleBasedStateMachine):
         self.view = self.world
         self.uid = {name: name for name in USERS}
         self.room = {name: name for name in ROOMS}
+        self.register_devices()
         self.ports = Ports(self.world, self.livekit, self.scheduler, LifecycleConfig(ring_timeout=RING, grace=GRACE))
         self.webhooks: list[dict] = []        # sent by LiveKit, not yet delivered
         self.dropped_rooms: set[str] = set()  # rooms some webhook of which was lost
@@ -139,6 +141,13 @@ class LifecycleModel(RuleBasedStateMachine):
 
     def refresh(self) -> None:
         """Bring `view` up to date with the world (a no-op in memory)."""
+
+    def register_devices(self) -> None:
+        for name, n in DEVICES.items():
+            self.world.push_tokens[self.uid[name]] = [f"{name}-device-{i}" for i in range(n)]
+
+    def devices_of(self, user: str) -> set[str]:
+        return set(self.world.push_tokens.get(user, ()))
 
     # ---- plumbing ---------------------------------------------------------------------------
     def _collect(self) -> None:
@@ -352,6 +361,29 @@ class LifecycleModel(RuleBasedStateMachine):
                 assert earned, inv
             elif earned and self.last_sweep is not None and inv.ended_at + timedelta(seconds=3) < self.last_sweep:
                 raise AssertionError(f"no outbox row for {inv}")
+
+    @invariant()
+    def every_device_rings_and_stops_once(self):
+        """incoming_call to each of the callee's devices when it rang; call_ended to each when a
+        rung invitation ended; missed_call exactly when the email is earned. Once each."""
+        pushes = self.view.push_messages
+        settled = self.last_sweep - timedelta(seconds=3) if self.last_sweep is not None else None
+        for inv in self.view.invitations.values():
+            devices = self.devices_of(inv.callee_id)
+            for kind in ("incoming_call", "call_ended", "missed_call"):
+                got = {token for (k, i, token) in pushes if k == kind and i == inv.id}
+                assert got <= devices, (kind, inv, got)
+                if kind == "incoming_call":
+                    due = inv.ringing_at is not None
+                elif kind == "call_ended":
+                    due = inv.terminal and inv.ringing_at is not None
+                else:
+                    due = inv.terminal and deserves_missed_call_email(inv.status, inv.ringing_at, inv.ended_at,
+                                                                      inv.end_reason)
+                if not due:
+                    assert not got, (kind, inv, got)
+                elif kind == "incoming_call" or (settled is not None and inv.ended_at < settled):
+                    assert got == devices, (kind, inv, got, devices)
 
     @invariant()
     def glare_answers_the_earlier(self):

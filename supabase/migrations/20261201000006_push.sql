@@ -1,0 +1,79 @@
+-- Push to the callee's phones (Expo): the devices a user registered, and the push outbox.
+
+create table public.push_tokens (
+  id            uuid primary key default gen_random_uuid(),
+  user_id       uuid not null references auth.users (id) on delete cascade,
+  token         text not null,
+  platform      text not null,
+  device_name   text,
+  created_at    timestamptz not null default now(),
+  last_seen_at  timestamptz not null default now(),
+  disabled_at   timestamptz,
+  constraint push_tokens_token_unique unique (token),
+  constraint push_tokens_token_shape check (token ~ '^Expo(nent)?PushToken\[[^\]]+\]$'),
+  constraint push_tokens_platform_known check (platform in ('ios', 'android'))
+);
+create index push_tokens_user_enabled on public.push_tokens (user_id) where disabled_at is null;
+
+create table public.push_messages (
+  id              uuid primary key default gen_random_uuid(),
+  kind            text not null,
+  invitation_id   uuid not null references public.call_invitations (id) on delete cascade,
+  push_token_id   uuid not null references public.push_tokens (id) on delete cascade,
+  status          text not null default 'pending',
+  attempts        integer not null default 0,
+  ticket_id       text,
+  receipt_status  text,
+  last_error      text,
+  created_at      timestamptz not null default now(),
+  sent_at         timestamptz,
+  constraint push_messages_kind_known check (kind in ('incoming_call', 'call_ended', 'missed_call')),
+  constraint push_messages_status_known check (status in ('pending', 'sent', 'failed', 'skipped')),
+  constraint push_messages_receipt_known check (receipt_status is null or receipt_status in ('ok', 'error')),
+  constraint push_messages_once unique (kind, invitation_id, push_token_id)
+);
+create index push_messages_pending on public.push_messages (created_at) where status = 'pending';
+create index push_messages_unreceipted on public.push_messages (sent_at)
+  where status = 'sent' and receipt_status is null and ticket_id is not null;
+create index push_messages_token on public.push_messages (push_token_id);
+
+-- A user sees, inserts and deletes only their own devices; the outbox is callflow's.
+alter table public.push_tokens enable row level security;
+alter table public.push_messages enable row level security;
+revoke all on public.push_tokens, public.push_messages from anon, authenticated;
+grant select, insert, delete on public.push_tokens to authenticated;
+grant all on public.push_tokens, public.push_messages to service_role;
+
+create policy "users read their devices" on public.push_tokens
+  for select to authenticated using (auth.uid() = user_id);
+create policy "users add their devices" on public.push_tokens
+  for insert to authenticated with check (auth.uid() = user_id and disabled_at is null);
+create policy "users remove their devices" on public.push_tokens
+  for delete to authenticated using (auth.uid() = user_id);
+
+-- `select register_push_token(token, platform, device_name)`: the signed-in user's device. A token
+-- registered to another user moves to the caller (an account switch on the phone); registering
+-- again refreshes it and turns it back on.
+create or replace function public.register_push_token(token text, platform text, device_name text default null)
+returns public.push_tokens
+language plpgsql security definer set search_path = public
+as $$
+declare
+  uid uuid := auth.uid();
+  row public.push_tokens;
+begin
+  if uid is null then
+    raise exception 'register_push_token: sign in first' using errcode = '42501';
+  end if;
+  insert into public.push_tokens as t (user_id, token, platform, device_name)
+  values (uid, register_push_token.token, register_push_token.platform, register_push_token.device_name)
+  on conflict on constraint push_tokens_token_unique do update
+     set user_id = excluded.user_id, platform = excluded.platform,
+         device_name = coalesce(excluded.device_name, t.device_name),
+         last_seen_at = now(), disabled_at = null
+  returning * into row;
+  return row;
+end
+$$;
+revoke all on function public.register_push_token(text, text, text) from public, anon;
+grant execute on function public.register_push_token(text, text, text) to authenticated, service_role;

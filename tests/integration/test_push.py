@@ -1,0 +1,355 @@
+"""Push to the callee's phones, against the Expo stand-in (tests/standins/expo_server.py).
+
+A worker of this module's own (its own Postgres database and Redis database, `EXPO_PUSH_URL` at
+the stand-in) runs the real lifecycle (the real LiveKit server makes the rooms) and the push
+tasks; invitations are inserted as clients and their changes put on its queue as the listener
+would. Delivery details (batches, rate, outages, receipts) are also driven in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import psycopg
+import pytest
+import redis as redis_lib
+from celery import Celery
+
+from orchestration.push.delivery import PushDelivery
+from orchestration.push.expo import ExpoClient, OutboxClient
+from orchestration.push.rate import PushRate
+from orchestration.push.store import PushStore
+from tests.conftest import subprocess_env
+from tests.integration.test_notifications_delivery import redis_db_url, start_worker, user_maker
+from tests.standins.expo_server import ExpoStandin
+from tests.support import services
+from tests.support.calls import as_client, change_event
+
+RING_TIMEOUT = 3
+
+
+@pytest.fixture(scope="module")
+def push_database_url():
+    url = services.create_database(prefix="callflow_push")
+    yield url
+    from orchestration.db import close_pools
+
+    close_pools()
+    services.drop_database(url)
+
+
+@pytest.fixture
+def db(push_database_url):
+    from orchestration.db import connect
+
+    with connect(push_database_url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def make_user(db):
+    return user_maker(db)
+
+
+@pytest.fixture(scope="module")
+def expo():
+    with ExpoStandin() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def broker_url(redis_server):
+    url = redis_db_url(redis_server, 11)
+    redis_lib.Redis.from_url(url).flushdb()
+    return url
+
+
+@pytest.fixture(scope="module")
+def push_worker(push_database_url, broker_url, expo, livekit, log_dir):
+    env = subprocess_env(DATABASE_URL=push_database_url, REDIS_URL=broker_url, EXPO_PUSH_URL=expo.url,
+                         CALLFLOW_RING_TIMEOUT_SECONDS=str(RING_TIMEOUT), CALLFLOW_PUSH_RATE_PER_SECOND="500")
+    proc = start_worker(env, log_dir, "push", concurrency=3)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def producer(broker_url):
+    return Celery("push-test", broker=broker_url)
+
+
+def register(database_url: str, user: str, token: str, platform: str = "ios", device: str | None = None) -> dict:
+    with psycopg.connect(database_url, row_factory=psycopg.rows.dict_row) as conn:
+        as_client(conn, user)
+        return conn.execute("select * from public.register_push_token(%s, %s, %s)", (token, platform, device)).fetchone()
+
+
+def token() -> str:
+    return f"ExponentPushToken[{uuid.uuid4().hex[:22]}]"
+
+
+def invite(database_url: str, producer, caller: str, callee: str) -> str:
+    room = f"push-{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(database_url) as conn:
+        as_client(conn, caller)
+        inv = str(conn.execute("insert into public.call_invitations (room_name, caller_id, callee_id, call_type)"
+                               " values (%s, %s, %s, 'video') returning id", (room, caller, callee)).fetchone()[0])
+    changed(producer, inv, "pending")
+    return inv
+
+
+def changed(producer, invitation_id: str, status: str) -> None:
+    producer.send_task("callflow.invitation_changed", args=[change_event(invitation_id, status)], queue="events")
+
+
+def pushes_to(expo: ExpoStandin, tok: str, kind: str) -> list[dict]:
+    return [m for m in expo.delivered(kind) if m["to"] == tok]
+
+
+def wait(predicate, what: str, timeout: float = 20.0):
+    return services.wait_for(predicate, timeout=timeout, what=what)
+
+
+# ---- through the lifecycle ---------------------------------------------------------------------
+
+def test_every_device_rings_and_every_device_stops_when_one_answers(db, push_database_url, make_user, expo,
+                                                                   push_worker, producer):
+    caller, callee = make_user("Ana Souza"), make_user("Bo")
+    phone, tablet = token(), token()
+    register(push_database_url, callee, phone, "ios", "Bo's iPhone")
+    register(push_database_url, callee, tablet, "android", "Bo's tablet")
+    inv = invite(push_database_url, producer, caller, callee)
+    wait(lambda: pushes_to(expo, phone, "incoming_call") and pushes_to(expo, tablet, "incoming_call"), "incoming calls")
+    ring = pushes_to(expo, phone, "incoming_call")[0]
+    assert ring["priority"] == "high" and 1 <= ring["ttl"] <= RING_TIMEOUT
+    assert ring["data"]["invitation_id"] == inv and ring["data"]["kind"] == "incoming_call"
+    assert ring["data"]["caller_name"] == "Ana Souza" and ring["data"]["call_type"] == "video"
+    assert ring["data"]["room_name"].startswith("push-") and "Ana Souza" in ring["body"]
+
+    with psycopg.connect(push_database_url) as conn:  # one device answers
+        as_client(conn, callee)
+        conn.execute("update public.call_invitations set status = 'accepted' where id = %s", (inv,))
+    changed(producer, inv, "accepted")
+    wait(lambda: pushes_to(expo, phone, "call_ended") and pushes_to(expo, tablet, "call_ended"), "call ended")
+    time.sleep(RING_TIMEOUT + 1)  # nothing more comes: no missed_call, no second call_ended
+    for tok in (phone, tablet):
+        assert len(pushes_to(expo, tok, "incoming_call")) == 1 and len(pushes_to(expo, tok, "call_ended")) == 1
+        assert not pushes_to(expo, tok, "missed_call")
+        ended = pushes_to(expo, tok, "call_ended")[0]
+        assert ended["data"] == {"kind": "call_ended", "invitation_id": inv, "room_name": ring["data"]["room_name"],
+                                 "status": "accepted", "end_reason": "answered"}
+    rows = db.execute("select status, ticket_id from public.push_messages where invitation_id = %s", (inv,)).fetchall()
+    assert len(rows) == 4 and all(r["status"] == "sent" and r["ticket_id"] for r in rows)
+
+
+def test_a_missed_call_stops_the_ringing_and_tells_the_callee(db, push_database_url, make_user, expo, push_worker,
+                                                             producer):
+    caller, callee = make_user("Cy"), make_user("Di")
+    phone = token()
+    register(push_database_url, callee, phone)
+    inv = invite(push_database_url, producer, caller, callee)
+    wait(lambda: pushes_to(expo, phone, "missed_call"), "missed call push", timeout=RING_TIMEOUT + 15)
+    assert len(pushes_to(expo, phone, "incoming_call")) == 1
+    assert [m["data"]["status"] for m in pushes_to(expo, phone, "call_ended")] == ["missed"]
+    missed = pushes_to(expo, phone, "missed_call")[0]
+    assert missed["data"]["invitation_id"] == inv and "Cy" in missed["body"]
+
+
+def test_an_unregistered_device_is_turned_off_and_gets_nothing_more(db, push_database_url, make_user, expo,
+                                                                    push_worker, producer):
+    caller, callee = make_user(), make_user()
+    gone, kept = token(), token()
+    register(push_database_url, callee, gone)
+    register(push_database_url, callee, kept)
+    expo.unregister(gone)
+    inv = invite(push_database_url, producer, caller, callee)
+    wait(lambda: pushes_to(expo, kept, "incoming_call"), "the kept device rings")
+    wait(lambda: db.execute("select disabled_at from public.push_tokens where token = %s", (gone,)).fetchone()["disabled_at"],
+         "the gone device turned off")
+    row = db.execute("""select m.status, m.last_error from public.push_messages m join public.push_tokens t
+                          on t.id = m.push_token_id where t.token = %s and m.invitation_id = %s""", (gone, inv)).fetchone()
+    assert row["status"] == "failed" and "DeviceNotRegistered" in row["last_error"]
+    before = len([r for r in expo.sends for m in r.messages if m["to"] == gone])
+    second = invite(push_database_url, producer, caller, make_user())  # another call, another callee: unrelated
+    changed(producer, inv, "pending")
+    with psycopg.connect(push_database_url) as conn:
+        as_client(conn, caller)
+        conn.execute("update public.call_invitations set status = 'cancelled' where id = %s", (inv,))
+    changed(producer, inv, "cancelled")
+    wait(lambda: pushes_to(expo, kept, "call_ended"), "call ended on the kept device")
+    assert len([r for r in expo.sends for m in r.messages if m["to"] == gone]) == before
+    assert second
+
+
+def test_an_account_switch_moves_the_token(db, push_database_url, make_user):
+    first, second = make_user(), make_user()
+    tok = token()
+    a = register(push_database_url, first, tok, "ios", "shared phone")
+    b = register(push_database_url, second, tok, "ios", None)
+    assert a["id"] == b["id"] and str(b["user_id"]) == second and b["device_name"] == "shared phone"
+    rows = db.execute("select user_id from public.push_tokens where token = %s", (tok,)).fetchall()
+    assert [str(r["user_id"]) for r in rows] == [second]
+    with pytest.raises(psycopg.errors.CheckViolation):
+        register(push_database_url, first, "not-a-token")
+
+
+def test_a_user_manages_only_their_own_devices(db, push_database_url, make_user):
+    owner, other = make_user(), make_user()
+    tok = token()
+    register(push_database_url, owner, tok)
+    with psycopg.connect(push_database_url) as conn:
+        as_client(conn, other)
+        assert conn.execute("select count(*) from public.push_tokens").fetchone()[0] == 0
+        assert conn.execute("delete from public.push_tokens where token = %s", (tok,)).rowcount == 0
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("insert into public.push_tokens (user_id, token, platform) values (%s, %s, 'ios')",
+                         (owner, token()))
+    with psycopg.connect(push_database_url) as conn:
+        as_client(conn, other)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("select * from public.push_messages")
+
+
+# ---- delivery in-process: batches, rate, outages, receipts ---------------------------------------
+# On a database of their own: the module's worker takes any pending row it finds (a burst goes in
+# full batches), and must not take these.
+
+@pytest.fixture(scope="module")
+def delivery_database_url():
+    url = services.create_database(prefix="callflow_pushd")
+    yield url
+    from orchestration.db import close_pools
+
+    close_pools()
+    services.drop_database(url)
+
+
+@pytest.fixture
+def ddb(delivery_database_url):
+    from orchestration.db import connect
+
+    with connect(delivery_database_url, autocommit=True) as conn:
+        yield conn
+
+
+def ringing_rows(ddb, n: int, deadline_in: float = 30.0) -> tuple[list[str], list[str]]:
+    """n ringing invitations, one device each, and their pending incoming_call rows."""
+    make_user = user_maker(ddb)
+    caller = make_user("Eve")
+    ids, tokens = [], []
+    for _ in range(n):
+        callee, tok = make_user(), token()
+        tokens.append(tok)
+        t = ddb.execute("insert into public.push_tokens (user_id, token, platform) values (%s, %s, 'android') returning id",
+                       (callee, tok)).fetchone()["id"]
+        inv = ddb.execute("""insert into public.call_invitations (room_name, caller_id, callee_id) values (%s, %s, %s)
+                            returning id""", (f"batch-{uuid.uuid4().hex[:8]}", caller, callee)).fetchone()["id"]
+        ddb.execute("""update public.call_invitations set status = 'ringing', ringing_at = now(),
+                          ring_deadline = now() + make_interval(secs => %s) where id = %s""", (deadline_in, inv))
+        ids.append(str(ddb.execute("""insert into public.push_messages (kind, invitation_id, push_token_id)
+                                     values ('incoming_call', %s, %s) returning id""", (inv, t)).fetchone()["id"]))
+    return ids, tokens
+
+
+def delivery_for(database_url: str, redis_server, base_url: str, rate: float) -> PushDelivery:
+    client = redis_lib.Redis.from_url(redis_db_url(redis_server, 10))
+    key = f"callflow:test:rate:{uuid.uuid4().hex[:6]}"
+    return PushDelivery(PushStore(database_url), ExpoClient(base_url), client, PushRate(client, rate, key=key))
+
+
+def run_like_the_task(delivery: PushDelivery, ids: list[str]) -> None:
+    """What `send_pushes` does, with its re-queues played in-process (a countdown is a sleep here)."""
+    queue = [(0.0, ids, False, 0)]
+    start = time.monotonic()
+    while queue:
+        queue.sort(key=lambda q: q[0])
+        at, batch, booked, failures = queue.pop(0)
+        time.sleep(max(0.0, at - (time.monotonic() - start)))
+        out = delivery.deliver(batch, booked=booked, failures=failures)
+        if out.others:
+            queue.append((time.monotonic() - start, out.others, False, 0))
+        if out.come_back_in is not None and out.message_ids:
+            queue.append((time.monotonic() - start + out.come_back_in, out.message_ids, out.booked,
+                          failures if out.booked else failures + 1))
+
+
+def test_250_ringing_at_once_go_in_batches_of_at_most_100_within_the_rate(ddb, delivery_database_url, expo,
+                                                                        redis_server):
+    ids, tokens = ringing_rows(ddb, 250)
+    delivery = delivery_for(delivery_database_url, redis_server, expo.url, rate=200)
+    first = len(expo.sends)
+    run_like_the_task(delivery, ids)  # one task, as the lifecycle sends it for the first
+    for i in ids[:3]:  # the tasks of the others find their rows sent already
+        assert delivery.deliver([i]).sent == 0
+    sends = [r for r in expo.sends[first:] if r.status == 200]
+    assert all(len(r.messages) <= 100 for r in sends) and len(sends) == 3
+    assert sorted(m["to"] for r in sends for m in r.messages) == sorted(tokens)
+    # Within the rate: the n-th request starts no earlier than the messages before it allow.
+    t0 = sends[0].at
+    sent_before = 0
+    for r in sends:
+        assert r.at - t0 >= sent_before / 200 - 0.05, (r.at - t0, sent_before)
+        sent_before += len(r.messages)
+    rows = ddb.execute("select status from public.push_messages where id = any(%s::uuid[])", (ids,)).fetchall()
+    assert {r["status"] for r in rows} == {"sent"}
+
+
+def test_a_500_then_a_200_gives_one_delivery(ddb, delivery_database_url, expo, redis_server):
+    ids, tokens = ringing_rows(ddb, 1)
+    expo.script(500)
+    run_like_the_task(delivery_for(delivery_database_url, redis_server, expo.url, rate=500), ids)
+    assert len(pushes_to(expo, tokens[0], "incoming_call")) == 1
+    row = ddb.execute("select status, attempts from public.push_messages where id = %s", (ids[0],)).fetchone()
+    assert row["status"] == "sent" and row["attempts"] == 2
+
+
+def test_expo_down_sends_after_or_skips_what_is_past_its_deadline(ddb, delivery_database_url, expo,
+                                                                 redis_server):
+    soon, soon_tokens = ringing_rows(ddb, 1, deadline_in=3)
+    later, later_tokens = ringing_rows(ddb, 1, deadline_in=120)
+    expo.down_for(6)
+    delivery = delivery_for(delivery_database_url, redis_server, expo.url, rate=500)
+    run_like_the_task(delivery, soon + later)
+    assert pushes_to(expo, later_tokens[0], "incoming_call") and not pushes_to(expo, soon_tokens[0], "incoming_call")
+    skipped = ddb.execute("select status, last_error from public.push_messages where id = %s", (soon[0],)).fetchone()
+    assert skipped["status"] == "skipped" and "deadline" in skipped["last_error"]
+
+
+def test_an_incoming_call_that_stopped_ringing_is_not_pushed(ddb, delivery_database_url, expo, redis_server):
+    ids, tokens = ringing_rows(ddb, 1)
+    ddb.execute("""update public.call_invitations set status = 'cancelled'
+                   where id = (select invitation_id from public.push_messages where id = %s)""", (ids[0],))
+    delivery_for(delivery_database_url, redis_server, expo.url, rate=500).deliver(ids)
+    assert not pushes_to(expo, tokens[0], "incoming_call")
+    assert ddb.execute("select status from public.push_messages where id = %s", (ids[0],)).fetchone()["status"] == "skipped"
+
+
+def test_receipts_are_read_later_and_an_unregistered_device_is_turned_off(ddb, delivery_database_url, expo,
+                                                                        redis_server):
+    ids, tokens = ringing_rows(ddb, 2)
+    expo.unregister_later(tokens[1])
+    delivery = delivery_for(delivery_database_url, redis_server, expo.url, rate=500)
+    delivery.deliver(ids)
+    ddb.execute("update public.push_messages set sent_at = now() - interval '1 minute' where id = any(%s::uuid[])", (ids,))
+    assert delivery.check_receipts(older_than=15) == 2
+    rows = {str(r["id"]): r for r in ddb.execute(
+        "select id, receipt_status, last_error from public.push_messages where id = any(%s::uuid[])", (ids,)).fetchall()}
+    assert rows[ids[0]]["receipt_status"] == "ok"
+    assert rows[ids[1]]["receipt_status"] == "error" and "DeviceNotRegistered" in rows[ids[1]]["last_error"]
+    assert ddb.execute("select disabled_at from public.push_tokens where token = %s", (tokens[1],)).fetchone()["disabled_at"]
+    assert ddb.execute("select disabled_at from public.push_tokens where token = %s", (tokens[0],)).fetchone()["disabled_at"] is None
+
+
+def test_development_writes_pushes_as_json_files(ddb, delivery_database_url, redis_server, tmp_path):
+    ids, tokens = ringing_rows(ddb, 1)
+    client = redis_lib.Redis.from_url(redis_db_url(redis_server, 10))
+    delivery = PushDelivery(PushStore(delivery_database_url), OutboxClient(tmp_path / "push"), client,
+                            PushRate(client, 500, key=f"callflow:test:rate:{uuid.uuid4().hex[:6]}"))
+    assert delivery.deliver(ids).sent == 1
+    files = list((tmp_path / "push").glob("incoming_call-*.json"))
+    assert len(files) == 1
+    message = json.loads(files[0].read_text())
+    assert message["to"] == tokens[0] and message["data"]["kind"] == "incoming_call"
