@@ -24,13 +24,18 @@ from psycopg_pool import AsyncConnectionPool
 from bench.stack import cpu_by_process, cpu_delta, machine, percentile, stack, table
 
 
-async def drive(database_url: str, count: int, in_flight: int) -> dict:
+async def drive(database_url: str, count: int, in_flight: int, devices: int = 0) -> dict:
     # Two fresh users per lifecycle: a callee still in an earlier (active) call would be busy.
     users = [str(uuid.uuid4()) for _ in range(2 * count)]
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         async with conn.cursor() as cur:
             await cur.executemany("insert into auth.users (id, email) values (%s, %s)",
                                   [(u, f"{u[:8]}@bench.test") for u in users])
+            # Each callee's phones: every ringing then writes and sends `devices` pushes (and as many
+            # call_ended on the answer), to the development outbox folder.
+            await cur.executemany("insert into public.push_tokens (user_id, token, platform) values (%s, %s, 'ios')",
+                                  [(users[2 * i + 1], f"ExponentPushToken[bench-{uuid.uuid4().hex}]")
+                                   for i in range(count) for _ in range(devices)])
     ringing: dict[str, asyncio.Future] = {}
     loop = asyncio.get_running_loop()
 
@@ -138,18 +143,20 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--concurrency", type=int, default=6)
     ap.add_argument("--pool", default="prefork", choices=["prefork", "threads"])
+    ap.add_argument("--devices", type=int, default=0, help="push tokens per callee (the push path's cost)")
     args = ap.parse_args()
     env = {"CALLFLOW_RING_TIMEOUT_SECONDS": "120", "CALLFLOW_SWEEP_INTERVAL_SECONDS": "1"}
     with stack(env, workers=args.workers, concurrency=args.concurrency, listener=True, beat=True, pool=args.pool) as s:
-        asyncio.run(drive(s.database_url, min(200, args.count), args.in_flight))  # warm-up
+        asyncio.run(drive(s.database_url, min(200, args.count), args.in_flight, args.devices))  # warm-up
         cpu_before = cpu_by_process()
-        result = asyncio.run(drive(s.database_url, args.count, args.in_flight))
+        result = asyncio.run(drive(s.database_url, args.count, args.in_flight, args.devices))
         cpu = cpu_delta(cpu_before, cpu_by_process())
         tps = pgbench(s.database_url)
     rate = args.count / result["elapsed"]
     rl = [x * 1000 for x in result["ring_latencies"]]
     print(f"machine: {machine()}")
-    print(f"workers: {args.workers} x {args.pool} {args.concurrency}; {args.count} lifecycles, {args.in_flight} in flight\n")
+    print(f"workers: {args.workers} x {args.pool} {args.concurrency}; {args.count} lifecycles, {args.in_flight} in flight, "
+          f"{args.devices} push device(s) per callee\n")
     print(table([
         ["callflow lifecycles (insert→ringing→accept→active)", f"{rate:,.0f}/s",
          f"insert→ringing p50 {percentile(rl, 50):.0f} ms, p99 {percentile(rl, 99):.0f} ms"],
