@@ -179,7 +179,7 @@ def main() -> None:
 
     log_dir = Path(tempfile.mkdtemp(prefix="callflow-bench-listener-"))
     redis_server = services.RedisServer().start()
-    db_url = services.create_database("callflow_bench")
+    db_url = services.create_database("callflow_bench", invite_rate_per_minute=10_000_000)
     try:
         pairs = []
         with psycopg.connect(db_url, autocommit=True) as conn:

@@ -59,7 +59,7 @@ class Stack:
     def start(self, workers: int = 1, concurrency: int = 4, listener: bool = True, beat: bool = False,
               pool: str = "prefork") -> "Stack":
         self.redis = services.RedisServer().start()
-        self.database_url = services.create_database("callflow_bench")
+        self.database_url = services.create_database("callflow_bench", invite_rate_per_minute=10_000_000)
         lk_port = services.free_port()
         self.env = dict(os.environ)
         self.env.update({

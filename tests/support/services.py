@@ -57,7 +57,9 @@ def ensure_postgres() -> None:
     wait_for(lambda: psycopg.connect(ADMIN_URL, connect_timeout=2).close() or True, what="postgres")
 
 
-def create_database(prefix: str = "callflow_test") -> str:
+def create_database(prefix: str = "callflow_test", invite_rate_per_minute: int | None = None) -> str:
+    """A fresh, migrated database. `invite_rate_per_minute`: for tests and benchmarks of other
+    things that insert bursts of invitations as one client (the database's rule is 30 a minute)."""
     ensure_postgres()
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
@@ -66,7 +68,8 @@ def create_database(prefix: str = "callflow_test") -> str:
     url = f"{base}/{name}"
     from orchestration.migrate import migrate
 
-    migrate(url)
+    migrate(url, settings={"CALLFLOW_INVITE_RATE_PER_MINUTE": str(invite_rate_per_minute)}
+            if invite_rate_per_minute else None)
     return url
 
 
