@@ -67,6 +67,9 @@ class Scheduler(Protocol):
 
     def invitation_changed(self, change: dict) -> None: ...
 
+    def expect_echoes(self, transitions: list[tuple[str, str]]) -> None:
+        """(invitation id, status) a worker is about to commit: the listener need not hand them on."""
+
 
 class UnitOfWork(Protocol):
     """One transaction of the store. `load` and `apply` are the lifecycle's; the rest are the

@@ -9,6 +9,8 @@ import redis
 from celery import Celery
 
 
+from orchestration.ingest.mapping import dedupe_key
+from orchestration.ingest.sink import DEDUPE_TTL_SECONDS
 from orchestration.lifecycle.ring_timeout import TIMER_BUCKET_SECONDS
 
 
@@ -51,6 +53,13 @@ class CeleryScheduler:
 
     def send_pushes(self, message_ids: list[str]) -> None:
         self.app.send_task("callflow.send_pushes", args=[message_ids], queue="push")
+
+    def expect_echoes(self, transitions: list[tuple[str, str]]) -> None:
+        # The listener's own dedupe marks (orchestration/ingest/sink.py): its SET NX then finds them.
+        pipe = self._r().pipeline(transaction=False)
+        for invitation_id, status in transitions:
+            pipe.set(dedupe_key(invitation_id, status), "worker", nx=True, ex=DEDUPE_TTL_SECONDS)
+        pipe.execute()
 
     def invitation_changed(self, change: dict) -> None:
         self.app.send_task("callflow.invitation_changed", args=[change], queue="events")

@@ -31,6 +31,23 @@ def create_room(ports: Ports, room_name: str) -> RoomInfo:
                                    metadata=json.dumps({"callflow": True}))
 
 
+# Statuses only a worker makes: their echo through the listener carries no work.
+WORKER_ONLY = frozenset({"ringing", "missed", "busy", "failed"})
+
+
+def apply_decision(uow, decision, ports: Ports) -> list:
+    """Write the decision in the open transaction; returns every effect to run after commit.
+
+    Before the commit, the listener is told to expect the echo of each worker-only transition
+    (its dedupe mark is set): the change would come back as a task that only records itself. Set
+    early, a mark of a transaction that then rolls back suppresses an echo with no work in it.
+    """
+    echoes = [(inv.id, str(inv.status)) for inv in decision.invitations if str(inv.status) in WORKER_ONLY]
+    if echoes:
+        ports.scheduler.expect_echoes(echoes)
+    return decision.effects + uow.apply(decision)
+
+
 def run_effects(effects: Iterable, ports: Ports) -> None:
     for effect in effects:
         try:

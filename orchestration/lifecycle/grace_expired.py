@@ -10,7 +10,7 @@ from __future__ import annotations
 from orchestration.domain.model import CallStatus, EndReason, InvitationStatus as S, is_one_to_one
 from orchestration.lifecycle import rules
 from orchestration.lifecycle.context import Outcome, Ports
-from orchestration.lifecycle.effects import run_effects
+from orchestration.lifecycle.effects import apply_decision, run_effects
 from orchestration.lifecycle.state import Decision, EventRecord, Snapshot, Want, Working
 
 
@@ -67,6 +67,6 @@ def handle_grace_expired(room_name: str, participant_sid: str, identity: str, ab
         if event_id in snap.seen_events:
             return Outcome("duplicate")
         decision = decide(snap, participant_sid, identity, aborted, back, source)
-        effects = decision.effects + uow.apply(decision)
+        effects = apply_decision(uow, decision, ports)
     run_effects(effects, ports)
     return Outcome(decision.result, effects)

@@ -23,7 +23,7 @@ from orchestration.domain.model import (
 from orchestration.ingest.livekit import parse_time
 from orchestration.lifecycle import rules
 from orchestration.lifecycle.context import LifecycleConfig, Outcome, Ports
-from orchestration.lifecycle.effects import create_room, run_effects
+from orchestration.lifecycle.effects import apply_decision, create_room, run_effects
 from orchestration.lifecycle.state import (
     Decision,
     EnsureRoom,
@@ -207,7 +207,7 @@ def handle_invitation_changed(change: dict, ports: Ports) -> Outcome:
                                   "LiveKit kept serving the room of an ended call")
         if decision.result == "failed":
             log.error("room could not be made", invitation_id=inv.id, room_name=inv.room_name, error=room_error)
-        effects = decision.effects + uow.apply(decision)
+        effects = apply_decision(uow, decision, ports)
     run_effects(effects, ports)
     return Outcome(decision.result, effects)
 

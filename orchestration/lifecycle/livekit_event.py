@@ -15,7 +15,7 @@ from orchestration.domain.model import CallStatus, InvitationStatus as S, Partic
 from orchestration.ingest.livekit import RoomEvent, parse_room_event
 from orchestration.lifecycle import rules
 from orchestration.lifecycle.context import LifecycleConfig, Outcome, Ports
-from orchestration.lifecycle.effects import run_effects
+from orchestration.lifecycle.effects import apply_decision, run_effects
 from orchestration.lifecycle.state import (
     Decision,
     EventRecord,
@@ -199,7 +199,7 @@ def handle_livekit_event(event: Mapping | RoomEvent, received_at: str | None, po
         if ev.event_id in snap.seen_events:
             return Outcome("duplicate")
         decision = decide(snap, ev, ports.config)
-        effects = decision.effects + uow.apply(decision)
+        effects = apply_decision(uow, decision, ports)
     run_effects(effects, ports)
     return Outcome(decision.result, effects)
 

@@ -17,7 +17,7 @@ from datetime import timedelta
 from orchestration.domain.model import CallStatus
 from orchestration.lifecycle import rules
 from orchestration.lifecycle.context import LifecycleConfig, Outcome, Ports
-from orchestration.lifecycle.effects import run_effects
+from orchestration.lifecycle.effects import apply_decision, run_effects
 from orchestration.lifecycle.state import (
     Decision,
     EventRecord,
@@ -52,7 +52,7 @@ def handle_room_members(room_name: str, ports: Ports) -> Outcome:
     with ports.store.transaction(room_name) as uow:
         snap = uow.load(Want(room_name=room_name, event_ids=tuple(f"participant_removed:{p.sid}" for p in listed)))
         decision = decide_room_members(snap, [p for p in listed if f"participant_removed:{p.sid}" not in snap.seen_events])
-        effects = decision.effects + uow.apply(decision)
+        effects = apply_decision(uow, decision, ports)
     run_effects(effects, ports)
     return Outcome(decision.result, effects)
 
@@ -100,7 +100,7 @@ def handle_silent_call(call_id: str, room_name: str, ports: Ports) -> Outcome:
         if f"join_window_expired:{call_id}" in snap.seen_events:
             return Outcome("duplicate")
         decision = decide_silent_call(snap, call_id, bool(live), ports.config)
-        effects = decision.effects + uow.apply(decision)
+        effects = apply_decision(uow, decision, ports)
     run_effects(effects, ports)
     return Outcome(decision.result, effects)
 
@@ -124,7 +124,7 @@ def reconcile_live_calls(ports: Ports, older_than: float = 60.0, limit: int = 20
             if f"room_reconciled:{call_id}" in snap.seen_events:
                 continue
             decision = decide_room_gone(snap, call_id)
-            effects = decision.effects + uow.apply(decision)
+            effects = apply_decision(uow, decision, ports)
         run_effects(effects, ports)
         ended += decision.result == "reconciled"
     return ended

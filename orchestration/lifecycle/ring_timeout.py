@@ -13,7 +13,7 @@ from typing import Callable
 from orchestration.domain.model import EndReason, InvitationStatus as S, decide_ring_timeout
 from orchestration.lifecycle import rules
 from orchestration.lifecycle.context import Outcome, Ports
-from orchestration.lifecycle.effects import run_effects
+from orchestration.lifecycle.effects import apply_decision, run_effects
 from orchestration.lifecycle.state import Decision, EventRecord, Snapshot, Want, Working
 
 # Ring deadlines are grouped in buckets this wide: one countdown task per bucket ends every
@@ -72,7 +72,7 @@ def handle_ring_timeout(invitation_id: str, source: str, ports: Ports, due: dict
         if event_id in snap.seen_events:
             return Outcome("duplicate")
         decision = decide(snap, invitation_id, source, callee_in_room)
-        effects = decision.effects + uow.apply(decision)
+        effects = apply_decision(uow, decision, ports)
     run_effects(effects, ports)
     return Outcome(decision.result, effects)
 

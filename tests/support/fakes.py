@@ -345,6 +345,7 @@ class FakeScheduler:
         self.notifications: list[str] = []
         self.pushes: list[list[str]] = []
         self.changes: list[dict] = []
+        self.echoes: list[tuple[str, str]] = []
 
     def ring_timeout(self, invitation_id, at):
         self.timeouts.append((invitation_id, at))
@@ -366,6 +367,9 @@ class FakeScheduler:
 
     def invitation_changed(self, change):
         self.changes.append(change)
+
+    def expect_echoes(self, transitions):
+        self.echoes.extend(transitions)
 
 
 class FakeThrottle:
