@@ -29,6 +29,7 @@ def test_fuzz_token_endpoint_finds_no_server_errors(log_dir, auth, db, make_user
             [str(SCHEMATHESIS), "run", f"{base}/openapi.json",
              "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
                          "response_schema_conformance,response_headers_conformance",
+             "--exclude-path", "/api/calls/events",  # a stream that never ends: tested in test_api_calls
              "--max-examples", "100", "--seed", str(uuid.uuid4().int % 100000), "--workers", "4",
              "--header", f"Authorization: Bearer {token}",
              "--generation-database", "none", "--no-color", "--request-timeout", "10",

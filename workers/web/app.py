@@ -6,10 +6,18 @@ from starlette.applications import Starlette
 
 from config.logging import configure_logging
 from config.settings import load_settings_or_exit
-from workers.web import health, token, webhook
+from workers.web import api_docs, calls, demo, dev, events, health, token, webhook
+from workers.web.cors import ApiCors
+from workers.web.errors import EXCEPTION_HANDLERS
 
 settings = load_settings_or_exit()
 configure_logging(settings.is_production)
+api_docs.extend(token.OPENAPI)
 
-app = Starlette(routes=[*webhook.routes, *token.routes, *health.routes])
+app = Starlette(
+    routes=[*webhook.routes, *token.routes, *events.routes, *calls.routes, *dev.routes, *demo.routes,
+            *health.routes],
+    exception_handlers=EXCEPTION_HANDLERS,  # every error in the contract's JSON shape, 404/405/500 included
+)
+app.add_middleware(ApiCors, origins=settings.cors_origins)
 app.add_middleware(webhook.FastPath)  # POST /livekit/webhook skips the router (hot path)

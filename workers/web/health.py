@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import psycopg
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -13,6 +14,8 @@ from starlette.routing import Route
 from config.logging import get_logger
 from config.settings import get_settings
 from orchestration.ingest import metrics as _listener_metrics  # noqa: F401 - registers the listener heartbeat collector
+from orchestration.push import metrics as _push_metrics  # noqa: F401 - registers the push outbox collector
+from orchestration.usage import metrics as _usage_metrics  # noqa: F401 - registers the LiveKit usage collector
 from workers.web import webhook
 
 CHECK_TIMEOUT_SECONDS = 2.0
@@ -46,18 +49,52 @@ async def _run(name: str, check) -> tuple[str, str | None]:
         return name, exc.__class__.__name__
 
 
+class _ReadinessCache:
+    """The last answer, kept for a second and shared by everyone asking meanwhile.
+
+    A flood of `/readyz` then costs at most one Postgres connection and one Redis ping a second.
+    """
+
+    TTL_SECONDS = 1.0
+
+    def __init__(self) -> None:
+        self._answer: tuple[float, int, dict] | None = None
+        self._in_flight: asyncio.Future | None = None
+
+    async def get(self) -> tuple[int, dict]:
+        now = time.monotonic()
+        if self._answer is not None and now - self._answer[0] < self.TTL_SECONDS:
+            return self._answer[1], self._answer[2]
+        if self._in_flight is None:
+            self._in_flight = asyncio.ensure_future(self._check())
+        future = self._in_flight
+        try:
+            status, body = await asyncio.shield(future)
+        finally:
+            if self._in_flight is future and future.done():
+                self._in_flight = None
+        return status, body
+
+    async def _check(self) -> tuple[int, dict]:
+        results = await asyncio.gather(_run("redis", _check_redis), _run("postgres", _check_postgres))
+        failed = {name: error for name, error in results if error}
+        checks = {name: ("ok" if error is None else "unreachable") for name, error in results}
+        if failed:
+            log.warning("not ready", **{f"{name}_error": error for name, error in failed.items()})
+            answer = (503, {"error": {"code": "unavailable", "message": f"{', '.join(sorted(failed))} unreachable"},
+                            "checks": checks})
+        else:
+            answer = (200, {"status": "ready", "checks": checks})
+        self._answer = (time.monotonic(), *answer)
+        return answer
+
+
+_readiness = _ReadinessCache()
+
+
 async def readyz(_request: Request) -> Response:
-    results = await asyncio.gather(_run("redis", _check_redis), _run("postgres", _check_postgres))
-    failed = {name: error for name, error in results if error}
-    checks = {name: ("ok" if error is None else "unreachable") for name, error in results}
-    if failed:
-        log.warning("not ready", **{f"{name}_error": error for name, error in failed.items()})
-        return JSONResponse(
-            {"error": {"code": "unavailable", "message": f"{', '.join(sorted(failed))} unreachable"},
-             "checks": checks},
-            status_code=503, headers={"retry-after": "1"},
-        )
-    return JSONResponse({"status": "ready", "checks": checks})
+    status, body = await _readiness.get()
+    return JSONResponse(body, status_code=status, headers={"retry-after": "1"} if status == 503 else None)
 
 
 async def metrics(_request: Request) -> Response:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import uuid
 from typing import Any
-from urllib.parse import urlsplit
 
 import psycopg
 import redis.asyncio as aioredis
@@ -131,30 +130,11 @@ def parse_body(raw: bytes) -> tuple[str | None, str | None]:
     return None, str(parsed)
 
 
-def _cors_headers(request: Request, settings: Settings) -> dict[str, str]:
-    """Browsers may call from the product's web app (`CALLFLOW_APP_URL`'s origin) only."""
-    origin = request.headers.get("origin")
-    if not origin:
-        return {}
-    parts = urlsplit(settings.callflow_app_url)
-    if origin != f"{parts.scheme}://{parts.netloc}":
-        return {"Vary": "Origin"}
-    return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
-
-
 async def token_endpoint(request: Request) -> Response:
-    settings = _services.get().settings
-    assert settings is not None
-    cors = _cors_headers(request, settings)
-    if request.method == "OPTIONS":  # CORS preflight
-        headers = dict(cors)
-        if "Access-Control-Allow-Origin" in cors:
-            headers.update({"Access-Control-Allow-Methods": "POST", "Access-Control-Max-Age": "600",
-                            "Access-Control-Allow-Headers": "Authorization, Content-Type"})
-        return Response(status_code=204, headers={**headers, "Allow": "POST, OPTIONS"})
-    response = await issue_token(request)
-    response.headers.update(cors)
-    return response
+    # CORS (preflights included) is the ApiCors middleware's, as on every /api/ route.
+    if request.method == "OPTIONS":
+        return Response(status_code=204, headers={"Allow": "POST, OPTIONS"})
+    return await issue_token(request)
 
 
 async def issue_token(request: Request) -> Response:
@@ -175,6 +155,9 @@ async def issue_token(request: Request) -> Response:
     except AuthUnavailable:
         log.warning("token request: signing keys unavailable")
         return _error(503, "unavailable", "the signing keys cannot be fetched; try again", headers={"Retry-After": "5"})
+
+    if user.is_anonymous and not settings.callflow_allow_anonymous:
+        return _error(403, "anonymous", "anonymous users may not join calls (CALLFLOW_ALLOW_ANONYMOUS is off)")
 
     # 2. how often
     try:

@@ -1,0 +1,107 @@
+"""Every error of `web` is the contract's JSON; `/readyz` cannot be turned into a connection flood."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import random
+import string
+
+import httpx
+import psycopg
+import pytest
+from starlette.applications import Starlette
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from workers.web.errors import CODES, EXCEPTION_HANDLERS
+
+# Registered HTTP methods only: uvicorn's parser (httptools) itself refuses an unknown token such
+# as `FOO` with a plain-text 400 before any application code runs.
+METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE", "PROPFIND", "CONNECT"]
+ROUTES = ["/livekit/webhook", "/api/livekit/token", "/api/calls", f"/api/calls/{'0' * 8}-0000-0000-0000-{'0' * 12}/accept",
+          "/api/calls/events", "/api/dev/users", "/api/dev/session", "/healthz", "/readyz", "/metrics",
+          "/openapi.json", "/demo"]
+
+
+@pytest.fixture
+def api(web):
+    with httpx.Client(base_url=web, timeout=10) as client:
+        yield client
+
+
+def assert_contract_error(resp: httpx.Response, status: int | None = None) -> dict:
+    assert 400 <= resp.status_code < 500, (resp.request.method, resp.request.url, resp.status_code, resp.text[:200])
+    if status is not None:
+        assert resp.status_code == status
+    if resp.request.method == "HEAD":
+        return {}
+    error = resp.json()["error"]
+    assert error["code"] in CODES and isinstance(error["message"], str)
+    assert set(error) <= {"code", "message", "field"} and ("field" in error) == (resp.status_code == 422)
+    return error
+
+
+def test_wrong_method_on_the_webhook_is_json_405(api):
+    resp = api.get("/livekit/webhook")
+    assert assert_contract_error(resp, 405)["code"] == "method_not_allowed"
+    assert resp.headers["allow"] == "POST"
+    assert resp.headers["content-type"] == "application/json"
+
+
+def test_unknown_route_is_json_404(api):
+    assert assert_contract_error(api.get("/nope"), 404)["code"] == "not_found"
+    assert assert_contract_error(api.post("/api/nope", json={}), 404)["code"] == "not_found"
+
+
+def test_floods_of_bad_routes_and_methods_are_json_4xx_never_5xx(api):
+    rng = random.Random(13)
+
+    def junk_path() -> str:
+        parts = ["".join(rng.choices(string.ascii_letters + string.digits + "-._~%", k=rng.randint(1, 12)))
+                 for _ in range(rng.randint(1, 4))]
+        prefix = rng.choice(["", "api/", "api/calls/", "livekit/", "demo/", "api/dev/"])
+        return "/" + prefix + "/".join(parts)
+
+    requests = [(rng.choice(METHODS), junk_path()) for _ in range(300)]
+    # every real route with every method it does not take
+    requests += [(m, r) for r in ROUTES for m in METHODS]
+
+    def send(method_path):
+        method, path = method_path
+        return api.request(method, path)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for resp in pool.map(send, requests):
+            if resp.status_code < 400:
+                continue  # a method the route takes (or a CORS-less OPTIONS)
+            if resp.status_code == 503 and resp.request.url.path.startswith("/demo"):
+                assert resp.request.method in ("GET", "HEAD")  # the contract's answer while unbuilt
+                continue
+            assert_contract_error(resp)
+
+
+def test_unexpected_failures_are_json_500_without_a_trace():
+    def boom(_request):
+        raise RuntimeError("secret-value-in-an-exception Traceback")
+
+    app = Starlette(routes=[Route("/boom", boom)], exception_handlers=EXCEPTION_HANDLERS)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        resp = client.get("/boom")
+    assert resp.status_code == 500
+    assert resp.json() == {"error": {"code": "internal", "message": "an unexpected error occurred"}}
+    assert "secret-value" not in resp.text and "Traceback" not in resp.text
+
+
+def test_readyz_answers_from_a_cache_of_one_second(api, database_url):
+    def sessions() -> int:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            return conn.execute("select sessions from pg_stat_database where datname = current_database()").fetchone()[0]
+
+    assert api.get("/readyz").status_code == 200
+    before = sessions()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda _: api.get("/readyz").status_code, range(200)))
+    opened = sessions() - before - 1  # our own sessions() connection counts once
+    assert set(codes) == {200}
+    # 200 requests in well under a few seconds: at most one check a second, not one per request
+    assert opened <= 5, opened

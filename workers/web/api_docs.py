@@ -1,0 +1,117 @@
+"""OpenAPI for the `/api/calls` routes, merged into `token.OPENAPI` (served at `/openapi.json`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from workers.web.errors import CODES
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+_AUTH = [{"supabaseAccessToken": []}]
+_INVITATION = {"$ref": "#/components/schemas/Invitation"}
+
+PATHS: dict[str, Any] = {
+    "/api/calls": {
+        "post": {
+            "operationId": "startCall", "summary": "Start a call: invite one or more users", "security": _AUTH,
+            "description": "The invitations are inserted as you (RLS and the database's rules), all or none. "
+                           "Without `room_name` an unguessable one is made.",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["callee_ids"],
+                "properties": {"callee_ids": {"type": "array", "minItems": 1, "maxItems": 20,
+                                              "items": {"type": "string", "format": "uuid"}},
+                               "call_type": {"type": "string", "enum": ["audio", "video"], "default": "video"},
+                               "room_name": {"type": "string", "minLength": 1, "maxLength": 256}}}}}},
+            "responses": {
+                "201": {"description": "The invitations", "content": {"application/json": {"schema": {
+                    "type": "object", "properties": {"room_name": {"type": "string"},
+                                                     "invitations": {"type": "array", "items": _INVITATION}}}}}},
+                "401": _error("No or bad access token"),
+                "403": _error("`anonymous`: anonymous users may not invite; `forbidden`: refused by RLS"),
+                "409": _error("`room_in_use`: the room has other parties; `already_invited`: that callee is "
+                              "already being rung in that room"),
+                "422": _error("Malformed body; `field` names it"),
+                "429": _error("`rate_limited`: over CALLFLOW_INVITE_RATE_PER_MINUTE"),
+            },
+        },
+        "get": {
+            "operationId": "listCalls", "summary": "Your recent calls, newest first, with their invitations",
+            "security": _AUTH,
+            "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                                        "maximum": 100, "default": 20}}],
+            "responses": {"200": {"description": "`{\"calls\": [call row + \"invitations\": [...]]}`"},
+                          "401": _error("No or bad access token"), "422": _error("Bad limit")},
+        },
+    },
+    "/api/calls/{invitation_id}/{action}": {
+        "post": {
+            "operationId": "moveInvitation", "summary": "Accept or decline (callee), cancel (caller)",
+            "security": _AUTH,
+            "parameters": [
+                {"name": "invitation_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}},
+                {"name": "action", "in": "path", "required": True,
+                 "schema": {"type": "string", "enum": ["accept", "decline", "cancel"]}}],
+            "responses": {"200": {"description": "The invitation",
+                                  "content": {"application/json": {"schema": _INVITATION}}},
+                          "401": _error("No or bad access token"), "403": _error("Not yours, or not your move"),
+                          "404": _error("No such invitation"), "422": _error("invitation_id is not a UUID"),
+                          "409": _error("`conflict`: its status no longer allows it")},
+        },
+    },
+    "/api/calls/events": {
+        "get": {
+            "operationId": "callEvents", "summary": "Server-Sent Events of your invitations and calls",
+            "description": "On connect one `invitation` event per live invitation, then an `invitation` event per "
+                           "change of one of yours and a `call` event per change of one of your calls; `data` is "
+                           "the row as JSON. Heartbeats are comments. EventSource sets no headers: the token may "
+                           "come as `?access_token=`.",
+            "security": _AUTH,
+            "parameters": [{"name": "access_token", "in": "query", "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "The stream", "content": {"text/event-stream": {}}},
+                          "401": _error("No or bad access token")},
+        },
+    },
+    "/api/dev/users": {"get": {"operationId": "devUsers", "summary": "Development only: the local users",
+                               "responses": {"200": {"description": "`{\"users\": [{id, email, name}]}`"},
+                                             "404": _error("In production")}}},
+    "/api/dev/session": {"post": {
+        "operationId": "devSession", "summary": "Development only: an access token for a local user",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["user_id"], "properties": {"user_id": {"type": "string", "format": "uuid"}}}}}},
+        "responses": {"200": {"description": "`{\"access_token\"}`"}, "404": _error("No such user, or production"),
+                      "422": _error("Malformed body")}}},
+}
+
+INVITATION_SCHEMA: dict[str, Any] = {
+    "type": "object", "description": "A `call_invitations` row.",
+    "properties": {name: {"type": "string", "nullable": True} for name in (
+        "id", "room_name", "caller_id", "callee_id", "call_type", "status", "call_id", "created_at", "updated_at",
+        "ringing_at", "ring_deadline", "answered_at", "ended_at", "end_reason")} | {"metadata": {"type": "object"}},
+}
+
+
+def _common_errors() -> None:
+    for path, operations in PATHS.items():
+        for method, operation in operations.items():
+            operation["responses"].setdefault("503", _error("The database is unavailable; retry (`Retry-After`)"))
+            if method == "post":
+                operation["responses"].setdefault("413", _error("The body is larger than 16 KiB"))
+                operation["responses"].setdefault("422", _error("Malformed body; `field` names it"))
+
+
+_common_errors()
+
+
+def extend(openapi: dict[str, Any]) -> dict[str, Any]:
+    openapi["paths"].update(PATHS)
+    openapi["components"]["schemas"]["Invitation"] = INVITATION_SCHEMA
+    openapi["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"] = list(CODES)
+    openapi["info"]["description"] = ("Join tokens, calls and their event stream for the signed-in user. Errors are "
+                                      'JSON `{"error": {"code", "message", "field"}}` (`field` only on 422); they '
+                                      "never echo tokens.")
+    return openapi

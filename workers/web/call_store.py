@@ -1,0 +1,216 @@
+"""The `/api/calls` routes' database work, done AS THE SIGNED-IN USER.
+
+Each write runs in one transaction with `set local role authenticated` and the user's claims in
+`request.jwt.claims`, exactly as PostgREST runs a supabase-js call: RLS, the state-machine guard
+and the insert rules (`room_in_use`, `rate_limited`, ...) decide, not this module. Their refusals
+come back as `ApiError`s with the contract's codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from contextlib import asynccontextmanager
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any, AsyncIterator
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from config.logging import get_logger
+from orchestration.auth import User
+from workers.web.errors import ApiError
+
+log = get_logger("callflow.web.calls")
+
+# The insert rules' SQLSTATE P0001 messages start with the contract's code.
+_RULE_REFUSALS = {
+    "room_in_use": (409, "room_in_use"),
+    "already_invited": (409, "already_invited"),
+    "rate_limited": (429, "rate_limited"),
+    "anonymous": (403, "anonymous"),
+}
+ACTIONS = {"accept": ("accepted", "callee"), "decline": ("declined", "callee"), "cancel": ("cancelled", "caller")}
+
+
+def jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as JSON values: uuids as strings, times as ISO 8601."""
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, uuid.UUID):
+            value = str(value)
+        elif isinstance(value, (datetime, date)):
+            value = value.isoformat()
+        elif isinstance(value, Decimal):
+            value = float(value)
+        elif isinstance(value, list):
+            value = [str(v) if isinstance(v, uuid.UUID) else v for v in value]
+        out[key] = value
+    return out
+
+
+def _refusal(exc: psycopg.Error, field: str | None = None) -> ApiError:
+    """The database said no: the contract's code for why, with the database's own sentence."""
+    message = (exc.diag.message_primary or "refused by the database").strip()
+    if isinstance(exc, pg_errors.RaiseException):
+        prefix = message.split(":", 1)[0].strip()
+        if prefix in _RULE_REFUSALS:
+            status, code = _RULE_REFUSALS[prefix]
+            headers = {"Retry-After": "60"} if code == "rate_limited" else None
+            return ApiError(status, code, message, headers=headers)
+        return ApiError(409, "conflict", message)
+    if isinstance(exc, pg_errors.InsufficientPrivilege):  # RLS, or the guard's "clients may not ..."
+        return ApiError(403, "forbidden", message)
+    if isinstance(exc, pg_errors.ForeignKeyViolation):
+        return ApiError(422, "invalid_request", "no such user", field=field or "callee_ids")
+    if isinstance(exc, (pg_errors.CheckViolation, pg_errors.NotNullViolation, pg_errors.StringDataRightTruncation,
+                        pg_errors.InvalidTextRepresentation)):
+        return ApiError(422, "invalid_request", message, field=field or "body")
+    if isinstance(exc, (pg_errors.UniqueViolation, pg_errors.ExclusionViolation, pg_errors.SerializationFailure,
+                        pg_errors.DeadlockDetected)):
+        return ApiError(409, "conflict", "a concurrent change got there first; try again")
+    raise exc
+
+
+class CallStore:
+    """A small async pool of its own, opened on first use (after uvicorn's event loop exists)."""
+
+    def __init__(self, database_url: str, *, max_size: int = 10, timeout: float = 5.0) -> None:
+        self.database_url = database_url
+        self.max_size = max_size
+        self.timeout = timeout
+        self._pool: AsyncConnectionPool | None = None
+        self._lock: asyncio.Lock | None = None
+
+    async def pool(self) -> AsyncConnectionPool:
+        if self._pool is None:
+            self._lock = self._lock or asyncio.Lock()
+            async with self._lock:
+                if self._pool is None:
+                    pool = AsyncConnectionPool(
+                        self.database_url, min_size=1, max_size=self.max_size, open=False, timeout=self.timeout,
+                        kwargs={"row_factory": dict_row, "autocommit": False, "connect_timeout": 5},
+                        name="callflow-api")
+                    await pool.open(wait=False)
+                    self._pool = pool
+        return self._pool
+
+    @asynccontextmanager
+    async def _transaction(self, user: User | None = None) -> AsyncIterator[psycopg.AsyncConnection]:
+        """One transaction; with `user`, as that user under RLS (PostgREST's way)."""
+        try:
+            async with (await self.pool()).connection() as conn:
+                async with conn.transaction():
+                    if user is not None:
+                        await conn.execute("set local role authenticated")
+                        await conn.execute("select set_config('request.jwt.claims', %s, true)",
+                                           (json.dumps(user.claims or {"sub": user.id, "role": "authenticated"}),))
+                    yield conn
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            log.warning("api: database unavailable", error=exc.__class__.__name__)
+            raise ApiError(503, "unavailable", "the database is unavailable; try again",
+                           headers={"Retry-After": "2"}) from None
+
+    # ---- writes, as the user ----------------------------------------------------------------------
+    async def start_call(self, user: User, callee_ids: list[str], call_type: str, room_name: str) -> list[dict]:
+        """All the invitations or none (one transaction)."""
+        try:
+            async with self._transaction(user) as conn:
+                rows = []
+                for callee_id in callee_ids:
+                    cur = await conn.execute(
+                        """insert into public.call_invitations (room_name, caller_id, callee_id, call_type)
+                           values (%s, %s, %s, %s) returning *""",
+                        (room_name, user.id, callee_id, call_type))
+                    rows.append(await cur.fetchone())
+                return [jsonable(r) for r in rows]
+        except psycopg.Error as exc:
+            raise _refusal(exc) from None
+
+    async def move_invitation(self, user: User, invitation_id: str, action: str) -> dict:
+        status, role = ACTIONS[action]
+        try:
+            async with self._transaction(user) as conn:
+                cur = await conn.execute(
+                    "update public.call_invitations set status = %s where id = %s returning *", (status, invitation_id))
+                row = await cur.fetchone()
+        except psycopg.Error as exc:
+            if isinstance(exc, pg_errors.CheckViolation):  # the guard: illegal transition, terminal status
+                raise ApiError(409, "conflict", (exc.diag.message_primary or "not allowed now").strip()) from None
+            raise _refusal(exc) from None
+        if row is not None:
+            return jsonable(row)
+        # RLS let nothing through: say why, from a look past RLS.
+        async with self._transaction() as conn:
+            cur = await conn.execute("select caller_id, callee_id, status from public.call_invitations where id = %s",
+                                     (invitation_id,))
+            found = await cur.fetchone()
+        if found is None:
+            raise ApiError(404, "not_found", "no such invitation")
+        if str(found[f"{role}_id"]) != user.id:
+            if user.id not in (str(found["caller_id"]), str(found["callee_id"])):
+                raise ApiError(403, "forbidden", "this invitation is not yours")
+            raise ApiError(403, "forbidden", f"only the {role} may {action} an invitation")
+        raise ApiError(409, "conflict", f"the invitation is {found['status']}: it can no longer be {status}")
+
+    # ---- reads, as the user -----------------------------------------------------------------------
+    async def recent_calls(self, user: User, limit: int) -> list[dict]:
+        async with self._transaction(user) as conn:
+            cur = await conn.execute("select * from public.calls order by created_at desc, id limit %s", (limit,))
+            calls = [jsonable(r) for r in await cur.fetchall()]
+            if calls:
+                cur = await conn.execute(
+                    "select * from public.call_invitations where call_id = any(%s) order by created_at, id",
+                    ([uuid.UUID(c["id"]) for c in calls],))
+                invitations = [jsonable(r) for r in await cur.fetchall()]
+            else:
+                invitations = []
+        by_call: dict[str, list] = {c["id"]: [] for c in calls}
+        for inv in invitations:
+            by_call[inv["call_id"]].append(inv)
+        return [{**c, "invitations": by_call[c["id"]]} for c in calls]
+
+    async def live_invitations(self, user: User) -> list[dict]:
+        async with self._transaction(user) as conn:
+            cur = await conn.execute(
+                """select * from public.call_invitations
+                    where status in ('pending', 'ringing') and (caller_id = %s or callee_id = %s)
+                    order by created_at, id""", (user.id, user.id))
+            return [jsonable(r) for r in await cur.fetchall()]
+
+    # ---- service reads (the event hub routes rows to their own users) -----------------------------
+    async def invitation(self, invitation_id: str) -> dict | None:
+        async with self._transaction() as conn:
+            cur = await conn.execute("select * from public.call_invitations where id = %s", (invitation_id,))
+            row = await cur.fetchone()
+        return jsonable(row) if row else None
+
+    async def call_with_parties(self, call_id: str) -> tuple[dict, set[str]] | None:
+        """The `calls` row and everyone RLS lets read it (its invitations' callers and callees)."""
+        async with self._transaction() as conn:
+            cur = await conn.execute("select * from public.calls where id = %s", (call_id,))
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            cur = await conn.execute(
+                "select caller_id, callee_id from public.call_invitations where call_id = %s", (call_id,))
+            parties = {str(u) for r in await cur.fetchall() for u in (r["caller_id"], r["callee_id"])}
+        if row.get("caller_id"):
+            parties.add(str(row["caller_id"]))
+        return jsonable(row), parties
+
+    async def local_users(self) -> list[dict]:
+        async with self._transaction() as conn:
+            cur = await conn.execute(
+                """select id, email, coalesce(raw_user_meta_data->>'full_name', raw_user_meta_data->>'name') as name
+                     from auth.users order by coalesce(raw_user_meta_data->>'full_name', email), id limit 500""")
+            return [jsonable(r) for r in await cur.fetchall()]
+
+    async def user_profile(self, user_id: str) -> dict | None:
+        async with self._transaction() as conn:
+            cur = await conn.execute("select email, raw_user_meta_data from auth.users where id = %s", (user_id,))
+            return await cur.fetchone()
