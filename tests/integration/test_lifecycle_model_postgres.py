@@ -118,9 +118,18 @@ class PostgresView:
 
 
 @pytest.fixture(scope="module")
-def model_database(database_url):
-    PostgresLifecycleModel.database_url = database_url
-    yield database_url
+def model_database():
+    """A database of its own: the model truncates its tables between examples, and the run's worker
+    and beat must not see its rows."""
+    from tests.support import services
+
+    url = services.create_database(prefix="callflow_model")
+    PostgresLifecycleModel.database_url = url
+    yield url
+    from orchestration.db import close_pools
+
+    close_pools()
+    services.drop_database(url)
 
 
 class PostgresLifecycleModel(LifecycleModel):
