@@ -67,22 +67,27 @@ class PostgresUnitOfWork:
         rooms = [r for r in (want.room_name, *want.other_rooms) if r]
         sids = list(want.participant_sids)
         now = self.now()
+        # Each arm on an index of its own (a UNION, not an OR the planner would scan the table for);
+        # then the rows themselves, locked.
+        call_ids = [r["id"] for r in self._all(
+            f"""select id from public.calls where room_name = any(%(rooms)s) and status in {_LIVE}
+                union select id from public.calls where id = any(%(ids)s::uuid[])
+                union select id from public.calls where %(sid)s::text is not null and livekit_room_sid = %(sid)s
+                union select call_id from public.call_participants where participant_sid = any(%(sids)s)""",
+            {"rooms": rooms, "ids": _uuids(want.call_ids), "sid": want.room_sid, "sids": sids})]
         calls = {str(r["id"]): Call.from_row(r) for r in self._all(
-            f"""select * from public.calls
-                 where (room_name = any(%(rooms)s) and status in {_LIVE})
-                    or id = any(%(ids)s::uuid[])
-                    or (%(sid)s::text is not null and livekit_room_sid = %(sid)s)
-                    or id in (select call_id from public.call_participants where participant_sid = any(%(sids)s))
-                 order by created_at{fu}""",
-            {"rooms": rooms, "ids": _uuids(want.call_ids), "sid": want.room_sid, "sids": sids})}
+            f"select * from public.calls where id = any(%s::uuid[]) order by created_at, id{fu}", (call_ids,))}
+        invitation_ids = [r["id"] for r in self._all(
+            """select id from public.call_invitations
+                where room_name = any(%(rooms)s) and status in ('pending', 'ringing')
+               union select id from public.call_invitations
+                where room_name = any(%(rooms)s) and status = 'accepted' and call_id is null
+               union select id from public.call_invitations where id = any(%(ids)s::uuid[])
+               union select id from public.call_invitations where call_id = any(%(calls)s::uuid[])""",
+            {"rooms": rooms, "ids": _uuids(want.invitation_ids), "calls": list(calls)})]
         invitations = {str(r["id"]): Invitation.from_row(r) for r in self._all(
-            f"""select * from public.call_invitations
-                 where (room_name = any(%(rooms)s)
-                        and (status in ('pending', 'ringing') or (status = 'accepted' and call_id is null)))
-                    or id = any(%(ids)s::uuid[])
-                    or call_id = any(%(calls)s::uuid[])
-                 order by created_at, id{fu}""",
-            {"rooms": rooms, "ids": _uuids(want.invitation_ids), "calls": list(calls)})}
+            f"select * from public.call_invitations where id = any(%s::uuid[]) order by created_at, id{fu}",
+            (invitation_ids,))}
         participants = {r["participant_sid"]: Participant.from_row(r) for r in self._all(
             "select * from public.call_participants where call_id = any(%(calls)s::uuid[]) or participant_sid = any(%(sids)s)",
             {"calls": list(calls), "sids": sids})}

@@ -29,9 +29,13 @@ from orchestration.ports import Throttle
 
 STALE_PENDING_AFTER = 10.0       # seconds a pending invitation may wait for its change
 UNRECORDED_AFTER = 2.0           # seconds a client's transition may wait for its change
-UNRECORDED_WITHIN = 6 * 3600.0   # how far back lost transitions are looked for
+UNRECORDED_WITHIN = 900.0        # how far back lost transitions are looked for (a look costs the window)
+UNRECORDED_EVERY = 5.0           # seconds between two looks
 RECONCILE_EVERY = 30.0
 MEMBERS_EVERY = 3.0
+# Rooms compared with LiveKit per look: each is a ListParticipants call and a read, so many live
+# calls are looked at in turns (20 live calls: every 3 s; 1,000: every 2.5 min).
+MEMBERS_PER_LOOK = 25
 
 
 @dataclass
@@ -70,7 +74,8 @@ def run_sweep(ports: Ports, throttle: Throttle, *, interval: float, parallel_map
         due = uow.due_ring_timeouts(limit, overdue_by)
         graces = uow.due_grace_expiries(cfg.grace, limit)
         stale = uow.stale_pending(STALE_PENDING_AFTER, limit)
-        lost = uow.unrecorded_transitions(UNRECORDED_AFTER, UNRECORDED_WITHIN, limit)
+        lost = (uow.unrecorded_transitions(UNRECORDED_AFTER, UNRECORDED_WITHIN, limit)
+                if throttle.once("unrecorded", UNRECORDED_EVERY) else [])
     report = SweepReport()
 
     overdue = [str(r["id"]) for r in due if throttle.once(f"timeout:{r['id']}", hold)]
@@ -106,7 +111,11 @@ def run_sweep(ports: Ports, throttle: Throttle, *, interval: float, parallel_map
 
     if throttle.once("members", MEMBERS_EVERY):
         with ports.store.transaction() as uow:
-            rooms = uow.live_rooms(limit)
+            rooms = uow.live_rooms(10_000)
+            turn = int(uow.now().timestamp() // MEMBERS_EVERY)
+        if len(rooms) > MEMBERS_PER_LOOK:
+            start = (turn * MEMBERS_PER_LOOK) % len(rooms)
+            rooms = (rooms + rooms)[start:start + MEMBERS_PER_LOOK]
         results = list(parallel_map(lambda room: handle_room_members(room, ports).result, rooms))
         report.removed = sum(int(r.split()[1]) for r in results if r.startswith("removed"))
 
