@@ -35,7 +35,11 @@ class Ports:
 
 @dataclass
 class Outcome:
-    """What a use case did: a word for logs and tests, plus the effects it ran after commit."""
+    """What a use case did: a word for logs and tests, the effects it ran after commit, and the
+    invitation, call and room it was about (one log line per step carries all three)."""
 
     result: str
     effects: list = field(default_factory=list)
+    invitation_id: str | None = None
+    call_id: str | None = None
+    room_name: str | None = None

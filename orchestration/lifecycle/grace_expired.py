@@ -69,4 +69,5 @@ def handle_grace_expired(room_name: str, participant_sid: str, identity: str, ab
         decision = decide(snap, participant_sid, identity, aborted, back, source)
         effects = apply_decision(uow, decision, ports)
     run_effects(effects, ports)
-    return Outcome(decision.result, effects)
+    session = snap.participants.get(participant_sid)
+    return Outcome(decision.result, effects, None, session.call_id if session else None, room_name)

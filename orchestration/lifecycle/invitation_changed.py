@@ -209,7 +209,8 @@ def handle_invitation_changed(change: dict, ports: Ports) -> Outcome:
             log.error("room could not be made", invitation_id=inv.id, room_name=inv.room_name, error=room_error)
         effects = apply_decision(uow, decision, ports)
     run_effects(effects, ports)
-    return Outcome(decision.result, effects)
+    call_id = next((i.call_id for i in decision.invitations if i.id == inv.id), inv.call_id)
+    return Outcome(decision.result, effects, inv.id, call_id, inv.room_name)
 
 
 def _want(inv: Invitation, counters: list[Invitation], event: EventRecord) -> Want:

@@ -201,5 +201,6 @@ def handle_livekit_event(event: Mapping | RoomEvent, received_at: str | None, po
         decision = decide(snap, ev, ports.config)
         effects = apply_decision(uow, decision, ports)
     run_effects(effects, ports)
-    return Outcome(decision.result, effects)
+    call_id = next((c.id for c in decision.calls), None) or next((p.call_id for p in decision.participants), None)
+    return Outcome(decision.result, effects, None, call_id, ev.room_name)
 

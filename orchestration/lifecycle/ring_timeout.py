@@ -10,11 +10,15 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
+import structlog
+
 from orchestration.domain.model import EndReason, InvitationStatus as S, decide_ring_timeout
 from orchestration.lifecycle import rules
 from orchestration.lifecycle.context import Outcome, Ports
 from orchestration.lifecycle.effects import apply_decision, run_effects
 from orchestration.lifecycle.state import Decision, EventRecord, Snapshot, Want, Working
+
+log = structlog.get_logger("callflow.lifecycle")
 
 # Ring deadlines are grouped in buckets this wide: one countdown task per bucket ends every
 # invitation due in it, so 10,000 ringing invitations are a few thousand timers, not 10,000.
@@ -74,7 +78,8 @@ def handle_ring_timeout(invitation_id: str, source: str, ports: Ports, due: dict
         decision = decide(snap, invitation_id, source, callee_in_room)
         effects = apply_decision(uow, decision, ports)
     run_effects(effects, ports)
-    return Outcome(decision.result, effects)
+    inv = snap.invitations.get(invitation_id)
+    return Outcome(decision.result, effects, invitation_id, inv.call_id if inv else None, room_name)
 
 
 def handle_ring_timeouts_due(bucket_end: float, ports: Ports, parallel_map: Callable = map) -> Outcome:
@@ -89,7 +94,12 @@ def handle_ring_timeouts_due(bucket_end: float, ports: Ports, parallel_map: Call
             ports.scheduler.ring_timeout_bucket(bucket_end)
             return Outcome("rescheduled")
         rows = uow.ringing_due_between(end - timedelta(seconds=TIMER_BUCKET_SECONDS), end)
-    results = list(parallel_map(lambda row: handle_ring_timeout(str(row["id"]), "timer", ports, due=row).result, rows))
+    outcomes = list(parallel_map(lambda row: handle_ring_timeout(str(row["id"]), "timer", ports, due=row), rows))
+    for o in outcomes:  # one line per invitation this countdown ended
+        if o.result in ("missed", "answered"):
+            log.info("ring_timeout done", result=o.result, invitation_id=o.invitation_id, call_id=o.call_id,
+                     room_name=o.room_name)
+    results = [o.result for o in outcomes]
     if not rows:
         return Outcome("none due")
     return Outcome(f"{len(rows)} due: " + ", ".join(f"{results.count(r)} {r}" for r in sorted(set(results))))
