@@ -1,5 +1,14 @@
 # One image for every callflow process (web, listener, worker, beat, flower) and `callflow migrate`.
 # docker-compose.yml picks the process with `command:`, exactly as the Procfile runs it.
+
+# The /demo page's script: livekit-client bundled with esbuild (built here, never committed).
+FROM node:20-slim AS demo
+WORKDIR /demo
+COPY web/demo/package.json web/demo/package-lock.json ./
+RUN npm ci --no-audit --no-fund
+COPY web/demo/src ./src
+RUN npm run build
+
 FROM python:3.11-slim
 
 # PYTHONPATH: the checkout's packages come first, so `callflow migrate` finds
@@ -17,6 +26,8 @@ COPY config ./config
 COPY orchestration ./orchestration
 COPY workers ./workers
 COPY supabase ./supabase
+COPY web/demo/index.html ./web/demo/index.html
+COPY --from=demo /demo/dist ./web/demo/dist
 COPY Procfile ./
 
 RUN pip install . \

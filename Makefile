@@ -17,4 +17,4 @@ stop:
 	scripts/stack.sh stop
 
 bench:
-	for b in webhook listener lifecycle timers; do .venv/bin/python -m bench.$$b || exit 1; done
+	for b in webhook listener lifecycle timers isolation sse; do .venv/bin/python -m bench.$$b || exit 1; done

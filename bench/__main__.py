@@ -5,6 +5,8 @@ BENCHMARKS = {
     "listener": "insert-to-enqueue latency and inserts/s through the listener beside raw INSERT",
     "lifecycle": "complete invitation lifecycles/s beside pgbench simple-update",
     "timers": "ring-timeout lateness p50/p99/max and worker PSS, optionally with a worker SIGKILLed",
+    "usage": "`callflow usage` on a month of 1,000,000 sessions beside the direct-SQL peak",
+    "sse": "web RSS with 1,000 idle event streams; change-to-stream latency p50/p99",
 }
 
 if __name__ == "__main__":

@@ -117,6 +117,19 @@ def _register_configured_secrets() -> None:
                     register_secret(pair.partition(":")[2].strip())
 
 
+class QuietCeleryChatter(logging.Filter):
+    """Drops Celery's per-task INFO lines (received, succeeded, retry) and beat's "Sending due task":
+    with sweeps every second they were four lines a second that said nothing. Our own tasks log one
+    line per step that did something; failures (WARNING and up) still pass."""
+
+    _PREFIXES = ("Task %(name)s[%(id)s] received", "Task %(name)s[%(id)s] succeeded",
+                 "Task %(name)s[%(id)s] retry", "Scheduler: Sending due task")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.INFO and isinstance(record.msg, str)
+                    and record.msg.startswith(self._PREFIXES))
+
+
 _configured = False
 
 
@@ -163,12 +176,19 @@ def configure_logging(production: bool | None = None, level: str = "INFO", strea
         if getattr(old, "_callflow", False):
             root.removeHandler(old)
     handler._callflow = True  # type: ignore[attr-defined]
+    if level.upper() != "DEBUG":
+        handler.addFilter(QuietCeleryChatter())
     root.addHandler(handler)
     # uvicorn installs its own handlers (propagate off): route its lines through ours instead.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         uvicorn_logger = logging.getLogger(name)
+        if name == "uvicorn.access" and not uvicorn_logger.handlers and not uvicorn_logger.propagate:
+            continue  # `--no-access-log` (the Procfile's): one line per webhook is noise, keep it off
         uvicorn_logger.handlers.clear()
         uvicorn_logger.propagate = True
+    # One line per LiveKit API request says nothing the lifecycle's own line does not.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     root.setLevel(level)
     _configured = True
 

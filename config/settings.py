@@ -24,6 +24,7 @@ DEV_SUPABASE_JWT_SECRET = "super-secret-jwt-token-with-at-least-32-characters-lo
 
 
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+_EMAIL_ADDRESS = re.compile(r"[^@\s<>,;\"]+@[^@\s<>,;\"]+\.[^@\s<>,;\".]+")
 
 
 class ConfigurationError(Exception):
@@ -62,8 +63,25 @@ class Settings(BaseSettings):
     callflow_grace_seconds: float = Field(default=5.0, ge=0, allow_inf_nan=False)
     callflow_token_ttl_seconds: int = Field(default=600, gt=0)
     callflow_token_rate_per_minute: int = Field(default=30, gt=0)
+    callflow_invite_rate_per_minute: int = Field(default=30, gt=0)
+    callflow_email_repeat_window_seconds: float = Field(default=900.0, ge=0, allow_inf_nan=False)
+    callflow_allow_anonymous: bool = False
 
     flower_basic_auth: SecretStr | None = None
+
+    # Expo push (orchestration/push): unset in development means JSON files in the outbox folder.
+    expo_access_token: SecretStr | None = None
+    expo_push_url: str | None = None
+    callflow_push_rate_per_second: float = Field(default=500.0, gt=0, le=600, allow_inf_nan=False)
+
+    # LiveKit usage (orchestration/usage): the plan's names are those of orchestration.usage.plans.PLANS.
+    callflow_livekit_plan: Literal["build", "ship", "scale", "self-hosted"] = "build"
+    callflow_ops_email: str | None = None
+
+    # Browser-facing: unset means the environment's default (see cors_origins, demo_enabled).
+    callflow_cors_origins: str | None = None
+    callflow_demo: bool | None = None
+    supabase_anon_key: str | None = None  # public by design (the anon key), unlike the service key
 
     # ---- validation of shapes ----------------------------------------------------------------
     @field_validator("*", mode="before")
@@ -95,7 +113,7 @@ class Settings(BaseSettings):
             raise ValueError("must be a ws(s):// or http(s):// URL")
         return v
 
-    @field_validator("supabase_url", "resend_api_url", "callflow_app_url")
+    @field_validator("supabase_url", "resend_api_url", "callflow_app_url", "expo_push_url")
     @classmethod
     def _http_url(cls, v: str | None) -> str | None:
         if v is not None and urlsplit(v).scheme not in ("http", "https"):
@@ -121,6 +139,18 @@ class Settings(BaseSettings):
                 if not sep or not user.strip() or not password:
                     raise ValueError("must be user:password")
         return v
+
+    @field_validator("callflow_livekit_plan", mode="before")
+    @classmethod
+    def _plan_name(cls, v):
+        return v.strip().lower() if isinstance(v, str) else v
+
+    @field_validator("callflow_ops_email")
+    @classmethod
+    def _one_address(cls, v: str | None) -> str | None:
+        if v is not None and not _EMAIL_ADDRESS.fullmatch(v.strip()):
+            raise ValueError("must be one email address")
+        return v.strip() if v else v
 
     @model_validator(mode="after")
     def _defaults_and_required(self) -> "Settings":
@@ -171,6 +201,26 @@ class Settings(BaseSettings):
     @property
     def is_production(self) -> bool:
         return self.callflow_env == "production"
+
+    @property
+    def expo_push_configured(self) -> bool:
+        """Pushes go to Expo (production, or a token or URL given); else to the outbox folder."""
+        return self.is_production or self.expo_access_token is not None or self.expo_push_url is not None
+
+    @property
+    def expo_push_base_url(self) -> str:
+        return (self.expo_push_url or "https://exp.host").rstrip("/")
+
+    @property
+    def cors_origins(self) -> list[str]:
+        """Origins allowed on `/api/`: development allows the local Next.js app; production none unless set."""
+        if self.callflow_cors_origins is None:
+            return [] if self.is_production else ["http://localhost:3000", "http://127.0.0.1:3000"]
+        return [o.strip().rstrip("/") for o in self.callflow_cors_origins.split(",") if o.strip()]
+
+    @property
+    def demo_enabled(self) -> bool:
+        return (not self.is_production) if self.callflow_demo is None else self.callflow_demo
 
     @property
     def listener_source(self) -> Literal["realtime", "postgres"]:

@@ -26,11 +26,11 @@ def main() -> None:
 @main.command()
 def migrate() -> None:
     """Apply pending supabase/migrations/*.sql to DATABASE_URL (idempotent)."""
-    from orchestration.migrate import MigrationError, migrate as run
+    from orchestration.migrate import MigrationError, database_settings, migrate as run
 
     settings = _settings()
     try:
-        result = run(settings.database_url)
+        result = run(settings.database_url, settings=database_settings(settings))
     except MigrationError as exc:
         raise click.ClickException(str(exc)) from None
     except Exception as exc:  # connection problems: one clear line
@@ -55,8 +55,8 @@ def doctor() -> None:
 
 
 @main.command()
-@click.option("--from", "caller", required=True, help="caller's auth.users id")
-@click.option("--to", "callee", required=True, help="callee's auth.users id")
+@click.option("--from", "caller", required=True, help="caller: an auth.users id or a local user's email")
+@click.option("--to", "callee", required=True, help="callee: an auth.users id or a local user's email")
 @click.option("--audio", is_flag=True, help="an audio call (default video)")
 @click.option("--room", "room_name", default=None, help="room name (default: a new one)")
 def call(caller: str, callee: str, audio: bool, room_name: str | None) -> None:
@@ -64,11 +64,16 @@ def call(caller: str, callee: str, audio: bool, room_name: str | None) -> None:
     import psycopg
 
     from orchestration.db import connect
+    from orchestration.dev_users import UnknownUser, resolve_user
 
     settings = _settings()
     room_name = room_name or f"call-{uuid.uuid4().hex[:12]}"
     try:
         with connect(settings.database_url) as conn:
+            try:
+                caller, callee = resolve_user(conn, caller), resolve_user(conn, callee)
+            except UnknownUser as exc:
+                raise click.ClickException(str(exc)) from None
             conn.execute("set local role authenticated")
             conn.execute(
                 "select set_config('request.jwt.claims', %s, true)",
@@ -166,6 +171,72 @@ def dev_token(user_id: str, ttl: int) -> None:
     click.echo(dev_access_token(settings, user_id, email=email, user_metadata=metadata, ttl_seconds=ttl))
 
 
+@main.command("dev-user")
+@click.argument("name")
+@click.option("--email", default=None, help="default: NAME@example.com (lower case, dots for spaces)")
+@click.option("--timezone", "zone", default=None, help="IANA time zone for the user's emails, e.g. Europe/Paris")
+def dev_user(name: str, email: str | None, zone: str | None) -> None:
+    """Add a local user (auth.users) and print its id; an existing email prints that user's id."""
+    from orchestration.db import connect
+    from orchestration.dev_users import add_user
+
+    settings = _settings()
+    if settings.is_production:
+        raise click.ClickException("dev-user is refused in production (users come from Supabase Auth)")
+    try:
+        with connect(settings.database_url, connect_timeout=5) as conn:
+            user_id, created = add_user(conn, name, email, zone)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--timezone") from None
+    if not created:
+        click.echo(f"a user with that email exists already: {user_id}", err=True)
+    click.echo(user_id)
+
+
+@main.group()
+def tasks() -> None:
+    """Tasks that ran out of retries (kept in callflow_failed_tasks)."""
+
+
+@tasks.command("failed")
+@click.option("--all", "include_retried", is_flag=True, help="include the ones already retried")
+@click.option("--limit", default=50, show_default=True)
+def tasks_failed(include_retried: bool, limit: int) -> None:
+    """List failed tasks, newest first: id, task, attempts, when, error."""
+    from orchestration.ops.failed_tasks import list_failed
+
+    rows = list_failed(_settings().database_url, include_retried, limit)
+    for r in rows:
+        retried = f"  retried {r['retried_at']:%Y-%m-%d %H:%M:%S} as {r['retry_task_id']}" if r["retried_at"] else ""
+        click.echo(f"{r['id']}  {r['failed_at']:%Y-%m-%d %H:%M:%S}  {r['task_name']}  attempts={r['attempts']}"
+                   f"  args={json.dumps(r['args'])[:80]}{retried}")
+        click.echo(f"    {r['error'].splitlines()[0][:200] if r['error'] else ''}")
+    if not rows:
+        click.echo("(no failed tasks)")
+
+
+@tasks.command("retry")
+@click.option("--id", "failed_id", default=None, help="only this one (its id or task id; default: every one not retried)")
+def tasks_retry(failed_id: str | None) -> None:
+    """Re-run failed tasks, each once, with their original arguments on their original queue."""
+    from orchestration.ops.failed_tasks import RetryRefused, retry
+
+    settings = _settings()
+    from workers.app import app
+
+    def send(name: str, args: list, kwargs: dict, queue: str | None) -> str:
+        return app.send_task(name, args=args, kwargs=kwargs, queue=queue).id
+
+    try:
+        done = retry(settings.database_url, send, failed_id)
+    except RetryRefused as exc:
+        raise click.ClickException(str(exc)) from None
+    for item in done:
+        click.echo(f"retried {item.id} ({item.task_name}) as task {item.new_task_id}")
+    if not done:
+        click.echo("nothing to retry")
+
+
 @main.group()
 def notifications() -> None:
     """The missed-call email outbox."""
@@ -184,6 +255,36 @@ def notifications_retry(notification_id: str | None) -> None:
         raise click.ClickException(str(exc)) from None
     for line in result.lines():
         click.echo(line)
+
+
+
+@main.command()
+@click.option("--month", default=None, metavar="YYYY-MM", help="the UTC month (default: this one)")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object, for scripts")
+def usage(month: str | None, as_json: bool) -> None:
+    """LiveKit usage of a UTC month against CALLFLOW_LIVEKIT_PLAN: minutes, peak concurrency, bill."""
+    from datetime import datetime, timezone
+
+    from orchestration.db import connect
+    from orchestration.usage import figures, store
+    from orchestration.usage.plans import plan_named
+    from orchestration.usage.report import month_usage
+
+    settings = _settings()
+    now = datetime.now(timezone.utc)
+    try:
+        chosen = figures.parse_month(month) if month else figures.month_of(now)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--month") from None
+    with connect(settings.database_url) as conn:
+        result = month_usage(conn, plan_named(settings.callflow_livekit_plan), chosen, now)
+        if chosen == figures.month_of(now):
+            store.save_snapshot(conn, result)  # /metrics reads the freshest figures
+    if as_json:
+        click.echo(json.dumps(result.as_dict()))
+    else:
+        for line in result.lines():
+            click.echo(line)
 
 
 if __name__ == "__main__":

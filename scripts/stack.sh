@@ -148,13 +148,60 @@ write_livekit_config() {
     > "$LOCAL_DIR/livekit.yaml"
 }
 
+ensure_demo_bundle() {
+  # /demo's script: livekit-client bundled with esbuild (npm), never committed. The browser
+  # tests drive Debian's chromium (Playwright from PyPI; `playwright install` is never used).
+  local want=()
+  command -v chromium >/dev/null 2>&1 || want+=(chromium)
+  command -v npm >/dev/null 2>&1 || want+=(nodejs npm)
+  if [ "${#want[@]}" -gt 0 ]; then
+    log "installing Debian packages: ${want[*]}"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
+  fi
+  local demo="$ROOT/web/demo" stamp="$ROOT/web/demo/node_modules/.callflow-installed" lock
+  lock="$(sha256sum "$demo/package-lock.json" | cut -c1-16)"
+  if [ "$(cat "$stamp" 2>/dev/null || true)" != "$lock" ]; then
+    log "installing the demo page's npm packages (web/demo)"
+    (cd "$demo" && npm ci --no-audit --no-fund --loglevel=error) && echo "$lock" > "$stamp"
+  fi
+  (cd "$demo" && npm run --silent build -- --log-level=warning)
+}
+
 setup() {
   ensure_debian_packages
   ensure_venv
+  ensure_demo_bundle
   ensure_livekit
   start_postgres
   start_redis
   "$VENV/bin/callflow" migrate
+  seed_dev_users
+}
+
+seed_dev_users() {
+  # The README's try-a-call lines use these two (dev-user prints the existing id when present).
+  local name
+  for name in Alice Bob; do
+    "$VENV/bin/callflow" dev-user "$name" --email "${name,,}@example.com" >/dev/null 2>&1 \
+      || { log "could not add the local user ${name,,}@example.com: try \`.venv/bin/callflow dev-user $name\`"; exit 1; }
+  done
+}
+
+banner() {
+  local port="$1" outbox="${CALLFLOW_OUTBOX_DIR:-.local/outbox}"
+  cat >&2 <<BANNER
+
+  callflow is starting (Ctrl-C stops everything)
+    web       http://127.0.0.1:$port   (/metrics, /readyz)
+    demo      http://127.0.0.1:$port/demo
+    flower    http://127.0.0.1:${FLOWER_PORT:-5555}
+    livekit   ws://127.0.0.1:7880
+    emails    $outbox/*.eml   (no RESEND_API_KEY: written there, not sent)
+    try       .venv/bin/callflow call --from alice@example.com --to bob@example.com
+              .venv/bin/callflow calls
+
+BANNER
 }
 
 case "${1:-}" in
@@ -166,9 +213,10 @@ case "${1:-}" in
     write_livekit_config
     port="${PORT:-8000}"
     { cat Procfile; echo "livekit: $LIVEKIT_BIN --config $LOCAL_DIR/livekit.yaml"; } > "$LOCAL_DIR/Procfile.run"
-    log "starting web (:$port), listener, worker, beat, flower and LiveKit (:7880); Ctrl-C stops everything"
     # Ctrl-C stops the Procfile processes (honcho) and then the Postgres/Redis this run started.
     export PATH="$VENV/bin:$PATH"   # the Procfile's uvicorn, celery and python are the venv's
+    export WEB_HOST="${WEB_HOST:-127.0.0.1}"  # loopback locally; the Procfile's default is all interfaces
+    banner "$port"
     trap stop_started_here EXIT
     trap 'exit 130' INT TERM
     # honcho gives the first Procfile entry (web) PORT=$port; the webhook URL points there.

@@ -1,11 +1,19 @@
 """The Celery app: `celery -A workers.app worker|beat|flower`.
 
 Queues (every one consumed by the Procfile's worker, which takes no -Q and so consumes all of
-`task_queues`):
+`task_queues`), in the order a worker takes from them:
   events         lifecycle events from the webhook consumer and the listener
   timers         ring timeouts and grace periods (countdown tasks)
   sweeps         beat's sweeps and reconciliation
+  push           pushes to phones (an incoming call's push must not wait behind emails)
   notifications  missed-call emails (rate limited globally, so kept off the other queues)
+
+Ringing never waits behind emails: the worker asks Redis for the queues in that fixed order (BRPOP
+returns from the first non-empty list), holds no more messages than it has free processes, and a
+task waiting for a rate-limit token re-queues itself with a countdown instead of sleeping in a slot.
+
+Beat keeps its schedule and a lock in Redis (celery-redbeat): no file on disk, and of two or more
+beats only the lock holder sends; another takes over within REDBEAT_LOCK_SECONDS + 1 s of its death.
 """
 
 from __future__ import annotations
@@ -18,8 +26,7 @@ from kombu import Queue
 
 from config.logging import configure_logging, register_secret
 from config.settings import load_settings_or_exit
-
-QUEUES = ("events", "timers", "sweeps", "notifications")
+from workers.queues import QUEUES
 
 settings = load_settings_or_exit()
 
@@ -29,7 +36,7 @@ if "flower" in sys.argv[1:] and settings.is_production and settings.flower_basic
     raise SystemExit(2)
 
 for secret in (settings.livekit_api_secret, settings.supabase_service_role_key, settings.supabase_jwt_secret,
-               settings.resend_api_key, settings.flower_basic_auth):
+               settings.resend_api_key, settings.flower_basic_auth, settings.expo_access_token):
     if secret is not None:
         register_secret(secret.get_secret_value())
 
@@ -37,6 +44,9 @@ for secret in (settings.livekit_api_secret, settings.supabase_service_role_key, 
 # the visibility timeout if it dies; the ring deadline lives in the database and the sweep enforces
 # it, so this only bounds how long a killed worker's acks_late task waits to be redelivered.
 VISIBILITY_TIMEOUT = int(max(300, settings.callflow_ring_timeout_seconds * 2 + 60))
+# The beat lock's lifetime; the lock holder renews it at every tick (at most BEAT_MAX_INTERVAL apart).
+REDBEAT_LOCK_SECONDS = 5
+BEAT_MAX_INTERVAL = 1
 
 app = Celery("callflow", broker=settings.redis_url, include=["workers.tasks"])
 app.conf.update(
@@ -51,7 +61,11 @@ app.conf.update(
         "callflow.sweep": {"queue": "sweeps"},
         "callflow.catch_up_invitations": {"queue": "sweeps"},
         "callflow.send_notification": {"queue": "notifications"},
+        "callflow.send_pushes": {"queue": "push"},
+        "callflow.sweep_pushes": {"queue": "sweeps"},
         "callflow.ping": {"queue": "events"},
+        "callflow.check_usage": {"queue": "sweeps"},
+        "callflow.send_usage_alert": {"queue": "notifications"},
     },
     task_serializer="json",
     accept_content=["json"],
@@ -59,7 +73,10 @@ app.conf.update(
     result_backend=None,
     task_acks_late=True,
     task_reject_on_worker_lost=True,
-    worker_prefetch_multiplier=8,
+    # A worker holds only what its free processes can start now (countdown tasks aside, which
+    # Celery holds outside the prefetch count): a backlog elsewhere never sits in front of an event.
+    worker_prefetch_multiplier=1,
+    worker_disable_prefetch=True,
     worker_eta_task_limit=20000,
     worker_hijack_root_logger=False,
     # Task events cost three extra broker writes per task; Flower switches them on while it runs
@@ -67,11 +84,18 @@ app.conf.update(
     worker_send_task_events=False,
     task_send_sent_event=False,
     broker_connection_retry_on_startup=True,
-    broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
+    broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT,
+                              # BRPOP the queues in QUEUES order every time (not round-robin).
+                              "queue_order_strategy": "priority"},
     result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
     visibility_timeout=VISIBILITY_TIMEOUT,
     timezone="UTC",
     enable_utc=True,
+    beat_scheduler="redbeat.RedBeatScheduler",
+    beat_max_loop_interval=BEAT_MAX_INTERVAL,
+    redbeat_redis_url=settings.redis_url,
+    redbeat_key_prefix="callflow:beat",
+    redbeat_lock_timeout=REDBEAT_LOCK_SECONDS,
     beat_schedule={
         "sweep": {
             "task": "callflow.sweep",
@@ -84,19 +108,36 @@ app.conf.update(
             "schedule": timedelta(seconds=max(5.0, settings.callflow_sweep_interval_seconds)),
             "options": {"queue": "sweeps", "expires": 30},
         },
+        # Push outbox rows whose task got lost, and Expo's receipts of sent ones (workers/tasks/push.py).
+        "sweep-pushes": {
+            "task": "callflow.sweep_pushes",
+            "schedule": timedelta(seconds=5),
+            "options": {"queue": "sweeps", "expires": 10},
+        },
         # Enqueues invitation changes the listener missed (workers/tasks/ingest.py).
         "catch-up-invitations": {
             "task": "callflow.catch_up_invitations",
             "schedule": timedelta(seconds=5),
             "options": {"queue": "sweeps", "expires": 10},
         },
+        # LiveKit usage: refresh the peak rollup, snapshot the month, alert at 80 %/100 % of the plan
+        # (workers/tasks/usage.py).
+        "check-usage": {
+            "task": "callflow.check_usage",
+            "schedule": timedelta(seconds=60),
+            "options": {"queue": "sweeps", "expires": 50},
+        },
     },
 )
 
 
 @signals.setup_logging.connect
-def _setup_logging(**_kwargs) -> None:
-    configure_logging(settings.is_production)
+def _setup_logging(loglevel=None, **_kwargs) -> None:
+    # `-l DEBUG` also shows Celery's per-task chatter, which INFO leaves out.
+    import logging
+
+    level = logging.getLevelName(loglevel) if isinstance(loglevel, int) else (loglevel or "INFO")
+    configure_logging(settings.is_production, level="DEBUG" if str(level).upper() == "DEBUG" else "INFO")
 
 
 @signals.worker_process_shutdown.connect
@@ -104,3 +145,7 @@ def _close_pools(**_kwargs) -> None:
     from orchestration.db import close_pools
 
     close_pools()
+
+
+# Task outcomes and failed tasks, for /metrics and `callflow tasks` (workers/task_outcomes.py).
+from workers import task_outcomes  # noqa: E402,F401

@@ -39,7 +39,22 @@ log = get_logger("callflow.notifications")
 MAX_ATTEMPTS = 6  # requests per delivery run before the row is `failed`
 BACKOFF_BASE_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 60.0
-TOKEN_WAIT_SECONDS = 1.5  # the longest a task sleeps for a rate-limit token before re-queueing
+# A task books its send time however far ahead the queue of bookings reaches, and waits for it in
+# hops of at most this long: a Celery countdown is held unacked by a worker, and one longer than the
+# broker's visibility timeout (300 s) would be delivered twice. A hop before the booked time is one
+# Redis call, with no database work.
+BOOKING_HOP_SECONDS = 200.0
+BOOKING_AHEAD_LIMIT_SECONDS = 23 * 3600.0  # never book past the row's expiry
+
+
+def hop(wait: float) -> float:
+    """The countdown towards a send time `wait` seconds away: the remainder first, then whole hops,
+    so tasks come back spread like their send times. (A countdown that falls due goes straight to
+    a worker process, past the queues' order: a thousand falling due together would stall events.)"""
+    if wait <= BOOKING_HOP_SECONDS:
+        return wait
+    return (wait % BOOKING_HOP_SECONDS) or BOOKING_HOP_SECONDS
+EARLY_TOLERANCE_SECONDS = 0.05  # a countdown firing this early still sends (the bucket's margin covers it)
 EXPIRY = timedelta(hours=23)  # Resend keeps idempotency keys 24 hours
 
 
@@ -50,7 +65,11 @@ class Mailer(Protocol):
 
 
 class Bucket(Protocol):
-    def acquire(self, max_wait: float) -> float: ...
+    def reserve(self, horizon: float, holder: str | None = None) -> tuple[float, float | None]: ...
+
+    def until_slot(self, slot: float) -> float: ...
+
+    def pass_gate(self) -> float: ...
 
     def hold_off(self, seconds: float) -> None: ...
 
@@ -61,6 +80,7 @@ class Outcome:
     detail: str = ""
     countdown: float | None = None
     message_id: str | None = None
+    slot: float | None = None  # throttled: the send time booked for the re-queued task
 
     @property
     def requeue(self) -> bool:
@@ -116,8 +136,14 @@ def compose(row: dict, sender: str, app_url: str) -> OutgoingEmail:
 
 
 def deliver(notification_id: str, *, database_url: str, mailer: Mailer, bucket: Bucket | None, sender: str,
-            app_url: str, failures: int = 0, token_wait: float = TOKEN_WAIT_SECONDS) -> Outcome:
-    """One attempt at the row. `failures` = retryable failures so far in this delivery run."""
+            app_url: str, failures: int = 0, slot: float | None = None) -> Outcome:
+    """One attempt at the row. `failures` = retryable failures so far in this delivery run; `slot`
+    = the send time this task booked on an earlier run (it comes back at that time to use it)."""
+    rate_limited = mailer.rate_limited and bucket is not None
+    if rate_limited and slot is not None:
+        wait = bucket.until_slot(slot)
+        if wait > EARLY_TOLERANCE_SECONDS:  # not yet: another hop, no database work
+            return Outcome("throttled", "waiting for its booked send time", countdown=hop(wait), slot=slot)
     with get_pool(database_url).connection() as conn:
         row = store.lock_for_delivery(conn, notification_id)
         if row is None:
@@ -143,11 +169,16 @@ def deliver(notification_id: str, *, database_url: str, mailer: Mailer, bucket: 
         attempts = store.count_attempt(conn, notification_id)
         # The token last, right before the request: the time between a grant and the request's
         # arrival at Resend is what the bucket's margin has to absorb.
-        if mailer.rate_limited and bucket is not None:
-            wait = bucket.acquire(token_wait)
+        if rate_limited:
+            if slot is None:
+                wait, slot = bucket.reserve(BOOKING_AHEAD_LIMIT_SECONDS, holder=notification_id)
+                if slot is None or wait > EARLY_TOLERANCE_SECONDS:
+                    conn.rollback()  # nothing recorded (not even the attempt); the lock goes with it
+                    return Outcome("throttled", "waiting for its booked send time", countdown=hop(wait), slot=slot)
+            wait = bucket.pass_gate()
             if wait > 0:
-                conn.rollback()  # nothing recorded (not even the attempt); the lock goes with it
-                return Outcome("throttled", "no rate-limit token yet", countdown=wait)
+                conn.rollback()
+                return Outcome("throttled", "keeping the spacing of requests", countdown=wait, slot=slot)
 
         try:
             message_id = mailer.send(message)
@@ -207,18 +238,26 @@ def sweep_lost(database_url: str, redis_client, enqueue, min_age_seconds: float 
     scheduled retry, at most once a minute each. Duplicates are harmless (the task re-reads the row
     and the Idempotency-Key covers the send), this only keeps them rare."""
     resent: list[str] = []
+
+    def not_scheduled(ids: list[str]) -> list[str]:
+        pipe = redis_client.pipeline(transaction=False)
+        for notification_id in ids:
+            pipe.exists(scheduled_key(notification_id))
+        return [i for i, scheduled in zip(ids, pipe.execute()) if not scheduled]
+
     with get_pool(database_url).connection() as conn:
         expired = store.expire_stale(conn)
         conn.commit()
-        candidates = store.lost_pending(conn, min_age_seconds)
+        candidates = store.lost_pending(conn, min_age_seconds, not_scheduled=not_scheduled)
         conn.commit()  # release the rows before their tasks look at them
-    for notification_id in candidates:
-        if redis_client.exists(scheduled_key(notification_id)):
-            continue
-        if not redis_client.set(swept_key(notification_id), "1", nx=True, ex=SWEEP_RESEND_EVERY_SECONDS):
-            continue
-        enqueue(notification_id)
-        resent.append(notification_id)
+    if candidates:
+        pipe = redis_client.pipeline(transaction=False)
+        for notification_id in candidates:
+            pipe.set(swept_key(notification_id), "1", nx=True, ex=SWEEP_RESEND_EVERY_SECONDS)
+        for notification_id, first in zip(candidates, pipe.execute()):
+            if first:
+                enqueue(notification_id)
+                resent.append(notification_id)
     if resent or expired:
         log.info("notification sweep", resent=len(resent), expired=expired)
     return {"resent": resent, "expired": expired}

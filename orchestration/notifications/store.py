@@ -77,18 +77,30 @@ def note_error(conn: psycopg.Connection, notification_id: str, error: str) -> No
                  (error[:1000], notification_id))
 
 
-def lost_pending(conn: psycopg.Connection, min_age_seconds: float, limit: int = 500) -> list[str]:
+def lost_pending(conn: psycopg.Connection, min_age_seconds: float, limit: int = 500,
+                 not_scheduled=lambda ids: ids) -> list[str]:
     """Pending rows older than `min_age_seconds` that no sender holds right now (row locks of
-    senders are skipped: a sender whose process died has lost its lock with its connection)."""
-    rows = conn.execute(
+    senders are skipped: a sender whose process died has lost its lock with its connection).
+    `not_scheduled(ids)` first drops the rows whose task is known to be waiting (a Redis look), so
+    a long backlog of booked emails costs one read here, not a row lock per email."""
+    ids = [r["id"] for r in conn.execute(
         """select id::text as id from public.notifications
             where status = 'pending'
               and created_at < now() - make_interval(secs => %s)
               and created_at >= now() - interval '23 hours'
             order by created_at
-            limit %s
-            for update skip locked""",
+            limit %s""",
         (min_age_seconds, limit),
+    ).fetchall()]
+    ids = not_scheduled(ids)
+    if not ids:
+        return []
+    rows = conn.execute(
+        """select id::text as id from public.notifications
+            where id = any(%s::uuid[]) and status = 'pending'
+            order by created_at
+            for update skip locked""",
+        (ids,),
     ).fetchall()
     return [r["id"] for r in rows]
 

@@ -15,7 +15,8 @@ from tests.support.services import wait_for
 
 def test_timeouts_held_by_a_sigkilled_worker_fire_within_the_sweep_interval_plus_one_second(
         db, database_url, make_user, livekit, worker, beat, log_dir):
-    doomed = services.celery_worker(subprocess_env(), log_dir, name="doomed", concurrency=2)
+    # At DEBUG, so its log names the tasks it received (INFO leaves Celery's per-task lines out).
+    doomed = services.celery_worker(subprocess_env(), log_dir, name="doomed", concurrency=2, extra=["-l", "DEBUG"])
     _wait_worker_ready(doomed)
     try:
         caller = make_user()

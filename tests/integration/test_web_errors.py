@@ -105,3 +105,14 @@ def test_readyz_answers_from_a_cache_of_one_second(api, database_url):
     assert set(codes) == {200}
     # 200 requests in well under a few seconds: at most one check a second, not one per request
     assert opened <= 5, opened
+
+
+def test_metrics_show_the_whole_deployment(web):
+    """One scrape of any web process: queues and task outcomes (Redis), pushes and usage (Postgres)."""
+    import httpx
+
+    text = httpx.get(f"{web}/metrics", timeout=10).text
+    for family in ("callflow_queue_depth", "callflow_queue_oldest_age_seconds", "callflow_pushes",
+                   "callflow_usage_plan_concurrency_cap"):
+        assert f"# TYPE {family} " in text, family
+    assert 'callflow_queue_depth{queue="events"}' in text and 'callflow_queue_depth{queue="push"}' in text

@@ -144,7 +144,7 @@ def test_stdlib_loggers_like_celery_are_redacted_and_carry_the_context(output):
         "Task callflow.send_notification[%s] received: %r", FIELDS["task_id"],
         {"to": EMAIL, "api_key": RESEND_KEY, "headers": {"Authorization": f"Bearer {OPAQUE_TOKEN}"}})
     logging.getLogger("uvicorn.error").warning("bad request Authorization: %s", USER_JWT)
-    logging.getLogger("httpx").info("POST https://api.resend.com/emails %s", f"Bearer {RESEND_KEY}")
+    logging.getLogger("httpx").warning("POST https://api.resend.com/emails %s", f"Bearer {RESEND_KEY}")  # INFO is quiet
     try:
         _fail_with_secrets()
     except RuntimeError:

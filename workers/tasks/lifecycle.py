@@ -39,7 +39,8 @@ _TASK = dict(bind=True, acks_late=True, max_retries=8, retry_backoff=True, retry
 def ports() -> Ports:
     """One set of adapters per worker process (created after the fork, on first use)."""
     return Ports(
-        store=PostgresStore(settings.database_url, pool_size=10),
+        store=PostgresStore(settings.database_url, pool_size=10,
+                            email_repeat_window=settings.callflow_email_repeat_window_seconds),
         rooms=LiveKitRooms(settings.livekit_http_url, settings.livekit_api_key,
                            settings.livekit_api_secret.get_secret_value()),
         scheduler=CeleryScheduler(app),
@@ -53,11 +54,28 @@ def _redis() -> redis.Redis:
     return redis.Redis.from_url(settings.redis_url)
 
 
+# Results of timer housekeeping that moved nothing: DEBUG, so the console shows calls, not clocks.
+_QUIET_RESULTS = ("none due", "rescheduled")
+
+
+def _call_of(outcome, context: dict) -> dict:
+    """invitation_id, call_id, room_name of the step: from the task's arguments, else from what the
+    use case reports (an outcome's own fields, or the effects it ran), else None."""
+    found = {key: context.get(key) or getattr(outcome, key, None) for key in ("invitation_id", "call_id", "room_name")}
+    for effect in getattr(outcome, "effects", None) or ():
+        for key in found:
+            found[key] = found[key] or getattr(effect, key, None)
+    return found
+
+
 def _run(task, fn, *args, **context):
     structlog.contextvars.bind_contextvars(task_id=task.request.id, **{k: v for k, v in context.items() if v})
     try:
         outcome = fn(*args)
-        log.info(f"{task.name.removeprefix('callflow.')} done", result=outcome.result)
+        step = task.name.removeprefix("callflow.")
+        quiet = isinstance(outcome.result, str) and outcome.result.startswith(_QUIET_RESULTS)
+        # One line per lifecycle step, always with the three keys a call is found by.
+        (log.debug if quiet else log.info)(f"{step} done", result=outcome.result, **_call_of(outcome, context))
         return outcome.result
     except RETRYABLE as exc:
         log.warning("transient failure, retrying", error=str(exc), retries=task.request.retries)

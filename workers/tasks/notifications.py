@@ -47,7 +47,7 @@ def ports():
 
 @app.task(name="callflow.send_notification", bind=True, acks_late=True, reject_on_worker_lost=True,
           max_retries=None, queue="notifications", ignore_result=True)
-def send_notification(self, notification_id: str, failures: int = 0) -> str:
+def send_notification(self, notification_id: str, failures: int = 0, slot: float | None = None) -> str:
     structlog.contextvars.bind_contextvars(notification_id=str(notification_id), task_id=self.request.id)
     try:
         try:
@@ -65,6 +65,7 @@ def send_notification(self, notification_id: str, failures: int = 0) -> str:
                 sender=settings.callflow_email_from,
                 app_url=settings.callflow_app_url,
                 failures=failures,
+                slot=slot,
             )
         except Exception as exc:  # noqa: BLE001 - database or Redis trouble: try again later
             if failures + 1 >= MAX_ATTEMPTS:
@@ -78,9 +79,10 @@ def send_notification(self, notification_id: str, failures: int = 0) -> str:
             mark_scheduled(redis_client, notification_id, outcome.countdown)
             raise self.retry(countdown=outcome.countdown, kwargs={"failures": failures + 1})
         if outcome.kind == "throttled":
-            # Waiting for the rate limit is not a failure: the failure count is kept as it is.
+            # Waiting for its send time is not a failure: the failure count is kept as it is. The
+            # task comes back at the time it booked (never sleeping in a worker slot meanwhile).
             mark_scheduled(redis_client, notification_id, outcome.countdown)
-            raise self.retry(countdown=outcome.countdown, kwargs={"failures": failures})
+            raise self.retry(countdown=outcome.countdown, kwargs={"failures": failures, "slot": outcome.slot})
         if outcome.kind in ("busy", "done", "missing"):
             log.info("send_notification: nothing to do", outcome=outcome.kind, detail=outcome.detail)
         return outcome.kind
