@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.support.calls import call_of, client_set_status, enqueue_change, insert_invitation, invitation
-from tests.support.flows import Phone
+from tests.support.flows import Phone, identities_in_room
 from tests.support.participants import eventually
 
 pytestmark = pytest.mark.e2e
@@ -35,11 +35,20 @@ def joins(db, room_name, identity):
                            and payload->'participant'->>'identity' = %s order by id""", (room_name, identity)).fetchall()
 
 
-async def removed_in_time(phone: Phone) -> float:
+async def removed_in_time(livekit, phone: Phone) -> float:
+    """Seconds from joining until LiveKit no longer lists the participant (the server's word: the
+    SDK may take longer to notice, trying to reconnect first)."""
     started = time.monotonic()
     await phone.join()
-    await eventually(lambda: phone.disconnected.is_set(), timeout=10, what=f"{phone.identity[:8]} removed")
-    return time.monotonic() - started
+    deadline = started + 10
+    while time.monotonic() < deadline:
+        if phone.identity not in await identities_in_room(livekit, phone.room_name):
+            took = time.monotonic() - started
+            await phone.leave()  # stop the SDK from trying to reconnect
+            return took
+        await asyncio.sleep(0.1)
+    await phone.leave()
+    raise AssertionError(f"{phone.identity[:8]} still in {phone.room_name} after 10 s")
 
 
 def test_a_stranger_with_a_token_for_a_live_call_is_removed_every_time(db, database_url, make_user, livekit):
@@ -54,10 +63,10 @@ def test_a_stranger_with_a_token_for_a_live_call_is_removed_every_time(db, datab
         await eventually(lambda: (call_of(db, inv["id"]) or {}).get("status") == "active", what="call active")
 
         for attempt in (1, 2):
-            took = await removed_in_time(Phone(livekit.url, mallory, room_name))
+            took = await removed_in_time(livekit, Phone(livekit.url, mallory, room_name))
             assert took < REMOVAL_WITHIN + 1.0, f"attempt {attempt}: removed after {took:.1f} s"
-        await eventually(lambda: len(removals(db, room_name, mallory)) == 2, what="both removals recorded")
-        assert len(joins(db, room_name, mallory)) == 2
+        await eventually(lambda: len(removals(db, room_name, mallory)) >= 2, what="both removals recorded")
+        assert len(joins(db, room_name, mallory)) >= 2
         # The call goes on, with no stranger in its history.
         assert a.connected and b.connected
         call = call_of(db, inv["id"])
@@ -87,9 +96,9 @@ def test_a_callee_who_declined_is_removed_when_joining_with_an_earlier_token(db,
         await eventually(status_is(db, to_bo["id"], "declined"), what="Bo declined")
 
         for _ in range(2):  # with the token Bo took while it rang, and again
-            took = await removed_in_time(Phone(livekit.url, bo, room_name))
+            took = await removed_in_time(livekit, Phone(livekit.url, bo, room_name))
             assert took < REMOVAL_WITHIN + 1.0
-        await eventually(lambda: len(removals(db, room_name, bo)) == 2, what="removals recorded")
+        await eventually(lambda: len(removals(db, room_name, bo)) >= 2, what="removals recorded")
         assert a.connected and c.connected
         await a.leave()
         await c.leave()
@@ -107,7 +116,7 @@ def test_a_stranger_reusing_the_name_of_an_ended_call_is_removed(db, database_ur
         enqueue_change(inv["id"], "declined")
         await eventually(lambda: (call_of(db, inv["id"]) or {}).get("status") == "declined", what="call over")
         # A valid token for the old name brings the room back; nothing of ours lives there.
-        took = await removed_in_time(Phone(livekit.url, mallory, inv["room_name"]))
+        took = await removed_in_time(livekit, Phone(livekit.url, mallory, inv["room_name"]))
         assert took < REMOVAL_WITHIN + 1.0
         await eventually(lambda: removals(db, inv["room_name"], mallory), what="removal recorded")
         assert db.execute("select count(*) as n from public.calls where room_name = %s and status in ('ringing', 'active')",
