@@ -92,6 +92,9 @@ class UnitOfWork(Protocol):
 
     def live_call_id(self, room_name: str) -> str | None: ...
 
+    def callee_busy(self, callee_id: str, room_name: str) -> bool:
+        """In an active call other than the room's live call (the contract's busy)."""
+
     def is_party(self, room_name: str, identity: str) -> bool:
         """Whether `identity` is one of the room's parties now (the contract's definition)."""
 
@@ -116,8 +119,6 @@ class UnitOfWork(Protocol):
 
     def live_rooms(self, limit: int) -> list[str]:
         """The room names of live calls."""
-
-    def last_left_at(self, call_id: str) -> datetime | None: ...
 
 
 class Store(Protocol):

@@ -119,6 +119,10 @@ class PostgresUnitOfWork:
                         participants=participants, seen_events=seen, busy_users=busy,
                         counter_invitations=counters, aborted_sids=aborted)
 
+    def callee_busy(self, callee_id: str, room_name: str) -> bool:
+        live = self.live_call_id(room_name)
+        return self._busy(callee_id, [live] if live else [])
+
     def _busy(self, user: str, other_than_calls: list[str]) -> bool:
         """In an active call: connected in it, or its accepted invitation's call is active."""
         row = self._one(
@@ -368,9 +372,6 @@ class PostgresUnitOfWork:
         return [r["room_name"] for r in self._all(
             f"select room_name from public.calls where status in {_LIVE} order by created_at limit %s", (limit,))]
 
-    def last_left_at(self, call_id: str) -> datetime | None:
-        row = self._one("select max(left_at) as t from public.call_participants where call_id = %s", (call_id,))
-        return row["t"] if row else None
 
 
 class PostgresStore:

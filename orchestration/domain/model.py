@@ -52,6 +52,8 @@ S = InvitationStatus
 OPEN: frozenset[InvitationStatus] = frozenset({S.PENDING, S.RINGING})
 TERMINAL: frozenset[InvitationStatus] = frozenset({S.ACCEPTED, S.DECLINED, S.CANCELLED, S.MISSED, S.BUSY, S.FAILED})
 LIVE_CALL: frozenset[CallStatus] = frozenset({CallStatus.RINGING, CallStatus.ACTIVE})
+# Statuses only a worker makes: their echo through the listener carries no work.
+WORKER_ONLY: frozenset[InvitationStatus] = frozenset({S.RINGING, S.MISSED, S.BUSY, S.FAILED})
 
 TRANSITIONS: dict[InvitationStatus, frozenset[InvitationStatus]] = {
     S.PENDING: frozenset({S.RINGING, S.ACCEPTED, S.DECLINED, S.CANCELLED, S.BUSY, S.FAILED}),

@@ -8,6 +8,7 @@ from typing import Iterable
 
 import structlog
 
+from orchestration.domain.model import WORKER_ONLY
 from orchestration.lifecycle.context import Ports
 from orchestration.lifecycle.state import (
     EnsureRoom,
@@ -31,10 +32,6 @@ def create_room(ports: Ports, room_name: str) -> RoomInfo:
                                    metadata=json.dumps({"callflow": True}))
 
 
-# Statuses only a worker makes: their echo through the listener carries no work.
-WORKER_ONLY = frozenset({"ringing", "missed", "busy", "failed"})
-
-
 def apply_decision(uow, decision, ports: Ports) -> list:
     """Write the decision in the open transaction; returns every effect to run after commit.
 
@@ -42,7 +39,7 @@ def apply_decision(uow, decision, ports: Ports) -> list:
     (its dedupe mark is set): the change would come back as a task that only records itself. Set
     early, a mark of a transaction that then rolls back suppresses an echo with no work in it.
     """
-    echoes = [(inv.id, str(inv.status)) for inv in decision.invitations if str(inv.status) in WORKER_ONLY]
+    echoes = [(inv.id, str(inv.status)) for inv in decision.invitations if inv.status in WORKER_ONLY]
     if echoes:
         ports.scheduler.expect_echoes(echoes)
     return decision.effects + uow.apply(decision)

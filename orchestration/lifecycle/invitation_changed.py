@@ -13,6 +13,7 @@ from typing import Callable
 import structlog
 
 from orchestration.domain.model import (
+    WORKER_ONLY,
     Call,
     CallStatus,
     EndReason,
@@ -36,8 +37,6 @@ from orchestration.ports import RoomError, RoomInfo
 
 log = structlog.get_logger("callflow.lifecycle")
 
-# Statuses only a worker sets: their echo needs no look when the invitation is linked already.
-WORKER_MADE = frozenset({S.RINGING, S.MISSED, S.BUSY, S.FAILED})
 NEEDS_ROOM = "needs_room"
 STALE_ROOM = "stale_room"
 
@@ -169,17 +168,20 @@ def handle_invitation_changed(change: dict, ports: Ports) -> Outcome:
             event.payload = {**event.payload, "note": "no such invitation"}
             uow.apply(Decision("unknown_invitation", events=[event]))
             return Outcome("unknown_invitation")
-        if inv.status == change.get("status") and inv.status in WORKER_MADE and inv.call_id:
+        if inv.status == change.get("status") and inv.status in WORKER_ONLY and inv.call_id:
             # The echo of a transition a worker made: its effects were committed with it.
             event.room_name = inv.room_name
             uow.apply(Decision(f"seen_{inv.status}", events=[event]))
             return Outcome(f"seen_{inv.status}")
         counters = uow.counter_invitations(inv.caller_id, inv.callee_id) if inv.status == S.PENDING else []
-        want = _want(inv, counters, event)
-        first = decide(uow.load(want, lock=False), inv.id, event, ports.config) if inv.status == S.PENDING else None
+        # A room is wanted unless glare or busy will decide it (the locked decision below has the
+        # last word: should either have changed, it makes the room itself, or never uses this one).
+        needs_room = (inv.status == S.PENDING and not counters
+                      and not uow.callee_busy(inv.callee_id, inv.room_name))
+    want = _want(inv, counters, event)
 
     room, room_error = None, None
-    if first is not None and first.result == NEEDS_ROOM:
+    if needs_room:
         # LiveKit makes the room while nothing is locked.
         room, room_error = _make_room(ports, inv.room_name)
 

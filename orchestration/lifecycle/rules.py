@@ -13,6 +13,7 @@ from orchestration.domain.model import (
     Invitation,
     InvitationStatus as S,
     Participant,
+    call_settles,
     call_started_at,
     deserves_missed_call_email,
     seconds_between,
@@ -74,7 +75,7 @@ def settle_call(w: Working, call_id: str | None) -> None:
     if any(i.status == S.ACCEPTED for i in invitations):
         activate(w, call)
         return
-    if call.status == CallStatus.RINGING and invitations and not any(i.open for i in invitations):
+    if call.status == CallStatus.RINGING and call_settles(i.status for i in invitations):
         status, reason = unanswered_call_outcome(invitations)
         ended_at = max((i.ended_at for i in invitations if i.ended_at), default=w.now)
         end_call(w, call, status, reason, ended_at)

@@ -154,10 +154,6 @@ class Decision:
     outbox: list = field(default_factory=list)  # MissedCallEmail and Push requests
     effects: list = field(default_factory=list)
 
-    @property
-    def changes_nothing(self) -> bool:
-        return not (self.invitations or self.calls or self.participants or self.events or self.outbox)
-
 
 class Working:
     """A working copy of a snapshot that the rules change; it remembers what changed."""

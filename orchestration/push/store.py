@@ -101,8 +101,3 @@ class PushStore:
                     """update public.push_messages set receipt_status = %s,
                               last_error = coalesce(%s, last_error) where id = %s""",
                     [(status, error, mid) for mid, status, error in receipts])
-
-    def counts(self) -> list[tuple[str, str, int]]:
-        with self._conn() as conn:
-            return [(r["kind"], r["status"], r["n"]) for r in conn.execute(
-                "select kind, status, count(*) as n from public.push_messages group by kind, status").fetchall()]

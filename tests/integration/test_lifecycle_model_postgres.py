@@ -123,13 +123,9 @@ def model_database():
     and beat must not see its rows."""
     from tests.support import services
 
-    url = services.create_database(prefix="callflow_model")
-    PostgresLifecycleModel.database_url = url
-    yield url
-    from orchestration.db import close_pools
-
-    close_pools()
-    services.drop_database(url)
+    with services.scratch_database("callflow_model") as url:
+        PostgresLifecycleModel.database_url = url
+        yield url
 
 
 class PostgresLifecycleModel(LifecycleModel):

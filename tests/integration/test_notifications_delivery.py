@@ -135,12 +135,8 @@ def email_of(db, user_id: str) -> str:
 
 @pytest.fixture(scope="module")
 def mail_database_url():
-    url = services.create_database(prefix="callflow_mail")
-    yield url
-    from orchestration.db import close_pools
-
-    close_pools()
-    services.drop_database(url)
+    with services.scratch_database("callflow_mail") as url:
+        yield url
 
 
 @pytest.fixture

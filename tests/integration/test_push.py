@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
 
 import psycopg
 import pytest
@@ -33,12 +32,8 @@ RING_TIMEOUT = 3
 
 @pytest.fixture(scope="module")
 def push_database_url():
-    url = services.create_database(prefix="callflow_push")
-    yield url
-    from orchestration.db import close_pools
-
-    close_pools()
-    services.drop_database(url)
+    with services.scratch_database("callflow_push") as url:
+        yield url
 
 
 @pytest.fixture
@@ -219,12 +214,8 @@ def test_a_user_manages_only_their_own_devices(db, push_database_url, make_user)
 
 @pytest.fixture(scope="module")
 def delivery_database_url():
-    url = services.create_database(prefix="callflow_pushd")
-    yield url
-    from orchestration.db import close_pools
-
-    close_pools()
-    services.drop_database(url)
+    with services.scratch_database("callflow_pushd") as url:
+        yield url
 
 
 @pytest.fixture

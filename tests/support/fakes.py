@@ -137,15 +137,8 @@ class FakeUnitOfWork:
                        or i.id in want.invitation_ids or i.call_id in calls}
         participants = {p.sid: p for p in s.participants.values() if p.call_id in calls or p.sid in sids}
         busy = frozenset()
-        if want.busy_user:
-            here = {c.id for c in calls.values() if c.live and c.room_name == want.room_name}
-            u = want.busy_user
-            connected = any(p.identity == u and p.left_at is None and s.calls[p.call_id].status == "active"
-                            and p.call_id not in here for p in s.participants.values())
-            accepted = any(i.callee_id == u and i.status == S.ACCEPTED and i.call_id
-                           and s.calls[i.call_id].status == "active" and i.call_id not in here
-                           for i in s.invitations.values())
-            busy = frozenset({u}) if connected or accepted else frozenset()
+        if want.busy_user and self.callee_busy(want.busy_user, want.room_name):
+            busy = frozenset({want.busy_user})
         counters: tuple = ()
         if want.counter_of:
             caller, callee = want.counter_of
@@ -217,6 +210,16 @@ class FakeUnitOfWork:
     def live_call_id(self, room_name: str) -> str | None:
         return next((c.id for c in self.s.calls.values() if c.room_name == room_name and c.live), None)
 
+    def callee_busy(self, callee_id: str, room_name: str) -> bool:
+        s, u = self.s, callee_id
+        here = {c.id for c in s.calls.values() if c.live and c.room_name == room_name}
+        connected = any(p.identity == u and p.left_at is None and s.calls[p.call_id].status == "active"
+                        and p.call_id not in here for p in s.participants.values())
+        accepted = any(i.callee_id == u and i.status == S.ACCEPTED and i.call_id
+                       and s.calls[i.call_id].status == "active" and i.call_id not in here
+                       for i in s.invitations.values())
+        return connected or accepted
+
     def is_party(self, room_name: str, identity: str) -> bool:
         live = next((c for c in self.s.calls.values() if c.room_name == room_name and c.live), None)
         return identity in room_parties([i for i in self.s.invitations.values() if i.room_name == room_name], live)
@@ -287,9 +290,6 @@ class FakeUnitOfWork:
     def live_rooms(self, limit):
         return [c.room_name for c in self.s.calls.values() if c.live][:limit]
 
-    def last_left_at(self, call_id):
-        return max((p.left_at for p in self.s.participants.values() if p.call_id == call_id and p.left_at),
-                   default=None)
 
 
 @dataclass

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 import psycopg
 
@@ -71,6 +73,19 @@ def create_database(prefix: str = "callflow_test", invite_rate_per_minute: int |
     migrate(url, settings={"CALLFLOW_INVITE_RATE_PER_MINUTE": str(invite_rate_per_minute)}
             if invite_rate_per_minute else None)
     return url
+
+
+@contextlib.contextmanager
+def scratch_database(prefix: str = "callflow_test", **kwargs) -> Iterator[str]:
+    """A database of a test module's own (away from the run's worker and sweeps), dropped after."""
+    url = create_database(prefix, **kwargs)
+    try:
+        yield url
+    finally:
+        from orchestration.db import close_pools
+
+        close_pools()
+        drop_database(url)
 
 
 def drop_database(url: str) -> None:
