@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Iterable, Protocol
 
 if TYPE_CHECKING:
     from orchestration.domain.model import Invitation
@@ -49,8 +49,8 @@ class Rooms(Protocol):
 class Scheduler(Protocol):
     """Work that must happen later or elsewhere, handed to the task queue after commit."""
 
-    def ring_timeout(self, invitation_id: str, at: datetime) -> None:
-        """Make sure the invitation's deadline is looked at when it comes."""
+    def ring_timeouts(self, deadlines: "list[tuple[str, datetime]]") -> None:
+        """Make sure each (invitation id, deadline) is looked at when its deadline comes."""
 
     def ring_timeout_bucket(self, end: float) -> None:
         """Look at every deadline of the bucket ending at `end` (unix seconds) then."""
@@ -85,15 +85,19 @@ class UnitOfWork(Protocol):
 
     def event_seen(self, event_id: str) -> bool: ...
 
+    def events_seen(self, event_ids: "Iterable[str]") -> set[str]: ...
+
     def invitation(self, invitation_id: str) -> "Invitation | None": ...
 
-    def counter_invitations(self, caller_id: str, callee_id: str) -> list["Invitation"]:
-        """Open invitations from `callee_id` to `caller_id` (the other half of a glare)."""
+    def invitations(self, invitation_ids: "Iterable[str]") -> dict[str, "Invitation"]: ...
+
+    def counter_invitations(self, pairs: "Iterable[tuple[str, str]]", *, lock: bool = False) -> list["Invitation"]:
+        """Open invitations from callee to caller for each (caller, callee) (the other half of a glare)."""
 
     def live_call_id(self, room_name: str) -> str | None: ...
 
-    def callee_busy(self, callee_id: str, room_name: str) -> bool:
-        """In an active call other than the room's live call (the contract's busy)."""
+    def busy_users(self, user_rooms: "Iterable[tuple[str, str]]") -> set[str]:
+        """Of these (user, room): the users in an active call other than that room's (the contract's busy)."""
 
     def is_party(self, room_name: str, identity: str) -> bool:
         """Whether `identity` is one of the room's parties now (the contract's definition)."""
@@ -122,8 +126,8 @@ class UnitOfWork(Protocol):
 
 
 class Store(Protocol):
-    def transaction(self, *rooms: str, pair: tuple[str, str] | None = None) -> AbstractContextManager[UnitOfWork]:
-        """One transaction; serialised with every other one on the same rooms (and pair of users)."""
+    def transaction(self, *rooms: str, pairs: "Iterable[tuple[str, str]]" = ()) -> AbstractContextManager[UnitOfWork]:
+        """One transaction; serialised with every other one on the same rooms (and pairs of users)."""
 
 
 class Throttle(Protocol):

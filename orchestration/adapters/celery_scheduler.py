@@ -29,12 +29,18 @@ class CeleryScheduler:
             self._redis = redis.Redis.from_url(self.app.conf.broker_url)
         return self._redis
 
-    def ring_timeout(self, invitation_id: str, at: datetime) -> None:
-        # A countdown task for the deadline's bucket (the first invitation in it sends it); the
-        # beat sweep enforces the same deadlines without it.
-        end = bucket_end(at)
-        if self._r().set(f"callflow:timer-bucket:{int(round(end * 1000))}", 1, nx=True, ex=24 * 3600):
-            self.ring_timeout_bucket(end)
+    def ring_timeouts(self, deadlines: list[tuple[str, datetime]]) -> None:
+        # A countdown task per deadline bucket (the first invitation in it sends it; one round
+        # trip asks for all the buckets at once); the beat sweep enforces the same deadlines without it.
+        ends = sorted({bucket_end(at) for _, at in deadlines})
+        if not ends:
+            return
+        pipe = self._r().pipeline(transaction=False)
+        for end in ends:
+            pipe.set(f"callflow:timer-bucket:{int(round(end * 1000))}", 1, nx=True, ex=24 * 3600)
+        for end, first in zip(ends, pipe.execute()):
+            if first:
+                self.ring_timeout_bucket(end)
 
     def ring_timeout_bucket(self, end: float) -> None:
         self.app.send_task("callflow.ring_timeouts_due", args=[end], queue="timers",

@@ -20,7 +20,7 @@ from psycopg.types.json import Jsonb
 
 from orchestration.db import get_pool
 from orchestration.domain.model import Call, Invitation, Participant
-from orchestration.lifecycle.state import Decision, EventRecord, Push, SendNotification, SendPushes, Snapshot, Want
+from orchestration.lifecycle.state import Decision, Push, SendNotification, SendPushes, Snapshot, Want
 
 _LIVE = "('ringing', 'active')"
 
@@ -53,6 +53,16 @@ class PostgresUnitOfWork:
     def lock(self, key: str, space: int) -> None:
         self.conn.execute("select pg_advisory_xact_lock(hashtextextended(%s, %s))", (key, space))
 
+    def lock_all(self, keys: list[tuple[str, int]]) -> None:
+        """Each (key, space) in the order given, in one round trip (a function scan keeps it)."""
+        if len(keys) == 1:
+            self.lock(*keys[0])
+        elif keys:
+            self.conn.execute(
+                """select count(pg_advisory_xact_lock(hashtextextended(k, s)))
+                     from unnest(%s::text[], %s::int[]) with ordinality as t(k, s, n)""",
+                ([k for k, _ in keys], [s for _, s in keys]))
+
     def now(self) -> datetime:
         """The transaction's time: the database's (constant within a transaction), or the clock's."""
         if self._clock is not None:
@@ -68,46 +78,33 @@ class PostgresUnitOfWork:
         sids = list(want.participant_sids)
         now = self.now()
         # Each arm on an index of its own (a UNION, not an OR the planner would scan the table for);
-        # then the rows themselves, locked.
-        call_ids = [r["id"] for r in self._all(
-            f"""select id from public.calls where room_name = any(%(rooms)s) and status in {_LIVE}
-                union select id from public.calls where id = any(%(ids)s::uuid[])
-                union select id from public.calls where %(sid)s::text is not null and livekit_room_sid = %(sid)s
-                union select call_id from public.call_participants where participant_sid = any(%(sids)s)""",
-            {"rooms": rooms, "ids": _uuids(want.call_ids), "sid": want.room_sid, "sids": sids})]
+        # then the rows themselves, locked, in the same statement.
         calls = {str(r["id"]): Call.from_row(r) for r in self._all(
-            f"select * from public.calls where id = any(%s::uuid[]) order by created_at, id{fu}", (call_ids,))}
-        invitation_ids = [r["id"] for r in self._all(
-            """select id from public.call_invitations
-                where room_name = any(%(rooms)s) and status in ('pending', 'ringing')
-               union select id from public.call_invitations
-                where room_name = any(%(rooms)s) and status = 'accepted' and call_id is null
-               union select id from public.call_invitations where id = any(%(ids)s::uuid[])
-               union select id from public.call_invitations where call_id = any(%(calls)s::uuid[])""",
-            {"rooms": rooms, "ids": _uuids(want.invitation_ids), "calls": list(calls)})]
+            f"""select * from public.calls where id = any(array(
+                  select id from public.calls where room_name = any(%(rooms)s) and status in {_LIVE}
+                  union select id from public.calls where id = any(%(ids)s::uuid[])
+                  union select id from public.calls where %(sid)s::text is not null and livekit_room_sid = %(sid)s
+                  union select call_id from public.call_participants where participant_sid = any(%(sids)s)))
+                order by created_at, id{fu}""",
+            {"rooms": rooms, "ids": _uuids(want.call_ids), "sid": want.room_sid, "sids": sids})}
         invitations = {str(r["id"]): Invitation.from_row(r) for r in self._all(
-            f"select * from public.call_invitations where id = any(%s::uuid[]) order by created_at, id{fu}",
-            (invitation_ids,))}
+            f"""select * from public.call_invitations where id = any(array(
+                  select id from public.call_invitations
+                   where room_name = any(%(rooms)s) and status in ('pending', 'ringing')
+                  union select id from public.call_invitations
+                   where room_name = any(%(rooms)s) and status = 'accepted' and call_id is null
+                  union select id from public.call_invitations where id = any(%(ids)s::uuid[])
+                  union select id from public.call_invitations where call_id = any(%(calls)s::uuid[])))
+                order by created_at, id{fu}""",
+            {"rooms": rooms, "ids": _uuids(want.invitation_ids), "calls": list(calls)})}
         participants = {r["participant_sid"]: Participant.from_row(r) for r in self._all(
             "select * from public.call_participants where call_id = any(%(calls)s::uuid[]) or participant_sid = any(%(sids)s)",
             {"calls": list(calls), "sids": sids})}
-        seen = frozenset(r["event_id"] for r in self._all(
-            "select event_id from public.call_events where event_id = any(%s)", (list(want.event_ids),))) \
-            if want.event_ids else frozenset()
-        busy: frozenset[str] = frozenset()
-        if want.busy_user:
-            live_here = [c.id for c in calls.values() if c.live and c.room_name == want.room_name]
-            if self._busy(want.busy_user, live_here):
-                busy = frozenset({want.busy_user})
-        counters: tuple[Invitation, ...] = ()
-        if want.counter_of:
-            caller, callee = want.counter_of
-            counters = tuple(Invitation.from_row(r) for r in self._all(
-                f"""select * from public.call_invitations
-                     where caller_id = %s and callee_id = %s and status in ('pending', 'ringing')
-                     order by created_at, id{fu}""", (callee, caller)))
-            for c in counters:
-                invitations.setdefault(c.id, c)
+        seen = frozenset(self.events_seen(want.event_ids)) if want.event_ids else frozenset()
+        busy = frozenset(self.busy_users(want.busy))
+        counters = tuple(self.counter_invitations(want.counter_pairs, lock=lock))
+        for c in counters:
+            invitations.setdefault(c.id, c)
         aborted: frozenset[str] = frozenset()
         if want.aborted_sids:
             aborted = frozenset(r["sid"] for r in self._all(
@@ -119,30 +116,30 @@ class PostgresUnitOfWork:
                         participants=participants, seen_events=seen, busy_users=busy,
                         counter_invitations=counters, aborted_sids=aborted)
 
-    def callee_busy(self, callee_id: str, room_name: str) -> bool:
-        live = self.live_call_id(room_name)
-        return self._busy(callee_id, [live] if live else [])
-
-    def _busy(self, user: str, other_than_calls: list[str]) -> bool:
-        """In an active call: connected in it, or its accepted invitation's call is active."""
-        row = self._one(
-            """select exists (
+    def busy_users(self, user_rooms) -> set[str]:
+        """The users (of these (user, room) pairs) in an active call other than their room's:
+        connected in it, or its accepted invitation's call is active."""
+        user_rooms = [(u, r) for u, r in user_rooms if _uuids([u])]
+        if not user_rooms:
+            return set()
+        return {str(r["u"]) for r in self._all(
+            """select w.u from unnest(%(users)s::uuid[], %(rooms)s::text[]) as w(u, room)
+                where exists (
                  select 1 from public.call_participants p join public.calls c on c.id = p.call_id
-                  where p.identity = %(u)s::text and p.left_at is null and c.status = 'active'
-                    and c.id <> all(%(calls)s::uuid[])
+                  where p.identity = w.u::text and p.left_at is null and c.status = 'active' and c.room_name <> w.room
                ) or exists (
                  select 1 from public.call_invitations i join public.calls c on c.id = i.call_id
-                  where i.callee_id = %(u)s::uuid and i.status = 'accepted'
-                    and c.status = 'active' and c.id <> all(%(calls)s::uuid[])
-               ) as busy""",
-            {"u": user, "calls": other_than_calls},
-        )
-        return bool(row["busy"])
+                  where i.callee_id = w.u and i.status = 'accepted' and c.status = 'active' and c.room_name <> w.room
+               )""",
+            {"users": [u for u, _ in user_rooms], "rooms": [r for _, r in user_rooms]})}
 
     def apply(self, decision: Decision) -> list:
+        # One round trip per kind of row (executemany pipelines its statements).
+        cur = self.conn.cursor()
         # Ended calls first: a new live call in the same room must find the old one ended.
-        for call in sorted(decision.calls, key=lambda c: c.live):
-            self.conn.execute(
+        calls = sorted(decision.calls, key=lambda c: c.live)
+        if calls:
+            cur.executemany(
                 """insert into public.calls (id, room_name, livekit_room_sid, call_type, caller_id, status, created_at,
                                              started_at, ended_at, duration_seconds, end_reason)
                    values (%(id)s, %(room_name)s, %(sid)s, %(call_type)s, %(caller_id)s, %(status)s, %(created_at)s,
@@ -151,67 +148,76 @@ class PostgresUnitOfWork:
                      livekit_room_sid = excluded.livekit_room_sid, call_type = excluded.call_type,
                      status = excluded.status, started_at = excluded.started_at, ended_at = excluded.ended_at,
                      duration_seconds = excluded.duration_seconds, end_reason = excluded.end_reason""",
-                {"id": call.id, "room_name": call.room_name, "sid": call.livekit_room_sid, "call_type": call.call_type,
-                 "caller_id": call.caller_id, "status": str(call.status), "created_at": call.created_at,
-                 "started_at": call.started_at, "ended_at": call.ended_at, "duration": call.duration_seconds,
-                 "end_reason": call.end_reason})
-        for inv in decision.invitations:
-            self.conn.execute(
+                [{"id": call.id, "room_name": call.room_name, "sid": call.livekit_room_sid,
+                  "call_type": call.call_type, "caller_id": call.caller_id, "status": str(call.status),
+                  "created_at": call.created_at, "started_at": call.started_at, "ended_at": call.ended_at,
+                  "duration": call.duration_seconds, "end_reason": call.end_reason} for call in calls])
+        if decision.invitations:
+            cur.executemany(
                 """update public.call_invitations
                       set status = %(status)s, call_id = %(call_id)s, ringing_at = %(ringing_at)s,
                           ring_deadline = %(ring_deadline)s, answered_at = %(answered_at)s, ended_at = %(ended_at)s,
                           end_reason = %(end_reason)s
                     where id = %(id)s""",
-                {"id": inv.id, "status": str(inv.status), "call_id": inv.call_id, "ringing_at": inv.ringing_at,
-                 "ring_deadline": inv.ring_deadline, "answered_at": inv.answered_at, "ended_at": inv.ended_at,
-                 "end_reason": inv.end_reason})
-        for p in decision.participants:
-            self.conn.execute(
+                [{"id": inv.id, "status": str(inv.status), "call_id": inv.call_id, "ringing_at": inv.ringing_at,
+                  "ring_deadline": inv.ring_deadline, "answered_at": inv.answered_at, "ended_at": inv.ended_at,
+                  "end_reason": inv.end_reason} for inv in decision.invitations])
+        if decision.participants:
+            cur.executemany(
                 """insert into public.call_participants (call_id, identity, participant_sid, joined_at, left_at,
                                                          duration_seconds)
                    values (%(c)s, %(i)s, %(s)s, %(j)s, %(l)s, %(d)s)
                    on conflict (participant_sid) do update set joined_at = excluded.joined_at,
                      left_at = excluded.left_at, duration_seconds = excluded.duration_seconds""",
-                {"c": p.call_id, "i": p.identity, "s": p.sid, "j": p.joined_at, "l": p.left_at,
-                 "d": p.duration_seconds})
-        for ev in decision.events:
-            self.record_event(ev)
+                [{"c": p.call_id, "i": p.identity, "s": p.sid, "j": p.joined_at, "l": p.left_at,
+                  "d": p.duration_seconds} for p in decision.participants])
+        if decision.events:
+            cur.executemany(
+                """insert into public.call_events (event_id, source, type, room_name, invitation_id, occurred_at,
+                                                   payload)
+                   values (%s, %s, %s, %s, %s, %s, %s) on conflict (event_id) do nothing""",
+                [(ev.event_id, ev.source, ev.type, ev.room_name, ev.invitation_id, ev.occurred_at, Jsonb(ev.payload))
+                 for ev in decision.events])
         follow_ups: list = []
-        pushes: list[str] = []
-        for item in decision.outbox:
-            if isinstance(item, Push):
-                pushes += self.add_pushes(item)
-                continue
-            notification_id = self.add_missed_call_notification(item.invitation_id, item.caller_id, item.callee_id)
+        # In one order (the pair locks they take), whatever the order of the decisions they came from.
+        for mail in sorted((i for i in decision.outbox if not isinstance(i, Push)),
+                           key=lambda i: (i.caller_id, i.callee_id)):
+            notification_id = self.add_missed_call_notification(mail.invitation_id, mail.caller_id, mail.callee_id)
             if notification_id:
                 follow_ups.append(SendNotification(notification_id))
+        pushes = [i for i in decision.outbox if isinstance(i, Push)]
         if pushes:
-            follow_ups.append(SendPushes(tuple(pushes)))
+            pending = self.add_pushes(pushes)
+            if pending:
+                follow_ups.append(SendPushes(tuple(pending)))
         return follow_ups
 
-    def add_pushes(self, push: Push) -> list[str]:
-        """One push outbox row per enabled device of the callee; returns the `pending` ones.
+    def add_pushes(self, pushes: list[Push]) -> list[str]:
+        """One push outbox row per enabled device of each push's callee (one statement for all);
+        returns the `pending` ones.
 
         A `missed_call` follows the missed-call email's rules: born `skipped` (with why) when the
         callee turned missed-call notices off or had one from the same caller within the repeat
         window (the pair's lock makes two at once see each other).
         """
-        if push.kind == "missed_call":
-            self.lock(f"push:{push.caller_id}:{push.callee_id}", 17)
+        self.lock_all([(key, 17) for key in sorted({f"push:{p.caller_id}:{p.callee_id}"
+                                                     for p in pushes if p.kind == "missed_call"})])
         rows = self._all(
             """with recipient as (
-                 select u.id,
-                        %(kind)s = 'missed_call'
+                 select r.kind, r.inv, u.id,
+                        r.kind = 'missed_call'
                           and lower(coalesce(u.raw_user_meta_data->>'missed_call_emails', 'true')) = 'false' as opted_out,
-                        %(kind)s = 'missed_call' and exists (
+                        r.kind = 'missed_call' and exists (
                           select 1 from public.push_messages m join public.call_invitations i on i.id = m.invitation_id
-                           where m.kind = 'missed_call' and i.caller_id = %(caller)s and i.callee_id = u.id
+                           where m.kind = 'missed_call' and i.caller_id = r.caller and i.callee_id = u.id
                              and m.status in ('pending', 'sent')
                              and m.created_at > %(now)s::timestamptz - make_interval(secs => %(window)s)) as repeat
-                   from auth.users u where u.id = %(callee)s
+                   from unnest(%(kinds)s::text[], %(invs)s::uuid[], %(callers)s::uuid[], %(callees)s::uuid[])
+                          as r(kind, inv, caller, callee)
+                   join auth.users u on u.id = r.callee
                )
                insert into public.push_messages (kind, invitation_id, push_token_id, status, last_error, created_at)
-               select %(kind)s, %(inv)s, t.id,
+               select r.kind, r.inv, t.id,
                       case when r.opted_out or r.repeat then 'skipped' else 'pending' end,
                       case when r.opted_out then 'recipient turned missed-call notices off'
                            when r.repeat then 'a missed-call push from this caller reached this recipient within '
@@ -220,18 +226,10 @@ class PostgresUnitOfWork:
                  from public.push_tokens t join recipient r on r.id = t.user_id
                 where t.disabled_at is null
                on conflict (kind, invitation_id, push_token_id) do nothing returning id, status""",
-            {"kind": push.kind, "inv": push.invitation_id, "caller": push.caller_id, "callee": push.callee_id,
+            {"kinds": [p.kind for p in pushes], "invs": [p.invitation_id for p in pushes],
+             "callers": [p.caller_id for p in pushes], "callees": [p.callee_id for p in pushes],
              "now": self.now(), "window": self.email_repeat_window})
         return [str(r["id"]) for r in rows if r["status"] == "pending"]
-
-    def record_event(self, ev: EventRecord) -> bool:
-        row = self._one(
-            """insert into public.call_events (event_id, source, type, room_name, invitation_id, occurred_at, payload)
-               values (%s, %s, %s, %s, %s, %s, %s)
-               on conflict (event_id) do nothing returning id""",
-            (ev.event_id, ev.source, ev.type, ev.room_name, ev.invitation_id, ev.occurred_at, Jsonb(ev.payload)),
-        )
-        return row is not None
 
     def add_missed_call_notification(self, invitation_id: str, caller_id: str, callee_id: str) -> str | None:
         """The outbox row, in the transaction of the transition that calls for it.
@@ -271,19 +269,31 @@ class PostgresUnitOfWork:
 
     # ---- first looks -------------------------------------------------------------------------
     def event_seen(self, event_id: str) -> bool:
-        return self._one("select 1 as x from public.call_events where event_id = %s", (event_id,)) is not None
+        return bool(self.events_seen([event_id]))
+
+    def events_seen(self, event_ids) -> set[str]:
+        return {r["event_id"] for r in self._all(
+            "select event_id from public.call_events where event_id = any(%s)", (list(event_ids),))}
 
     def invitation(self, invitation_id: str) -> Invitation | None:
-        if not _uuids([invitation_id]):
-            return None
-        row = self._one("select * from public.call_invitations where id = %s", (invitation_id,))
-        return Invitation.from_row(row) if row else None
+        return self.invitations([invitation_id]).get(invitation_id)
 
-    def counter_invitations(self, caller_id: str, callee_id: str) -> list[Invitation]:
+    def invitations(self, invitation_ids) -> dict[str, Invitation]:
+        return {str(r["id"]): Invitation.from_row(r) for r in self._all(
+            "select * from public.call_invitations where id = any(%s::uuid[])", (_uuids(invitation_ids),))}
+
+    def counter_invitations(self, pairs, *, lock: bool = False) -> list[Invitation]:
+        """Open invitations from callee to caller, for each (caller, callee) of `pairs`."""
+        pairs = [(a, b) for a, b in pairs if len(_uuids([a, b])) == 2]
+        if not pairs:
+            return []
         return [Invitation.from_row(r) for r in self._all(
-            """select * from public.call_invitations
-                where caller_id = %s and callee_id = %s and status in ('pending', 'ringing')""",
-            (callee_id, caller_id))]
+            f"""select i.* from public.call_invitations i
+                  join unnest(%s::uuid[], %s::uuid[]) as p(caller, callee)
+                    on i.caller_id = p.callee and i.callee_id = p.caller
+                 where i.status in ('pending', 'ringing')
+                 order by i.created_at, i.id{" for update of i" if lock else ""}""",
+            ([a for a, _ in pairs], [b for _, b in pairs]))]
 
     def live_call_id(self, room_name: str) -> str | None:
         row = self._one(f"select id from public.calls where room_name = %s and status in {_LIVE}", (room_name,))
@@ -386,13 +396,16 @@ class PostgresStore:
         self.clock = clock  # None: the database's clock (the model tests bring their own)
 
     @contextmanager
-    def transaction(self, *rooms: str, pair: tuple[str, str] | None = None) -> Iterator[PostgresUnitOfWork]:
-        """One transaction; serialised with every other one on the same rooms (the pair first)."""
+    def transaction(self, *rooms: str, pairs=()) -> Iterator[PostgresUnitOfWork]:
+        """One transaction; serialised with every other one on the same rooms (the pairs first).
+
+        Every transaction takes its locks in one order (pairs, then rooms, each sorted), so two
+        that share some never wait on each other in a circle.
+        """
         with get_pool(self.url, self.pool_size).connection() as conn:
             with conn.transaction():
                 uow = PostgresUnitOfWork(conn, self.clock, self.email_repeat_window)
-                if pair is not None:
-                    uow.lock(":".join(sorted(pair)), self.PAIR_LOCKS)
-                for room in sorted(set(rooms)):
-                    uow.lock(room, self.ROOM_LOCKS)
+                keys = [(k, self.PAIR_LOCKS) for k in sorted({":".join(sorted(p)) for p in pairs})]
+                keys += [(room, self.ROOM_LOCKS) for room in sorted(set(rooms))]
+                uow.lock_all(keys)
                 yield uow

@@ -46,7 +46,14 @@ def apply_decision(uow, decision, ports: Ports) -> list:
 
 
 def run_effects(effects: Iterable, ports: Ports) -> None:
+    effects = list(effects)
+    # Ring deadlines go together (one round trip for a batch's); the rest one by one.
+    deadlines = [(e.invitation_id, e.at) for e in effects if isinstance(e, ScheduleRingTimeout)]
+    if deadlines:
+        ports.scheduler.ring_timeouts(deadlines)
     for effect in effects:
+        if isinstance(effect, ScheduleRingTimeout):
+            continue
         try:
             _run(effect, ports)
         except RoomError as exc:
@@ -54,9 +61,7 @@ def run_effects(effects: Iterable, ports: Ports) -> None:
 
 
 def _run(effect, ports: Ports) -> None:
-    if isinstance(effect, ScheduleRingTimeout):
-        ports.scheduler.ring_timeout(effect.invitation_id, effect.at)
-    elif isinstance(effect, ScheduleGrace):
+    if isinstance(effect, ScheduleGrace):
         ports.scheduler.grace_expiry(effect.room_name, effect.participant_sid, effect.identity,
                                      effect.aborted, ports.config.grace)
     elif isinstance(effect, SendNotification):

@@ -7,7 +7,7 @@ its room cannot be made, or rung; any other status is linked to its call and set
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import structlog
@@ -32,6 +32,7 @@ from orchestration.lifecycle.state import (
     Snapshot,
     Want,
     Working,
+    merge_decisions,
 )
 from orchestration.ports import RoomError, RoomInfo
 
@@ -62,7 +63,9 @@ def decide(snap: Snapshot, invitation_id: str, event: EventRecord, config: Lifec
     inv = w.invitations[invitation_id]
     event.room_name = inv.room_name
     if inv.status == S.PENDING:
-        counters = sorted((i for i in snap.counter_invitations if w.invitations.get(i.id, i).open), key=order_key)
+        counters = sorted((i for i in snap.counter_invitations
+                           if (i.callee_id, i.caller_id) == (inv.caller_id, inv.callee_id)
+                           and w.invitations.get(i.id, i).open), key=order_key)
         if counters:
             result = _glare(w, inv, w.invitations.get(counters[0].id, counters[0]), config)
         elif inv.callee_id in snap.busy_users:
@@ -156,75 +159,153 @@ def _ended(w: Working, inv: Invitation) -> str:
 
 
 # ---- load, decide, apply ---------------------------------------------------------------------------
+@dataclass
+class _Item:
+    """A change to decide, with what its first look found."""
+
+    index: int
+    change: dict
+    event: EventRecord
+    inv: Invitation
+    counters: list[Invitation] = field(default_factory=list)
+    room: RoomInfo | None = None
+    room_error: str | None = None
+
+    @property
+    def pair(self) -> tuple[str, str] | None:
+        return (self.inv.caller_id, self.inv.callee_id) if self.inv.status == S.PENDING else None
+
+    @property
+    def rooms(self) -> set[str]:
+        return {self.inv.room_name, *(c.room_name for c in self.counters)}
+
+    @property
+    def keys(self) -> set[str]:
+        """What no other change decided in the same transaction may share."""
+        return {f"invitation:{self.inv.id}", f"user:{self.inv.caller_id}", f"user:{self.inv.callee_id}",
+                *(f"room:{r}" for r in self.rooms)}
+
+
 def handle_invitation_changed(change: dict, ports: Ports) -> Outcome:
-    event = change_event(change)
-    invitation_id = event.invitation_id or ""
+    return handle_invitations_changed([change], ports)[0]
+
+
+def handle_invitations_changed(changes: list[dict], ports: Ports,
+                               parallel_map: Callable = map) -> list[Outcome]:
+    """Changes that arrived together, decided together: one first look for all of them, their
+    rooms made side by side, then one locked transaction for each round of changes that share no
+    room, user or invitation (changes that do wait for the next round, in arrival order). A batch
+    of one is the plain case. Returns one outcome per change, in order."""
+    outcomes: dict[int, Outcome] = {}
+    items: list[_Item] = []
+    recorded: list[EventRecord] = []
     with ports.store.transaction() as uow:  # a first look, nothing locked
-        if uow.event_seen(event.event_id):
-            return Outcome("duplicate")
-        inv = uow.invitation(invitation_id)
-        if inv is None:
-            event.invitation_id = None
-            event.payload = {**event.payload, "note": "no such invitation"}
-            uow.apply(Decision("unknown_invitation", events=[event]))
-            return Outcome("unknown_invitation")
-        if inv.status == change.get("status") and inv.status in WORKER_ONLY and inv.call_id:
-            # The echo of a transition a worker made: its effects were committed with it.
-            event.room_name = inv.room_name
-            uow.apply(Decision(f"seen_{inv.status}", events=[event]))
-            return Outcome(f"seen_{inv.status}")
-        counters = uow.counter_invitations(inv.caller_id, inv.callee_id) if inv.status == S.PENDING else []
-        # A room is wanted unless glare or busy will decide it (the locked decision below has the
-        # last word: should either have changed, it makes the room itself, or never uses this one).
-        needs_room = (inv.status == S.PENDING and not counters
-                      and not uow.callee_busy(inv.callee_id, inv.room_name))
-    want = _want(inv, counters, event)
+        events = [change_event(c) for c in changes]
+        seen = uow.events_seen({e.event_id for e in events})
+        invitations = uow.invitations({e.invitation_id for e in events if e.invitation_id})
+        for index, (change, event) in enumerate(zip(changes, events)):
+            inv = invitations.get(event.invitation_id or "")
+            if event.event_id in seen:
+                outcomes[index] = Outcome("duplicate")
+            elif inv is None:
+                event.invitation_id = None
+                event.payload = {**event.payload, "note": "no such invitation"}
+                recorded.append(event)
+                outcomes[index] = Outcome("unknown_invitation")
+            elif inv.status == change.get("status") and inv.status in WORKER_ONLY and inv.call_id:
+                # The echo of a transition a worker made: its effects were committed with it.
+                event.room_name = inv.room_name
+                recorded.append(event)
+                outcomes[index] = Outcome(f"seen_{inv.status}", [], inv.id, inv.call_id, inv.room_name)
+            else:
+                items.append(_Item(index, change, event, inv))
+        pending = [it for it in items if it.pair]
+        counters = uow.counter_invitations([it.pair for it in pending]) if pending else []
+        for it in pending:
+            it.counters = [c for c in counters if (c.callee_id, c.caller_id) == it.pair]
+        # A room is wanted unless glare or busy will decide it (the locked decision has the last
+        # word: should either have changed, it makes the room itself, or never uses this one).
+        busy = uow.busy_users([(it.inv.callee_id, it.inv.room_name) for it in pending if not it.counters]) \
+            if pending else set()
+        if recorded:
+            uow.apply(Decision("recorded", events=recorded))
 
-    room, room_error = None, None
-    if needs_room:
-        # LiveKit makes the room while nothing is locked.
-        room, room_error = _make_room(ports, inv.room_name)
+    # LiveKit makes the rooms while nothing is locked, side by side.
+    wanted = [it for it in pending if not it.counters and it.inv.callee_id not in busy]
+    for it, (room, error) in zip(wanted, parallel_map(lambda it: _make_room(ports, it.inv.room_name), wanted)):
+        it.room, it.room_error = room, error
 
-    rooms = sorted({inv.room_name, *(c.room_name for c in counters)})
-    pair = tuple(sorted((inv.caller_id, inv.callee_id))) if inv.status == S.PENDING else None
-    with ports.store.transaction(*rooms, pair=pair) as uow:
-        snap = uow.load(want)
-        if event.event_id in snap.seen_events:
-            return Outcome("duplicate")
-        decision = decide(snap, inv.id, change_event(change), ports.config, room, room_error)
-        if decision.result == NEEDS_ROOM:
-            # It looked busy a moment ago but is not any more: make the room now (rare).
-            room, room_error = _make_room(ports, inv.room_name)
-            decision = decide(snap, inv.id, change_event(change), ports.config, room, room_error)
-        if decision.result == STALE_ROOM:
-            # Under the room's lock: the ended call's room goes, and the new call gets a room of its own.
-            try:
-                ports.rooms.delete_room(inv.room_name)
-            except RoomError:
-                pass
-            room, room_error = _make_room(ports, inv.room_name)
-            decision = decide(snap, inv.id, change_event(change), ports.config, room, room_error)
-            if decision.result == STALE_ROOM:
-                decision = decide(snap, inv.id, change_event(change), ports.config, None,
-                                  "LiveKit kept serving the room of an ended call")
-        if decision.result == "failed":
-            log.error("room could not be made", invitation_id=inv.id, room_name=inv.room_name, error=room_error)
-        effects = apply_decision(uow, decision, ports)
-    run_effects(effects, ports)
-    call_id = next((i.call_id for i in decision.invitations if i.id == inv.id), inv.call_id)
-    return Outcome(decision.result, effects, inv.id, call_id, inv.room_name)
+    while items:
+        together, items = _disjoint(items)
+        outcomes.update(_decide_together(together, ports))
+    return [outcomes[i] for i in range(len(changes))]
 
 
-def _want(inv: Invitation, counters: list[Invitation], event: EventRecord) -> Want:
-    return Want(
-        room_name=inv.room_name,
-        other_rooms=tuple(sorted({c.room_name for c in counters} - {inv.room_name})),
-        invitation_ids=(inv.id, *(c.id for c in counters)),
-        call_ids=tuple(c.call_id for c in [inv, *counters] if c.call_id),
-        event_ids=(event.event_id,),
-        busy_user=inv.callee_id if inv.status == S.PENDING else None,
-        counter_of=(inv.caller_id, inv.callee_id) if inv.status == S.PENDING else None,
+def _disjoint(items: list[_Item]) -> tuple[list[_Item], list[_Item]]:
+    """The changes that can be decided in one transaction (in order), and the rest."""
+    taken: set[str] = set()
+    now, later = [], []
+    for it in items:
+        keys = it.keys
+        if keys & taken:
+            later.append(it)
+        else:
+            now.append(it)
+        taken |= keys  # a later change of the same things stays behind this one
+    return now, later
+
+
+def _decide_together(items: list[_Item], ports: Ports) -> dict[int, Outcome]:
+    rooms = sorted(set().union(*(it.rooms for it in items)))
+    pairs = [it.pair for it in items if it.pair]
+    want = Want(
+        room_name=rooms[0],
+        other_rooms=tuple(rooms[1:]),
+        invitation_ids=tuple(i.id for it in items for i in (it.inv, *it.counters)),
+        call_ids=tuple(i.call_id for it in items for i in (it.inv, *it.counters) if i.call_id),
+        event_ids=tuple(it.event.event_id for it in items),
+        busy=tuple((it.inv.callee_id, it.inv.room_name) for it in items if it.pair),
+        counter_pairs=tuple(pairs),
     )
+    outcomes: dict[int, Outcome] = {}
+    decided: list[tuple[_Item, Decision]] = []
+    with ports.store.transaction(*rooms, pairs=pairs) as uow:
+        snap = uow.load(want)
+        for it in items:
+            if it.event.event_id in snap.seen_events:
+                outcomes[it.index] = Outcome("duplicate")
+            else:
+                decided.append((it, _decide_one(replace(snap, room_name=it.inv.room_name), it, ports)))
+        effects = apply_decision(uow, merge_decisions([d for _, d in decided]), ports)
+    run_effects(effects, ports)
+    for it, decision in decided:
+        call_id = next((i.call_id for i in decision.invitations if i.id == it.inv.id), it.inv.call_id)
+        outcomes[it.index] = Outcome(decision.result, decision.effects, it.inv.id, call_id, it.inv.room_name)
+    return outcomes
+
+
+def _decide_one(snap: Snapshot, it: _Item, ports: Ports) -> Decision:
+    """Decide one change under its locks; makes (or remakes) its room when the locked look asks."""
+    inv = it.inv
+    decision = decide(snap, inv.id, change_event(it.change), ports.config, it.room, it.room_error)
+    if decision.result == NEEDS_ROOM:
+        # It looked busy a moment ago but is not any more: make the room now (rare).
+        it.room, it.room_error = _make_room(ports, inv.room_name)
+        decision = decide(snap, inv.id, change_event(it.change), ports.config, it.room, it.room_error)
+    if decision.result == STALE_ROOM:
+        # Under the room's lock: the ended call's room goes, and the new call gets a room of its own.
+        try:
+            ports.rooms.delete_room(inv.room_name)
+        except RoomError:
+            pass
+        it.room, it.room_error = _make_room(ports, inv.room_name)
+        decision = decide(snap, inv.id, change_event(it.change), ports.config, it.room, it.room_error)
+        if decision.result == STALE_ROOM:
+            decision = decide(snap, inv.id, change_event(it.change), ports.config, None,
+                              "LiveKit kept serving the room of an ended call")
+    if decision.result == "failed":
+        log.error("room could not be made", invitation_id=inv.id, room_name=inv.room_name, error=it.room_error)
+    return decision
 
 
 def _make_room(ports: Ports, room_name: str) -> tuple[RoomInfo | None, str | None]:
@@ -232,4 +313,3 @@ def _make_room(ports: Ports, room_name: str) -> tuple[RoomInfo | None, str | Non
         return create_room(ports, room_name), None
     except RoomError as exc:
         return None, str(exc) or "LiveKit could not make the room"
-

@@ -39,8 +39,10 @@ class Want:
     participant_sids: tuple[str, ...] = ()
     room_sid: str | None = None
     event_ids: tuple[str, ...] = ()
-    busy_user: str | None = None          # is this user busy in another room's call?
-    counter_of: tuple[str, str] | None = None  # (caller, callee): open invitations callee -> caller
+    # (user, room): is this user busy in a call other than that room's?
+    busy: tuple[tuple[str, str], ...] = ()
+    # (caller, callee): open invitations callee -> caller (the other half of a glare)
+    counter_pairs: tuple[tuple[str, str], ...] = ()
     # Sessions known to have aborted (LiveKit's participant_connection_aborted), among these sids.
     aborted_sids: tuple[str, ...] = ()
 
@@ -153,6 +155,21 @@ class Decision:
     events: list[EventRecord] = field(default_factory=list)
     outbox: list = field(default_factory=list)  # MissedCallEmail and Push requests
     effects: list = field(default_factory=list)
+
+
+def merge_decisions(decisions: list[Decision]) -> Decision:
+    """Decisions about things that share nothing (no room, user or invitation), as one to apply."""
+    if len(decisions) == 1:
+        return decisions[0]
+    merged = Decision("together")
+    for d in decisions:
+        merged.invitations += d.invitations
+        merged.calls += d.calls
+        merged.participants += d.participants
+        merged.events += d.events
+        merged.outbox += d.outbox
+        merged.effects += d.effects
+    return merged
 
 
 class Working:

@@ -42,8 +42,8 @@ class PostgresWorld:
         self.conn = psycopg.connect(database_url, autocommit=True, row_factory=psycopg.rows.dict_row)
         self.inserted = 0
 
-    def transaction(self, *rooms, pair=None):
-        return self.store.transaction(*rooms, pair=pair)
+    def transaction(self, *rooms, pairs=()):
+        return self.store.transaction(*rooms, pairs=pairs)
 
     def insert_invitation(self, caller: str, callee: str, room: str, call_type: str = "video") -> Invitation:
         """As the caller's client (the database's admission rules decide), then dated by the model's clock."""

@@ -112,7 +112,7 @@ class FakeStore:
 
     # ---- the port ---------------------------------------------------------------------------------
     @contextmanager
-    def transaction(self, *rooms: str, pair: tuple[str, str] | None = None):
+    def transaction(self, *rooms: str, pairs=()):
         self.locked.append(tuple(sorted(set(rooms))))
         yield FakeUnitOfWork(self)
 
@@ -136,16 +136,10 @@ class FakeUnitOfWork:
                        if (i.room_name in rooms and (i.open or (i.status == S.ACCEPTED and i.call_id is None)))
                        or i.id in want.invitation_ids or i.call_id in calls}
         participants = {p.sid: p for p in s.participants.values() if p.call_id in calls or p.sid in sids}
-        busy = frozenset()
-        if want.busy_user and self.callee_busy(want.busy_user, want.room_name):
-            busy = frozenset({want.busy_user})
-        counters: tuple = ()
-        if want.counter_of:
-            caller, callee = want.counter_of
-            counters = tuple(sorted((i for i in s.invitations.values()
-                                     if i.caller_id == callee and i.callee_id == caller and i.open), key=order_key))
-            for c in counters:
-                invitations.setdefault(c.id, c)
+        busy = frozenset(self.busy_users(want.busy))
+        counters = tuple(sorted(self.counter_invitations(want.counter_pairs), key=order_key))
+        for c in counters:
+            invitations.setdefault(c.id, c)
         aborted = frozenset(sid for sid in want.aborted_sids
                             if any(e.type == "participant_connection_aborted"
                                    and (e.payload.get("participant") or {}).get("sid") == sid
@@ -201,16 +195,26 @@ class FakeUnitOfWork:
     def event_seen(self, event_id: str) -> bool:
         return event_id in self.s.events
 
+    def events_seen(self, event_ids) -> set[str]:
+        return {e for e in event_ids if e in self.s.events}
+
     def invitation(self, invitation_id: str) -> Invitation | None:
         return self.s.invitations.get(invitation_id)
 
-    def counter_invitations(self, caller_id: str, callee_id: str) -> list[Invitation]:
-        return [i for i in self.s.invitations.values() if i.caller_id == callee_id and i.callee_id == caller_id and i.open]
+    def invitations(self, invitation_ids) -> dict[str, Invitation]:
+        return {i: self.s.invitations[i] for i in invitation_ids if i in self.s.invitations}
+
+    def counter_invitations(self, pairs, *, lock: bool = False) -> list[Invitation]:
+        pairs = set(pairs)
+        return [i for i in self.s.invitations.values() if (i.callee_id, i.caller_id) in pairs and i.open]
 
     def live_call_id(self, room_name: str) -> str | None:
         return next((c.id for c in self.s.calls.values() if c.room_name == room_name and c.live), None)
 
-    def callee_busy(self, callee_id: str, room_name: str) -> bool:
+    def busy_users(self, user_rooms) -> set[str]:
+        return {u for u, room in user_rooms if self._busy(u, room)}
+
+    def _busy(self, callee_id: str, room_name: str) -> bool:
         s, u = self.s, callee_id
         here = {c.id for c in s.calls.values() if c.live and c.room_name == room_name}
         connected = any(p.identity == u and p.left_at is None and s.calls[p.call_id].status == "active"
@@ -347,8 +351,8 @@ class FakeScheduler:
         self.changes: list[dict] = []
         self.echoes: list[tuple[str, str]] = []
 
-    def ring_timeout(self, invitation_id, at):
-        self.timeouts.append((invitation_id, at))
+    def ring_timeouts(self, deadlines):
+        self.timeouts.extend(deadlines)
 
     def ring_timeout_bucket(self, end):
         self.buckets.append(end)

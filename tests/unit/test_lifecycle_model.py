@@ -32,7 +32,7 @@ from orchestration.domain.model import (
 )
 from orchestration.lifecycle.context import LifecycleConfig, Ports
 from orchestration.lifecycle.grace_expired import handle_grace_expired
-from orchestration.lifecycle.invitation_changed import handle_invitation_changed
+from orchestration.lifecycle.invitation_changed import handle_invitation_changed, handle_invitations_changed
 from orchestration.lifecycle.livekit_event import handle_livekit_event
 from orchestration.lifecycle.ring_timeout import handle_ring_timeout
 from orchestration.lifecycle.sweep import run_sweep
@@ -129,6 +129,7 @@ class LifecycleModel(RuleBasedStateMachine):
         self.dropped_rooms: set[str] = set()  # rooms some webhook of which was lost
         self.timers: list[tuple] = []         # (due, kind, args)
         self.inserted: list[str] = []         # invitation ids, in insert order
+        self.held: list[dict] = []            # changes the listener has not handed on yet (sent as one batch)
         self.last_sweep = None
         self.just_swept = False
 
@@ -169,9 +170,13 @@ class LifecycleModel(RuleBasedStateMachine):
         self.refresh()
         self.just_swept = False  # the sweep step sets it again after this
 
-    def _change(self, invitation_id: str, status: str) -> None:
-        handle_invitation_changed({"event_id": f"realtime:{invitation_id}:{status}", "source": "realtime",
-                                   "invitation_id": invitation_id, "status": status}, self.ports)
+    def _change(self, invitation_id: str, status: str, held: bool = False) -> None:
+        change = {"event_id": f"realtime:{invitation_id}:{status}", "source": "realtime",
+                  "invitation_id": invitation_id, "status": status}
+        if held:  # arrives later, together with others
+            self.held.append(change)
+            return
+        handle_invitation_changed(change, self.ports)
         self._collect()
 
     def _invitations(self, *statuses):
@@ -180,8 +185,8 @@ class LifecycleModel(RuleBasedStateMachine):
 
     # ---- clients ----------------------------------------------------------------------------
     @rule(caller=st.sampled_from(USERS), callee=st.sampled_from(USERS), room=st.sampled_from(ROOMS),
-          video=st.booleans(), delivered=st.booleans())
-    def insert(self, caller, callee, room, video, delivered):
+          video=st.booleans(), delivered=st.booleans(), held=st.booleans())
+    def insert(self, caller, callee, room, video, delivered, held):
         if caller == callee:
             return
         try:
@@ -192,11 +197,12 @@ class LifecycleModel(RuleBasedStateMachine):
             return
         self.inserted.append(inv.id)
         if delivered:
-            self._change(inv.id, "pending")
+            self._change(inv.id, "pending", held)
         self._collect()
 
-    @rule(data=st.data(), move=st.sampled_from([S.ACCEPTED, S.DECLINED, S.CANCELLED]), delivered=st.booleans())
-    def client_moves(self, data, move, delivered):
+    @rule(data=st.data(), move=st.sampled_from([S.ACCEPTED, S.DECLINED, S.CANCELLED]), delivered=st.booleans(),
+          held=st.booleans())
+    def client_moves(self, data, move, delivered, held):
         open_ids = self._invitations(S.PENDING, S.RINGING)
         if not open_ids:
             return
@@ -207,7 +213,21 @@ class LifecycleModel(RuleBasedStateMachine):
         except GuardViolation:
             return
         if delivered:
-            self._change(inv.id, move)
+            self._change(inv.id, move, held)
+        self._collect()
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data(), again=st.booleans())
+    def held_changes_arrive_together(self, data, again):
+        # One batch, in any order (a catch-up reads by time, not by arrival), perhaps with a change twice.
+        batch = data.draw(st.permutations(self.held))
+        if again:
+            batch.append(batch[0])
+        self.held = []
+        outcomes = handle_invitations_changed(batch, self.ports)
+        assert len(outcomes) == len(batch)
+        if again:
+            assert outcomes[-1].result == "duplicate"
         self._collect()
 
     @rule(data=st.data())
