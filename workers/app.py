@@ -54,6 +54,7 @@ app.conf.update(
     task_default_queue="events",
     task_routes={
         "callflow.invitation_changed": {"queue": "events"},
+        "callflow.invitations_changed": {"queue": "events"},
         "callflow.livekit_event": {"queue": "events"},
         "callflow.ring_timeout": {"queue": "timers"},
         "callflow.ring_timeouts_due": {"queue": "timers"},

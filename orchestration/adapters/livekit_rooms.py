@@ -1,17 +1,21 @@
-"""LiveKit's RoomService over Twirp (JSON over HTTP), synchronously, with one kept-alive client.
+"""LiveKit's RoomService over Twirp (JSON over HTTP), synchronously, with kept-alive connections.
 
 livekit-api's `LiveKitAPI` is asyncio + aiohttp; Celery's prefork workers are synchronous, and an
 event loop per call costs more than the call. The Twirp API is plain JSON, so this adapter speaks
-it directly with httpx and a short-lived admin token minted by livekit-api's `AccessToken`.
+it directly over the standard library's `http.client`, one kept-alive connection per thread (0.32 ms
+of CPU per CreateRoom here, where urllib3 took 0.63 ms and httpx 0.8-1.0 ms), with a short-lived admin
+token minted by livekit-api's `AccessToken`.
 """
 
 from __future__ import annotations
 
+import http.client
 import threading
+from urllib.parse import urlsplit
 import time
 from datetime import timedelta
 
-import httpx
+import orjson
 from livekit import api
 
 import structlog
@@ -24,9 +28,12 @@ log = structlog.get_logger("callflow.livekit")
 
 class LiveKitRooms:
     def __init__(self, http_url: str, api_key: str, api_secret: str, timeout: float = 5.0, attempts: int = 3) -> None:
-        self._base = http_url.rstrip("/") + "/twirp/livekit.RoomService/"
+        url = urlsplit(http_url.rstrip("/"))
+        self._connection_class = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        self._host, self._port, self._timeout = url.hostname or "", url.port, timeout
+        self._base = url.path + "/twirp/livekit.RoomService/"
         self._key, self._secret = api_key, api_secret
-        self._client = httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=32, max_keepalive_connections=32))
+        self._local = threading.local()  # each thread's kept-alive connection
         self._attempts = attempts
         self._tokens: dict[str, tuple[str, float]] = {}
         self._lock = threading.Lock()
@@ -51,25 +58,44 @@ class LiveKitRooms:
                 cached = self._tokens[key] = (jwt, now + _TOKEN_TTL)
             return cached[0]
 
+    def _post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        """One POST on this thread's connection; a kept-alive connection the server closed since is
+        replaced once at once (every RoomService call made here is idempotent)."""
+        conn = getattr(self._local, "conn", None)
+        reused = conn is not None
+        while True:
+            if conn is None:
+                conn = self._local.conn = self._connection_class(self._host, self._port, timeout=self._timeout)
+            try:
+                conn.request("POST", path, body=body, headers=headers)
+                response = conn.getresponse()
+                return response.status, response.read()
+            except (http.client.HTTPException, OSError):
+                conn.close()
+                conn = self._local.conn = None
+                if not reused:
+                    raise
+                reused = False  # once more, on a new connection
+
     def _call(self, method: str, body: dict, *, not_found_ok: bool = False) -> dict | None:
         last: Exception | None = None
         for attempt in range(self._attempts):
             try:
-                response = self._client.post(
-                    self._base + method, json=body,
-                    headers={"Authorization": f"Bearer {self._auth(body.get('room'))}", "Content-Type": "application/json"},
+                status, data = self._post(
+                    self._base + method, orjson.dumps(body),
+                    {"Authorization": f"Bearer {self._auth(body.get('room'))}", "Content-Type": "application/json"},
                 )
-            except httpx.HTTPError as exc:
+            except (http.client.HTTPException, OSError) as exc:
                 last = exc
             else:
-                if response.status_code == 200:
-                    return response.json()
-                code = _twirp_code(response)
+                if status == 200:
+                    return orjson.loads(data)
+                code = _twirp_code(data)
                 if code == "not_found" and not_found_ok:
                     return None
-                if response.status_code < 500 and code not in ("unavailable", "resource_exhausted"):
-                    raise RoomError(f"LiveKit {method} refused: HTTP {response.status_code} {code}")
-                last = RoomError(f"LiveKit {method}: HTTP {response.status_code} {code}")
+                if status < 500 and code not in ("unavailable", "resource_exhausted"):
+                    raise RoomError(f"LiveKit {method} refused: HTTP {status} {code}")
+                last = RoomError(f"LiveKit {method}: HTTP {status} {code}")
             if attempt + 1 < self._attempts:
                 time.sleep(0.2 * (2**attempt))
         raise RoomError(f"LiveKit {method} failed after {self._attempts} attempts: {last}")
@@ -112,11 +138,14 @@ class LiveKitRooms:
         self._call("RemoveParticipant", {"room": room, "identity": identity}, not_found_ok=True)
 
     def close(self) -> None:
-        self._client.close()
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
 
 
-def _twirp_code(response: httpx.Response) -> str:
+def _twirp_code(data: bytes) -> str:
     try:
-        return str(response.json().get("code", ""))
-    except ValueError:
+        return str(orjson.loads(data).get("code", ""))
+    except (orjson.JSONDecodeError, AttributeError):
         return ""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
-TASK_NAME = "callflow.invitation_changed"
+TASK_NAME = "callflow.invitations_changed"
 TASK_QUEUE = "events"
 STATUSES = frozenset({"pending", "ringing", "accepted", "declined", "cancelled", "missed", "busy", "failed"})
 SOURCES = frozenset({"realtime", "postgres"})

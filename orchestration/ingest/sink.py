@@ -1,12 +1,22 @@
-"""The one path every invitation change takes: Redis dedupe and the Celery task, atomically.
+"""The one path every invitation change takes: Redis dedupe and a list the workers take from.
 
 `IngestSink.submit(changes)` runs one Lua script for the whole batch: for each change,
 `SET callflow:ingest:seen:realtime:<invitation id>:<status> NX EX ttl` and, only if the mark is
-new, `LPUSH` onto queue `events` the message `app.send_task("callflow.invitation_changed",
-args=[change], queue="events")` would push (built by the webhook consumer's
-`CeleryMessageBuilder`). Mark and message go in together or not at all, so two listeners, a
-reconnect and the catch-ups enqueue each transition exactly once, and a crash never leaves a
-mark without its message. (The lifecycle task is idempotent on `call_events.event_id` anyway.)
+new, `LPUSH` the change (the task argument, as JSON) onto the list `callflow:ingest:changes`.
+Mark and change go in together or not at all, so two listeners, a reconnect and the catch-ups
+list each transition exactly once, and a crash never leaves a mark without its change. (The
+lifecycle is idempotent on `call_events.event_id` anyway.)
+
+Workers are nudged, not handed one task per change: when a batch listed something and no nudge is
+waiting (`callflow:ingest:nudged`, set NX), the same script pushes one `callflow.invitations_changed`
+message (no arguments, pre-built like the webhook consumer's) onto queue `events`. That task
+`take`s up to `TAKE_AT_MOST` changes at once and decides them together; if more are waiting, its
+take nudges another worker. So at low load a change is one task, as before, and under load the
+backlog itself is what gets batched: the busier the workers, the bigger (and cheaper per change)
+their batches. What a task took stays under `callflow:ingest:taken:<task id>` until it is `done`: a
+retry, or the redelivery of a task whose worker died, takes the same changes again first. A lost
+nudge is made good by the beat's catch-up (`nudge_if_waiting`, every 5 s), and a lost change by
+the sweeps.
 
 `catch_up()` is the safety net behind both sources (Realtime delivers at most once; NOTIFY is
 lost while nobody listens): it reads the invitations whose `(updated_at, id)` is past the
@@ -23,6 +33,7 @@ the longest transaction that writes invitations (clients write with single state
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable
@@ -31,26 +42,56 @@ from orchestration.ingest.mapping import TASK_NAME, TASK_QUEUE, Change, Malforme
 
 WATERMARK_KEY = "callflow:ingest:watermark"
 DEDUPE_TTL_SECONDS = 2 * 24 * 3600
+CHANGES_KEY = "callflow:ingest:changes"
+NUDGE_KEY = "callflow:ingest:nudged"
+TAKEN_PREFIX = "callflow:ingest:taken:"
+# A task decides at most this many changes together.
+TAKE_AT_MOST = 64
+# A nudge mark outlives its message only this long (a lost nudge blocks no other for longer).
+NUDGE_TTL_SECONDS = 2
+# What a task took is kept this long for its retry or redelivery (then the sweeps have it).
+TAKEN_TTL_SECONDS = 3600
 
-# KEYS: the dedupe keys, then the queue list. ARGV: ttl, then one message per key.
-# Returns 1 per change marked and queued now, 0 per duplicate.
-_ENQUEUE_ONCE = """
-local n = #KEYS - 1
-local queue = KEYS[#KEYS]
-local out = {}
+# KEYS: the dedupe keys, then the changes list, the nudge mark and the queue. ARGV: ttl, the nudge
+# message, then one change (JSON) per key. Returns 1 per change marked and listed now, 0 per duplicate.
+_ENQUEUE_ONCE = f"""
+local n = #KEYS - 3
+local changes, nudged, queue = KEYS[n + 1], KEYS[n + 2], KEYS[n + 3]
+local out, listed = {{}}, 0
 for i = 1, n do
   if redis.call('SET', KEYS[i], 'sent', 'NX', 'EX', ARGV[1]) then
-    local pushed = redis.pcall('LPUSH', queue, ARGV[i + 1])
+    local pushed = redis.pcall('LPUSH', changes, ARGV[i + 2])
     if type(pushed) == 'table' and pushed.err then
       redis.call('DEL', KEYS[i])
       return redis.error_reply(pushed.err)
     end
     out[i] = 1
+    listed = listed + 1
   else
     out[i] = 0
   end
 end
+if listed > 0 and redis.call('SET', nudged, '1', 'NX', 'EX', {NUDGE_TTL_SECONDS}) then
+  redis.call('LPUSH', queue, ARGV[2])
+end
 return out
+"""
+
+# KEYS: the changes list, the nudge mark, the queue, this task's taken list. ARGV: at most, the
+# nudge message, 1 on a task's first take (its nudge is spent). Returns the changes taken.
+_TAKE = f"""
+local changes, nudged, queue, taken = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+if ARGV[3] == '1' then redis.call('DEL', nudged) end
+local mine = redis.call('LRANGE', taken, 0, -1)
+if #mine > 0 then return mine end
+local items = redis.call('RPOP', changes, ARGV[1])
+if not items then return {{}} end
+redis.call('RPUSH', taken, unpack(items))
+redis.call('EXPIRE', taken, {TAKEN_TTL_SECONDS})
+if redis.call('LLEN', changes) > 0 and redis.call('SET', nudged, '1', 'NX', 'EX', {NUDGE_TTL_SECONDS}) then
+  redis.call('LPUSH', queue, ARGV[2])
+end
+return items
 """
 
 # KEYS[1]: watermark. ARGV[1]: microseconds since the epoch. Only ever moves forward.
@@ -70,7 +111,8 @@ class SubmitResult:
 
 
 class IngestSink:
-    """Dedupe + enqueue onto the Celery Redis broker `redis` (the `REDIS_URL` the workers consume)."""
+    """Dedupe + list the changes on the Celery Redis broker `redis` (the `REDIS_URL` the workers
+    consume), nudging a worker; and, on the workers' side, take them."""
 
     def __init__(self, redis: Any, *, queue: str = TASK_QUEUE, ttl_seconds: int = DEDUPE_TTL_SECONDS) -> None:
         from orchestration.webhooks import CeleryMessageBuilder
@@ -79,14 +121,14 @@ class IngestSink:
         self.queue = queue
         self.ttl = int(ttl_seconds)
         self.builder = CeleryMessageBuilder.for_task(TASK_NAME, queue)
-        self._script = redis.register_script(_ENQUEUE_ONCE)
+        self._enqueue = redis.register_script(_ENQUEUE_ONCE)
+        self._take = redis.register_script(_TAKE)
 
-    def message(self, change: Change) -> bytes:
-        arg = change.as_task_arg()
-        return self.builder.build([arg], argsrepr=f"[{{'event_id': {change.event_id!r}, ...}}]")
+    def nudge_message(self) -> bytes:
+        return self.builder.build([], argsrepr="()")
 
     def submit(self, changes: Iterable[Change]) -> SubmitResult:
-        """Enqueue each change whose transition was not enqueued before; raises if Redis fails."""
+        """List each change whose transition was not listed before; raises if Redis fails."""
         unique: dict[str, Change] = {}
         duplicates = 0
         for change in changes:
@@ -99,9 +141,28 @@ class IngestSink:
             return SubmitResult(duplicates=duplicates)
         keys = list(unique)
         batch = [unique[k] for k in keys]
-        taken = self._script(keys=keys + [self.queue], args=[self.ttl] + [self.message(c) for c in batch])
-        enqueued = [c for c, t in zip(batch, taken) if int(t) == 1]
+        listed = self._enqueue(keys=keys + [CHANGES_KEY, NUDGE_KEY, self.queue],
+                               args=[self.ttl, self.nudge_message(), *(json.dumps(c.as_task_arg()) for c in batch)])
+        enqueued = [c for c, t in zip(batch, listed) if int(t) == 1]
         return SubmitResult(enqueued=enqueued, duplicates=duplicates + len(batch) - len(enqueued))
+
+    # ---- the workers' side ---------------------------------------------------------------------
+    def take(self, task_id: str, first: bool = True, at_most: int = TAKE_AT_MOST) -> list[dict]:
+        """Up to `at_most` waiting changes, oldest first (or what this task took before and is not
+        done with); nudges another worker when more are waiting."""
+        raw = self._take(keys=[CHANGES_KEY, NUDGE_KEY, self.queue, TAKEN_PREFIX + task_id],
+                         args=[at_most, self.nudge_message(), 1 if first else 0])
+        return [json.loads(item) for item in raw]
+
+    def done(self, task_id: str) -> None:
+        self.redis.delete(TAKEN_PREFIX + task_id)
+
+    def nudge_if_waiting(self) -> bool:
+        """A nudge for changes left waiting (their nudge lost): the beat's catch-up asks every 5 s."""
+        if self.redis.llen(CHANGES_KEY) and self.redis.set(NUDGE_KEY, "1", nx=True, ex=NUDGE_TTL_SECONDS):
+            self.redis.lpush(self.queue, self.nudge_message())
+            return True
+        return False
 
 
 # ---- watermark --------------------------------------------------------------------------------
@@ -169,17 +230,23 @@ def catch_up(conn: Any, sink: IngestSink, *, source: str = "postgres", overlap_s
         if not rows:
             break
         changes: list[Change] = []
-        for row in rows:
-            if not isinstance(row, dict):
-                row = dict(zip(("id", "status", "room_name", "caller_id", "callee_id", "call_type",
-                                "created_at", "updated_at"), row))
+        if not isinstance(rows[0], dict):
+            rows = [dict(zip(("id", "status", "room_name", "caller_id", "callee_id", "call_type",
+                              "created_at", "updated_at"), row)) for row in rows]
+        # Most rows were listed already (by a listener, or the last catch-up): one MGET of their
+        # marks spares building and sending them again.
+        marked = redis.mget([dedupe_key(str(row["id"]), str(row["status"])) for row in rows])
+        result.duplicates += sum(1 for m in marked if m is not None)
+        for row, mark in zip(rows, marked):
+            cursor_ts, cursor_id = row["updated_at"], str(row["id"])
+            if mark is not None:
+                continue
             try:
                 changes.append(from_row(row, source))
             except MalformedChange as exc:
                 result.malformed += 1
                 if on_malformed:
                     on_malformed(str(exc))
-            cursor_ts, cursor_id = row["updated_at"], str(row["id"])
         submitted = sink.submit(changes)
         result.enqueued.extend(submitted.enqueued)
         result.duplicates += submitted.duplicates

@@ -15,7 +15,7 @@ import redis
 from celery import Celery
 
 from orchestration.ingest.mapping import dedupe_key, from_row
-from orchestration.ingest.sink import IngestSink, catch_up, read_watermark
+from orchestration.ingest.sink import CHANGES_KEY, IngestSink, catch_up, read_watermark
 from tests.conftest import subprocess_env, wait_for
 from tests.integration.test_listener_support import event_counts, insert_invitations, queued, set_status
 from tests.support import services
@@ -98,11 +98,11 @@ def test_mark_and_message_go_together_or_not_at_all(database_url, broker, users)
         row = dict(zip([d.name for d in cur.description], cur.fetchone()))
     change = from_row(row)
     sink = IngestSink(client)
-    client.set("events", "not a list")  # the push will fail (WRONGTYPE) inside the script
+    client.set(CHANGES_KEY, "not a list")  # the push will fail (WRONGTYPE) inside the script
     with pytest.raises(redis.exceptions.ResponseError):
         sink.submit([change])
-    assert client.get(dedupe_key(invitation, "pending")) is None, "no mark without its message"
-    client.delete("events")
+    assert client.get(dedupe_key(invitation, "pending")) is None, "no mark without its change"
+    client.delete(CHANGES_KEY)
     assert [c.invitation_id for c in sink.submit([change, change]).enqueued] == [invitation]
     assert sink.submit([change]).duplicates == 1
     assert event_counts(client, {invitation}) == {f"realtime:{invitation}:pending": 1}

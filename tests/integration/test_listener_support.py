@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 import uuid
@@ -13,6 +12,7 @@ import jwt
 import psycopg
 import redis as redis_lib
 
+from orchestration.ingest.sink import CHANGES_KEY
 from tests.conftest import subprocess_env
 from tests.support import services
 
@@ -27,16 +27,14 @@ def service_role_key(secret: str = DEV_JWT_SECRET) -> str:
                       secret, algorithm="HS256")
 
 
-def queued(client: redis_lib.Redis, queue: str = "events") -> list[dict[str, Any]]:
-    """The `callflow.invitation_changed` args waiting in a queue (kombu's Redis message format)."""
-    out = []
-    for raw in client.lrange(queue, 0, -1):
-        message = json.loads(raw)
-        if message.get("headers", {}).get("task") != "callflow.invitation_changed":
-            continue
-        args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
-        out.append(args[0])
-    return out
+def queued(client: redis_lib.Redis) -> list[dict[str, Any]]:
+    """The changes the listener listed for the workers, oldest first (see orchestration.ingest.sink);
+    while any wait, a `callflow.invitations_changed` nudge waits on `events` too."""
+    changes = [json.loads(raw) for raw in reversed(client.lrange(CHANGES_KEY, 0, -1))]
+    if changes:
+        tasks = [json.loads(raw)["headers"]["task"] for raw in client.lrange("events", 0, -1)]
+        assert "callflow.invitations_changed" in tasks, "changes are waiting but no worker was nudged"
+    return changes
 
 
 def event_counts(client: redis_lib.Redis, ids: set[str]) -> Counter:

@@ -2,7 +2,7 @@
 
 Reads the invitations changed since the shared watermark (minus the overlap) and enqueues, through
 the same Redis dedupe as the listener, every transition not yet enqueued: an invitation reaches
-the lifecycle even while no listener runs at all.
+the lifecycle even while no listener runs at all. Changes left waiting without a nudge get one.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ CATCH_UP_INTERVAL_SECONDS = 5.0
 
 
 @functools.lru_cache(maxsize=1)
-def _sink():
+def sink():
     import redis
 
     from orchestration.ingest.sink import IngestSink
@@ -35,8 +35,10 @@ def catch_up_invitations() -> dict:
     from orchestration.ingest.sink import catch_up
 
     with get_pool(settings.database_url).connection() as conn:
-        result = catch_up(conn, _sink(), source="postgres",
+        result = catch_up(conn, sink(), source="postgres",
                           on_malformed=lambda reason: log.warning("malformed invitation row skipped", reason=reason))
     if result.enqueued:
         log.info("catch-up enqueued missed invitation changes", enqueued=len(result.enqueued), scanned=result.scanned)
+    if sink().nudge_if_waiting():
+        log.info("changes were waiting without a nudge: nudged a worker")
     return {"scanned": result.scanned, "enqueued": len(result.enqueued), "duplicates": result.duplicates}

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 import redis
 import structlog
-from celery.exceptions import Reject
+from celery.exceptions import Reject, Retry
 
 from orchestration.adapters.celery_scheduler import CeleryScheduler, RedisThrottle
 from orchestration.adapters.livekit_rooms import LiveKitRooms
@@ -22,7 +22,7 @@ from orchestration.adapters.postgres_store import PostgresStore
 from orchestration.ingest.livekit import parse_room_event
 from orchestration.lifecycle.context import LifecycleConfig, Ports
 from orchestration.lifecycle.grace_expired import handle_grace_expired
-from orchestration.lifecycle.invitation_changed import handle_invitation_changed
+from orchestration.lifecycle.invitation_changed import handle_invitation_changed, handle_invitations_changed
 from orchestration.lifecycle.livekit_event import handle_livekit_event
 from orchestration.lifecycle.ring_timeout import handle_ring_timeout, handle_ring_timeouts_due
 from orchestration.lifecycle.sweep import run_sweep
@@ -68,14 +68,23 @@ def _call_of(outcome, context: dict) -> dict:
     return found
 
 
+def _log_step(step: str, outcome, context: dict) -> None:
+    # One line per lifecycle step, always with the three keys a call is found by.
+    quiet = isinstance(outcome.result, str) and outcome.result.startswith(_QUIET_RESULTS)
+    (log.debug if quiet else log.info)(f"{step} done", result=outcome.result, **_call_of(outcome, context))
+
+
 def _run(task, fn, *args, **context):
-    structlog.contextvars.bind_contextvars(task_id=task.request.id, **{k: v for k, v in context.items() if v})
+    structlog.contextvars.bind_contextvars(task_id=task.request.id,
+                                           **{k: v for k, v in context.items() if v and k != "each"})
     try:
         outcome = fn(*args)
         step = task.name.removeprefix("callflow.")
-        quiet = isinstance(outcome.result, str) and outcome.result.startswith(_QUIET_RESULTS)
-        # One line per lifecycle step, always with the three keys a call is found by.
-        (log.debug if quiet else log.info)(f"{step} done", result=outcome.result, **_call_of(outcome, context))
+        if isinstance(outcome, list):  # a batch: one line per change
+            for one, ctx in zip(outcome, context.get("each") or ()):
+                _log_step("invitation_changed", one, ctx)
+            return [one.result for one in outcome]
+        _log_step(step, outcome, context)
         return outcome.result
     except RETRYABLE as exc:
         log.warning("transient failure, retrying", error=str(exc), retries=task.request.retries)
@@ -92,6 +101,38 @@ def invitation_changed(self, change: dict) -> str:
     return _run(self, lambda: handle_invitation_changed(change, ports()),
                 invitation_id=change.get("invitation_id"), room_name=change.get("room_name"),
                 event_id=change.get("event_id"))
+
+
+@app.task(name="callflow.invitations_changed", **_TASK)
+def invitations_changed(self, changes: list | None = None) -> list:
+    """A nudge: take the waiting invitation changes (`orchestration.ingest.sink`) and decide them
+    together. With `changes`, those (a failed batch's, retried by hand)."""
+    if changes is not None:
+        return _run_changes(self, changes)
+    from workers.tasks.ingest import sink
+
+    taken = sink().take(self.request.id, first=True)
+    if not taken:
+        return []
+    try:
+        results = _run_changes(self, taken)
+    except Retry:
+        raise  # transient: the retry takes the same changes again (they stay taken by this task id)
+    except Exception as exc:  # noqa: BLE001
+        # A change this code cannot handle: each goes on alone (and, failing again, is kept for
+        # `callflow tasks retry` with its arguments) so that it does not hold up the others.
+        log.error("a batch of changes failed; each goes on alone", error=repr(exc)[:300], changes=len(taken))
+        for change in taken:
+            app.send_task("callflow.invitation_changed", args=[change], queue="events")
+        results = []
+    sink().done(self.request.id)
+    return results
+
+
+def _run_changes(task, changes: list) -> list:
+    each = [{"invitation_id": c.get("invitation_id"), "room_name": c.get("room_name"), "event_id": c.get("event_id")}
+            for c in changes]
+    return _run(task, lambda: handle_invitations_changed(changes, ports(), _parallel_map), each=each)
 
 
 @app.task(name="callflow.livekit_event", **_TASK)
