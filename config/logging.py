@@ -31,6 +31,10 @@ _KEY_VALUE = re.compile(
     r"""['"]?\s*[:=]\s*['"]?)([^\s'",;&)}]+)"""
 )
 REDACTED = "[redacted]"
+# Each pattern above needs one of these (lower-cased) in the text: most values (ids, names,
+# results) have none and skip the patterns.
+_HINTS = ("@", "eyj", "bearer", "basic", "re_", "sb_secret_", "passw", "secret", "token", "apikey", "api_key",
+          "api-key", "servicerole", "service_role", "service-role", "authorization")
 
 _extra_secrets: set[str] = set()
 
@@ -45,6 +49,9 @@ def _scrub_text(text: str) -> str:
     for secret in _extra_secrets:
         if secret in text:
             text = text.replace(secret, REDACTED)
+    lower = text.lower()
+    if not any(hint in lower for hint in _HINTS):
+        return text
     text = _JWT.sub(REDACTED, text)
     text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
     text = _RESEND_KEY.sub(REDACTED, text)
