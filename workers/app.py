@@ -2,8 +2,11 @@
 
 Queues (every one consumed by the Procfile's worker, which takes no -Q and so consumes all of
 `task_queues`), in the order a worker takes from them:
-  events         lifecycle events from the webhook consumer and the listener
-  timers         ring timeouts and grace periods (countdown tasks)
+  timers         ring timeouts and grace periods (countdown tasks: fetched at once and held until
+                 due, so they take no process before then; first, so that a busy `events` never
+                 keeps a deadline unfetched: at saturation they were fetched seconds late)
+  events         lifecycle events: LiveKit's from the webhook consumer, and nudges to take the
+                 invitation changes the listener listed (orchestration/ingest/sink.py)
   sweeps         beat's sweeps and reconciliation
   push           pushes to phones (an incoming call's push must not wait behind emails)
   notifications  missed-call emails (rate limited globally, so kept off the other queues)

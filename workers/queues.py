@@ -1,4 +1,4 @@
 """The Celery queues, in the order a worker takes from them (it always empties the earlier ones
 first: see `workers.app`). Kept apart from the app so `web` can read them without making one."""
 
-QUEUES = ("events", "timers", "sweeps", "push", "notifications")
+QUEUES = ("timers", "events", "sweeps", "push", "notifications")

@@ -46,7 +46,7 @@ CHANGES_KEY = "callflow:ingest:changes"
 NUDGE_KEY = "callflow:ingest:nudged"
 TAKEN_PREFIX = "callflow:ingest:taken:"
 # A task decides at most this many changes together.
-TAKE_AT_MOST = 64
+TAKE_AT_MOST = 32
 # A nudge mark outlives its message only this long (a lost nudge blocks no other for longer).
 NUDGE_TTL_SECONDS = 2
 # What a task took is kept this long for its retry or redelivery (then the sweeps have it).
