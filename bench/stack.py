@@ -57,7 +57,9 @@ class Stack:
         self.procs: list[services.Process] = []
 
     def start(self, workers: int = 1, concurrency: int = 4, listener: bool = True, beat: bool = False,
-              pool: str = "prefork") -> "Stack":
+              pool: str = "prefork", web: bool = False) -> "Stack":
+        """`web`: the `web` process runs too and LiveKit's webhooks go to it (as deployed); without
+        it they go to a closed port (LiveKit retries each for ~15 s, then gives up)."""
         self.redis = services.RedisServer().start()
         self.database_url = services.create_database("callflow_bench", invite_rate_per_minute=10_000_000)
         lk_port = services.free_port()
@@ -71,7 +73,14 @@ class Stack:
         for key in ("SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "RESEND_API_KEY", "RESEND_API_URL"):
             self.env.pop(key, None)
         self.env.update(self.env_overrides)
-        self.livekit = services.LiveKitServer(self.log_dir, "http://127.0.0.1:9/none", "devkey",
+        webhook_url = "http://127.0.0.1:9/none"
+        if web:
+            web_port = services.free_port()
+            webhook_url = f"http://127.0.0.1:{web_port}/livekit/webhook"
+            self.web = services.web_server(self.env, self.log_dir, web_port)
+            self.procs.append(self.web)
+            services.wait_for(lambda: _answers(web_port), timeout=60, what="web ready")
+        self.livekit = services.LiveKitServer(self.log_dir, webhook_url, "devkey",
                                               "devsecret-devsecret-devsecret-0001", port=lk_port).start()
         self.workers = [services.celery_worker(self.env, self.log_dir, name=f"bench{i}", concurrency=concurrency,
                                                extra=["-l", "WARNING", "--pool", pool])
@@ -103,6 +112,16 @@ class Stack:
         self.livekit.stop()
         self.redis.cleanup()
         services.drop_database(self.database_url)
+
+
+def _answers(port: int) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def _ready(worker: services.Process) -> bool:
