@@ -23,8 +23,9 @@ One stack (ring timeout 120 s, sweep every 1 s) runs, after a warm-up of 200 lif
    xact_rollback` in pg_stat_database for the bench database over the run, read 11 s after it and
    likewise before it (a busy backend reports at most once a second, an idle one within 10 s), split
    into the driver's own (counted as it makes them: the client's insert and accept, its polls, its new
-   connections) and callflow's (the rest, including its idle work: sweeps, beat); and, exactly, the
-   transactions that wrote (transaction ids given out, whole cluster; read-only ones take none). CPU
+   connections) and callflow's (the rest, including its idle work: sweeps, beat, and Postgres's own
+   transaction for each NOTIFY a listening backend reads: the listener's three per lifecycle, and
+   the driver's LISTEN connection's); and, exactly, the transactions that wrote (transaction ids given out, whole cluster; read-only ones take none). CPU
    ms per lifecycle by process role from the first insert to the last call active (whole machine),
    and callflow's own processes (celery worker, listener, celery beat, web) summed.
 3. Ring timeout at saturation (skipped with `--no-ring-check`): a second stack with a 3 s ring timeout,
@@ -295,7 +296,8 @@ def main() -> None:
         ["all", f"{saturated.transactions / n:.1f}", f"{saturated.transactions:,} transactions"],
         ["driver (client) tx/lifecycle", f"{saturated.driver_transactions / n:.1f}",
          "insert, accept, polls, new connections"],
-        ["callflow tx/lifecycle", f"{callflow_tx / n:.1f}", "listener, workers, beat"],
+        ["callflow tx/lifecycle", f"{callflow_tx / n:.1f}",
+         "workers, beat, and every NOTIFY read by a listening backend (a transaction each)"],
         ["writing transactions (all clients)", f"{saturated.writes / n:.1f}",
          f"{saturated.writes:,} transaction ids given out (exact; read-only ones take none)"],
     ], ["who", "tx/lifecycle", "notes"]))
