@@ -3,7 +3,7 @@
 BENCHMARKS = {
     "webhook": "webhook ingest: verified webhooks/s and latency beside a bare endpoint and redis-benchmark",
     "listener": "insert-to-enqueue latency and inserts/s through the listener beside raw INSERT",
-    "lifecycle": "complete invitation lifecycles/s beside pgbench simple-update",
+    "lifecycle": "lifecycles/s beside pgbench, CPU and transactions per lifecycle, latencies at 50/s, ring-timeout lateness",
     "timers": "ring-timeout lateness p50/p99/max and worker PSS, optionally with a worker SIGKILLed",
     "usage": "`callflow usage` on a month of 1,000,000 sessions beside the direct-SQL peak",
     "sse": "web RSS with 1,000 idle event streams; change-to-stream latency p50/p99",
