@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable
 
+from psycopg.rows import tuple_row
+
 from orchestration.ingest.mapping import TASK_NAME, TASK_QUEUE, Change, MalformedChange, dedupe_key, from_row
 
 WATERMARK_KEY = "callflow:ingest:watermark"
@@ -197,13 +199,17 @@ class CatchUpResult:
     started_from: datetime | None = None
 
 
+# A page of (id, status, updated_at): most rows were listed already (by a listener, or the last
+# catch-up's overlap), and one MGET of their marks tells which; only the others are read whole.
 _PAGE_SQL = """
-select id, status, room_name, caller_id, callee_id, call_type, created_at, updated_at
+select id::text, status, updated_at
   from public.call_invitations
  where (updated_at, id) > (%s, %s::uuid)
  order by updated_at, id
  limit %s
 """
+_COLUMNS = ("id", "status", "room_name", "caller_id", "callee_id", "call_type", "created_at", "updated_at")
+_ROWS_SQL = f"select {', '.join(_COLUMNS)} from public.call_invitations where id = any(%s::uuid[]) order by updated_at, id"
 
 
 def catch_up(conn: Any, sink: IngestSink, *, source: str = "postgres", overlap_seconds: float = 30.0,
@@ -226,32 +232,28 @@ def catch_up(conn: Any, sink: IngestSink, *, source: str = "postgres", overlap_s
         if result.scanned >= max_rows:
             truncated = True
             break
-        rows = conn.execute(_PAGE_SQL, (cursor_ts, cursor_id, page_size)).fetchall()
-        if not rows:
+        cur = conn.cursor(row_factory=tuple_row)
+        page = cur.execute(_PAGE_SQL, (cursor_ts, cursor_id, page_size)).fetchall()
+        if not page:
             break
+        cursor_id, _, cursor_ts = page[-1]
+        marked = redis.mget([dedupe_key(i, status) for i, status, _ in page])
+        unmarked = [i for (i, _, _), m in zip(page, marked) if m is None]
+        result.duplicates += len(page) - len(unmarked)
         changes: list[Change] = []
-        if not isinstance(rows[0], dict):
-            rows = [dict(zip(("id", "status", "room_name", "caller_id", "callee_id", "call_type",
-                              "created_at", "updated_at"), row)) for row in rows]
-        # Most rows were listed already (by a listener, or the last catch-up): one MGET of their
-        # marks spares building and sending them again.
-        marked = redis.mget([dedupe_key(str(row["id"]), str(row["status"])) for row in rows])
-        result.duplicates += sum(1 for m in marked if m is not None)
-        for row, mark in zip(rows, marked):
-            cursor_ts, cursor_id = row["updated_at"], str(row["id"])
-            if mark is not None:
-                continue
-            try:
-                changes.append(from_row(row, source))
-            except MalformedChange as exc:
-                result.malformed += 1
-                if on_malformed:
-                    on_malformed(str(exc))
+        if unmarked:
+            for row in cur.execute(_ROWS_SQL, (unmarked,)).fetchall():
+                try:
+                    changes.append(from_row(dict(zip(_COLUMNS, row)), source))
+                except MalformedChange as exc:
+                    result.malformed += 1
+                    if on_malformed:
+                        on_malformed(str(exc))
         submitted = sink.submit(changes)
         result.enqueued.extend(submitted.enqueued)
         result.duplicates += submitted.duplicates
-        result.scanned += len(rows)
-        if len(rows) < page_size:
+        result.scanned += len(page)
+        if len(page) < page_size:
             break
     if hasattr(conn, "commit") and not getattr(conn, "autocommit", True):
         conn.commit()  # end the read-only transaction; nothing was written
