@@ -56,6 +56,8 @@ RING_CHECK_TIMEOUT_SECONDS = 3
 # A busy backend reports its transaction counts at most once a second, an idle one within 10 s.
 PGSTAT_SETTLE_SECONDS = 11
 CALLFLOW_ROLES = ("celery worker", "listener", "celery beat", "web")
+# What PostgREST runs first in each request's transaction: the role and the JWT's claims, one statement.
+AS_CLIENT = "select set_config('role', 'authenticated', true), set_config('request.jwt.claims', %s, true)"
 
 
 @dataclass
@@ -163,9 +165,7 @@ async def drive(database_url: str, count: int, *, in_flight: int = 0, rate: floa
             start = t0 + i / rate if rate else time.perf_counter()
             async with pool.connection() as c:
                 async with c.transaction():
-                    await c.execute("set local role authenticated")
-                    await c.execute("select set_config('request.jwt.claims', %s, true)",
-                                    (json.dumps({"sub": caller, "role": "authenticated"}),))
+                    await c.execute(AS_CLIENT, (json.dumps({"sub": caller, "role": "authenticated"}),))
                     cur = await c.execute(
                         "insert into public.call_invitations (room_name, caller_id, callee_id) values (%s, %s, %s) returning id",
                         (f"bench-{uuid.uuid4().hex[:12]}", caller, callee))
@@ -180,9 +180,7 @@ async def drive(database_url: str, count: int, *, in_flight: int = 0, rate: floa
             ring_latencies.append(rang_at - start)
             async with pool.connection() as c:
                 async with c.transaction():
-                    await c.execute("set local role authenticated")
-                    await c.execute("select set_config('request.jwt.claims', %s, true)",
-                                    (json.dumps({"sub": callee, "role": "authenticated"}),))
+                    await c.execute(AS_CLIENT, (json.dumps({"sub": callee, "role": "authenticated"}),))
                     cur = await c.execute(
                         "update public.call_invitations set status = 'accepted' where id = %s returning call_id::text",
                         (inv_id,))
