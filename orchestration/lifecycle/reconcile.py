@@ -50,8 +50,11 @@ def handle_room_members(room_name: str, ports: Ports) -> Outcome:
     if not listed:
         return Outcome("nothing")
     with ports.store.transaction(room_name) as uow:
-        snap = uow.load(Want(room_name=room_name, event_ids=tuple(f"participant_removed:{p.sid}" for p in listed)))
-        decision = decide_room_members(snap, [p for p in listed if f"participant_removed:{p.sid}" not in snap.seen_events])
+        # Everyone listed, even a session removed before: LiveKit may still list it (the SDK may
+        # resume a removed connection), and only a removal that took counts. The removal's event
+        # is recorded once.
+        snap = uow.load(Want(room_name=room_name))
+        decision = decide_room_members(snap, listed)
         effects = apply_decision(uow, decision, ports)
     run_effects(effects, ports)
     return Outcome(decision.result, effects)
