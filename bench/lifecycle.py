@@ -286,7 +286,8 @@ def main() -> None:
     print(table([
         ["callflow lifecycles (insert→ringing→accept→active)", f"{n / saturated.elapsed:,.0f}/s",
          "insert→ringing p50 {} ms, p99 {} ms".format(*ms(saturated.ringing, 50, 99))],
-        ["pgbench simple-update (4 clients), same Postgres", f"{tps:,.0f} tx/s", "ceiling: one small write transaction"],
+        ["pgbench simple-update (4 clients), same Postgres", f"{tps:,.0f} tx/s",
+         f"ceiling: one small write transaction; a lifecycle ≈ {tps * saturated.elapsed / n:.0f} of them"],
     ], ["what", "rate", "notes"]))
     callflow_tx = saturated.transactions - saturated.driver_transactions
     print("\nPostgres transactions per lifecycle in the saturation run (pg_stat_database, the bench database):")
