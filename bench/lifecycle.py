@@ -18,7 +18,7 @@ One stack (ring timeout 120 s, sweep every 1 s) runs, after a warm-up of 200 lif
    seeing `ringing`; accept→active: from the accept UPDATE's commit returning to its client seeing
    the call `active`. p50/p99/max of each.
 2. Saturation: `--count` lifecycles, `--in-flight` at once. Lifecycles/s (first insert → last call
-   active) and insert→ringing p50/p99, beside pgbench simple-update (4 clients, 10 s, a database of
+   active, polled every 10 ms once all are accepted) and insert→ringing p50/p99, beside pgbench simple-update (4 clients, 10 s, a database of
    its own, after the run). Postgres transactions per lifecycle: the change of `xact_commit +
    xact_rollback` in pg_stat_database for the bench database over the run, read 11 s after it and
    likewise before it (a busy backend reports at most once a second, an idle one within 10 s), split
@@ -73,9 +73,11 @@ class Run:
 
 
 async def drive(database_url: str, count: int, *, in_flight: int = 0, rate: float = 0.0, devices: int = 0,
-                unanswered_every: int = 0, measure: bool = False) -> Run:
+                unanswered_every: int = 0, measure: bool = False, watch_calls: bool = False) -> Run:
     """`count` lifecycles, `in_flight` at once (closed loop) or one every 1/`rate` s (open loop).
-    Every `unanswered_every`-th invitation is inserted and never accepted (and not waited for)."""
+    Every `unanswered_every`-th invitation is inserted and never accepted (and not waited for).
+    `watch_calls`: each call's `active` is seen by LISTEN (per-call latency, at two more NOTIFYs per
+    lifecycle for Postgres and the driver); otherwise the calls are polled for once all are accepted."""
     # Two fresh users per lifecycle: a callee still in an earlier (active) call would be busy.
     users = [str(uuid.uuid4()) for _ in range(2 * count)]
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
@@ -96,7 +98,8 @@ async def drive(database_url: str, count: int, *, in_flight: int = 0, rate: floa
 
     listen = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
     await listen.execute("listen callflow_invitations")
-    await listen.execute("listen callflow_calls")
+    if watch_calls:
+        await listen.execute("listen callflow_calls")
     polling = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
     stats = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
 
@@ -193,6 +196,13 @@ async def drive(database_url: str, count: int, *, in_flight: int = 0, rate: floa
     while any(k not in active_at for k in accepted):
         if time.perf_counter() - t0 > 600:
             raise TimeoutError(f"only {sum(k in active_at for k in accepted)} of {len(accepted)} calls became active")
+        if not watch_calls:
+            transactions += 1
+            cur = await polling.execute("select id::text from public.calls where id = any(%s::uuid[]) and status = 'active'",
+                                        ([k for k in accepted if k not in active_at],))
+            seen = time.perf_counter()
+            for (call_id,) in await cur.fetchall():
+                active_at.setdefault(call_id, seen)
         await asyncio.sleep(0.01)
     finished = max(active_at[k] for k in accepted)
     cpu = cpu_delta(cpu_before, cpu_by_process()) if measure else {}
@@ -267,7 +277,8 @@ def main() -> None:
     offered_count = round(args.rate * args.rate_seconds)
     with stack(env, **workers) as s:
         asyncio.run(drive(s.database_url, min(200, args.count), in_flight=args.in_flight, devices=args.devices))  # warm-up
-        offered = asyncio.run(drive(s.database_url, offered_count, rate=args.rate, devices=args.devices))
+        offered = asyncio.run(drive(s.database_url, offered_count, rate=args.rate, devices=args.devices,
+                                    watch_calls=True))
         saturated = asyncio.run(drive(s.database_url, args.count, in_flight=args.in_flight, devices=args.devices,
                                       measure=True))
         cpu = saturated.cpu
