@@ -20,7 +20,7 @@ from psycopg.types.json import Jsonb
 
 from orchestration.db import get_pool
 from orchestration.domain.model import Call, Invitation, Participant
-from orchestration.lifecycle.state import Decision, Push, SendNotification, SendPushes, Snapshot, Want
+from orchestration.lifecycle.state import Decision, MissedCallEmail, Push, SendNotification, SendPushes, Snapshot, Want
 
 _LIVE = "('ringing', 'active')"
 
@@ -179,12 +179,10 @@ class PostgresUnitOfWork:
                 [(ev.event_id, ev.source, ev.type, ev.room_name, ev.invitation_id, ev.occurred_at, Jsonb(ev.payload))
                  for ev in decision.events])
         follow_ups: list = []
-        # In one order (the pair locks they take), whatever the order of the decisions they came from.
-        for mail in sorted((i for i in decision.outbox if not isinstance(i, Push)),
-                           key=lambda i: (i.caller_id, i.callee_id)):
-            notification_id = self.add_missed_call_notification(mail.invitation_id, mail.caller_id, mail.callee_id)
-            if notification_id:
-                follow_ups.append(SendNotification(notification_id))
+        # Emails' pair locks, then pushes': one order, whatever the order of the decisions they came from.
+        mails = [i for i in decision.outbox if not isinstance(i, Push)]
+        if mails:
+            follow_ups += [SendNotification(n) for n in self.add_missed_call_notifications(mails)]
         pushes = [i for i in decision.outbox if isinstance(i, Push)]
         if pushes:
             pending = self.add_pushes(pushes)
@@ -232,27 +230,33 @@ class PostgresUnitOfWork:
         return [str(r["id"]) for r in rows if r["status"] == "pending"]
 
     def add_missed_call_notification(self, invitation_id: str, caller_id: str, callee_id: str) -> str | None:
-        """The outbox row, in the transaction of the transition that calls for it.
+        pending = self.add_missed_call_notifications([MissedCallEmail(invitation_id, caller_id, callee_id)])
+        return pending[0] if pending else None
+
+    def add_missed_call_notifications(self, mails: list[MissedCallEmail]) -> list[str]:
+        """The outbox rows (one statement for all), in the transaction of the transitions that call
+        for them; returns the ids of the `pending` ones.
 
         Born `skipped` (with why, and no delivery task) when the recipient turned missed-call
         emails off, has no address, or had one from the same caller within the repeat window (the
-        pair's lock makes two at once see each other). Returns the id of a `pending` row only.
+        pair's lock makes two at once see each other; one batch holds a pair at most once).
         """
-        self.lock(f"mail:{caller_id}:{callee_id}", 17)
-        row = self._one(
+        self.lock_all([(key, 17) for key in sorted({f"mail:{m.caller_id}:{m.callee_id}" for m in mails})])
+        rows = self._all(
             """with recipient as (
-                 select u.email,
+                 select r.inv, u.id, u.email,
                         lower(coalesce(u.raw_user_meta_data->>'missed_call_emails', 'true')) = 'false' as opted_out,
                         exists (select 1 from public.notifications n
                                   join public.call_invitations i on i.id = n.invitation_id
-                                 where n.recipient_id = u.id and n.kind = 'missed_call' and i.caller_id = %(caller)s
+                                 where n.recipient_id = u.id and n.kind = 'missed_call' and i.caller_id = r.caller
                                    and n.status in ('pending', 'sent')
                                    and n.created_at > %(now)s::timestamptz - make_interval(secs => %(window)s)) as repeat
-                   from auth.users u where u.id = %(u)s
+                   from unnest(%(invs)s::uuid[], %(callers)s::uuid[], %(callees)s::uuid[]) as r(inv, caller, callee)
+                   join auth.users u on u.id = r.callee
                )
                insert into public.notifications (kind, invitation_id, recipient_id, recipient_email, status, last_error,
                                                  created_at)
-               select 'missed_call', %(i)s, %(u)s, email,
+               select 'missed_call', inv, id, email,
                       case when opted_out or coalesce(email, '') = '' or repeat then 'skipped' else 'pending' end,
                       case when opted_out
                            then 'recipient turned missed-call emails off (raw_user_meta_data.missed_call_emails is false)'
@@ -262,10 +266,10 @@ class PostgresUnitOfWork:
                       %(now)s
                  from recipient
                on conflict (kind, invitation_id, recipient_id) do nothing returning id, status""",
-            {"i": invitation_id, "u": callee_id, "caller": caller_id, "now": self.now(),
-             "window": self.email_repeat_window},
+            {"invs": [m.invitation_id for m in mails], "callers": [m.caller_id for m in mails],
+             "callees": [m.callee_id for m in mails], "now": self.now(), "window": self.email_repeat_window},
         )
-        return str(row["id"]) if row and row["status"] == "pending" else None
+        return [str(r["id"]) for r in rows if r["status"] == "pending"]
 
     # ---- first looks -------------------------------------------------------------------------
     def event_seen(self, event_id: str) -> bool:
@@ -312,7 +316,7 @@ class PostgresUnitOfWork:
     # ---- sweeps --------------------------------------------------------------------------------
     def ringing_due_between(self, start: datetime, end: datetime, limit: int = 2000) -> list[dict]:
         return self._all(
-            """select id, room_name, callee_id from public.call_invitations where status = 'ringing'
+            """select id, room_name, caller_id, callee_id from public.call_invitations where status = 'ringing'
                  and ring_deadline > %s and ring_deadline <= %s and ring_deadline <= %s
                order by ring_deadline limit %s""",
             (start, end, self.now(), limit),
@@ -320,7 +324,7 @@ class PostgresUnitOfWork:
 
     def due_ring_timeouts(self, limit: int, overdue_by: float = 0.0) -> list[dict]:
         return self._all(
-            """select id, room_name, callee_id from public.call_invitations
+            """select id, room_name, caller_id, callee_id from public.call_invitations
                 where status = 'ringing' and ring_deadline <= %s::timestamptz - make_interval(secs => %s)
                 order by ring_deadline limit %s""",
             (self.now(), overdue_by, limit),

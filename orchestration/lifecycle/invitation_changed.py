@@ -32,6 +32,7 @@ from orchestration.lifecycle.state import (
     Snapshot,
     Want,
     Working,
+    in_rounds,
     merge_decisions,
 )
 from orchestration.ports import RoomError, RoomInfo
@@ -235,24 +236,9 @@ def handle_invitations_changed(changes: list[dict], ports: Ports,
     for it, (room, error) in zip(wanted, parallel_map(lambda it: _make_room(ports, it.inv.room_name), wanted)):
         it.room, it.room_error = room, error
 
-    while items:
-        together, items = _disjoint(items)
+    for together in in_rounds(items, lambda it: it.keys):
         outcomes.update(_decide_together(together, ports))
     return [outcomes[i] for i in range(len(changes))]
-
-
-def _disjoint(items: list[_Item]) -> tuple[list[_Item], list[_Item]]:
-    """The changes that can be decided in one transaction (in order), and the rest."""
-    taken: set[str] = set()
-    now, later = [], []
-    for it in items:
-        keys = it.keys
-        if keys & taken:
-            later.append(it)
-        else:
-            now.append(it)
-        taken |= keys  # a later change of the same things stays behind this one
-    return now, later
 
 
 def _decide_together(items: list[_Item], ports: Ports) -> dict[int, Outcome]:

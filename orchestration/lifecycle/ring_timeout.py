@@ -7,6 +7,7 @@ is called missed (webhooks lag): a callee already there has answered.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
@@ -16,7 +17,7 @@ from orchestration.domain.model import EndReason, InvitationStatus as S, decide_
 from orchestration.lifecycle import rules
 from orchestration.lifecycle.context import Outcome, Ports
 from orchestration.lifecycle.effects import apply_decision, run_effects
-from orchestration.lifecycle.state import Decision, EventRecord, Snapshot, Want, Working
+from orchestration.lifecycle.state import Decision, EventRecord, Snapshot, Want, Working, in_rounds, merge_decisions
 
 log = structlog.get_logger("callflow.lifecycle")
 
@@ -46,26 +47,22 @@ def decide(snap: Snapshot, invitation_id: str, source: str, callee_in_room: bool
     return w.decision(result)
 
 
-def handle_ring_timeout(invitation_id: str, source: str, ports: Ports, due: dict | None = None) -> Outcome:
-    """One invitation's deadline. `due` (room_name, callee_id) comes from a query that found it
-    ringing past its deadline, which spares the first look."""
+def handle_ring_timeout(invitation_id: str, source: str, ports: Ports) -> Outcome:
+    """One invitation's deadline (its own countdown): a first look, then the decision."""
     event_id = f"timeout:{invitation_id}"
-    if due is not None:
-        room_name, callee_id, action = due["room_name"], str(due["callee_id"]), "miss"
-    else:
-        with ports.store.transaction() as uow:
-            if uow.event_seen(event_id):
-                return Outcome("duplicate")
-            inv = uow.invitation(invitation_id)
-            if inv is None:
-                return Outcome("unknown_invitation")
-            now = uow.now()
-        verdict = decide_ring_timeout(inv, now, callee_in_room=None)
-        if verdict.action == "reschedule":
-            if source == "timer":
-                ports.scheduler.ring_timeout_at(invitation_id, verdict.at)
-            return Outcome("rescheduled")
-        room_name, callee_id, action = inv.room_name, inv.callee_id, verdict.action
+    with ports.store.transaction() as uow:
+        if uow.event_seen(event_id):
+            return Outcome("duplicate")
+        inv = uow.invitation(invitation_id)
+        if inv is None:
+            return Outcome("unknown_invitation")
+        now = uow.now()
+    verdict = decide_ring_timeout(inv, now, callee_in_room=None)
+    if verdict.action == "reschedule":
+        if source == "timer":
+            ports.scheduler.ring_timeout_at(invitation_id, verdict.at)
+        return Outcome("rescheduled")
+    room_name, callee_id, action = inv.room_name, inv.callee_id, verdict.action
     callee_in_room = False
     if action != "nothing":
         live = ports.rooms.list_participants(room_name)
@@ -82,8 +79,42 @@ def handle_ring_timeout(invitation_id: str, source: str, ports: Ports, due: dict
     return Outcome(decision.result, effects, invitation_id, inv.call_id if inv else None, room_name)
 
 
+def handle_ring_timeouts(due: list[dict], source: str, ports: Ports, parallel_map: Callable = map) -> list[Outcome]:
+    """Deadlines found passed by a query (rows of id, room_name, callee_id, caller_id), ended
+    together: LiveKit is asked about their rooms side by side, then one transaction per round of
+    invitations that share no room or user (deadlines arrive as fast as invitations rang: one
+    transaction each could not keep up with a burst)."""
+    if not due:
+        return []
+    live = list(parallel_map(lambda row: ports.rooms.list_participants(row["room_name"]), due))
+    in_room = {str(row["id"]): bool(people) and any(p.identity == str(row["callee_id"]) for p in people)
+               for row, people in zip(due, live)}
+    keys = lambda row: {f"room:{row['room_name']}", f"user:{row['callee_id']}", f"user:{row['caller_id']}"}  # noqa: E731
+    outcomes: dict[str, Outcome] = {}
+    for together in in_rounds(due, keys):
+        rooms = sorted({row["room_name"] for row in together})
+        ids = [str(row["id"]) for row in together]
+        decided: list[tuple[str, Decision]] = []
+        with ports.store.transaction(*rooms) as uow:
+            snap = uow.load(Want(room_name=rooms[0], other_rooms=tuple(rooms[1:]), invitation_ids=tuple(ids),
+                                 event_ids=tuple(f"timeout:{i}" for i in ids)))
+            for row, invitation_id in zip(together, ids):
+                if f"timeout:{invitation_id}" in snap.seen_events:
+                    outcomes[invitation_id] = Outcome("duplicate")
+                else:
+                    decided.append((invitation_id, decide(replace(snap, room_name=row["room_name"]), invitation_id,
+                                                          source, in_room[invitation_id])))
+            effects = apply_decision(uow, merge_decisions([d for _, d in decided]), ports) if decided else []
+        run_effects(effects, ports)
+        for invitation_id, decision in decided:
+            inv = snap.invitations.get(invitation_id)
+            outcomes[invitation_id] = Outcome(decision.result, decision.effects, invitation_id,
+                                              inv.call_id if inv else None, inv.room_name if inv else None)
+    return [outcomes[str(row["id"])] for row in due]
+
+
 def handle_ring_timeouts_due(bucket_end: float, ports: Ports, parallel_map: Callable = map) -> Outcome:
-    """A timer bucket's countdown: every invitation whose deadline fell in the bucket, at once.
+    """A timer bucket's countdown: every invitation whose deadline fell in the bucket, together.
 
     Buckets are disjoint, so two workers never look at the same deadline through them; an
     invitation a lost bucket left behind is the sweep's. Early (clocks differ): re-schedule.
@@ -94,7 +125,7 @@ def handle_ring_timeouts_due(bucket_end: float, ports: Ports, parallel_map: Call
             ports.scheduler.ring_timeout_bucket(bucket_end)
             return Outcome("rescheduled")
         rows = uow.ringing_due_between(end - timedelta(seconds=TIMER_BUCKET_SECONDS), end)
-    outcomes = list(parallel_map(lambda row: handle_ring_timeout(str(row["id"]), "timer", ports, due=row), rows))
+    outcomes = handle_ring_timeouts(rows, "timer", ports, parallel_map)
     for o in outcomes:  # one line per invitation this countdown ended
         if o.result in ("missed", "answered"):
             log.info("ring_timeout done", result=o.result, invitation_id=o.invitation_id, call_id=o.call_id,

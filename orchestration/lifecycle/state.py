@@ -157,6 +157,23 @@ class Decision:
     effects: list = field(default_factory=list)
 
 
+def in_rounds(items: list, keys_of: Callable[[object], set[str]]) -> list[list]:
+    """`items` in rounds that share no key within a round (each decided in one transaction); an
+    item goes in no earlier a round than any item before it that shares a key (arrival order)."""
+    rounds: list[list] = []
+    remaining = list(items)
+    while remaining:
+        taken: set[str] = set()
+        now, later = [], []
+        for item in remaining:
+            keys = keys_of(item)
+            (later if keys & taken else now).append(item)
+            taken |= keys  # a later item sharing a key stays behind this one
+        rounds.append(now)
+        remaining = later
+    return rounds
+
+
 def merge_decisions(decisions: list[Decision]) -> Decision:
     """Decisions about things that share nothing (no room, user or invitation), as one to apply."""
     if len(decisions) == 1:

@@ -1,7 +1,7 @@
 """Use case: the beat sweep makes every piece of overdue work happen, whatever was lost.
 
 - ring deadlines overdue by half an interval (their countdown was lost or is late): ended here,
-  side by side;
+  together;
 - grace periods whose countdown never ran;
 - invitations still `pending` long after insert (their change was lost): handed on again;
 - client-made transitions (`accepted`, `declined`, `cancelled`) whose change was never taken
@@ -24,7 +24,7 @@ from orchestration.lifecycle.context import Ports
 from orchestration.lifecycle.grace_expired import handle_grace_expired
 from orchestration.lifecycle.invitation_changed import handle_invitation_changed
 from orchestration.lifecycle.reconcile import handle_room_members, handle_silent_call, reconcile_live_calls
-from orchestration.lifecycle.ring_timeout import handle_ring_timeout
+from orchestration.lifecycle.ring_timeout import handle_ring_timeouts
 from orchestration.ports import Throttle
 
 STALE_PENDING_AFTER = 10.0       # seconds a pending invitation may wait for its change
@@ -78,8 +78,8 @@ def run_sweep(ports: Ports, throttle: Throttle, *, interval: float, parallel_map
                 if throttle.once("unrecorded", UNRECORDED_EVERY) else [])
     report = SweepReport()
 
-    overdue = [str(r["id"]) for r in due if throttle.once(f"timeout:{r['id']}", hold)]
-    results = list(parallel_map(lambda i: handle_ring_timeout(i, "sweep", ports).result, overdue))
+    overdue = [r for r in due if throttle.once(f"timeout:{r['id']}", hold)]
+    results = [o.result for o in handle_ring_timeouts(overdue, "sweep", ports, parallel_map)]
     report.timeouts = sum(1 for r in results if r in ("missed", "answered"))
 
     graces = [g for g in graces if throttle.once(f"grace:{g['participant_sid']}", hold)]

@@ -238,12 +238,14 @@ class FakeUnitOfWork:
     # sweeps
     def ringing_due_between(self, start, end, limit=2000):
         now = self.now()
-        return [dict(id=i.id, room_name=i.room_name, callee_id=i.callee_id) for i in self.s.invitations.values()
+        return [dict(id=i.id, room_name=i.room_name, caller_id=i.caller_id, callee_id=i.callee_id)
+                for i in self.s.invitations.values()
                 if i.status == S.RINGING and start < i.ring_deadline <= end and i.ring_deadline <= now][:limit]
 
     def due_ring_timeouts(self, limit, overdue_by=0.0):
         edge = self.now() - timedelta(seconds=overdue_by)
-        return sorted((dict(id=i.id, room_name=i.room_name, callee_id=i.callee_id, deadline=i.ring_deadline)
+        return sorted((dict(id=i.id, room_name=i.room_name, caller_id=i.caller_id, callee_id=i.callee_id,
+                            deadline=i.ring_deadline)
                        for i in self.s.invitations.values() if i.status == S.RINGING and i.ring_deadline <= edge),
                       key=lambda r: r["deadline"])[:limit]
 
