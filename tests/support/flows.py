@@ -59,13 +59,18 @@ async def room_sid(livekit, room_name: str) -> str | None:
     return next((r.sid for r in resp.rooms if r.name == room_name), None)
 
 
-async def identities_in_room(livekit, room_name: str) -> list[str]:
+async def participants_in_room(livekit, room_name: str) -> dict[str, int]:
+    """identity → state (api.ParticipantInfo.JOINING, JOINED, ACTIVE, ...) as LiveKit lists them."""
     async with _lk(livekit) as client:
         try:
             resp = await client.room.list_participants(api.ListParticipantsRequest(room=room_name))
         except api.TwirpError:
-            return []
-    return [p.identity for p in resp.participants]
+            return {}
+    return {p.identity: p.state for p in resp.participants}
+
+
+async def identities_in_room(livekit, room_name: str) -> list[str]:
+    return list(await participants_in_room(livekit, room_name))
 
 
 def user_access_token(user_id: str, ttl: int = 600) -> str:
