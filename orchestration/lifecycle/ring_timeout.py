@@ -62,21 +62,8 @@ def handle_ring_timeout(invitation_id: str, source: str, ports: Ports) -> Outcom
         if source == "timer":
             ports.scheduler.ring_timeout_at(invitation_id, verdict.at)
         return Outcome("rescheduled")
-    room_name, callee_id, action = inv.room_name, inv.callee_id, verdict.action
-    callee_in_room = False
-    if action != "nothing":
-        live = ports.rooms.list_participants(room_name)
-        callee_in_room = bool(live) and any(p.identity == callee_id for p in live)
-
-    with ports.store.transaction(room_name) as uow:
-        snap = uow.load(Want(room_name=room_name, invitation_ids=(invitation_id,), event_ids=(event_id,)))
-        if event_id in snap.seen_events:
-            return Outcome("duplicate")
-        decision = decide(snap, invitation_id, source, callee_in_room)
-        effects = apply_decision(uow, decision, ports)
-    run_effects(effects, ports)
-    inv = snap.invitations.get(invitation_id)
-    return Outcome(decision.result, effects, invitation_id, inv.call_id if inv else None, room_name)
+    row = {"id": inv.id, "room_name": inv.room_name, "caller_id": inv.caller_id, "callee_id": inv.callee_id}
+    return handle_ring_timeouts([row], source, ports)[0]
 
 
 def handle_ring_timeouts(due: list[dict], source: str, ports: Ports, parallel_map: Callable = map) -> list[Outcome]:
