@@ -96,6 +96,9 @@ class UnitOfWork(Protocol):
 
     def live_call_id(self, room_name: str) -> str | None: ...
 
+    def live_call_ids(self, room_names: "Iterable[str]") -> dict[str, str]:
+        """Each of these rooms' live call (ringing or active), for the rooms that have one."""
+
     def busy_users(self, user_rooms: "Iterable[tuple[str, str]]") -> set[str]:
         """Of these (user, room): the users in an active call other than that room's (the contract's busy)."""
 

@@ -303,6 +303,11 @@ class PostgresUnitOfWork:
         row = self._one(f"select id from public.calls where room_name = %s and status in {_LIVE}", (room_name,))
         return str(row["id"]) if row else None
 
+    def live_call_ids(self, room_names) -> dict[str, str]:
+        rows = self._all(f"select room_name, id from public.calls where room_name = any(%s) and status in {_LIVE}",
+                         (list(room_names),))
+        return {r["room_name"]: str(r["id"]) for r in rows}
+
     def is_party(self, room_name: str, identity: str) -> bool:
         return self._one("select exists (select 1 from public.callflow_room_parties(%s) p where p::text = %s) as x",
                          (room_name, identity))["x"]

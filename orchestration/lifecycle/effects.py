@@ -4,7 +4,7 @@ and LiveKit's own timeouts, which make every one of them certain."""
 from __future__ import annotations
 
 import json
-from typing import Iterable
+from typing import Callable, Iterable
 
 import structlog
 
@@ -45,19 +45,44 @@ def apply_decision(uow, decision, ports: Ports) -> list:
     return decision.effects + uow.apply(decision)
 
 
-def run_effects(effects: Iterable, ports: Ports) -> None:
+def run_effects(effects: Iterable, ports: Ports, parallel_map: Callable = map) -> None:
     effects = list(effects)
-    # Ring deadlines go together (one round trip for a batch's); the rest one by one.
+    # Ring deadlines go together (one round trip for a batch's), rooms are released together
+    # (LiveKit's DeleteRoom is its costliest call: side by side, under one transaction's locks);
+    # the rest one by one.
     deadlines = [(e.invitation_id, e.at) for e in effects if isinstance(e, ScheduleRingTimeout)]
     if deadlines:
         ports.scheduler.ring_timeouts(deadlines)
+    releases = [e for e in effects if isinstance(e, ReleaseRoom)]
+    if releases:
+        release_rooms(releases, ports, parallel_map)
     for effect in effects:
-        if isinstance(effect, ScheduleRingTimeout):
+        if isinstance(effect, (ScheduleRingTimeout, ReleaseRoom)):
             continue
         try:
             _run(effect, ports)
         except RoomError as exc:
             log.warning("effect failed", effect=type(effect).__name__, error=str(exc))
+
+
+def release_rooms(releases: list[ReleaseRoom], ports: Ports, parallel_map: Callable = map) -> None:
+    """Delete the rooms of ended calls. Under the rooms' locks, so a redial's new call cannot be
+    given a room in between; a newer live call in a room keeps it (its strangers are removed one
+    by one). A room LiveKit fails to delete is left to its empty timeout."""
+    ended: dict[str, set[str]] = {}
+    for e in releases:
+        ended.setdefault(e.room_name, set()).add(e.call_id)
+    with ports.store.transaction(*ended) as uow:
+        live = uow.live_call_ids(ended)
+        doomed = [room for room, calls in ended.items() if room not in live or live[room] in calls]
+
+        def delete(room: str) -> None:
+            try:
+                ports.rooms.delete_room(room)
+            except RoomError as exc:
+                log.warning("effect failed", effect="ReleaseRoom", room_name=room, error=str(exc))
+
+        list(parallel_map(delete, doomed))
 
 
 def _run(effect, ports: Ports) -> None:
@@ -74,13 +99,6 @@ def _run(effect, ports: Ports) -> None:
             if uow.is_party(effect.room_name, effect.identity):
                 return
         ports.rooms.remove_participant(effect.room_name, effect.identity)
-    elif isinstance(effect, ReleaseRoom):
-        # Under the room's lock, so a redial's new call cannot be given the room in between;
-        # a newer live call in the room keeps it (its strangers are removed one by one).
-        with ports.store.transaction(effect.room_name) as uow:
-            live = uow.live_call_id(effect.room_name)
-            if live is None or live == effect.call_id:
-                ports.rooms.delete_room(effect.room_name)
     elif isinstance(effect, EnsureRoom):
         info = create_room(ports, effect.room_name)
         with ports.store.transaction(effect.room_name) as uow:

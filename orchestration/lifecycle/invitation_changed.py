@@ -237,11 +237,11 @@ def handle_invitations_changed(changes: list[dict], ports: Ports,
         it.room, it.room_error = room, error
 
     for together in in_rounds(items, lambda it: it.keys):
-        outcomes.update(_decide_together(together, ports))
+        outcomes.update(_decide_together(together, ports, parallel_map))
     return [outcomes[i] for i in range(len(changes))]
 
 
-def _decide_together(items: list[_Item], ports: Ports) -> dict[int, Outcome]:
+def _decide_together(items: list[_Item], ports: Ports, parallel_map: Callable = map) -> dict[int, Outcome]:
     rooms = sorted(set().union(*(it.rooms for it in items)))
     pairs = [it.pair for it in items if it.pair]
     want = Want(
@@ -263,7 +263,7 @@ def _decide_together(items: list[_Item], ports: Ports) -> dict[int, Outcome]:
             else:
                 decided.append((it, _decide_one(replace(snap, room_name=it.inv.room_name), it, ports)))
         effects = apply_decision(uow, merge_decisions([d for _, d in decided]), ports)
-    run_effects(effects, ports)
+    run_effects(effects, ports, parallel_map)
     for it, decision in decided:
         call_id = next((i.call_id for i in decision.invitations if i.id == it.inv.id), it.inv.call_id)
         outcomes[it.index] = Outcome(decision.result, decision.effects, it.inv.id, call_id, it.inv.room_name)

@@ -78,6 +78,7 @@ def handle_ring_timeouts(due: list[dict], source: str, ports: Ports, parallel_ma
                for row, people in zip(due, live)}
     keys = lambda row: {f"room:{row['room_name']}", f"user:{row['callee_id']}", f"user:{row['caller_id']}"}  # noqa: E731
     outcomes: dict[str, Outcome] = {}
+    effects: list = []  # run once every round has committed: the rooms released side by side
     for together in in_rounds(due, keys):
         rooms = sorted({row["room_name"] for row in together})
         ids = [str(row["id"]) for row in together]
@@ -91,12 +92,13 @@ def handle_ring_timeouts(due: list[dict], source: str, ports: Ports, parallel_ma
                 else:
                     decided.append((invitation_id, decide(replace(snap, room_name=row["room_name"]), invitation_id,
                                                           source, in_room[invitation_id])))
-            effects = apply_decision(uow, merge_decisions([d for _, d in decided]), ports) if decided else []
-        run_effects(effects, ports)
+            if decided:
+                effects += apply_decision(uow, merge_decisions([d for _, d in decided]), ports)
         for invitation_id, decision in decided:
             inv = snap.invitations.get(invitation_id)
             outcomes[invitation_id] = Outcome(decision.result, decision.effects, invitation_id,
                                               inv.call_id if inv else None, inv.room_name if inv else None)
+    run_effects(effects, ports, parallel_map)
     return [outcomes[str(row["id"])] for row in due]
 
 

@@ -211,6 +211,9 @@ class FakeUnitOfWork:
     def live_call_id(self, room_name: str) -> str | None:
         return next((c.id for c in self.s.calls.values() if c.room_name == room_name and c.live), None)
 
+    def live_call_ids(self, room_names) -> dict[str, str]:
+        return {room: call for room in room_names if (call := self.live_call_id(room)) is not None}
+
     def busy_users(self, user_rooms) -> set[str]:
         return {u for u, room in user_rooms if self._busy(u, room)}
 
