@@ -34,6 +34,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Mapping
 
 import orjson
@@ -235,7 +236,7 @@ def parse_event(body: bytes) -> dict[str, Any]:
 # ---- Celery protocol 2 on kombu's Redis transport ---------------------------------------------------
 
 _EMBED_JSON = b'{"callbacks": null, "errbacks": null, "chain": null, "chord": null}'
-_MARKERS = re.compile(r'@@(BODY|ID|TAG|ARGSREPR)@@|"@@ARGSREPR@@"')
+_MARKERS = re.compile(r'@@(BODY|ID|TAG|ARGSREPR)@@|"@@(ARGSREPR|ETA)@@"')
 
 
 def _short_repr(value: Any, limit: int = 1024) -> str:
@@ -270,7 +271,7 @@ class CeleryMessageBuilder:
                 "task": self.task,
                 "id": "@@ID@@",
                 "shadow": None,
-                "eta": None,
+                "eta": "@@ETA@@",
                 "expires": None,
                 "group": None,
                 "group_index": None,
@@ -297,7 +298,7 @@ class CeleryMessageBuilder:
             },
         }
         rendered = json.dumps(envelope).replace("%", "%%")
-        template = _MARKERS.sub(lambda m: f"%({m.group(1) or 'ARGSREPR'})s", rendered)
+        template = _MARKERS.sub(lambda m: f"%({m.group(1) or m.group(2)})s", rendered)
         object.__setattr__(self, "_template", template.encode("utf-8"))
         # Task ids: UUID-shaped (version 4 bits set), a random 80-bit prefix per builder and a
         # counter: unique without a urandom call per message.
@@ -308,10 +309,13 @@ class CeleryMessageBuilder:
     def _next_id(self) -> str:
         return f"{self._id_prefix}{next(self._counter) & 0xFFFFFFFFFFFF:012x}"
 
-    def build_from_json(self, args_json: bytes, argsrepr: str, task_id: str | None = None) -> bytes:
-        """`args_json`: the JSON array of the task's positional arguments, already serialised."""
+    def build_from_json(self, args_json: bytes, argsrepr: str, task_id: str | None = None,
+                        eta: datetime | None = None) -> bytes:
+        """`args_json`: the JSON array of the task's positional arguments, already serialised.
+        `eta` (timezone-aware): the worker holds the task until then, as for `send_task(eta=...)`."""
         task_id_b = (task_id or self._next_id()).encode("ascii")
         return self._template % {
+            b"ETA": orjson.dumps(eta.isoformat()) if eta is not None else b"null",
             b"BODY": binascii.b2a_base64(b"".join((b"[", args_json, b", {}, ", _EMBED_JSON, b"]")), newline=False),
             b"ID": task_id_b,
             # kombu's delivery tag only has to be unique per message: the task id is.
@@ -319,9 +323,10 @@ class CeleryMessageBuilder:
             b"ARGSREPR": orjson.dumps(argsrepr),
         }
 
-    def build(self, args: list[Any], task_id: str | None = None, argsrepr: str | None = None) -> bytes:
+    def build(self, args: list[Any], task_id: str | None = None, argsrepr: str | None = None,
+              eta: datetime | None = None) -> bytes:
         return self.build_from_json(json.dumps(args).encode("utf-8"),
-                                    argsrepr if argsrepr is not None else _short_repr(args), task_id)
+                                    argsrepr if argsrepr is not None else _short_repr(args), task_id, eta)
 
     def build_livekit_event(self, body: bytes, event: dict[str, Any], received_at: str,
                             task_id: str | None = None) -> bytes:

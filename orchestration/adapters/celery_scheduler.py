@@ -12,6 +12,23 @@ from celery import Celery
 from orchestration.ingest.mapping import dedupe_key
 from orchestration.ingest.sink import DEDUPE_TTL_SECONDS
 from orchestration.lifecycle.ring_timeout import TIMER_BUCKET_SECONDS
+from orchestration.webhooks import CeleryMessageBuilder
+
+BUCKET_TASK = "callflow.ring_timeouts_due"
+BUCKET_TTL_SECONDS = 24 * 3600
+# KEYS: the buckets' marks, then the queue. ARGV: the marks' ttl, then one countdown message per
+# bucket. A bucket's message is pushed only by whoever sets its mark. Returns how many were pushed.
+_BUCKETS = """
+local queue = KEYS[#KEYS]
+local pushed = 0
+for i = 1, #KEYS - 1 do
+  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[1]) then
+    redis.call('LPUSH', queue, ARGV[i + 1])
+    pushed = pushed + 1
+  end
+end
+return pushed
+"""
 
 
 def bucket_end(at: datetime) -> float:
@@ -23,27 +40,30 @@ class CeleryScheduler:
     def __init__(self, app: Celery) -> None:
         self.app = app
         self._redis: redis.Redis | None = None
+        self._buckets = None
+        self._builder: CeleryMessageBuilder | None = None
 
     def _r(self) -> redis.Redis:
         if self._redis is None:
             self._redis = redis.Redis.from_url(self.app.conf.broker_url)
+            self._buckets = self._redis.register_script(_BUCKETS)
+            self._builder = CeleryMessageBuilder.for_task(BUCKET_TASK, "timers")
         return self._redis
 
     def ring_timeouts(self, deadlines: list[tuple[str, datetime]]) -> None:
-        # A countdown task per deadline bucket (the first invitation in it sends it; one round
-        # trip asks for all the buckets at once); the beat sweep enforces the same deadlines without it.
+        # A countdown task per deadline bucket, sent by the first invitation in it: marks and
+        # pre-built messages in one script call (send_task cost more than the rest of a ringing
+        # together). The beat sweep enforces the same deadlines without them.
         ends = sorted({bucket_end(at) for _, at in deadlines})
         if not ends:
             return
-        pipe = self._r().pipeline(transaction=False)
-        for end in ends:
-            pipe.set(f"callflow:timer-bucket:{int(round(end * 1000))}", 1, nx=True, ex=24 * 3600)
-        for end, first in zip(ends, pipe.execute()):
-            if first:
-                self.ring_timeout_bucket(end)
+        self._r()
+        keys = [f"callflow:timer-bucket:{int(round(end * 1000))}" for end in ends]
+        messages = [self._builder.build([end], eta=datetime.fromtimestamp(end, tz=timezone.utc)) for end in ends]
+        self._buckets(keys=keys + ["timers"], args=[BUCKET_TTL_SECONDS, *messages])
 
     def ring_timeout_bucket(self, end: float) -> None:
-        self.app.send_task("callflow.ring_timeouts_due", args=[end], queue="timers",
+        self.app.send_task(BUCKET_TASK, args=[end], queue="timers",
                            eta=datetime.fromtimestamp(end, tz=timezone.utc))
 
     def ring_timeout_at(self, invitation_id: str, at: datetime) -> None:

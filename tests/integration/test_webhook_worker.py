@@ -61,6 +61,33 @@ def test_the_message_is_what_celery_send_task_writes(redis_server):
     assert json.loads(base64.b64decode(ours["body"])) == json.loads(base64.b64decode(theirs["body"]))
 
 
+def test_a_countdown_message_is_what_send_task_with_an_eta_writes(redis_server):
+    """The ring-timeout buckets' countdowns are pre-built too: the eta header as Celery writes it."""
+    from datetime import datetime, timezone
+
+    from celery import Celery
+
+    url = db_url(redis_server, 9)
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    probe = Celery("callflow", broker=url)
+    probe.conf.update(task_serializer="json", accept_content=["json"])
+    eta = datetime(2030, 1, 1, 0, 0, 0, 50000, tzinfo=timezone.utc)
+    probe.send_task("callflow.ring_timeouts_due", args=[eta.timestamp()], queue="timers", eta=eta)
+    [theirs] = [json.loads(m) for m in client.lrange("timers", 0, -1)]
+    theirs["headers"].pop("published_at", None)
+    ours = json.loads(CeleryMessageBuilder.for_task("callflow.ring_timeouts_due", "timers")
+                      .build([eta.timestamp()], eta=eta))
+    client.flushdb()
+    probe.close()
+    volatile_headers = {"id", "root_id", "origin"}
+    assert ours["headers"]["eta"] == theirs["headers"]["eta"] == eta.isoformat()
+    assert {k: v for k, v in ours["headers"].items() if k not in volatile_headers} == \
+        {k: v for k, v in theirs["headers"].items() if k not in volatile_headers}
+    assert ours["properties"]["delivery_info"] == theirs["properties"]["delivery_info"]
+    assert json.loads(base64.b64decode(ours["body"])) == json.loads(base64.b64decode(theirs["body"]))
+
+
 def test_messages_pushed_by_the_lua_script_are_run_by_a_real_worker(log_dir, redis_server):
     """The Procfile's worker command, on its own Redis database, runs `callflow.ping` messages that
     were built by `CeleryMessageBuilder` and pushed by `RedisEnqueuer` (the webhook's path)."""
