@@ -411,7 +411,7 @@ class PostgresStore:
         Every transaction takes its locks in one order (pairs, then rooms, each sorted), so two
         that share some never wait on each other in a circle.
         """
-        with get_pool(self.url, self.pool_size).connection() as conn:
+        with get_pool(self.url, self.pool_size, generic_plans=True).connection() as conn:
             with conn.transaction():
                 uow = PostgresUnitOfWork(conn, self.clock, self.email_repeat_window)
                 keys = [(k, self.PAIR_LOCKS) for k in sorted({":".join(sorted(p)) for p in pairs})]
