@@ -2,7 +2,8 @@
 
 Inserts `--count` invitations over about `--insert-seconds` (as clients, through the listener),
 so that all of them ring at once, then waits for every ring timeout and reports
-(ended_at − ring_deadline) p50/p99/max, and the peak PSS of the workers (summed over all their
+(ended_at − ring_deadline) p50/p99/max, the rate at which the deadlines came due (they follow the
+ringing: missed / ringing spread), and the peak PSS of the workers (summed over all their
 processes). With `--kill`, two workers run and one is SIGKILLed halfway through the timeouts:
 the ones it held must still fire within the sweep interval plus one second.
 
@@ -106,11 +107,13 @@ def main() -> None:
         r = run(args.count, args.insert_seconds, args.ring_timeout, kill, args.concurrency)
         lat = r["lateness"]
         rows.append([label, f"{len(lat)}", f"{percentile(lat, 50):.0f}", f"{percentile(lat, 99):.0f}", f"{max(lat):.0f}",
-                     f"{r['pss']:.0f}", f"{r['inserted_in']:.1f}", f"{r['ring_spread']:.1f}"])
+                     f"{r['pss']:.0f}", f"{r['inserted_in']:.1f}", f"{r['ring_spread']:.1f}",
+                     f"{len(lat) / max(r['ring_spread'], 0.001):.0f}"])
         print(f"{label}: statuses {r['statuses']}, all ringing after {r['all_ringing_at']}, killed at {r['killed_at']}")
     print(f"\nmachine: {machine()}")
     print(f"{args.count} invitations, ring timeout {args.ring_timeout:.0f} s, sweep interval 1 s, prefork {args.concurrency}\n")
-    print(table(rows, ["run", "missed", "p50 ms", "p99 ms", "max ms", "worker PSS MiB", "insert s", "ringing spread s"]))
+    print(table(rows, ["run", "missed", "p50 ms", "p99 ms", "max ms", "worker PSS MiB", "insert s", "ringing spread s",
+                       "deadlines due /s"]))
     print("\nceiling: lateness 0; targets p99 <= 250 ms, PSS <= 250 MB, max with a kill <= sweep interval + 1 s")
 
 
