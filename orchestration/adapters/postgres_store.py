@@ -51,17 +51,23 @@ class PostgresUnitOfWork:
 
     # ---- locks & clock --------------------------------------------------------------------
     def lock(self, key: str, space: int) -> None:
-        self.conn.execute("select pg_advisory_xact_lock(hashtextextended(%s, %s))", (key, space))
+        self.lock_all([(key, space)])
 
     def lock_all(self, keys: list[tuple[str, int]]) -> None:
-        """Each (key, space) in the order given, in one round trip (a function scan keeps it)."""
+        """Each (key, space) in the order given, in one round trip (a function scan keeps it);
+        the transaction's `now()` comes back with them (one round trip fewer for `now`)."""
+        if not keys:
+            return
         if len(keys) == 1:
-            self.lock(*keys[0])
-        elif keys:
-            self.conn.execute(
-                """select count(pg_advisory_xact_lock(hashtextextended(k, s)))
+            row = self._one("select now() as now, pg_advisory_xact_lock(hashtextextended(%s, %s)) as locked",
+                            keys[0])
+        else:
+            row = self._one(
+                """select now() as now, count(pg_advisory_xact_lock(hashtextextended(k, s))) as locked
                      from unnest(%s::text[], %s::int[]) with ordinality as t(k, s, n)""",
                 ([k for k, _ in keys], [s for _, s in keys]))
+        if self._now is None:
+            self._now = row["now"]
 
     def now(self) -> datetime:
         """The transaction's time: the database's (constant within a transaction), or the clock's."""
