@@ -364,9 +364,12 @@ class PostgresUnitOfWork:
 
     def due_grace_expiries(self, grace: float, limit: int) -> list[dict]:
         return self._all(
-            f"""select p.participant_sid, p.identity, c.room_name from public.call_participants p
-                 join public.calls c on c.id = p.call_id
-                where c.status in {_LIVE} and p.left_at is not null
+            # From the live calls (few) to their sessions, not from every session ever recorded
+            # (the planner scanned all of call_participants every sweep).
+            f"""with live as materialized (select id, room_name from public.calls where status in {_LIVE})
+               select p.participant_sid, p.identity, l.room_name from live l
+                 join public.call_participants p on p.call_id = l.id
+                where p.left_at is not null
                   and p.left_at < %s::timestamptz - make_interval(secs => %s)
                   and not exists (select 1 from public.call_events e where e.event_id = 'grace:' || p.participant_sid)
                 limit %s""",
