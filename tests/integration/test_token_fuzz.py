@@ -30,7 +30,10 @@ def test_fuzz_token_endpoint_finds_no_server_errors(log_dir, auth, db, make_user
              "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
                          "response_schema_conformance,response_headers_conformance",
              "--exclude-path", "/api/calls/events",  # a stream that never ends: tested in test_api_calls
-             "--max-examples", "100", "--seed", str(uuid.uuid4().int % 100000), "--workers", "4",
+             # One worker: more run as threads that parse source at once (hypothesis describing its
+             # lambdas), which CPython 3.11 can fail with "AST constructor recursion depth mismatch"
+             # (gh-106905): a failure of the fuzzer, not of the endpoint.
+             "--max-examples", "100", "--seed", str(uuid.uuid4().int % 100000), "--workers", "1",
              "--header", f"Authorization: Bearer {token}",
              "--generation-database", "none", "--no-color", "--request-timeout", "10",
              "--report", "har", "--report-har-path", str(tmp_path / "run.har")],
