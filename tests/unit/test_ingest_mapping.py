@@ -140,6 +140,14 @@ def test_tokens_minted_and_refreshed_when_the_secret_signs_the_key():
     assert jwt.decode(again, SECRET, algorithms=["HS256"])["role"] == "service_role"
 
 
+def test_a_short_lived_token_is_replaced_well_before_its_own_exp():
+    # `exp` is whole seconds: the refresh must be timed from it, not from the unrounded mint time
+    # plus the lifetime (up to a second later: with a 3 s lifetime the token expired first).
+    tokens = TokenProvider(_key(10 * 365 * 86400), SECRET, ttl_seconds=3)
+    exp = jwt.decode(tokens.current(), SECRET, algorithms=["HS256"])["exp"]
+    assert time.time() + tokens.refresh_in() <= exp - 0.3 * 3 + 0.05
+
+
 def test_key_used_as_is_without_its_secret():
     key = _key(3600, secret="another-secret-another-secret-another-secret")
     tokens = TokenProvider(key, SECRET)

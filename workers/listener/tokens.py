@@ -53,9 +53,10 @@ class TokenProvider:
         now = time.time()
         if self._token is None or self._exp is None or self._exp - now < self.ttl * 0.35:
             claims = dict(self.claims or {})
-            claims.update(iat=int(now), exp=int(now + self.ttl))
+            exp = int(now + self.ttl)  # whole seconds: the refresh is timed from this, not from now + ttl
+            claims.update(iat=int(now), exp=exp)
             self._token = jwt.encode(claims, self._secret, algorithm="HS256")
-            self._exp = now + self.ttl
+            self._exp = float(exp)
         return self._token
 
     def refresh_in(self) -> float | None:
