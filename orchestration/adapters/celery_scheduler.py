@@ -52,8 +52,8 @@ class CeleryScheduler:
 
     def ring_timeouts(self, deadlines: list[tuple[str, datetime]]) -> None:
         # A countdown task per deadline bucket, sent by the first invitation in it: marks and
-        # pre-built messages in one script call (send_task cost more than the rest of a ringing
-        # together). The beat sweep enforces the same deadlines without them.
+        # pre-built messages in one script call (send_task was a fifth of a ringing's worker CPU).
+        # The beat sweep enforces the same deadlines without them.
         ends = sorted({bucket_end(at) for _, at in deadlines})
         if not ends:
             return
