@@ -94,8 +94,6 @@ class UnitOfWork(Protocol):
     def counter_invitations(self, pairs: "Iterable[tuple[str, str]]", *, lock: bool = False) -> list["Invitation"]:
         """Open invitations from callee to caller for each (caller, callee) (the other half of a glare)."""
 
-    def live_call_id(self, room_name: str) -> str | None: ...
-
     def live_call_ids(self, room_names: "Iterable[str]") -> dict[str, str]:
         """Each of these rooms' live call (ringing or active), for the rooms that have one."""
 

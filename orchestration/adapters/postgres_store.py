@@ -50,9 +50,6 @@ class PostgresUnitOfWork:
         return self.conn.execute(sql, params).fetchall()
 
     # ---- locks & clock --------------------------------------------------------------------
-    def lock(self, key: str, space: int) -> None:
-        self.lock_all([(key, space)])
-
     def lock_all(self, keys: list[tuple[str, int]]) -> None:
         """Each (key, space) in the order given, in one round trip (a function scan keeps it);
         the transaction's `now()` comes back with them (one round trip fewer for `now`)."""
@@ -235,10 +232,6 @@ class PostgresUnitOfWork:
              "now": self.now(), "window": self.email_repeat_window})
         return [str(r["id"]) for r in rows if r["status"] == "pending"]
 
-    def add_missed_call_notification(self, invitation_id: str, caller_id: str, callee_id: str) -> str | None:
-        pending = self.add_missed_call_notifications([MissedCallEmail(invitation_id, caller_id, callee_id)])
-        return pending[0] if pending else None
-
     def add_missed_call_notifications(self, mails: list[MissedCallEmail]) -> list[str]:
         """The outbox rows (one statement for all), in the transaction of the transitions that call
         for them; returns the ids of the `pending` ones.
@@ -304,10 +297,6 @@ class PostgresUnitOfWork:
                  where i.status in ('pending', 'ringing')
                  order by i.created_at, i.id{" for update of i" if lock else ""}""",
             ([a for a, _ in pairs], [b for _, b in pairs]))]
-
-    def live_call_id(self, room_name: str) -> str | None:
-        row = self._one(f"select id from public.calls where room_name = %s and status in {_LIVE}", (room_name,))
-        return str(row["id"]) if row else None
 
     def live_call_ids(self, room_names) -> dict[str, str]:
         rows = self._all(f"select room_name, id from public.calls where room_name = any(%s) and status in {_LIVE}",

@@ -52,7 +52,7 @@ def answered_call(ports, database_url, make_user):
     handle_invitation_changed(change_event(inv["id"], "accepted"), ports)
     with ports.store.transaction() as tx:
         call = tx.conn.execute("select * from public.calls where id = %s",
-                               (tx.live_call_id(inv["room_name"]),)).fetchone()
+                               (tx.live_call_ids([inv["room_name"]])[inv["room_name"]],)).fetchone()
     assert call["status"] == "active"
     room = {"sid": call["livekit_room_sid"], "name": inv["room_name"], "creationTime": str(T0)}
 

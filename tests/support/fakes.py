@@ -208,11 +208,9 @@ class FakeUnitOfWork:
         pairs = set(pairs)
         return [i for i in self.s.invitations.values() if (i.callee_id, i.caller_id) in pairs and i.open]
 
-    def live_call_id(self, room_name: str) -> str | None:
-        return next((c.id for c in self.s.calls.values() if c.room_name == room_name and c.live), None)
-
     def live_call_ids(self, room_names) -> dict[str, str]:
-        return {room: call for room in room_names if (call := self.live_call_id(room)) is not None}
+        rooms = set(room_names)
+        return {c.room_name: c.id for c in self.s.calls.values() if c.room_name in rooms and c.live}
 
     def busy_users(self, user_rooms) -> set[str]:
         return {u for u, room in user_rooms if self._busy(u, room)}
