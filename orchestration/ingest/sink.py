@@ -7,16 +7,10 @@ Mark and change go in together or not at all, so two listeners, a reconnect and 
 list each transition exactly once, and a crash never leaves a mark without its change. (The
 lifecycle is idempotent on `call_events.event_id` anyway.)
 
-Workers are nudged, not handed one task per change: when a batch listed something and no nudge is
-waiting (`callflow:ingest:nudged`, set NX), the same script pushes one `callflow.invitations_changed`
-message (no arguments, pre-built like the webhook consumer's) onto queue `events`. That task
-`take`s up to `TAKE_AT_MOST` changes at once and decides them together; if more are waiting, its
-take nudges another worker. So at low load a change is one task, as before, and under load the
-backlog itself is what gets batched: the busier the workers, the bigger (and cheaper per change)
-their batches. What a task took stays under `callflow:ingest:taken:<task id>` until it is `done`: a
-retry, or the redelivery of a task whose worker died, takes the same changes again first. A lost
-nudge is made good by the beat's catch-up (`nudge_if_waiting`, every 5 s), and a lost change by
-the sweeps.
+Workers are nudged, not handed one task per change: the list is a backlog
+(`orchestration.ingest.backlog`) whose nudge is one `callflow.invitations_changed` message (no
+arguments, pre-built like the webhook consumer's) on queue `events`; that task takes up to 32
+waiting changes and decides them together. A lost change is made good by the sweeps.
 
 `catch_up()` is the safety net behind both sources (Realtime delivers at most once; NOTIFY is
 lost while nobody listens): it reads the invitations whose `(updated_at, id)` is past the
@@ -40,19 +34,13 @@ from typing import Any, Callable, Iterable
 
 from psycopg.rows import tuple_row
 
+from orchestration.ingest.backlog import CHANGES, NUDGE_TTL_SECONDS, TAKE_AT_MOST, Backlog
 from orchestration.ingest.mapping import TASK_NAME, TASK_QUEUE, Change, MalformedChange, dedupe_key, from_row
 
 WATERMARK_KEY = "callflow:ingest:watermark"
 DEDUPE_TTL_SECONDS = 2 * 24 * 3600
-CHANGES_KEY = "callflow:ingest:changes"
-NUDGE_KEY = "callflow:ingest:nudged"
-TAKEN_PREFIX = "callflow:ingest:taken:"
-# A task decides at most this many changes together.
-TAKE_AT_MOST = 32
-# A nudge mark outlives its message only this long (a lost nudge blocks no other for longer).
-NUDGE_TTL_SECONDS = 2
-# What a task took is kept this long for its retry or redelivery (then the sweeps have it).
-TAKEN_TTL_SECONDS = 3600
+CHANGES_KEY = CHANGES.items
+NUDGE_KEY = CHANGES.nudged
 
 # KEYS: the dedupe keys, then the changes list, the nudge mark and the queue. ARGV: ttl, the nudge
 # message, then one change (JSON) per key. Returns 1 per change marked and listed now, 0 per duplicate.
@@ -77,23 +65,6 @@ if listed > 0 and redis.call('SET', nudged, '1', 'NX', 'EX', {NUDGE_TTL_SECONDS}
   redis.call('LPUSH', queue, ARGV[2])
 end
 return out
-"""
-
-# KEYS: the changes list, the nudge mark, the queue, this task's taken list. ARGV: at most, the
-# nudge message, 1 on a task's first take (its nudge is spent). Returns the changes taken.
-_TAKE = f"""
-local changes, nudged, queue, taken = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-if ARGV[3] == '1' then redis.call('DEL', nudged) end
-local mine = redis.call('LRANGE', taken, 0, -1)
-if #mine > 0 then return mine end
-local items = redis.call('RPOP', changes, ARGV[1])
-if not items then return {{}} end
-redis.call('RPUSH', taken, unpack(items))
-redis.call('EXPIRE', taken, {TAKEN_TTL_SECONDS})
-if redis.call('LLEN', changes) > 0 and redis.call('SET', nudged, '1', 'NX', 'EX', {NUDGE_TTL_SECONDS}) then
-  redis.call('LPUSH', queue, ARGV[2])
-end
-return items
 """
 
 # KEYS[1]: watermark. ARGV[1]: microseconds since the epoch. Only ever moves forward.
@@ -122,12 +93,9 @@ class IngestSink:
         self.redis = redis
         self.queue = queue
         self.ttl = int(ttl_seconds)
-        self.builder = CeleryMessageBuilder.for_task(TASK_NAME, queue)
+        builder = CeleryMessageBuilder.for_task(TASK_NAME, queue)
+        self.backlog = Backlog(redis, CHANGES, queue, lambda: builder.build([], argsrepr="()"))
         self._enqueue = redis.register_script(_ENQUEUE_ONCE)
-        self._take = redis.register_script(_TAKE)
-
-    def nudge_message(self) -> bytes:
-        return self.builder.build([], argsrepr="()")
 
     def submit(self, changes: Iterable[Change]) -> SubmitResult:
         """List each change whose transition was not listed before; raises if Redis fails."""
@@ -144,27 +112,20 @@ class IngestSink:
         keys = list(unique)
         batch = [unique[k] for k in keys]
         listed = self._enqueue(keys=keys + [CHANGES_KEY, NUDGE_KEY, self.queue],
-                               args=[self.ttl, self.nudge_message(), *(json.dumps(c.as_task_arg()) for c in batch)])
+                               args=[self.ttl, self.backlog.nudge_message(), *(json.dumps(c.as_task_arg()) for c in batch)])
         enqueued = [c for c, t in zip(batch, listed) if int(t) == 1]
         return SubmitResult(enqueued=enqueued, duplicates=duplicates + len(batch) - len(enqueued))
 
     # ---- the workers' side ---------------------------------------------------------------------
     def take(self, task_id: str, first: bool = True, at_most: int = TAKE_AT_MOST) -> list[dict]:
-        """Up to `at_most` waiting changes, oldest first (or what this task took before and is not
-        done with); nudges another worker when more are waiting."""
-        raw = self._take(keys=[CHANGES_KEY, NUDGE_KEY, self.queue, TAKEN_PREFIX + task_id],
-                         args=[at_most, self.nudge_message(), 1 if first else 0])
-        return [json.loads(item) for item in raw]
+        return self.backlog.take(task_id, first, at_most)
 
     def done(self, task_id: str) -> None:
-        self.redis.delete(TAKEN_PREFIX + task_id)
+        self.backlog.done(task_id)
 
     def nudge_if_waiting(self) -> bool:
         """A nudge for changes left waiting (their nudge lost): the beat's catch-up asks every 5 s."""
-        if self.redis.llen(CHANGES_KEY) and self.redis.set(NUDGE_KEY, "1", nx=True, ex=NUDGE_TTL_SECONDS):
-            self.redis.lpush(self.queue, self.nudge_message())
-            return True
-        return False
+        return self.backlog.nudge_if_waiting()
 
 
 # ---- watermark --------------------------------------------------------------------------------

@@ -1,0 +1,87 @@
+"""A backlog the workers take from in batches: a Redis list of task arguments, and one nudge.
+
+Two paths use it: invitation changes (`orchestration.ingest.sink`, listed by the listener and the
+catch-ups) and LiveKit's webhook events (`orchestration.adapters.redis_enqueue`, listed by `web`).
+Whoever lists an item also pushes a nudge message (a pre-built Celery task with no arguments) onto
+the queue, unless one is waiting already (the nudge mark, `SET NX` with a short expiry). The task a
+nudge starts `take`s up to `at_most` items, oldest first, and nudges another worker if more are
+waiting: at low load an item is one task, under load the backlog itself is the batch, and the
+busier the workers, the bigger (and cheaper per item) their batches.
+
+What a task took stays under `<taken prefix><task id>` until it is `done`: a retry, or the
+redelivery of a task whose worker died, takes the same items again first. A lost nudge is made good
+by the beat (`nudge_if_waiting`, every few seconds).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+# A task decides at most this many items together (bigger batches hold a worker process longer).
+TAKE_AT_MOST = 32
+# A nudge mark outlives its message only this long (a lost nudge blocks no other for longer).
+NUDGE_TTL_SECONDS = 2
+# What a task took is kept this long for its retry or redelivery (then the sweeps have it).
+TAKEN_TTL_SECONDS = 3600
+
+# KEYS: the list, the nudge mark, the queue, this task's taken list. ARGV: at most, the nudge
+# message, 1 on a task's first take (its nudge is spent). Returns the items taken.
+_TAKE = f"""
+local items_key, nudged, queue, taken = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+if ARGV[3] == '1' then redis.call('DEL', nudged) end
+local mine = redis.call('LRANGE', taken, 0, -1)
+if #mine > 0 then return mine end
+local items = redis.call('RPOP', items_key, ARGV[1])
+if not items then return {{}} end
+redis.call('RPUSH', taken, unpack(items))
+redis.call('EXPIRE', taken, {TAKEN_TTL_SECONDS})
+if redis.call('LLEN', items_key) > 0 and redis.call('SET', nudged, '1', 'NX', 'EX', {NUDGE_TTL_SECONDS}) then
+  redis.call('LPUSH', queue, ARGV[2])
+end
+return items
+"""
+
+
+@dataclass(frozen=True)
+class BacklogKeys:
+    items: str  # the list (LPUSH to list, RPOP to take: oldest first)
+    nudged: str  # the nudge mark
+    taken_prefix: str  # + task id: what that task took
+
+
+CHANGES = BacklogKeys("callflow:ingest:changes", "callflow:ingest:nudged", "callflow:ingest:taken:")
+WEBHOOK_EVENTS = BacklogKeys("callflow:webhook:events", "callflow:webhook:nudged", "callflow:webhook:taken:")
+
+
+class Backlog:
+    """The workers' side of a backlog on the Celery Redis broker `redis` (sync client)."""
+
+    def __init__(self, redis: Any, keys: BacklogKeys, queue: str, nudge_message: Callable[[], bytes]) -> None:
+        """`nudge_message()`: a new nudge (a task message with an id of its own) each time."""
+        self.redis = redis
+        self.keys = keys
+        self.queue = queue
+        self.nudge_message = nudge_message
+        self._take = redis.register_script(_TAKE)
+
+    def take(self, task_id: str, first: bool = True, at_most: int = TAKE_AT_MOST) -> list:
+        """Up to `at_most` waiting items (JSON-decoded), oldest first, or what this task took before
+        and is not done with; nudges another worker when more are waiting."""
+        raw = self._take(keys=[self.keys.items, self.keys.nudged, self.queue, self.keys.taken_prefix + task_id],
+                         args=[at_most, self.nudge_message(), 1 if first else 0])
+        return [json.loads(item) for item in raw]
+
+    def done(self, task_id: str) -> None:
+        self.redis.delete(self.keys.taken_prefix + task_id)
+
+    def nudge_if_waiting(self) -> bool:
+        """A nudge for items left waiting (their nudge lost)."""
+        if self.redis.llen(self.keys.items) and self.redis.set(self.keys.nudged, "1", nx=True, ex=NUDGE_TTL_SECONDS):
+            self.redis.lpush(self.queue, self.nudge_message())
+            return True
+        return False
+
+    def waiting(self) -> int:
+        return int(self.redis.llen(self.keys.items))
