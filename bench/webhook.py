@@ -4,7 +4,7 @@ In one run, on loopback only, against a private `redis-server` started here:
   1. `bare`     uvicorn + Starlette, `POST` returning 200 and doing nothing (the stack's ceiling);
   2. `webhook`  the real `web` app (`workers.web.app:app`), every request a distinct event signed
                 with the livekit-api SDK (pre-computed), so each one is verified, parsed,
-                deduplicated and enqueued;
+                deduplicated and listed for the workers;
   3. both again at a fixed 1,000 req/s (latency at the issue's target rate);
   4. `redis-benchmark -t lpush` on the same Redis.
 Both servers run exactly like the Procfile's `web` (one uvicorn process, `--no-access-log`).
@@ -30,6 +30,8 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.responses import Response
 from starlette.routing import Route
+
+from orchestration.ingest.backlog import WEBHOOK_EVENTS
 
 
 async def _bare(_request) -> Response:
@@ -292,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             hook = _wrk(web_url, requests_file, script, args.duration, args.connections, server_pid=web.pid)
             if profiler:
                 profiler.wait(args.duration + 30)
-            # Every distinct event acknowledged is on the queue once (in-flight ones at the end too).
-            queued = r.llen("events")
+            # Every distinct event acknowledged is listed once (in-flight ones at the end too).
+            queued = r.llen(WEBHOOK_EVENTS.items)
             distinct = min(hook["requests"], count)
             queued_ok &= distinct <= queued <= distinct + args.connections
             reset()

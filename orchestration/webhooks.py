@@ -239,6 +239,13 @@ _EMBED_JSON = b'{"callbacks": null, "errbacks": null, "chain": null, "chord": nu
 _MARKERS = re.compile(r'@@(BODY|ID|TAG|ARGSREPR)@@|"@@(ARGSREPR|ETA)@@"')
 
 
+def livekit_event_args(body: bytes, received_at: str) -> bytes:
+    """`[event, received_at]`, the arguments of `callflow.livekit_event`, as JSON: what the webhook
+    backlog lists. The body is spliced in as it came (it is JSON: `parse_event` parsed it
+    strictly), so the worker gets exactly what LiveKit sent."""
+    return b"".join((b"[", body, b", ", orjson.dumps(received_at), b"]"))
+
+
 def _short_repr(value: Any, limit: int = 1024) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -328,14 +335,3 @@ class CeleryMessageBuilder:
         return self.build_from_json(json.dumps(args).encode("utf-8"),
                                     argsrepr if argsrepr is not None else _short_repr(args), task_id, eta)
 
-    def build_livekit_event(self, body: bytes, event: dict[str, Any], received_at: str,
-                            task_id: str | None = None) -> bytes:
-        """`callflow.livekit_event(event, received_at)` from the raw body `parse_event` accepted.
-
-        The body is spliced in as it came (it is JSON: `parse_event` parsed it strictly), so the
-        worker gets exactly what LiveKit sent. argsrepr (what
-        Flower shows) is kept short.
-        """
-        args_json = b"".join((b"[", body, b", ", orjson.dumps(received_at), b"]"))
-        argsrepr = f"[{{'event': {event['event']!r}, 'id': {event['id']!r}, ...}}, {received_at!r}]"
-        return self.build_from_json(args_json, argsrepr, task_id)

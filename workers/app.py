@@ -5,8 +5,9 @@ Queues (every one consumed by the Procfile's worker, which takes no -Q and so co
   timers         ring timeouts and grace periods (countdown tasks: fetched at once and held until
                  due, so they take no process before then; first, so that a busy `events` never
                  keeps a deadline unfetched: at saturation they were fetched seconds late)
-  events         lifecycle events: LiveKit's from the webhook consumer, and nudges to take the
-                 invitation changes the listener listed (orchestration/ingest/sink.py)
+  events         lifecycle events: nudges to take the backlogs of LiveKit's webhook events (listed
+                 by `web`) and of invitation changes (listed by the listener); see
+                 orchestration/ingest/backlog.py
   sweeps         beat's sweeps and reconciliation
   push           pushes to phones (an incoming call's push must not wait behind emails)
   notifications  missed-call emails (rate limited globally, so kept off the other queues)
@@ -59,6 +60,7 @@ app.conf.update(
         "callflow.invitation_changed": {"queue": "events"},
         "callflow.invitations_changed": {"queue": "events"},
         "callflow.livekit_event": {"queue": "events"},
+        "callflow.livekit_events": {"queue": "events"},
         "callflow.ring_timeout": {"queue": "timers"},
         "callflow.ring_timeouts_due": {"queue": "timers"},
         "callflow.grace_expired": {"queue": "timers"},
@@ -118,7 +120,8 @@ app.conf.update(
             "schedule": timedelta(seconds=5),
             "options": {"queue": "sweeps", "expires": 10},
         },
-        # Enqueues invitation changes the listener missed (workers/tasks/ingest.py).
+        # Enqueues invitation changes the listener missed, and nudges for either backlog whose
+        # nudge was lost (workers/tasks/ingest.py).
         "catch-up-invitations": {
             "task": "callflow.catch_up_invitations",
             "schedule": timedelta(seconds=5),

@@ -86,10 +86,10 @@ class PostgresUnitOfWork:
             f"""select * from public.calls where id = any(array(
                   select id from public.calls where room_name = any(%(rooms)s) and status in {_LIVE}
                   union select id from public.calls where id = any(%(ids)s::uuid[])
-                  union select id from public.calls where %(sid)s::text is not null and livekit_room_sid = %(sid)s
+                  union select id from public.calls where livekit_room_sid = any(%(room_sids)s)
                   union select call_id from public.call_participants where participant_sid = any(%(sids)s)))
                 order by created_at, id{fu}""",
-            {"rooms": rooms, "ids": _uuids(want.call_ids), "sid": want.room_sid, "sids": sids})}
+            {"rooms": rooms, "ids": _uuids(want.call_ids), "room_sids": list(want.room_sids), "sids": sids})}
         invitations = {str(r["id"]): Invitation.from_row(r) for r in self._all(
             f"""select * from public.call_invitations where id = any(array(
                   select id from public.call_invitations

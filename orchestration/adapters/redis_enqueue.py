@@ -1,15 +1,17 @@
-"""Deduplicate and enqueue in one Redis round trip (redis.asyncio, for the `web` process).
+"""Deduplicate and list in one Redis round trip (redis.asyncio, for the `web` process).
 
 One Lua script does both, atomically, for each event: `SET mark NX EX ttl`; only if the mark is
-new, `LPUSH` the pre-built Celery message onto the queue's list (what kombu's Redis transport
-does for priority 0). If the push fails the mark is deleted in the same script, so a retry is
-never taken for a duplicate. If the reply is lost (Redis stalled after running it) both are
-there: the retry then finds the mark and is a duplicate, and the message is already queued.
-Either way: once, or never with a 503 the sender retries.
+new, `LPUSH` the event (its task arguments) onto the webhook backlog (`orchestration.ingest.backlog`),
+and, when something was listed and no nudge is waiting, one pre-built `callflow.livekit_events`
+message onto the queue: the workers take the waiting events in batches. If the listing fails the
+mark is deleted in the same script, so a retry is never taken for a duplicate. If the reply is
+lost (Redis stalled after running it) both are there: the retry then finds the mark and is a
+duplicate, and the event is listed. Either way: once, or never with a 503 the sender retries. (A
+nudge that could not be pushed is made good by the beat within seconds; the event is listed.)
 
 Speed: requests that arrive together go to Redis together. `enqueue_once` puts its event on a
 pending list; a flush (scheduled for the next turn of the event loop) sends everything pending
-as ONE script call (marks as KEYS, messages as ARGV; the script loops, one result per event) on
+as ONE script call (marks as KEYS, events as ARGV; the script loops, one result per event) on
 one of a few dedicated connections. At low load a batch is one event (one round trip, as
 before); under load one call serves dozens of requests, for Redis as for us, which is what keeps
 the `web` process near its bare HTTP rate. Each batch is bounded by `timeout`; an event never
@@ -22,35 +24,47 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+from orchestration.ingest.backlog import NUDGE_TTL_SECONDS, WEBHOOK_EVENTS, BacklogKeys
 
 DEDUPE_PREFIX = "callflow:webhook:seen:"
 # LiveKit retries for ~15 s and drops events older than 30 s: an hour is well past that, and the
 # database's unique `call_events.event_id` is the final guard.
 DEDUPE_TTL_SECONDS = 3600
 
-# KEYS: the events' marks, then the queue. ARGV: ttl, then the events' messages.
-# Per event: 1 queued now, 0 duplicate, or the error text (its mark is not left behind).
-ENQUEUE_ONCE_LUA = """
-local queue, ttl = KEYS[#KEYS], ARGV[1]
-local out = {}
-for i = 1, #KEYS - 1 do
+# KEYS: the events' marks, then the backlog list, the nudge mark and the queue. ARGV: ttl, the nudge
+# message, then the events. Per event: 1 listed now, 0 duplicate, or the error text (its mark is
+# not left behind).
+ENQUEUE_ONCE_LUA = f"""
+local n = #KEYS - 3
+local items, nudged, queue, ttl = KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], ARGV[1]
+local out, listed = {{}}, 0
+for i = 1, n do
   local marked = redis.pcall('SET', KEYS[i], '1', 'NX', 'EX', ttl)
   if not marked then
     out[i] = 0
   elseif marked.err then
     out[i] = marked.err
   else
-    local pushed = redis.pcall('LPUSH', queue, ARGV[i + 1])
+    local pushed = redis.pcall('LPUSH', items, ARGV[i + 2])
     if type(pushed) == 'table' and pushed.err then
       redis.pcall('DEL', KEYS[i])
       out[i] = pushed.err
     else
       out[i] = 1
+      listed = listed + 1
     end
+  end
+end
+if listed > 0 then
+  local nudge = redis.pcall('SET', nudged, '1', 'NX', 'EX', {NUDGE_TTL_SECONDS})
+  if nudge and not nudge.err then
+    local pushed = redis.pcall('LPUSH', queue, ARGV[2])
+    if type(pushed) == 'table' and pushed.err then redis.pcall('DEL', nudged) end
   end
 end
 return out
@@ -59,16 +73,18 @@ ENQUEUE_ONCE_SHA = hashlib.sha1(ENQUEUE_ONCE_LUA.encode()).hexdigest()
 
 
 class EnqueueUnavailable(Exception):
-    """Redis could not take the message (and holds no mark for it), or did not answer in time."""
+    """Redis could not take the event (and holds no mark for it), or did not answer in time."""
 
 
 class RedisEnqueuer:
-    """`await enqueue_once(dedupe_id, message)`: True when queued now, False for a duplicate.
+    """`await enqueue_once(dedupe_id, item)`: True when listed now, False for a duplicate.
+    `nudge_message()` makes a new nudge (a task message with an id of its own) for each Redis call.
 
     Must be used from one event loop (the ASGI server's); connections are made on first use.
     """
 
-    def __init__(self, url: str, queue: str, *, ttl: int = DEDUPE_TTL_SECONDS, prefix: str = DEDUPE_PREFIX,
+    def __init__(self, url: str, queue: str, nudge_message: Callable[[], bytes], *,
+                 keys: BacklogKeys = WEBHOOK_EVENTS, ttl: int = DEDUPE_TTL_SECONDS, prefix: str = DEDUPE_PREFIX,
                  timeout: float = 1.0, max_inflight: int = 4, max_batch: int = 256) -> None:
         self.queue = queue
         self.ttl = ttl
@@ -88,28 +104,33 @@ class RedisEnqueuer:
         self._tasks: set[asyncio.Task] = set()
         self.batches = 0  # counters for metrics: batches sent, calls sent in them
         self.calls = 0
-        queue_b, ttl_b = queue.encode(), str(ttl).encode()
-        self._queue_ttl = b"$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(queue_b), queue_b, len(ttl_b), ttl_b)
+        self.nudge_message = nudge_message
+        # What follows the marks in every call: the backlog, nudge mark and queue, then ttl.
+        self._tail = b"".join(b"$%d\r\n%s\r\n" % (len(part), part) for part in (
+            keys.items.encode(), keys.nudged.encode(), queue.encode(), str(ttl).encode()))
 
-    async def enqueue_once(self, dedupe_id: str, message: bytes) -> bool:
+    async def enqueue_once(self, dedupe_id: str, item: bytes) -> bool:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending.append((self.prefix + dedupe_id, message, future, loop.time()))
+        self._pending.append((self.prefix + dedupe_id, item, future, loop.time()))
         if not self._scheduled and self._inflight < self.max_inflight:
             self._scheduled = True
             loop.call_soon(self._flush)
         return await future
 
     def _pack(self, command: bytes, batch: list) -> bytes:
-        """`EVALSHA|EVAL script n+1 mark... queue ttl message...` in RESP (no per-argument objects)."""
+        """`EVALSHA|EVAL script n+3 mark... list nudged queue ttl nudge item...` in RESP (no
+        per-argument objects)."""
         script = ENQUEUE_ONCE_SHA.encode() if command == b"EVALSHA" else ENQUEUE_ONCE_LUA.encode()
-        numkeys = b"%d" % (len(batch) + 1)
+        numkeys = b"%d" % (len(batch) + 3)
         parts = [b"*%d\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
-            3 + 2 * len(batch) + 2, len(command), command, len(script), script, len(numkeys), numkeys)]
+            3 + 2 * len(batch) + 5, len(command), command, len(script), script, len(numkeys), numkeys)]
         for item in batch:
             key = item[0].encode()
             parts.append(b"$%d\r\n%s\r\n" % (len(key), key))
-        parts.append(self._queue_ttl)
+        nudge = self.nudge_message()
+        parts.append(self._tail)
+        parts.append(b"$%d\r\n%s\r\n" % (len(nudge), nudge))
         for item in batch:
             parts.append(b"$%d\r\n" % len(item[1]))
             parts.append(item[1])
@@ -157,7 +178,7 @@ class RedisEnqueuer:
             error = EnqueueUnavailable(f"Redis refused: {exc}")
         except (TimeoutError, RedisError, OSError) as exc:
             # A reply that never came leaves "maybe queued": the sender's retry then finds the
-            # mark (a duplicate, answered 200) and the message is on the queue; or neither is there.
+            # mark (a duplicate, answered 200) and the event is listed; or neither is there.
             await conn.disconnect(nowait=True)
             error = EnqueueUnavailable(f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__)
         except BaseException:

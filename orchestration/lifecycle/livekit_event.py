@@ -26,6 +26,8 @@ from orchestration.lifecycle.state import (
     Want,
     Working,
     accepted_without_call,
+    in_rounds,
+    merge_decisions,
 )
 
 SLACK = timedelta(seconds=1)  # LiveKit's times have second resolution
@@ -187,20 +189,60 @@ def _room_finished(w: Working, ev: RoomEvent) -> str:
 
 # ---- load, decide, apply ---------------------------------------------------------------------------
 def handle_livekit_event(event: Mapping | RoomEvent, received_at: str | None, ports: Ports) -> Outcome:
-    ev = event if isinstance(event, RoomEvent) else parse_room_event(event)
-    if not ev.event_id:
-        return Outcome("no_id")
-    sid = ev.participant.sid if ev.participant and ev.participant.sid else None
-    want = Want(room_name=ev.room_name or "", participant_sids=(sid,) if sid else (), room_sid=ev.room_sid,
-                event_ids=(ev.event_id,))
-    rooms = (ev.room_name,) if ev.room_name else ()
+    return handle_livekit_events([event], ports)[0]
+
+
+def handle_livekit_events(events: list[Mapping | RoomEvent], ports: Ports,
+                          parallel_map: Callable = map) -> list[Outcome]:
+    """Events that arrived together, decided together: one locked transaction for each round of
+    events that share no room (nor participant, room sid or event id); events that do wait for the
+    next round, in arrival order, so a room's events are decided in the order LiveKit sent them. A
+    batch of one is the plain case. Returns one outcome per event, in order."""
+    parsed = [ev if isinstance(ev, RoomEvent) else parse_room_event(ev) for ev in events]
+    outcomes: dict[int, Outcome] = {}
+    items: list[tuple[int, RoomEvent]] = []
+    for index, ev in enumerate(parsed):
+        if ev.event_id:
+            items.append((index, ev))
+        else:
+            outcomes[index] = Outcome("no_id")
+    for together in in_rounds(items, _keys):
+        outcomes.update(_decide_together(together, ports, parallel_map))
+    return [outcomes[i] for i in range(len(parsed))]
+
+
+def _keys(item: tuple[int, RoomEvent]) -> set[str]:
+    ev = item[1]
+    keys = {f"event:{ev.event_id}"}
+    if ev.room_name:
+        keys.add(f"room:{ev.room_name}")
+    if ev.room_sid:
+        keys.add(f"room_sid:{ev.room_sid}")
+    if ev.participant and ev.participant.sid:
+        keys.add(f"participant:{ev.participant.sid}")
+    return keys
+
+
+def _decide_together(items: list[tuple[int, RoomEvent]], ports: Ports, parallel_map: Callable) -> dict[int, Outcome]:
+    rooms = sorted({ev.room_name for _, ev in items if ev.room_name})
+    want = Want(room_name=rooms[0] if rooms else "", other_rooms=tuple(rooms[1:]),
+                participant_sids=tuple(ev.participant.sid for _, ev in items if ev.participant and ev.participant.sid),
+                room_sids=tuple(ev.room_sid for _, ev in items if ev.room_sid),
+                event_ids=tuple(ev.event_id for _, ev in items))
+    outcomes: dict[int, Outcome] = {}
+    decided: list[tuple[int, RoomEvent, Decision]] = []
+    effects: list = []
     with ports.store.transaction(*rooms) as uow:
         snap = uow.load(want)
-        if ev.event_id in snap.seen_events:
-            return Outcome("duplicate")
-        decision = decide(snap, ev, ports.config)
-        effects = apply_decision(uow, decision, ports)
-    run_effects(effects, ports)
-    call_id = next((c.id for c in decision.calls), None) or next((p.call_id for p in decision.participants), None)
-    return Outcome(decision.result, effects, None, call_id, ev.room_name)
-
+        for index, ev in items:
+            if ev.event_id in snap.seen_events:
+                outcomes[index] = Outcome("duplicate")
+            else:
+                decided.append((index, ev, decide(replace(snap, room_name=ev.room_name or ""), ev, ports.config)))
+        if decided:
+            effects = apply_decision(uow, merge_decisions([d for _, _, d in decided]), ports)
+    run_effects(effects, ports, parallel_map)
+    for index, ev, decision in decided:
+        call_id = next((c.id for c in decision.calls), None) or next((p.call_id for p in decision.participants), None)
+        outcomes[index] = Outcome(decision.result, decision.effects, None, call_id, ev.room_name)
+    return outcomes

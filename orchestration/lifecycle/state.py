@@ -37,7 +37,7 @@ class Want:
     invitation_ids: tuple[str, ...] = ()
     call_ids: tuple[str, ...] = ()
     participant_sids: tuple[str, ...] = ()
-    room_sid: str | None = None
+    room_sids: tuple[str, ...] = ()  # LiveKit room sids whose calls are needed (live or ended)
     event_ids: tuple[str, ...] = ()
     # (user, room): is this user busy in a call other than that room's?
     busy: tuple[tuple[str, str], ...] = ()

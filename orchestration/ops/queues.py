@@ -18,6 +18,10 @@ from typing import Iterable
 import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from orchestration.ingest.backlog import CHANGES, WEBHOOK_EVENTS
+
+BACKLOGS = {"invitation_changes": CHANGES, "webhook_events": WEBHOOK_EVENTS}
+
 OUTCOMES_KEY = "callflow:ops:task_outcomes"
 FIRST_SEEN_KEY = "callflow:ops:oldest_seen"
 UNACKED_KEY = "unacked"  # kombu's hash of messages delivered to a worker and not acked yet
@@ -92,7 +96,8 @@ def task_outcomes(client: redis.Redis) -> dict[tuple[str, str], int]:
 
 class OperationsCollector:
     """prometheus_client collector: `callflow_queue_depth`, `callflow_queue_oldest_age_seconds`,
-    `callflow_tasks_reserved` and `callflow_task_outcomes_total`, read from Redis at each scrape."""
+    `callflow_backlog_depth`, `callflow_tasks_reserved` and `callflow_task_outcomes_total`, read
+    from Redis at each scrape."""
 
     def __init__(self, redis_url: str, queues: Iterable[str]) -> None:
         self.client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
@@ -103,6 +108,10 @@ class OperationsCollector:
                                   labels=["queue"])
         age = GaugeMetricFamily("callflow_queue_oldest_age_seconds",
                                 "Age of the oldest waiting message of each queue", labels=["queue"])
+        # Items waiting in the backlogs the workers take in batches (orchestration/ingest/backlog.py):
+        # a queue holds one nudge for any number of them.
+        backlog = GaugeMetricFamily("callflow_backlog_depth", "Items waiting in each backlog workers take in batches",
+                                    labels=["backlog"])
         reserved = GaugeMetricFamily("callflow_tasks_reserved",
                                      "Messages delivered to workers and not acked yet (running, prefetched, countdowns)")
         outcomes = CounterMetricFamily("callflow_task_outcomes", "Task runs by outcome, all workers",
@@ -110,17 +119,21 @@ class OperationsCollector:
         try:
             stats = queue_stats(self.client, self.queues)
             held = int(self.client.hlen(UNACKED_KEY))
+            backlogs = {name: int(self.client.llen(keys.items)) for name, keys in BACKLOGS.items()}
             counts = task_outcomes(self.client)
         except redis.RedisError:
             return  # Redis down: no figures rather than a failed scrape (readyz says why)
         for name, (n, oldest) in stats.items():
             depth.add_metric([name], n)
             age.add_metric([name], oldest)
+        for name, n in backlogs.items():
+            backlog.add_metric([name], n)
         reserved.add_metric([], held)
         for (task, outcome), n in sorted(counts.items()):
             outcomes.add_metric([task, outcome], n)
         yield depth
         yield age
+        yield backlog
         yield reserved
         yield outcomes
 

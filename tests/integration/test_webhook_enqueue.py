@@ -1,4 +1,4 @@
-"""`RedisEnqueuer` against a real Redis: batches, duplicates inside a batch, deadlines."""
+"""`RedisEnqueuer` against a real Redis: batches, duplicates inside a batch, nudges, deadlines."""
 
 from __future__ import annotations
 
@@ -10,6 +10,14 @@ import pytest
 import redis
 
 from orchestration.adapters.redis_enqueue import DEDUPE_PREFIX, EnqueueUnavailable, RedisEnqueuer
+from orchestration.ingest.backlog import WEBHOOK_EVENTS
+
+LISTED = WEBHOOK_EVENTS.items
+_nudges = iter(range(1_000_000))
+
+
+def nudge() -> bytes:
+    return b"nudge-%d" % next(_nudges)
 
 
 @pytest.fixture
@@ -28,7 +36,7 @@ def run(coro):
 
 def test_duplicates_inside_one_batch_are_queued_once(url):
     async def go():
-        enqueuer = RedisEnqueuer(url, "events")
+        enqueuer = RedisEnqueuer(url, "events", nudge)
         try:
             ids = ["a", "b", "a", "c", "b", "a"]
             results = await asyncio.gather(*(enqueuer.enqueue_once(i, f"msg-{i}".encode()) for i in ids))
@@ -40,13 +48,15 @@ def test_duplicates_inside_one_batch_are_queued_once(url):
     assert results == [True, True, False, True, False, False]
     assert batches == 1, "calls made in the same turn of the loop go to Redis together"
     client = redis.Redis.from_url(url)
-    assert client.lrange("events", 0, -1) == [b"msg-c", b"msg-b", b"msg-a"]  # LPUSH: oldest at the right
+    assert client.lrange(LISTED, 0, -1) == [b"msg-c", b"msg-b", b"msg-a"]  # LPUSH: oldest at the right
+    [one] = client.lrange("events", 0, -1)  # and one nudge for all of them
+    assert one.startswith(b"nudge-") and client.ttl(WEBHOOK_EVENTS.nudged) > 0
     assert 3500 < client.ttl(DEDUPE_PREFIX + "a") <= 3600
 
 
 def test_large_bursts_are_split_into_bounded_batches_and_all_land(url):
     async def go():
-        enqueuer = RedisEnqueuer(url, "events", max_batch=50, max_inflight=2)
+        enqueuer = RedisEnqueuer(url, "events", nudge, max_batch=50, max_inflight=2)
         try:
             ids = [uuid.uuid4().hex for _ in range(1000)]
             results = await asyncio.gather(*(enqueuer.enqueue_once(i, i.encode()) for i in ids))
@@ -59,7 +69,7 @@ def test_large_bursts_are_split_into_bounded_batches_and_all_land(url):
     client = redis.Redis.from_url(url)
     # Two batches in flight may reach Redis in either order; LiveKit itself waits for each answer
     # before it sends a room's next event, so a room's order never rests on batch order.
-    queued = client.lrange("events", 0, -1)
+    queued = client.lrange(LISTED, 0, -1)
     assert len(queued) == 1000 and sorted(queued) == sorted(i.encode() for i in ids)
 
 
@@ -67,7 +77,7 @@ def test_every_caller_gets_an_answer_within_about_twice_the_timeout_when_redis_s
     client = redis.Redis.from_url(url)
 
     async def go():
-        enqueuer = RedisEnqueuer(url, "events", timeout=0.5, max_inflight=1)
+        enqueuer = RedisEnqueuer(url, "events", nudge, timeout=0.5, max_inflight=1)
         try:
             assert await enqueuer.enqueue_once("warm", b"w")
             client.execute_command("CLIENT", "PAUSE", "3000", "WRITE")
@@ -88,7 +98,7 @@ def test_every_caller_gets_an_answer_within_about_twice_the_timeout_when_redis_s
     time.sleep(0.2)
     for key in client.keys(DEDUPE_PREFIX + "*"):
         event_id = key.decode().removeprefix(DEDUPE_PREFIX)
-        assert client.lpos("events", b"w" if event_id == "warm" else event_id.encode()) is not None
+        assert client.lpos(LISTED, b"w" if event_id == "warm" else event_id.encode()) is not None
 
 
 def test_redis_down_is_unavailable_and_then_it_works_again(redis_server):
@@ -97,7 +107,7 @@ def test_redis_down_is_unavailable_and_then_it_works_again(redis_server):
     server = RedisServer().start()
     try:
         async def go():
-            enqueuer = RedisEnqueuer(server.url, "events", timeout=0.5)
+            enqueuer = RedisEnqueuer(server.url, "events", nudge, timeout=0.5)
             try:
                 assert await enqueuer.enqueue_once("a", b"a")
                 server.stop()
@@ -110,6 +120,31 @@ def test_redis_down_is_unavailable_and_then_it_works_again(redis_server):
                 await enqueuer.aclose()
 
         run(go())
-        assert redis.Redis.from_url(server.url).lrange("events", 0, -1) == [b"b"]
+        assert redis.Redis.from_url(server.url).lrange(LISTED, 0, -1) == [b"b"]
     finally:
         server.cleanup()
+
+
+def test_a_nudge_waits_for_its_worker_and_a_listing_after_its_take_nudges_again(url):
+    """One nudge at a time while it waits (its mark), whatever the number of events; once a worker
+    has taken it (the take deletes the mark), the next event nudges again."""
+    from orchestration.ingest.backlog import Backlog
+
+    client = redis.Redis.from_url(url)
+
+    async def go(ids):
+        enqueuer = RedisEnqueuer(url, "events", nudge)
+        try:
+            for i in ids:  # one Redis call each
+                assert await enqueuer.enqueue_once(i, b"[{}, null]")
+        finally:
+            await enqueuer.aclose()
+
+    run(go(["a", "b", "c"]))
+    assert client.llen(LISTED) == 3 and client.llen("events") == 1
+    backlog = Backlog(client, WEBHOOK_EVENTS, "events", nudge)
+    assert len(backlog.take("task-1")) == 3 and not client.exists(WEBHOOK_EVENTS.nudged)
+    run(go(["d"]))
+    assert client.llen("events") == 2
+    backlog.done("task-1")
+    assert backlog.take("task-2") == [[{}, None]]

@@ -1,7 +1,7 @@
 """`POST /livekit/webhook` over HTTP, against the real `web` process (uvicorn subprocess).
 
 This module's web process writes to its own Redis database (no worker consumes it), so the tests
-can read the `events` list exactly as a worker would find it. Webhooks are signed with the real
+can read the webhook backlog and the `events` queue exactly as a worker would find them. Webhooks are signed with the real
 SDK (livekit-api `AccessToken.with_sha256`), as LiveKit's server signs them.
 """
 
@@ -24,6 +24,7 @@ import redis
 from livekit.api import AccessToken
 
 from orchestration.adapters.redis_enqueue import DEDUPE_PREFIX
+from orchestration.ingest.backlog import WEBHOOK_EVENTS
 from orchestration.webhooks import LIVEKIT_EVENT_TYPES, MAX_BODY_BYTES, body_sha256
 from tests.conftest import subprocess_env, wait_for
 from tests.support import services
@@ -42,8 +43,12 @@ class Hook:
     def url(self) -> str:
         return f"{self.base}/livekit/webhook"
 
-    def queued(self) -> list[tuple[dict, list]]:
-        """The `events` list, oldest first, as (envelope, [event, received_at])."""
+    def queued(self) -> list[list]:
+        """The webhook backlog, oldest first: each event's task arguments, [event, received_at]."""
+        return [json.loads(raw) for raw in reversed(self.redis.lrange(WEBHOOK_EVENTS.items, 0, -1))]
+
+    def nudges(self) -> list[tuple[dict, list]]:
+        """The `events` queue, oldest first, as (envelope, args)."""
         out = []
         for raw in reversed(self.redis.lrange("events", 0, -1)):
             envelope = json.loads(raw)
@@ -153,8 +158,9 @@ def test_signed_event_is_queued_for_the_lifecycle_task(hook):
     before = metric(hook, "callflow_webhooks_received_total", event="room_started", outcome="enqueued")
     resp = post(hook, body)
     assert resp.status_code == 200, resp.text
-    [(envelope, args)] = hook.queued()
-    assert envelope["headers"]["task"] == "callflow.livekit_event"
+    [args] = hook.queued()
+    [(envelope, nudge_args)] = hook.nudges()  # one nudge: a worker takes what waits
+    assert envelope["headers"]["task"] == "callflow.livekit_events" and nudge_args == []
     assert envelope["properties"]["delivery_info"]["routing_key"] == "events"
     assert args[0] == event
     received_at = args[1]
@@ -181,7 +187,7 @@ def test_every_livekit_event_type_is_accepted(hook):
         events.append(event)
         resp = post(hook, json.dumps(event).encode())
         assert resp.status_code == 200, (kind, resp.text)
-    assert [args[0] for _e, args in hook.queued()] == events
+    assert [args[0] for args in hook.queued()] == events
 
 
 def test_fields_a_newer_server_adds_are_ignored_and_passed_on(hook):
@@ -190,7 +196,7 @@ def test_fields_a_newer_server_adds_are_ignored_and_passed_on(hook):
     event["room"]["newRoomThing"] = True
     body = json.dumps(event, indent=2).encode()  # whitespace too: the body goes on as sent
     assert post(hook, body).status_code == 200
-    [(_envelope, args)] = hook.queued()
+    [args] = hook.queued()
     assert args[0] == event
 
 
@@ -228,8 +234,10 @@ def test_a_burst_of_1000_events_for_one_room_lands_exactly_once_each(hook):
     started = time.monotonic()
     statuses = asyncio.run(post_many(hook.url, work, connections=50))
     assert statuses == [200] * 2000
-    ids = [args[0]["id"] for _e, args in hook.queued()]
+    ids = [args[0]["id"] for args in hook.queued()]
     assert len(ids) == 1000 and set(ids) == {e["id"] for e in events}
+    # Nudges, not a task per event: one at a time (its mark lasts 2 s while no worker takes it).
+    assert 1 <= len(hook.nudges()) <= 2 + (time.monotonic() - started) / 2
     assert time.monotonic() - started < 20
 
 
@@ -360,8 +368,8 @@ def test_other_methods_are_not_allowed(hook):
 # ---- Redis trouble ----------------------------------------------------------------------------------
 
 def test_a_failing_push_leaves_no_mark_and_the_retry_lands(hook):
-    # The queue key holding a string makes LPUSH fail inside the script (WRONGTYPE).
-    hook.redis.set("events", "not a list")
+    # The backlog's key holding a string makes LPUSH fail inside the script (WRONGTYPE).
+    hook.redis.set(WEBHOOK_EVENTS.items, "not a list")
     event = make_event()
     body = json.dumps(event).encode()
     token = sign(body)
@@ -369,9 +377,22 @@ def test_a_failing_push_leaves_no_mark_and_the_retry_lands(hook):
     expect_error(resp, 503, "unavailable")
     assert resp.headers["retry-after"] == "1"
     assert not hook.redis.exists(DEDUPE_PREFIX + event["id"]), "the mark must be undone with the failed push"
-    hook.redis.delete("events")
+    hook.redis.delete(WEBHOOK_EVENTS.items)
     assert post(hook, body, authorization=token).json() == {"status": "accepted"}
-    assert [args[0]["id"] for _e, args in hook.queued()] == [event["id"]]
+    assert [args[0]["id"] for args in hook.queued()] == [event["id"]]
+
+
+def test_a_failing_nudge_still_lists_the_event_and_leaves_no_nudge_mark(hook):
+    # The event is listed (the answer is 200: LiveKit need not retry); without a nudge mark left
+    # behind, the next event, or the beat's look for waiting events, nudges a worker.
+    hook.redis.set("events", "not a list")
+    event = make_event()
+    assert post(hook, json.dumps(event).encode()).json() == {"status": "accepted"}
+    assert [args[0]["id"] for args in hook.queued()] == [event["id"]]
+    assert not hook.redis.exists(WEBHOOK_EVENTS.nudged)
+    hook.redis.delete("events")
+    assert post(hook, json.dumps(make_event()).encode()).json() == {"status": "accepted"}
+    assert len(hook.queued()) == 2 and len(hook.nudges()) == 1
 
 
 def test_a_lost_script_cache_is_reloaded(hook):
@@ -415,11 +436,11 @@ def test_a_stalled_redis_answers_503_and_never_leaves_a_mark_without_the_message
     wait_for(lambda: hook.redis.ping(), timeout=5, what="redis back")
     time.sleep(1.2)
     marked = bool(hook.redis.exists(DEDUPE_PREFIX + event["id"]))
-    queued = [args[0]["id"] for _e, args in hook.queued()]
+    queued = [args[0]["id"] for args in hook.queued()]
     assert marked == (queued == [event["id"]]), (marked, queued)
     retry = post(hook, body)
     assert retry.json() == {"status": "duplicate" if marked else "accepted"}
-    assert [args[0]["id"] for _e, args in hook.queued()] == [event["id"]]
+    assert [args[0]["id"] for args in hook.queued()] == [event["id"]]
 
 
 class ReplyDelayingProxy:
@@ -476,11 +497,11 @@ def test_a_reply_lost_after_the_script_ran_makes_the_retry_a_duplicate(log_dir, 
         proxy.delay = 1.5
         expect_error(post(hook, body, authorization=token), 503, "unavailable")
         assert hook.redis.exists(DEDUPE_PREFIX + event["id"])
-        assert [args[0]["id"] for _e, args in hook.queued()] == [event["id"]]
+        assert [args[0]["id"] for args in hook.queued()] == [event["id"]]
         proxy.delay = 0
         time.sleep(1)
         assert post(hook, body, authorization=token).json() == {"status": "duplicate"}
-        assert [args[0]["id"] for _e, args in hook.queued()] == [event["id"]]
+        assert [args[0]["id"] for args in hook.queued()] == [event["id"]]
         assert post(hook, json.dumps(make_event()).encode()).json() == {"status": "accepted"}
     finally:
         proc.stop()
@@ -511,7 +532,7 @@ def test_redis_down_is_503_then_the_retry_lands_once_it_is_back(log_dir):
         resp = post(hook, body, authorization=token)
         assert resp.json() == {"status": "accepted"}, resp.text
         assert post(hook, body, authorization=token).json() == {"status": "duplicate"}
-        assert [args[0]["id"] for _e, args in hook.queued()] == [event["id"]]
+        assert [args[0]["id"] for args in hook.queued()] == [event["id"]]
         # /readyz answers from a one-second cache: the 503 above may be served once more
         services.wait_for(lambda: httpx.get(f"{base}/readyz", timeout=10).status_code == 200, timeout=3,
                           what="/readyz 200 again")

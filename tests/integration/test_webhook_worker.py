@@ -13,6 +13,7 @@ import httpx
 import redis
 
 from orchestration.adapters.redis_enqueue import RedisEnqueuer
+from orchestration.ingest.backlog import WEBHOOK_EVENTS
 from orchestration.webhooks import CeleryMessageBuilder
 from tests.conftest import subprocess_env, wait_for
 from tests.integration.test_webhook_http import make_event, post_many, sign
@@ -33,16 +34,14 @@ def test_the_message_is_what_celery_send_task_writes(redis_server):
     client.flushdb()
     probe = Celery("callflow", broker=url)
     probe.conf.update(task_serializer="json", accept_content=["json"],
-                      task_routes={"callflow.livekit_event": {"queue": "events"}})
-    event = make_event("room_started")
-    probe.send_task("callflow.livekit_event", args=[event, "2030-01-01T00:00:00+00:00"])
+                      task_routes={"callflow.livekit_events": {"queue": "events"}})
+    probe.send_task("callflow.livekit_events", args=[])
     [theirs] = [json.loads(m) for m in client.lrange("events", 0, -1)]
     # Processes that import workers.app stamp a publish time on what Celery sends (queue ages for
     # /metrics); pre-built messages go without, and are aged from when a scrape first sees them.
     theirs["headers"].pop("published_at", None)
-    body = json.dumps(event).encode()
-    ours = json.loads(CeleryMessageBuilder.for_task("callflow.livekit_event", "events")
-                      .build_livekit_event(body, event, "2030-01-01T00:00:00+00:00"))
+    # The webhook consumer's nudge (workers/web/webhook.py).
+    ours = json.loads(CeleryMessageBuilder.for_task("callflow.livekit_events", "events").build_from_json(b"[]", "()"))
     client.flushdb()
     probe.close()
 
@@ -88,32 +87,33 @@ def test_a_countdown_message_is_what_send_task_with_an_eta_writes(redis_server):
     assert json.loads(base64.b64decode(ours["body"])) == json.loads(base64.b64decode(theirs["body"]))
 
 
-def test_messages_pushed_by_the_lua_script_are_run_by_a_real_worker(log_dir, redis_server):
-    """The Procfile's worker command, on its own Redis database, runs `callflow.ping` messages that
-    were built by `CeleryMessageBuilder` and pushed by `RedisEnqueuer` (the webhook's path)."""
+def test_the_nudge_pushed_by_the_lua_script_is_run_by_a_real_worker(log_dir, redis_server):
+    """The Procfile's worker command, on its own Redis database, runs the nudge that `RedisEnqueuer`
+    (the webhook's path) pushed with a batch of events: here a `callflow.ping` message built by
+    `CeleryMessageBuilder`, so that running it leaves a mark."""
     url = db_url(redis_server, 8)
     client = redis.Redis.from_url(url, decode_responses=True)
     client.flushdb()
     worker = services.celery_worker(subprocess_env(REDIS_URL=url), log_dir, name=f"hookseam{uuid.uuid4().hex[:4]}")
     try:
-        tokens = [uuid.uuid4().hex for _ in range(20)]
+        ids = [uuid.uuid4().hex for _ in range(20)]
+        token = uuid.uuid4().hex
+        builder = CeleryMessageBuilder.for_task("callflow.ping", "events")
 
         async def push() -> list[bool]:
-            enqueuer = RedisEnqueuer(url, "events")
-            builder = CeleryMessageBuilder.for_task("callflow.ping", "events")
+            enqueuer = RedisEnqueuer(url, "events", lambda: builder.build([token]))
             try:
-                return await asyncio.gather(*(enqueuer.enqueue_once(t, builder.build([t])) for t in tokens),
-                                            enqueuer.enqueue_once(tokens[0], builder.build([tokens[0]])))
+                return await asyncio.gather(*(enqueuer.enqueue_once(i, b"[{}, null]") for i in ids),
+                                            enqueuer.enqueue_once(ids[0], b"[{}, null]"))
             finally:
                 await enqueuer.aclose()
 
         results = asyncio.run(push())
         assert results.count(True) == 20 and results.count(False) == 1
-        for token in tokens:
-            wait_for(lambda: client.get(f"callflow:ping:{token}") or not worker.alive(), timeout=45,
-                     what="the worker to run the pushed ping")
-            assert worker.alive(), worker.log()[-3000:]
-        assert client.llen("events") == 0
+        wait_for(lambda: client.get(f"callflow:ping:{token}") or not worker.alive(), timeout=45,
+                 what="the worker to run the pushed nudge")
+        assert worker.alive(), worker.log()[-3000:]
+        assert client.llen("events") == 0 and client.llen(WEBHOOK_EVENTS.items) == 20
         assert "Received unregistered task" not in worker.log()
         assert "ERROR" not in worker.log(), worker.log()[-3000:]
     finally:
@@ -162,3 +162,26 @@ def test_accepted_webhooks_are_recorded_once_in_call_events(web, worker, db):
         row = by_id[event["id"]]
         assert (row["source"], row["type"], row["room_name"]) == ("livekit", event["event"], room)
     assert httpx.get(f"{web}/readyz", timeout=5).status_code == 200
+
+
+def test_events_of_many_rooms_are_decided_in_batches_and_a_bad_one_holds_up_no_other(web, worker, db, redis_client):
+    """Events of 60 rooms arrive at once (taken together, one transaction per round of rooms);
+    an item the worker cannot parse, listed among them, fails its batch: every other event of
+    that batch goes on alone and is recorded, and nothing is left waiting or taken."""
+    rooms = [f"many-{uuid.uuid4().hex[:8]}" for _ in range(60)]
+    events = [make_event(kind, room=room) for room in rooms for kind in ("room_started", "room_finished")]
+    # Listed as `web` would, behind the good ones' first half: a room that is not an object.
+    redis_client.lpush(WEBHOOK_EVENTS.items, json.dumps([{"event": "room_started", "id": f"EV_bad_{uuid.uuid4().hex}",
+                                                          "room": "not an object"}, None]))
+    work = []
+    for event in events:
+        body = json.dumps(event).encode()
+        work.append((body, sign(body)))
+    statuses = asyncio.run(post_many(f"{web}/livekit/webhook", work, connections=30))
+    assert statuses == [200] * len(work)
+    ids = [e["id"] for e in events]
+    wait_for(lambda: db.execute("select count(*) as n from call_events where event_id = any(%s)",
+                                (ids,)).fetchone()["n"] == len(ids), timeout=45, what="every event recorded")
+    wait_for(lambda: redis_client.llen(WEBHOOK_EVENTS.items) == 0 and not redis_client.keys(WEBHOOK_EVENTS.taken_prefix + "*"),
+             timeout=10, what="every event taken and every batch done")
+    assert "a batch failed; each item goes on alone" in worker.log()

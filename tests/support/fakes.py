@@ -131,7 +131,7 @@ class FakeUnitOfWork:
         part_calls = {p.call_id for p in s.participants.values() if p.sid in sids}
         calls = {c.id: c for c in s.calls.values()
                  if (c.room_name in rooms and c.live) or c.id in want.call_ids
-                 or (want.room_sid and c.livekit_room_sid == want.room_sid) or c.id in part_calls}
+                 or (c.livekit_room_sid and c.livekit_room_sid in want.room_sids) or c.id in part_calls}
         invitations = {i.id: i for i in s.invitations.values()
                        if (i.room_name in rooms and (i.open or (i.status == S.ACCEPTED and i.call_id is None)))
                        or i.id in want.invitation_ids or i.call_id in calls}

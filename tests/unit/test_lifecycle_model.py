@@ -33,7 +33,7 @@ from orchestration.domain.model import (
 from orchestration.lifecycle.context import LifecycleConfig, Ports
 from orchestration.lifecycle.grace_expired import handle_grace_expired
 from orchestration.lifecycle.invitation_changed import handle_invitation_changed, handle_invitations_changed
-from orchestration.lifecycle.livekit_event import handle_livekit_event
+from orchestration.lifecycle.livekit_event import handle_livekit_event, handle_livekit_events
 from orchestration.lifecycle.ring_timeout import handle_ring_timeout
 from orchestration.lifecycle.sweep import run_sweep
 from tests.support.fakes import FakeClock, FakeRoom, FakeRooms, FakeScheduler, FakeStore, FakeThrottle, GuardViolation
@@ -272,6 +272,21 @@ class LifecycleModel(RuleBasedStateMachine):
         handle_livekit_event(event, None, self.ports)
         if fate == "twice":
             assert handle_livekit_event(event, None, self.ports).result == "duplicate"
+        self._collect()
+
+    @precondition(lambda self: len(self.webhooks) >= 2)
+    @rule(data=st.data(), again=st.booleans())
+    def webhooks_arrive_together(self, data, again):
+        # Waiting webhooks taken as one batch (the webhook backlog), in the order they were sent,
+        # perhaps with one twice (a retry or redelivery taking what was taken before).
+        count = data.draw(st.integers(2, min(6, len(self.webhooks))))
+        batch, self.webhooks = self.webhooks[:count], self.webhooks[count:]
+        if again:
+            batch.append(batch[data.draw(st.integers(0, count - 1))])
+        outcomes = handle_livekit_events(batch, self.ports)
+        assert len(outcomes) == len(batch)
+        if again:
+            assert outcomes[-1].result == "duplicate"
         self._collect()
 
     # ---- time, timers, sweeps ------------------------------------------------------------------------

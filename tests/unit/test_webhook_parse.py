@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from orchestration.webhooks import LIVEKIT_EVENT_TYPES, CeleryMessageBuilder, InvalidEvent, parse_event
+from orchestration.webhooks import LIVEKIT_EVENT_TYPES, CeleryMessageBuilder, InvalidEvent, livekit_event_args, parse_event
 
 
 def event_body(kind: str, **extra) -> bytes:
@@ -70,10 +70,24 @@ def decode(message: bytes) -> tuple[dict, list]:
     return envelope, json.loads(base64.b64decode(envelope["body"]))
 
 
+def build_event_task(builder: CeleryMessageBuilder, body: bytes, received_at: str) -> bytes:
+    """A `callflow.livekit_event(event, received_at)` message from the arguments the webhook lists."""
+    event = parse_event(body)
+    return builder.build_from_json(livekit_event_args(body, received_at),
+                                   f"[{{'event': {event['event']!r}, 'id': {event['id']!r}, ...}}, {received_at!r}]")
+
+
+def test_the_listed_arguments_carry_the_body_as_sent():
+    body = b'{"event": "room_started",\n "id": "EV_1", "room": {"name": "r\u00fc", "x": 1.50}}'
+    listed = livekit_event_args(body, "2030-01-01T00:00:00+00:00")
+    assert listed == b"[" + body + b', "2030-01-01T00:00:00+00:00"]'
+    assert json.loads(listed) == [json.loads(body), "2030-01-01T00:00:00+00:00"]
+
+
 def test_celery_message_carries_the_body_as_sent_and_received_at():
     builder = CeleryMessageBuilder.for_task("callflow.livekit_event", "events")
     body = event_body("participant_joined", participant={"sid": "PA_1", "identity": "ü-ser", "joinedAt": "17"})
-    envelope, (args, kwargs, embed) = decode(builder.build_livekit_event(body, parse_event(body), "2030-01-01T00:00:00+00:00"))
+    envelope, (args, kwargs, embed) = decode(build_event_task(builder, body, "2030-01-01T00:00:00+00:00"))
     assert args == [json.loads(body), "2030-01-01T00:00:00+00:00"] and kwargs == {}
     assert embed == {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
     headers, props = envelope["headers"], envelope["properties"]
@@ -88,9 +102,9 @@ def test_celery_message_carries_the_body_as_sent_and_received_at():
 def test_each_message_has_its_own_task_id():
     builder = CeleryMessageBuilder.for_task("callflow.livekit_event", "events")
     body = event_body("room_started")
-    ids = {json.loads(builder.build_livekit_event(body, parse_event(body), "t"))["headers"]["id"] for _ in range(500)}
+    ids = {json.loads(build_event_task(builder, body, "t"))["headers"]["id"] for _ in range(500)}
     other = CeleryMessageBuilder.for_task("callflow.livekit_event", "events")
-    ids |= {json.loads(other.build_livekit_event(body, parse_event(body), "t"))["headers"]["id"] for _ in range(500)}
+    ids |= {json.loads(build_event_task(other, body, "t"))["headers"]["id"] for _ in range(500)}
     assert len(ids) == 1000
     assert all(uuid.UUID(i).version == 4 and uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
 
@@ -98,7 +112,7 @@ def test_each_message_has_its_own_task_id():
 def test_percent_signs_anywhere_are_kept():
     builder = CeleryMessageBuilder("callflow.livekit_event", "events", origin="gen1@host%name", reply_to="r%s")
     body = json.dumps({"event": "room_started", "id": "EV_%s%(ID)s", "room": {"name": "100%"}}).encode()
-    envelope, (args, _kw, _embed) = decode(builder.build_livekit_event(body, parse_event(body), "t"))
+    envelope, (args, _kw, _embed) = decode(build_event_task(builder, body, "t"))
     assert envelope["headers"]["origin"] == "gen1@host%name" and envelope["properties"]["reply_to"] == "r%s"
     assert args[0]["id"] == "EV_%s%(ID)s" and args[0]["room"]["name"] == "100%"
 
@@ -106,7 +120,7 @@ def test_percent_signs_anywhere_are_kept():
 def test_marker_like_text_in_the_event_is_not_substituted():
     builder = CeleryMessageBuilder.for_task("callflow.livekit_event", "events")
     body = json.dumps({"event": "room_started", "id": "@@BODY@@", "room": {"name": "@@ID@@ \"@@ARGSREPR@@\""}}).encode()
-    envelope, (args, _kw, _embed) = decode(builder.build_livekit_event(body, parse_event(body), "t"))
+    envelope, (args, _kw, _embed) = decode(build_event_task(builder, body, "t"))
     assert args[0]["id"] == "@@BODY@@" and args[0]["room"]["name"] == '@@ID@@ "@@ARGSREPR@@"'
     assert "@@BODY@@" in envelope["headers"]["argsrepr"]
 

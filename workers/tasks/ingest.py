@@ -2,7 +2,8 @@
 
 Reads the invitations changed since the shared watermark (minus the overlap) and enqueues, through
 the same Redis dedupe as the listener, every transition not yet enqueued: an invitation reaches
-the lifecycle even while no listener runs at all. Changes left waiting without a nudge get one.
+the lifecycle even while no listener runs at all. Changes or webhook events left waiting without a
+nudge (`orchestration.ingest.backlog`) get one.
 """
 
 from __future__ import annotations
@@ -29,6 +30,19 @@ def sink():
     return IngestSink(client)
 
 
+@functools.lru_cache(maxsize=1)
+def webhook_backlog():
+    """The workers' side of the LiveKit events `web` lists (`orchestration.adapters.redis_enqueue`)."""
+    import redis
+
+    from orchestration.ingest.backlog import WEBHOOK_EVENTS, Backlog
+    from orchestration.webhooks import CeleryMessageBuilder
+
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    builder = CeleryMessageBuilder.for_task("callflow.livekit_events", "events")
+    return Backlog(client, WEBHOOK_EVENTS, "events", lambda: builder.build_from_json(b"[]", "()"))
+
+
 @app.task(name="callflow.catch_up_invitations", acks_late=False, ignore_result=True)
 def catch_up_invitations() -> dict:
     from orchestration.db import get_pool
@@ -41,4 +55,6 @@ def catch_up_invitations() -> dict:
         log.info("catch-up enqueued missed invitation changes", enqueued=len(result.enqueued), scanned=result.scanned)
     if sink().nudge_if_waiting():
         log.info("changes were waiting without a nudge: nudged a worker")
+    if webhook_backlog().nudge_if_waiting():
+        log.info("webhook events were waiting without a nudge: nudged a worker")
     return {"scanned": result.scanned, "enqueued": len(result.enqueued), "duplicates": result.duplicates}

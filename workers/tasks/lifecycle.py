@@ -23,7 +23,7 @@ from orchestration.ingest.livekit import parse_room_event
 from orchestration.lifecycle.context import LifecycleConfig, Ports
 from orchestration.lifecycle.grace_expired import handle_grace_expired
 from orchestration.lifecycle.invitation_changed import handle_invitation_changed, handle_invitations_changed
-from orchestration.lifecycle.livekit_event import handle_livekit_event
+from orchestration.lifecycle.livekit_event import handle_livekit_event, handle_livekit_events
 from orchestration.lifecycle.ring_timeout import handle_ring_timeout, handle_ring_timeouts_due
 from orchestration.lifecycle.sweep import run_sweep
 from workers.app import app, settings
@@ -76,13 +76,13 @@ def _log_step(step: str, outcome, context: dict) -> None:
 
 def _run(task, fn, *args, **context):
     structlog.contextvars.bind_contextvars(task_id=task.request.id,
-                                           **{k: v for k, v in context.items() if v and k != "each"})
+                                           **{k: v for k, v in context.items() if v and k not in ("each", "step")})
     try:
         outcome = fn(*args)
         step = task.name.removeprefix("callflow.")
-        if isinstance(outcome, list):  # a batch: one line per change
+        if isinstance(outcome, list):  # a batch: one line per item, named by its step
             for one, ctx in zip(outcome, context.get("each") or ()):
-                _log_step("invitation_changed", one, ctx)
+                _log_step(context["step"], one, ctx)
             return [one.result for one in outcome]
         _log_step(step, outcome, context)
         return outcome.result
@@ -107,39 +107,65 @@ def invitation_changed(self, change: dict) -> str:
 def invitations_changed(self, changes: list | None = None) -> list:
     """A nudge: take the waiting invitation changes (`orchestration.ingest.sink`) and decide them
     together. With `changes`, those (a failed batch's, retried by hand)."""
-    if changes is not None:
-        return _run_changes(self, changes)
     from workers.tasks.ingest import sink
 
-    taken = sink().take(self.request.id, first=True)
-    if not taken:
-        return []
-    try:
-        results = _run_changes(self, taken)
-    except Retry:
-        raise  # transient: the retry takes the same changes again (they stay taken by this task id)
-    except Exception as exc:  # noqa: BLE001
-        # A change this code cannot handle: each goes on alone (and, failing again, is kept for
-        # `callflow tasks retry` with its arguments) so that it does not hold up the others.
-        log.error("a batch of changes failed; each goes on alone", error=repr(exc)[:300], changes=len(taken))
-        for change in taken:
-            app.send_task("callflow.invitation_changed", args=[change], queue="events")
-        results = []
-    sink().done(self.request.id)
-    return results
+    if changes is not None:
+        return _run_changes(self, changes)
+    return _take_and_run(self, sink().backlog, _run_changes, "callflow.invitation_changed", lambda c: [c])
 
 
 def _run_changes(task, changes: list) -> list:
     each = [{"invitation_id": c.get("invitation_id"), "room_name": c.get("room_name"), "event_id": c.get("event_id")}
             for c in changes]
-    return _run(task, lambda: handle_invitations_changed(changes, ports(), _parallel_map), each=each)
+    return _run(task, lambda: handle_invitations_changed(changes, ports(), _parallel_map), step="invitation_changed",
+                each=each)
 
 
 @app.task(name="callflow.livekit_event", **_TASK)
 def livekit_event(self, event: dict, received_at: str | None = None) -> str:
+    """One LiveKit event: a failed batch's, sent on alone (and kept for `callflow tasks retry`)."""
     parsed = parse_room_event(event)
     return _run(self, lambda: handle_livekit_event(parsed, received_at, ports()),
                 room_name=parsed.room_name, event_id=parsed.event_id)
+
+
+@app.task(name="callflow.livekit_events", **_TASK)
+def livekit_events(self, events: list | None = None) -> list:
+    """A nudge: take the waiting LiveKit events (the webhook backlog `web` lists them on) and decide
+    them together. With `events` ([event, received_at] pairs), those."""
+    from workers.tasks.ingest import webhook_backlog
+
+    if events is not None:
+        return _run_events(self, events)
+    return _take_and_run(self, webhook_backlog(), _run_events, "callflow.livekit_event", list)
+
+
+def _run_events(task, events: list) -> list:
+    parsed = [parse_room_event(event) for event, _received_at in events]
+    each = [{"room_name": ev.room_name, "event_id": ev.event_id} for ev in parsed]
+    return _run(task, lambda: handle_livekit_events(parsed, ports(), _parallel_map), step="livekit_event", each=each)
+
+
+def _take_and_run(task, backlog, run, alone_task: str, alone_args) -> list:
+    """Take what waits on `backlog` (or what this task took before: a retry or a redelivery), `run`
+    it as one batch, then let it go. A batch that fails for a reason other than a transient one
+    goes on item by item (`alone_task`, with `alone_args(item)`; each failing again is kept for
+    `callflow tasks retry`) so that one item this code cannot handle does not hold up the others."""
+    taken = backlog.take(task.request.id, first=True)
+    if not taken:
+        return []
+    try:
+        results = run(task, taken)
+    except Retry:
+        raise  # transient: the retry takes the same items again (they stay taken by this task id)
+    except Exception as exc:  # noqa: BLE001
+        log.error("a batch failed; each item goes on alone", error=repr(exc)[:300], items=len(taken),
+                  task=alone_task)
+        for item in taken:
+            app.send_task(alone_task, args=alone_args(item), queue="events")
+        results = []
+    backlog.done(task.request.id)
+    return results
 
 
 @app.task(name="callflow.ring_timeout", **_TASK)

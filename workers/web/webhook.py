@@ -1,9 +1,10 @@
-"""`POST /livekit/webhook`: LiveKit's signed webhooks, verified, deduplicated, put on `events`.
+"""`POST /livekit/webhook`: LiveKit's signed webhooks, verified, deduplicated, listed for the workers.
 
 A plain ASGI endpoint (no Request object; `FastPath` spares it the router): headers first (size,
 then the token, before any of the body is read), then the body streamed with a running count,
 then the body hash, the event's shape, and one Redis round trip (`RedisEnqueuer`, shared with
-the requests arriving at the same time). A `Bearer ` prefix on the token is tolerated (LiveKit
+the requests arriving at the same time) that lists the event on the webhook backlog and nudges a
+worker (`callflow.livekit_events` takes the waiting events in batches). A `Bearer ` prefix on the token is tolerated (LiveKit
 sends the bare JWT). Answers:
 200 accepted or duplicate; 401 / 400 / 413 per the contract; 503 when Redis cannot take it
 (`Retry-After: 1`; LiveKit retries). Each rejection is logged once (reason, never the token) and
@@ -30,10 +31,11 @@ from orchestration.webhooks import (
     PayloadTooLarge,
     WebhookRejected,
     WebhookVerifier,
+    livekit_event_args,
     parse_event,
 )
 
-TASK_NAME = "callflow.livekit_event"
+TASK_NAME = "callflow.livekit_events"  # the nudge: takes the waiting events
 QUEUE = "events"
 
 log = get_logger("callflow.web.webhook")
@@ -139,7 +141,7 @@ class LiveKitWebhook:
     @property
     def enqueuer(self) -> RedisEnqueuer:
         if self._enqueuer is None:
-            self._enqueuer = RedisEnqueuer(self.redis_url, QUEUE)
+            self._enqueuer = RedisEnqueuer(self.redis_url, QUEUE, lambda: self.builder.build_from_json(b"[]", "()"))
         return self._enqueuer
 
     async def _reject(self, send, exc: WebhookRejected, **context) -> None:
@@ -195,10 +197,9 @@ class LiveKitWebhook:
 
         received_at = _utc_now_iso()
         event_type = event["event"]
-        message = self.builder.build_livekit_event(body, event, received_at)
         started = time.perf_counter()
         try:
-            fresh = await self.enqueuer.enqueue_once(event["id"], message)
+            fresh = await self.enqueuer.enqueue_once(event["id"], livekit_event_args(body, received_at))
         except EnqueueUnavailable as exc:
             WEBHOOKS_REJECTED.labels("redis_unavailable").inc()
             log.warning("webhook rejected", reason="redis_unavailable", status=503, event_id=event["id"],
