@@ -237,6 +237,16 @@ async def drive(database_url: str, count: int, *, in_flight: int = 0, rate: floa
                transactions=total, writes=writes, cpu=cpu, driver_transactions=transactions, unanswered=unanswered)
 
 
+def livekit_events_recorded(database_url: str) -> dict:
+    """call_events of LiveKit's webhooks by type, and the calls made (a room each): with `--web`,
+    every room's `room_started` should be there (the workers kept up with `web`)."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        events = dict(conn.execute("""select type, count(*) from public.call_events where source = 'livekit'
+                                       group by type order by type""").fetchall())
+        calls = conn.execute("select count(*) from public.calls").fetchone()[0]
+    return {"events": events, "calls": calls}
+
+
 def pgbench(database_url: str, seconds: int = 10, clients: int = 4) -> float:
     base = database_url.rsplit("/", 1)[0]
     db = f"pgbench_{uuid.uuid4().hex[:8]}"
@@ -283,6 +293,7 @@ def main() -> None:
                                       measure=True))
         cpu = saturated.cpu
         tps = pgbench(s.database_url)
+        recorded = livekit_events_recorded(s.database_url) if args.web else None
     ring = None
     if not args.no_ring_check:
         with stack({**env, "CALLFLOW_RING_TIMEOUT_SECONDS": str(RING_CHECK_TIMEOUT_SECONDS)}, **workers) as s:
@@ -315,6 +326,10 @@ def main() -> None:
     rows = [[k, f"{v * 1000 / n:.1f}"] for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])]
     own = sum(v for k, v in cpu.items() if k in CALLFLOW_ROLES)
     print(table(rows + [["callflow processes total", f"{own * 1000 / n:.1f}"]], ["process", "ms/lifecycle"]))
+    if recorded is not None:
+        kinds = ", ".join(f"{k} {v:,}" for k, v in recorded["events"].items()) or "none"
+        print(f"\nLiveKit's webhooks recorded once each in call_events over the whole run (read after pgbench): {kinds}; "
+              f"{recorded['calls']:,} calls made")
     print(f"\noffered load: {args.rate:g} lifecycles/s for {args.rate_seconds:g} s, open loop ({offered_count} lifecycles; "
           f"the last call active after {offered.elapsed:.1f} s, {offered_count / offered.elapsed:.0f}/s completed):")
     print(table([["insert→ringing", *ms(offered.ringing, 50, 99, 100)],
