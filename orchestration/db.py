@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+import weakref
+
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
@@ -20,7 +23,8 @@ def get_pool(url: str, max_size: int = 8, generic_plans: bool = False) -> Connec
     """`generic_plans`: the sessions keep one plan per prepared statement (plan_cache_mode
     force_generic_plan) instead of planning each execution again. For the lifecycle's own
     statements, which look rows up by key (`= any($1)`), Postgres's plan cache otherwise chose a
-    custom plan every time: planning cost more Postgres CPU than running them."""
+    custom plan every time: planning cost more Postgres CPU than running them. A session's plans
+    are made again every `REPLAN_SECONDS` (`_replan_when_due`), so they follow the tables' growth."""
     key = (os.getpid(), url, generic_plans)
     pool = _pools.get(key)
     if pool is None:
@@ -33,6 +37,7 @@ def get_pool(url: str, max_size: int = 8, generic_plans: bool = False) -> Connec
                     max_size=max_size,
                     kwargs={"row_factory": dict_row, "autocommit": False},
                     configure=_keep_generic_plans if generic_plans else None,
+                    check=_replan_when_due if generic_plans else None,
                     open=True,
                     name="callflow",
                 )
@@ -43,6 +48,25 @@ def get_pool(url: str, max_size: int = 8, generic_plans: bool = False) -> Connec
 def _keep_generic_plans(conn: psycopg.Connection) -> None:
     conn.execute("set plan_cache_mode = force_generic_plan")
     conn.commit()
+
+
+# A kept plan is made once and used until something invalidates it (an ANALYZE of its tables, at
+# autovacuum's pace). Made while a table was small it scans the table, however large it grows: in
+# a young database (a new deployment, the benchmark's) the lookups by key scanned thousands of rows
+# each, which cost the benchmark 15-20 % of the machine. Made again, the planner scales the last
+# ANALYZE's row density by the table's current size, so the plan follows its growth.
+REPLAN_SECONDS = 20.0
+_planned_at: weakref.WeakKeyDictionary[psycopg.Connection, float] = weakref.WeakKeyDictionary()
+
+
+def _replan_when_due(conn: psycopg.Connection) -> None:
+    """The pool's check, as a connection is handed out: `DISCARD PLANS` (the prepared statements
+    stay; each is planned again at its next execution) when the session's plans are due."""
+    now = time.monotonic()
+    if now - _planned_at.setdefault(conn, now) >= REPLAN_SECONDS:
+        conn.execute("discard plans")
+        conn.commit()
+        _planned_at[conn] = now
 
 
 def close_pools() -> None:
