@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from bench.stack import cpu_by_process, cpu_delta, machine, percentile, stack, table
+from bench.stack import cpu_by_process, cpu_delta, machine, machine_seconds, percentile, stack, table
 
 SWEEP_INTERVAL_SECONDS = 1
 RING_CHECK_TIMEOUT_SECONDS = 3
@@ -68,6 +68,7 @@ class Run:
     transactions: int | None  # in the bench database over the run (measured runs), all clients
     writes: int | None  # of the whole cluster's transactions, those that wrote (transaction ids given out)
     cpu: dict[str, float]  # CPU seconds by process role over the run (measured runs)
+    cores: dict[str, float]  # the machine's core-seconds over the run: busy, idle, steal (measured runs)
     driver_transactions: int  # of those, the driver's own
     unanswered: list[tuple[str, float | None]]  # never-accepted invitations: status, ended_at − ring_deadline (s)
 
@@ -156,6 +157,7 @@ async def drive(database_url: str, count: int, *, in_flight: int = 0, rate: floa
         before = await xacts()
         transactions = 1  # that read; the driver's own from here on
         cpu_before = cpu_by_process()
+        machine_before = machine_seconds()
     t0 = time.perf_counter()
 
     async def one(i: int) -> None:
@@ -206,6 +208,7 @@ async def drive(database_url: str, count: int, *, in_flight: int = 0, rate: floa
         await asyncio.sleep(0.01)
     finished = max(active_at[k] for k in accepted)
     cpu = cpu_delta(cpu_before, cpu_by_process()) if measure else {}
+    cores = {k: v - machine_before[k] for k, v in machine_seconds().items()} if measure else {}
     unanswered: list[tuple[str, float | None]] = []
     if unanswered_ids:
         async with pool.connection() as c:
@@ -234,7 +237,7 @@ async def drive(database_url: str, count: int, *, in_flight: int = 0, rate: floa
         total, writes = after[0] - before[0], after[1] - before[1] - 1  # not the two reads' own ids
     await stats.close()
     return Run(elapsed=finished - t0, ringing=ring_latencies, active=[active_at[k] - at for k, at in accepted.items()],
-               transactions=total, writes=writes, cpu=cpu, driver_transactions=transactions, unanswered=unanswered)
+               transactions=total, writes=writes, cpu=cpu, cores=cores, driver_transactions=transactions, unanswered=unanswered)
 
 
 def livekit_events_recorded(database_url: str) -> dict:
@@ -326,6 +329,9 @@ def main() -> None:
     rows = [[k, f"{v * 1000 / n:.1f}"] for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])]
     own = sum(v for k, v in cpu.items() if k in CALLFLOW_ROLES)
     print(table(rows + [["callflow processes total", f"{own * 1000 / n:.1f}"]], ["process", "ms/lifecycle"]))
+    cores = saturated.cores
+    print("the cores over the run: {:.0f} % busy, {:.0f} % idle, {:.0f} % stolen by the hypervisor".format(
+        *(100 * cores[k] / (sum(cores.values()) or 1) for k in ("busy", "idle", "steal"))))
     if recorded is not None:
         kinds = ", ".join(f"{k} {v:,}" for k, v in recorded["events"].items()) or "none"
         print(f"\nLiveKit's webhooks recorded once each in call_events over the whole run (read after pgbench): {kinds}; "

@@ -173,6 +173,15 @@ def cpu_by_process() -> dict[str, float]:
     return groups
 
 
+def machine_seconds() -> dict[str, float]:
+    """Cumulative seconds of all cores (/proc/stat): busy, idle (with iowait), and steal (time the
+    hypervisor gave to someone else while this machine wanted to run)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in Path("/proc/stat").read_text().split()[1:9])
+    return {"busy": (user + nice + system + irq + softirq) / ticks, "idle": (idle + iowait) / ticks,
+            "steal": steal / ticks}
+
+
 def _role(cmdline: str) -> str:
     for needle, role in (("celery -A workers.app worker", "celery worker"), ("workers.app worker", "celery worker"),
                          ("workers.app beat", "celery beat"), ("workers.listener", "listener"),
