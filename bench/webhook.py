@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join(f'{x:.2f}' for x in ratios)} (target >= 0.50)")
         print(f"same by server CPU per request (bare / webhook): median {cpu_ratios[len(cpu_ratios) // 2]:.2f}")
         print(f"p99 at {args.rate} req/s: {webhook_fixed['p99_ms']:.2f} ms (target < 20 ms)")
-        print(f"every acknowledged event on the `events` queue once: {'yes' if queued_ok else 'NO'}")
+        print(f"every acknowledged event on the webhook backlog once: {'yes' if queued_ok else 'NO'}")
         pinning = (f"server on CPU {PIN['server'][-1]}, wrk and Redis on CPU {PIN['load'][-1]}" if PIN["server"]
                    else "no CPU pinning")
         print(f"machine: {os.cpu_count()} CPUs, {pinning}, load average before the run {load_before}")
