@@ -82,6 +82,3 @@ class Backlog:
             self.redis.lpush(self.queue, self.nudge_message())
             return True
         return False
-
-    def waiting(self) -> int:
-        return int(self.redis.llen(self.keys.items))
