@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import time
 
+import pytest
 from celery import Celery
 
 from tests.conftest import _wait_worker_ready, subprocess_env
@@ -20,13 +21,24 @@ def test_timeouts_held_by_a_sigkilled_worker_fire_within_the_sweep_interval_plus
     _wait_worker_ready(doomed)
     try:
         caller = make_user()
-        invs = [insert_invitation(database_url, caller, make_user()) for _ in range(30)]
-        for inv in invs:
-            enqueue_change(inv["id"], "pending")
-        for inv in invs:
-            wait_invitation(db, inv["id"], "ringing")
-        wait_for(lambda: doomed.log().count("callflow.ring_timeouts_due[") >= 1, timeout=5,
-                 what="the doomed worker holding ring timeouts")
+        invs = []
+        # Which worker fetches a countdown is a race (the idle one asks first): rounds of 30
+        # ringing until the doomed one holds at least one.
+        for _ in range(5):
+            batch = [insert_invitation(database_url, caller, make_user()) for _ in range(30)]
+            for inv in batch:
+                enqueue_change(inv["id"], "pending")
+            for inv in batch:
+                wait_invitation(db, inv["id"], "ringing")
+            invs += batch
+            try:
+                wait_for(lambda: doomed.log().count("callflow.ring_timeouts_due[") >= 1, timeout=1.5,
+                         what="the doomed worker holding ring timeouts")
+                break
+            except TimeoutError:
+                continue
+        else:
+            pytest.fail("the doomed worker took no ring-timeout countdown in five rounds")
         time.sleep(0.5)
         doomed.kill(signal.SIGKILL)
         for inv in invs:
