@@ -29,47 +29,15 @@ from typing import Any, Callable
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from orchestration.ingest.backlog import NUDGE_TTL_SECONDS, WEBHOOK_EVENTS, BacklogKeys
+from orchestration.ingest.backlog import LIST_ONCE_LUA, WEBHOOK_EVENTS, BacklogKeys
 
 DEDUPE_PREFIX = "callflow:webhook:seen:"
 # LiveKit retries for ~15 s and drops events older than 30 s: an hour is well past that, and the
 # database's unique `call_events.event_id` is the final guard.
 DEDUPE_TTL_SECONDS = 3600
 
-# KEYS: the events' marks, then the backlog list, the nudge mark and the queue. ARGV: ttl, the nudge
-# message, then the events. Per event: 1 listed now, 0 duplicate, or the error text (its mark is
-# not left behind).
-ENQUEUE_ONCE_LUA = f"""
-local n = #KEYS - 3
-local items, nudged, queue, ttl = KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], ARGV[1]
-local out, listed = {{}}, 0
-for i = 1, n do
-  local marked = redis.pcall('SET', KEYS[i], '1', 'NX', 'EX', ttl)
-  if not marked then
-    out[i] = 0
-  elseif marked.err then
-    out[i] = marked.err
-  else
-    local pushed = redis.pcall('LPUSH', items, ARGV[i + 2])
-    if type(pushed) == 'table' and pushed.err then
-      redis.pcall('DEL', KEYS[i])
-      out[i] = pushed.err
-    else
-      out[i] = 1
-      listed = listed + 1
-    end
-  end
-end
-if listed > 0 then
-  local nudge = redis.pcall('SET', nudged, '1', 'NX', 'EX', {NUDGE_TTL_SECONDS})
-  if nudge and not nudge.err then
-    local pushed = redis.pcall('LPUSH', queue, ARGV[2])
-    if type(pushed) == 'table' and pushed.err then redis.pcall('DEL', nudged) end
-  end
-end
-return out
-"""
-ENQUEUE_ONCE_SHA = hashlib.sha1(ENQUEUE_ONCE_LUA.encode()).hexdigest()
+# The backlog's script (`orchestration.ingest.backlog.LIST_ONCE_LUA`), sent as raw RESP below.
+LIST_ONCE_SHA = hashlib.sha1(LIST_ONCE_LUA.encode()).hexdigest()
 
 
 class EnqueueUnavailable(Exception):
@@ -121,7 +89,7 @@ class RedisEnqueuer:
     def _pack(self, command: bytes, batch: list) -> bytes:
         """`EVALSHA|EVAL script n+3 mark... list nudged queue ttl nudge item...` in RESP (no
         per-argument objects)."""
-        script = ENQUEUE_ONCE_SHA.encode() if command == b"EVALSHA" else ENQUEUE_ONCE_LUA.encode()
+        script = LIST_ONCE_SHA.encode() if command == b"EVALSHA" else LIST_ONCE_LUA.encode()
         numkeys = b"%d" % (len(batch) + 3)
         parts = [b"*%d\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
             3 + 2 * len(batch) + 5, len(command), command, len(script), script, len(numkeys), numkeys)]

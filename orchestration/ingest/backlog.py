@@ -26,7 +26,44 @@ NUDGE_TTL_SECONDS = 2
 # What a task took is kept this long for its retry or redelivery (then the sweeps have it).
 TAKEN_TTL_SECONDS = 3600
 
-# KEYS: the list, the nudge mark, the queue, this task's taken list. ARGV: at most, the nudge
+# Listing (both listers: `web` for webhook events, the listener and catch-ups for changes).
+# KEYS: the items' dedupe marks, then the list, the nudge mark and the queue. ARGV: the marks' ttl,
+# the nudge message, then the items. For each item: `SET mark NX`, and only if the mark is new
+# `LPUSH` the item (if that fails the mark is deleted: never a mark without its item); then, if
+# anything was listed and no nudge waits, the nudge. Per item: 1 listed now, 0 duplicate, or the
+# error text. A nudge that cannot be pushed leaves no mark (the beat nudges within seconds).
+LIST_ONCE_LUA = f"""
+local n = #KEYS - 3
+local items, nudged, queue, ttl = KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], ARGV[1]
+local out, listed = {{}}, 0
+for i = 1, n do
+  local marked = redis.pcall('SET', KEYS[i], '1', 'NX', 'EX', ttl)
+  if not marked then
+    out[i] = 0
+  elseif marked.err then
+    out[i] = marked.err
+  else
+    local pushed = redis.pcall('LPUSH', items, ARGV[i + 2])
+    if type(pushed) == 'table' and pushed.err then
+      redis.pcall('DEL', KEYS[i])
+      out[i] = pushed.err
+    else
+      out[i] = 1
+      listed = listed + 1
+    end
+  end
+end
+if listed > 0 then
+  local nudge = redis.pcall('SET', nudged, '1', 'NX', 'EX', {NUDGE_TTL_SECONDS})
+  if nudge and not nudge.err then
+    local pushed = redis.pcall('LPUSH', queue, ARGV[2])
+    if type(pushed) == 'table' and pushed.err then redis.pcall('DEL', nudged) end
+  end
+end
+return out
+"""
+
+# Taking. KEYS: the list, the nudge mark, the queue, this task's taken list. ARGV: at most, the nudge
 # message, 1 on a task's first take (its nudge is spent). Returns the items taken.
 _TAKE = f"""
 local items_key, nudged, queue, taken = KEYS[1], KEYS[2], KEYS[3], KEYS[4]

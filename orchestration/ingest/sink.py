@@ -1,8 +1,9 @@
 """The one path every invitation change takes: Redis dedupe and a list the workers take from.
 
-`IngestSink.submit(changes)` runs one Lua script for the whole batch: for each change,
-`SET callflow:ingest:seen:realtime:<invitation id>:<status> NX EX ttl` and, only if the mark is
-new, `LPUSH` the change (the task argument, as JSON) onto the list `callflow:ingest:changes`.
+`IngestSink.submit(changes)` runs one Lua script for the whole batch (the backlog's
+`LIST_ONCE_LUA`, which `web` uses too): for each change, `SET
+callflow:ingest:seen:realtime:<invitation id>:<status> NX EX ttl` and, only if the mark is new,
+`LPUSH` the change (the task argument, as JSON) onto the list `callflow:ingest:changes`.
 Mark and change go in together or not at all, so two listeners, a reconnect and the catch-ups
 list each transition exactly once, and a crash never leaves a mark without its change. (The
 lifecycle is idempotent on `call_events.event_id` anyway.)
@@ -33,39 +34,15 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable
 
 from psycopg.rows import tuple_row
+from redis.exceptions import ResponseError as RedisResponseError
 
-from orchestration.ingest.backlog import CHANGES, NUDGE_TTL_SECONDS, TAKE_AT_MOST, Backlog
+from orchestration.ingest.backlog import CHANGES, LIST_ONCE_LUA, TAKE_AT_MOST, Backlog
 from orchestration.ingest.mapping import TASK_NAME, TASK_QUEUE, Change, MalformedChange, dedupe_key, from_row
 
 WATERMARK_KEY = "callflow:ingest:watermark"
 DEDUPE_TTL_SECONDS = 2 * 24 * 3600
 CHANGES_KEY = CHANGES.items
 NUDGE_KEY = CHANGES.nudged
-
-# KEYS: the dedupe keys, then the changes list, the nudge mark and the queue. ARGV: ttl, the nudge
-# message, then one change (JSON) per key. Returns 1 per change marked and listed now, 0 per duplicate.
-_ENQUEUE_ONCE = f"""
-local n = #KEYS - 3
-local changes, nudged, queue = KEYS[n + 1], KEYS[n + 2], KEYS[n + 3]
-local out, listed = {{}}, 0
-for i = 1, n do
-  if redis.call('SET', KEYS[i], 'sent', 'NX', 'EX', ARGV[1]) then
-    local pushed = redis.pcall('LPUSH', changes, ARGV[i + 2])
-    if type(pushed) == 'table' and pushed.err then
-      redis.call('DEL', KEYS[i])
-      return redis.error_reply(pushed.err)
-    end
-    out[i] = 1
-    listed = listed + 1
-  else
-    out[i] = 0
-  end
-end
-if listed > 0 and redis.call('SET', nudged, '1', 'NX', 'EX', {NUDGE_TTL_SECONDS}) then
-  redis.call('LPUSH', queue, ARGV[2])
-end
-return out
-"""
 
 # KEYS[1]: watermark. ARGV[1]: microseconds since the epoch. Only ever moves forward.
 _ADVANCE = """
@@ -95,7 +72,7 @@ class IngestSink:
         self.ttl = int(ttl_seconds)
         builder = CeleryMessageBuilder.for_task(TASK_NAME, queue)
         self.backlog = Backlog(redis, CHANGES, queue, lambda: builder.build([], argsrepr="()"))
-        self._enqueue = redis.register_script(_ENQUEUE_ONCE)
+        self._enqueue = redis.register_script(LIST_ONCE_LUA)
 
     def submit(self, changes: Iterable[Change]) -> SubmitResult:
         """List each change whose transition was not listed before; raises if Redis fails."""
@@ -113,7 +90,11 @@ class IngestSink:
         batch = [unique[k] for k in keys]
         listed = self._enqueue(keys=keys + [CHANGES_KEY, NUDGE_KEY, self.queue],
                                args=[self.ttl, self.backlog.nudge_message(), *(json.dumps(c.as_task_arg()) for c in batch)])
-        enqueued = [c for c, t in zip(batch, listed) if int(t) == 1]
+        failed = [r for r in listed if not isinstance(r, int)]
+        if failed:  # the script kept no mark for these: the listener's retry lists them
+            text = failed[0].decode(errors="replace") if isinstance(failed[0], bytes) else str(failed[0])
+            raise RedisResponseError(f"listing changes failed: {text}")
+        enqueued = [c for c, t in zip(batch, listed) if t == 1]
         return SubmitResult(enqueued=enqueued, duplicates=duplicates + len(batch) - len(enqueued))
 
     # ---- the workers' side ---------------------------------------------------------------------
