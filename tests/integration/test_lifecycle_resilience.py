@@ -20,11 +20,13 @@ def test_timeouts_held_by_a_sigkilled_worker_fire_within_the_sweep_interval_plus
     doomed = services.celery_worker(subprocess_env(), log_dir, name="doomed", concurrency=2, extra=["-l", "DEBUG"])
     _wait_worker_ready(doomed)
     try:
-        caller = make_user()
         invs = []
         # Which worker fetches a countdown is a race (the idle one asks first): rounds of 30
-        # ringing until the doomed one holds at least one.
+        # ringing until the doomed one holds at least one. Each round has a caller of its own: the
+        # database admits 30 invitations a minute from one caller (CALLFLOW_INVITE_RATE_PER_MINUTE),
+        # so a second round from the same caller would be refused `rate_limited`.
         for _ in range(5):
+            caller = make_user()
             batch = [insert_invitation(database_url, caller, make_user()) for _ in range(30)]
             for inv in batch:
                 enqueue_change(inv["id"], "pending")
