@@ -134,3 +134,6 @@ class Store(Protocol):
 class Throttle(Protocol):
     def once(self, key: str, seconds: float) -> bool:
         """True the first time `key` is asked for within `seconds` (across all workers)."""
+
+    def forget(self, key: str) -> None:
+        """The next `once(key, ...)` is True again (work that found no answer is looked at again soon)."""

@@ -25,6 +25,8 @@ LIVEKIT_VERSION="v1.13.5"
 PG_PORT="${CALLFLOW_PG_PORT:-54322}"
 REDIS_PORT="${CALLFLOW_REDIS_PORT:-6379}"
 LIVEKIT_BIN="${LIVEKIT_BIN:-$LOCAL_DIR/bin/livekit-server}"
+TOXIPROXY_VERSION="v2.12.0"
+TOXIPROXY_BIN="${TOXIPROXY_BIN:-$LOCAL_DIR/bin/toxiproxy-server}"
 
 log() { printf '\033[1m[callflow]\033[0m %s\n' "$*" >&2; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -79,6 +81,23 @@ ensure_livekit() {
   mkdir -p "$gobin" "$(dirname "$LIVEKIT_BIN")"
   GOBIN="$gobin" GOFLAGS="${GOFLAGS:--buildvcs=false}" go install "github.com/livekit/livekit-server/cmd/server@$LIVEKIT_VERSION"
   mv "$gobin/server" "$LIVEKIT_BIN"
+}
+
+ensure_toxiproxy() {
+  # The fault tests put Shopify's Toxiproxy between callflow and each dependency (test-only).
+  if [ -x "$TOXIPROXY_BIN" ]; then return; fi
+  if command -v toxiproxy-server >/dev/null 2>&1; then
+    mkdir -p "$(dirname "$TOXIPROXY_BIN")"
+    ln -sf "$(command -v toxiproxy-server)" "$TOXIPROXY_BIN"
+    return
+  fi
+  command -v go >/dev/null 2>&1 || { [ -x /usr/local/go/bin/go ] && export PATH="$PATH:/usr/local/go/bin"; }
+  command -v go >/dev/null 2>&1 || { log "Go is needed to build Toxiproxy (the fault tests)"; exit 1; }
+  log "building Toxiproxy $TOXIPROXY_VERSION from its Go module (once)"
+  local gobin="$LOCAL_DIR/gobin"
+  mkdir -p "$gobin" "$(dirname "$TOXIPROXY_BIN")"
+  GOBIN="$gobin" GOFLAGS="${GOFLAGS:--buildvcs=false}" go install "github.com/Shopify/toxiproxy/v2/cmd/server@$TOXIPROXY_VERSION"
+  mv "$gobin/server" "$TOXIPROXY_BIN"
 }
 
 STARTED_HERE=()
@@ -224,8 +243,10 @@ case "${1:-}" in
     ;;
   test)
     setup
+    ensure_toxiproxy
     shift
     export CALLFLOW_LIVEKIT_BIN="$LIVEKIT_BIN"
+    export CALLFLOW_TOXIPROXY_BIN="$TOXIPROXY_BIN"
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
   *) sed -n '2,14p' "$0"; exit 2 ;;

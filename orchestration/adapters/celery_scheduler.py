@@ -100,3 +100,6 @@ class RedisThrottle:
 
     def once(self, key: str, seconds: float) -> bool:
         return bool(self.client.set(self.prefix + key, 1, nx=True, px=max(1, int(seconds * 1000))))
+
+    def forget(self, key: str) -> None:
+        self.client.delete(self.prefix + key)

@@ -382,3 +382,6 @@ class FakeScheduler:
 class FakeThrottle:
     def once(self, key: str, seconds: float) -> bool:
         return True
+
+    def forget(self, key: str) -> None:
+        pass
