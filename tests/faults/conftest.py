@@ -4,14 +4,17 @@
     web, worker, beat, listener ──► Toxiproxy ──► Postgres / Redis / LiveKit's API
     LiveKit ──webhooks──► web
 
-Its own database, its own Redis (with its append-only file, so a restart keeps what was
-acknowledged) and its own LiveKit server whose webhooks reach this stack's `web`: nothing the
-rest of the run's worker or sweeps do can decide for it, and nothing cut here touches the rest.
+Its own Postgres cluster (so `pg_ctl restart` touches nothing else of the run), its own Redis
+(with its append-only file, so a restart keeps what was acknowledged) and its own LiveKit server
+whose webhooks reach this stack's `web`: nothing the rest of the run's worker or sweeps do can
+decide for it, and nothing cut here touches the rest.
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -42,6 +45,55 @@ class AofRedis(services.RedisServer):
         return self
 
 
+class PrivatePostgres:
+    """A Postgres cluster of the fault tests' own, on a free port, restartable (`restart()`).
+
+    As `scripts/stack.sh start_postgres` runs the project's: initdb as the `postgres` user (when
+    run as root) in a folder it owns, password `postgres`, loopback only. fsync is off: a fast
+    restart checkpoints first, and nothing here survives the run anyway."""
+
+    def __init__(self) -> None:
+        self.port = services.free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="callflow-faults-pg-"))
+        self.data = self.dir / "data"
+        candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda d: int(d.split("/")[-2]))
+        self.bindir = Path(candidates[-1]) if candidates else Path(shutil.which("pg_ctl") or "pg_ctl").parent
+
+    @property
+    def admin_url(self) -> str:
+        return f"postgresql://postgres:postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, tool: str, *args: str, timeout: float = 90) -> None:
+        argv = [str(self.bindir / tool), *args]
+        if os.geteuid() == 0:  # Postgres refuses to run as root
+            argv = ["runuser", "-u", "postgres", "--", *argv]
+        subprocess.run(argv, check=True, timeout=timeout, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def start(self) -> "PrivatePostgres":
+        password = self.dir / "pw"
+        password.write_text("postgres\n")
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres", "postgres")
+            shutil.chown(password, "postgres", "postgres")
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", f"--pwfile={password}", "--auth-local=trust",
+                  "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8")
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.dir / "postgres.log"), "-w", "-t", "60", "-o",
+                  f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c max_connections=300 "
+                  f"-c fsync=off -c shared_buffers=128MB", "start")
+        return self
+
+    def restart(self) -> None:
+        """`pg_ctl restart -m fast`: every session ended, the server back once it accepts connections."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "restart")
+
+    def stop(self) -> None:
+        try:
+            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop", timeout=30)
+        except (subprocess.SubprocessError, OSError):
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def via(url: str, proxy: Proxy) -> str:
     """`url` with its host:port replaced by the proxy's listen address."""
     parts = urlsplit(url)
@@ -61,6 +113,7 @@ class FaultStack:
     proxies: dict[str, Proxy]
     env: dict[str, str]
     processes: dict[str, services.Process] = field(default_factory=dict)
+    postgres: PrivatePostgres | None = None  # the cluster behind `database_url` (restartable)
 
     @property
     def web_url(self) -> str:
@@ -108,7 +161,9 @@ def fault_stack():
     log_dir = Path(tempfile.mkdtemp(prefix="callflow-faults-"))
     toxiproxy = ToxiproxyServer(log_dir).start()
     redis = AofRedis().start()
-    database_url = services.create_database("callflow_faults", invite_rate_per_minute=100_000)
+    postgres = PrivatePostgres().start()
+    database_url = services.create_database("callflow_faults", invite_rate_per_minute=100_000,
+                                            admin_url=postgres.admin_url)
     web_port = services.free_port()
     livekit = services.LiveKitServer(log_dir, f"http://127.0.0.1:{web_port}/livekit/webhook",
                                      TEST_ENV["LIVEKIT_API_KEY"], TEST_ENV["LIVEKIT_API_SECRET"]).start()
@@ -126,7 +181,7 @@ def fault_stack():
         CALLFLOW_OUTBOX_DIR=str(log_dir / "outbox"),
         CALLFLOW_LISTENER_SOURCE="postgres",
     )
-    stack = FaultStack(log_dir, toxiproxy, redis, database_url, livekit, web_port, proxies, env)
+    stack = FaultStack(log_dir, toxiproxy, redis, database_url, livekit, web_port, proxies, env, postgres=postgres)
     try:
         yield stack
     finally:
@@ -137,7 +192,7 @@ def fault_stack():
         from orchestration.db import close_pools
 
         close_pools()
-        services.drop_database(database_url)
+        postgres.stop()
 
 
 @pytest.fixture

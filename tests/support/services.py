@@ -59,14 +59,18 @@ def ensure_postgres() -> None:
     wait_for(lambda: psycopg.connect(ADMIN_URL, connect_timeout=2).close() or True, what="postgres")
 
 
-def create_database(prefix: str = "callflow_test", invite_rate_per_minute: int | None = None) -> str:
+def create_database(prefix: str = "callflow_test", invite_rate_per_minute: int | None = None,
+                    admin_url: str | None = None) -> str:
     """A fresh, migrated database. `invite_rate_per_minute`: for tests and benchmarks of other
-    things that insert bursts of invitations as one client (the database's rule is 30 a minute)."""
-    ensure_postgres()
+    things that insert bursts of invitations as one client (the database's rule is 30 a minute).
+    `admin_url`: on another cluster than the run's (the fault tests restart theirs)."""
+    if admin_url is None:
+        ensure_postgres()
+    admin_url = admin_url or ADMIN_URL
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'create database "{name}"')
-    base, _, _ = ADMIN_URL.rpartition("/")
+    base, _, _ = admin_url.rpartition("/")
     url = f"{base}/{name}"
     from orchestration.migrate import migrate
 
@@ -88,10 +92,10 @@ def scratch_database(prefix: str = "callflow_test", **kwargs) -> Iterator[str]:
         drop_database(url)
 
 
-def drop_database(url: str) -> None:
+def drop_database(url: str, admin_url: str | None = None) -> None:
     name = url.rpartition("/")[2]
     try:
-        with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        with psycopg.connect(admin_url or ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'drop database if exists "{name}" with (force)')
     except psycopg.Error:
         pass
