@@ -117,7 +117,7 @@ def test_iso(text, expected):
 
 def test_backoff_is_capped_exponential_with_jitter():
     rng = random.Random(1)
-    delays = [backoff_delay(a, 0.5, 30, rng) for a in range(1, 40)]
+    delays = [backoff_delay(a, 0.5, 30, rng=rng) for a in range(1, 40)]
     assert all(0 < d <= 30 for d in delays)
     assert 0.25 <= delays[0] <= 0.5 and delays[-1] >= 15
     assert len({round(d, 6) for d in delays[10:]}) > 1  # jittered, not lock-step

@@ -6,14 +6,15 @@
 A session is one connection + subscription of a source (`RealtimeSource`, `PostgresSource`). It
 calls `mark_subscribing()` / `mark_live()` as it comes up and returns (or raises) when it ends,
 for whatever reason: the supervisor then waits a capped exponential backoff with jitter and starts
-the next one, forever. Only a configuration error stops the process with a non-zero status.
+the next one, forever. A session that went live was a success: the next wait is the first step
+again, however many attempts it took to get there (the contract: every backoff starts again from
+its first step after a success). Only a configuration error stops the process with a non-zero status.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import random
 import socket
 import time
 import uuid
@@ -23,6 +24,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from orchestration.backoff import backoff_delay
 from orchestration.ingest import heartbeat
 from orchestration.ingest.mapping import Change, MalformedChange
 from orchestration.ingest.sink import IngestSink, catch_up
@@ -37,7 +39,6 @@ class Options:
     initial_horizon_seconds: float = 3600.0
     backoff_base: float = 0.5
     backoff_max: float = 30.0
-    stable_after: float = 30.0          # a session live this long resets the backoff
     heartbeat_interval: float = 2.0
     ping_interval: float = 15.0         # websocket / connection liveness probe
     ping_timeout: float = 10.0
@@ -50,12 +51,6 @@ class Source(Protocol):
     name: str
 
     async def session(self, listener: "Listener") -> None: ...
-
-
-def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
-    """Capped exponential backoff with "equal jitter": in [c/2, c], c = min(cap, base * 2**(attempt-1))."""
-    ceiling = min(cap, base * (2 ** min(max(0, attempt - 1), 30)))
-    return (rng or random).uniform(ceiling / 2, ceiling)
 
 
 class SessionEnded(Exception):
@@ -76,6 +71,7 @@ class Listener:
         self._catch_up_wanted = asyncio.Event()
         self._catch_up_lock = asyncio.Lock()
         self._last_backoff_error: str | None = None
+        self._went_live = False  # the current session reached `live`: its end starts the backoff afresh
         self.state: dict[str, Any] = {
             "id": self.id, "host": socket.gethostname(), "pid": os.getpid(), "source": source.name,
             "state": "starting", "connected": False, "since": time.time(), "last_event_at": None,
@@ -109,6 +105,7 @@ class Listener:
         self.set_state("subscribing")
 
     def mark_live(self) -> None:
+        self._went_live = True
         self.set_state("live", retry_in=None, attempt=None)
         self.request_catch_up()
 
@@ -174,7 +171,7 @@ class Listener:
         attempt = 0
         while not self.stopping.is_set():
             self.set_state("connecting")
-            started = time.monotonic()
+            self._went_live = False
             try:
                 await self.source.session(self)
                 reason = "session ended"
@@ -187,7 +184,7 @@ class Listener:
                 reason = f"{exc.__class__.__name__}: {first_line}"[:300]
             if self.stopping.is_set():
                 return
-            if time.monotonic() - started > self.options.stable_after:
+            if self._went_live:  # a success, however short-lived: back to the first step
                 attempt = 0
             attempt += 1
             self.state["reconnects"] += 1
@@ -214,7 +211,7 @@ class Listener:
                 if failures == 1:
                     log.warning("enqueue failing, will retry", error=f"{exc.__class__.__name__}: {exc}"[:200],
                                 pending=len(batch) + self.queue.qsize())
-                await asyncio.sleep(min(5.0, 0.2 * 2 ** min(failures, 5)))
+                await asyncio.sleep(backoff_delay(failures, 0.2, 5.0))
                 continue
             if failures:
                 log.info("enqueue recovered", after_failures=failures)
@@ -270,7 +267,7 @@ class Listener:
         while True:
             timeout = interval if interval > 0 else None
             if failures:
-                timeout = min(self.options.backoff_max, self.options.backoff_base * 2 ** min(failures, 8))
+                timeout = self.backoff(failures)
             try:
                 await asyncio.wait_for(self._catch_up_wanted.wait(), timeout=timeout)
                 reason = "subscribed"
