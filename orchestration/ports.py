@@ -29,6 +29,14 @@ class RoomError(Exception):
     """LiveKit could not do what was asked (after the adapter's own retries)."""
 
 
+class RoomUnanswered(RoomError):
+    """LiveKit gave no answer: unreachable, a timeout, a 5xx or 429. Never an answer: ask again."""
+
+
+class RoomRefused(RoomError):
+    """LiveKit answered no (a 4xx other than 429): asking again will not change it."""
+
+
 class Rooms(Protocol):
     """LiveKit's RoomService, as the lifecycle uses it. Every call is idempotent."""
 
@@ -104,6 +112,16 @@ class UnitOfWork(Protocol):
         """Whether `identity` is one of the room's parties now (the contract's definition)."""
 
     def set_room_sid(self, call_id: str, room_sid: str) -> None: ...
+
+    # room actions: written down with the decision that calls for one, struck off once LiveKit answered
+    def room_actions_done(self, keys: "list[str]") -> None: ...
+
+    def room_actions_failed(self, failures: "list[tuple[str, float, str]]") -> None:
+        """(key, seconds until its next attempt, error) each."""
+
+    def take_due_room_actions(self, limit: int, lease: float) -> list[dict]:
+        """Actions whose next attempt is due (key, action, room_name, call_id, identity,
+        participant_sid, attempts), kept from other sweeps for `lease` seconds."""
 
     # sweeps
     def ringing_due_between(self, start: datetime, end: datetime, limit: int = 2000) -> list[dict]: ...

@@ -20,7 +20,7 @@ from livekit import api
 
 import structlog
 
-from orchestration.ports import LiveParticipant, RoomError, RoomInfo
+from orchestration.ports import LiveParticipant, RoomError, RoomInfo, RoomRefused, RoomUnanswered
 
 _TOKEN_TTL = 600
 log = structlog.get_logger("callflow.livekit")
@@ -93,12 +93,12 @@ class LiveKitRooms:
                 code = _twirp_code(data)
                 if code == "not_found" and not_found_ok:
                     return None
-                if status < 500 and code not in ("unavailable", "resource_exhausted"):
-                    raise RoomError(f"LiveKit {method} refused: HTTP {status} {code}")
+                if status < 500 and status != 429 and code not in ("unavailable", "resource_exhausted"):
+                    raise RoomRefused(f"LiveKit {method} refused: HTTP {status} {code}")
                 last = RoomError(f"LiveKit {method}: HTTP {status} {code}")
             if attempt + 1 < self._attempts:
                 time.sleep(0.2 * (2**attempt))
-        raise RoomError(f"LiveKit {method} failed after {self._attempts} attempts: {last}")
+        raise RoomUnanswered(f"LiveKit {method} gave no answer after {self._attempts} attempts: {last}")
 
     def create_room(self, name: str, *, empty_timeout: int, departure_timeout: int, max_participants: int,
                     metadata: str) -> RoomInfo:

@@ -20,7 +20,19 @@ from psycopg.types.json import Jsonb
 
 from orchestration.db import get_pool
 from orchestration.domain.model import Call, Invitation, Participant
-from orchestration.lifecycle.state import Decision, MissedCallEmail, Push, SendNotification, SendPushes, Snapshot, Want
+from orchestration.lifecycle.state import (
+    ROOM_ACTIONS,
+    ROOM_ACTION_FIRST_RETRY_SECONDS,
+    Decision,
+    EnsureRoom,
+    MissedCallEmail,
+    Push,
+    ReleaseRoom,
+    SendNotification,
+    SendPushes,
+    Snapshot,
+    Want,
+)
 
 _LIVE = "('ringing', 'active')"
 
@@ -181,6 +193,9 @@ class PostgresUnitOfWork:
                    values (%s, %s, %s, %s, %s, %s, %s) on conflict (event_id) do nothing""",
                 [(ev.event_id, ev.source, ev.type, ev.room_name, ev.invitation_id, ev.occurred_at, Jsonb(ev.payload))
                  for ev in decision.events])
+        in_rooms = [e for e in decision.effects if isinstance(e, ROOM_ACTIONS)]
+        if in_rooms:
+            self.add_room_actions(in_rooms)
         follow_ups: list = []
         # Emails' pair locks, then pushes': one order, whatever the order of the decisions they came from.
         mails = [i for i in decision.outbox if not isinstance(i, Push)]
@@ -312,6 +327,43 @@ class PostgresUnitOfWork:
             self.conn.execute(
                 "update public.calls set livekit_room_sid = %s where id = %s and livekit_room_sid is null",
                 (room_sid, call_id))
+
+    # ---- room actions (orchestration/lifecycle/room_actions.py) -----------------------------------
+    def add_room_actions(self, actions: list) -> None:
+        """Written down with the decision; the sweep takes one over if it is still here after the
+        first retry delay (its worker died, or is slow)."""
+        self.conn.cursor().executemany(
+            """insert into public.callflow_room_actions (key, action, room_name, call_id, identity, participant_sid,
+                                                         next_attempt_at)
+               values (%(key)s, %(action)s, %(room)s, %(call)s, %(identity)s, %(sid)s,
+                       %(now)s::timestamptz + make_interval(secs => %(after)s))
+               on conflict (key) do nothing""",
+            [{"key": a.key, "room": a.room_name, "now": self.now(), "after": ROOM_ACTION_FIRST_RETRY_SECONDS,
+              "action": "make" if isinstance(a, EnsureRoom) else "release" if isinstance(a, ReleaseRoom) else "remove",
+              "call": getattr(a, "call_id", None), "identity": getattr(a, "identity", None),
+              "sid": getattr(a, "participant_sid", None)} for a in actions])
+
+    def room_actions_done(self, keys: list[str]) -> None:
+        self.conn.execute("delete from public.callflow_room_actions where key = any(%s)", (list(keys),))
+
+    def room_actions_failed(self, failures: list[tuple[str, float, str]]) -> None:
+        """(key, seconds until the next attempt, error) each."""
+        self.conn.cursor().executemany(
+            """update public.callflow_room_actions
+                  set attempts = attempts + 1, last_error = %(error)s,
+                      next_attempt_at = %(now)s::timestamptz + make_interval(secs => %(delay)s)
+                where key = %(key)s""",
+            [{"key": k, "delay": d, "error": e, "now": self.now()} for k, d, e in failures])
+
+    def take_due_room_actions(self, limit: int, lease: float) -> list[dict]:
+        """The due actions, each out of other sweeps' way for `lease` seconds."""
+        return self._all(
+            """update public.callflow_room_actions a
+                  set next_attempt_at = %(now)s::timestamptz + make_interval(secs => %(lease)s)
+                where a.key in (select key from public.callflow_room_actions where next_attempt_at <= %(now)s
+                                 order by next_attempt_at limit %(limit)s for update skip locked)
+            returning a.key, a.action, a.room_name, a.call_id, a.identity, a.participant_sid, a.attempts""",
+            {"now": self.now(), "lease": lease, "limit": limit})
 
     # ---- sweeps --------------------------------------------------------------------------------
     def ringing_due_between(self, start: datetime, end: datetime, limit: int = 2000) -> list[dict]:

@@ -300,15 +300,28 @@ def room_parties(room_invitations: Iterable[Invitation], live_call: Call | None)
 class TimeoutDecision:
     """What a ring-timeout check (countdown or sweep) does with one invitation."""
 
-    action: str  # "reschedule", "miss", "answer", "nothing"
+    action: str  # "reschedule", "wait" (for LiveKit's answer), "miss", "answer", "nothing"
     at: datetime | None = None
 
 
-def decide_ring_timeout(inv: Invitation, now: datetime, callee_in_room: bool | None) -> TimeoutDecision:
+# LiveKit's silence is never "the callee is not in the room" (their join webhook may lag): a
+# deadline whose check finds no answer waits for one, this long at most, and is then decided from
+# what the database knows.
+NO_ANSWER_WAIT = timedelta(seconds=10)
+
+
+def decide_ring_timeout(inv: Invitation, now: datetime, callee_in_room: bool | None,
+                        callee_joined: bool = False) -> TimeoutDecision:
+    """`callee_in_room`: what LiveKit says (None: no answer); `callee_joined`: whether the
+    database has the callee connected in the call (the last word once LiveKit kept silent)."""
     if inv.status != S.RINGING:
         return TimeoutDecision("nothing")
     if inv.ring_deadline is not None and now < inv.ring_deadline:
         return TimeoutDecision("reschedule", inv.ring_deadline)
+    if callee_in_room is None:
+        if inv.ring_deadline is not None and now < inv.ring_deadline + NO_ANSWER_WAIT:
+            return TimeoutDecision("wait", inv.ring_deadline + NO_ANSWER_WAIT)
+        callee_in_room = callee_joined
     if callee_in_room:
         return TimeoutDecision("answer")
     return TimeoutDecision("miss")

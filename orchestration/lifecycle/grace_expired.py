@@ -2,7 +2,8 @@
 
 Came back (the same identity is in the room again, from any device): nothing. Otherwise a caller
 who gave up stops their invitations still ringing (in a group call too), and a 1:1 call that was
-answered ends: either side gone for longer than the grace period hangs it up.
+answered ends: either side gone for longer than the grace period hangs it up. Whether they came
+back is LiveKit's to say: while it gives no answer nothing is decided (the sweep asks again).
 """
 
 from __future__ import annotations
@@ -57,9 +58,12 @@ def handle_grace_expired(room_name: str, participant_sid: str, identity: str, ab
     with ports.store.transaction() as uow:
         if uow.event_seen(event_id):
             return Outcome("duplicate")
-    # participant_left can arrive after a quick re-join: ask LiveKit who is really there.
+    # participant_left can arrive after a quick re-join: ask LiveKit who is really there. No answer
+    # decides nothing (an active call is never ended for lack of one): the sweep asks again.
     live = ports.rooms.list_participants(room_name)
-    back = bool(live) and any(p.identity == identity and p.sid != participant_sid for p in live)
+    if live is None:
+        return Outcome("livekit_unanswered", [], None, None, room_name)
+    back = any(p.identity == identity and p.sid != participant_sid for p in live)
     want = Want(room_name=room_name, participant_sids=(participant_sid,), event_ids=(event_id,),
                 aborted_sids=(participant_sid,) if aborted is None else ())
     with ports.store.transaction(room_name) as uow:

@@ -2,7 +2,9 @@
 
 The change only says which invitation to look at; the row is re-read, so the order and number of
 changes do not matter. A pending invitation is answered by glare, refused as busy, failed when
-its room cannot be made, or rung; any other status is linked to its call and settles it.
+LiveKit refuses to make its room, or rung; any other status is linked to its call and settles it.
+Ringing does not wait for LiveKit: when it gives no answer the invitation rings all the same and
+the room is made later (a room action, retried until LiveKit answers; a first join makes it too).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from orchestration.domain.model import (
 from orchestration.ingest.livekit import parse_time
 from orchestration.lifecycle import rules
 from orchestration.lifecycle.context import LifecycleConfig, Outcome, Ports
-from orchestration.lifecycle.effects import apply_decision, create_room, run_effects
+from orchestration.lifecycle.effects import apply_decision, run_effects
+from orchestration.lifecycle.room_actions import create_room
 from orchestration.lifecycle.state import (
     Decision,
     EnsureRoom,
@@ -35,12 +38,14 @@ from orchestration.lifecycle.state import (
     in_rounds,
     merge_decisions,
 )
-from orchestration.ports import RoomError, RoomInfo
+from orchestration.ports import RoomError, RoomInfo, RoomRefused
 
 log = structlog.get_logger("callflow.lifecycle")
 
 NEEDS_ROOM = "needs_room"
 STALE_ROOM = "stale_room"
+# A room LiveKit gave no answer about: ring all the same, make it later.
+ROOM_LATER = RoomInfo(name="", sid="")
 
 
 def change_event(change: dict) -> EventRecord:
@@ -60,6 +65,8 @@ def change_event(change: dict) -> EventRecord:
 def decide(snap: Snapshot, invitation_id: str, event: EventRecord, config: LifecycleConfig,
            room: RoomInfo | None = None, room_error: str | None = None,
            new_id: Callable[[], str] | None = None) -> Decision:
+    """`room`: the room LiveKit made (ROOM_LATER: it gave no answer); `room_error`: why LiveKit
+    refused to make it."""
     w = Working(snap, new_id)
     inv = w.invitations[invitation_id]
     event.room_name = inv.room_name
@@ -75,6 +82,8 @@ def decide(snap: Snapshot, invitation_id: str, event: EventRecord, config: Lifec
             return Decision(NEEDS_ROOM)
         elif room_error is not None:
             result = _failed(w, inv, room_error, event)
+        elif room is ROOM_LATER:
+            result = _ring(w, inv, None, config)
         else:
             if any(c.livekit_room_sid == room.sid and not c.live for c in w.calls.values()):
                 # LiveKit still holds the room of an ended call: it must be made anew first.
@@ -128,13 +137,16 @@ def _failed(w: Working, inv: Invitation, error: str, event: EventRecord) -> str:
     return "failed"
 
 
-def _ring(w: Working, inv: Invitation, room: RoomInfo, config: LifecycleConfig) -> str:
+def _ring(w: Working, inv: Invitation, room: RoomInfo | None, config: LifecycleConfig) -> str:
+    """Ring in `room` (None: LiveKit gave no answer; its room is made later)."""
     call = w.live_call(inv.room_name)
     if call is None:
-        call = w.new_call(inv, sid=room.sid)
-    elif call.livekit_room_sid != room.sid:
+        call = w.new_call(inv, sid=room.sid if room else None)
+    elif room is not None and call.livekit_room_sid != room.sid:
         # The room LiveKit serves now is the call's room (made again after a deletion or timeout).
         call = w.put_call(replace(call, livekit_room_sid=room.sid))
+    if not w.calls[call.id].livekit_room_sid:
+        w.effects.append(EnsureRoom(inv.room_name, call.id))
     rules.ring(w, w.link(inv, call), config.ring_timeout)
     return "ringing"
 
@@ -283,7 +295,7 @@ def _decide_one(snap: Snapshot, it: _Item, ports: Ports) -> Decision:
         try:
             ports.rooms.delete_room(inv.room_name)
         except RoomError:
-            pass
+            pass  # then the remade room below keeps the stale sid, and the invitation fails
         it.room, it.room_error = _make_room(ports, inv.room_name)
         decision = decide(snap, inv.id, change_event(it.change), ports.config, it.room, it.room_error)
         if decision.result == STALE_ROOM:
@@ -295,7 +307,10 @@ def _decide_one(snap: Snapshot, it: _Item, ports: Ports) -> Decision:
 
 
 def _make_room(ports: Ports, room_name: str) -> tuple[RoomInfo | None, str | None]:
+    """(the room, None); (ROOM_LATER, None) when LiveKit gave no answer; (None, why) when it refused."""
     try:
         return create_room(ports, room_name), None
-    except RoomError as exc:
-        return None, str(exc) or "LiveKit could not make the room"
+    except RoomRefused as exc:
+        return None, str(exc) or "LiveKit refused to make the room"
+    except RoomError:
+        return ROOM_LATER, None

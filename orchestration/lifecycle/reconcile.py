@@ -47,6 +47,8 @@ def decide_room_members(snap: Snapshot, listed: list[LiveParticipant]) -> Decisi
 def handle_room_members(room_name: str, ports: Ports) -> Outcome:
     """Compare a live call's room with LiveKit's participant list; remove who has no right there."""
     listed = ports.rooms.list_participants(room_name)
+    if listed is None:
+        return Outcome("livekit_unanswered")
     if not listed:
         return Outcome("nothing")
     with ports.store.transaction(room_name) as uow:
@@ -96,7 +98,7 @@ def decide_silent_call(snap: Snapshot, call_id: str, anyone_in_room: bool, confi
 def handle_silent_call(call_id: str, room_name: str, ports: Ports) -> Outcome:
     live = ports.rooms.list_participants(room_name)
     if live is None:
-        return Outcome("livekit_unknown")
+        return Outcome("livekit_unanswered")
     with ports.store.transaction(room_name) as uow:
         snap = uow.load(Want(room_name=room_name, call_ids=(call_id,),
                              event_ids=(f"join_window_expired:{call_id}",)))
@@ -108,15 +110,16 @@ def handle_silent_call(call_id: str, room_name: str, ports: Ports) -> Outcome:
     return Outcome(decision.result, effects)
 
 
-def reconcile_live_calls(ports: Ports, older_than: float = 60.0, limit: int = 200) -> int:
-    """End live calls whose LiveKit room is gone; returns how many."""
+def reconcile_live_calls(ports: Ports, older_than: float = 60.0, limit: int = 200) -> int | None:
+    """End live calls whose LiveKit room is gone; returns how many (None: LiveKit gave no answer,
+    so nothing was decided)."""
     with ports.store.transaction() as uow:
         candidates = uow.live_calls_older_than(older_than, limit)
     if not candidates:
         return 0
     existing = ports.rooms.existing_rooms(sorted({c["room_name"] for c in candidates}))
     if existing is None:
-        return 0
+        return None
     ended = 0
     for candidate in candidates:
         if candidate["room_name"] in existing:

@@ -2,7 +2,9 @@
 
 Recorded once as `timeout:<invitation id>`, only once the deadline has passed: an early look
 re-schedules itself and records nothing. LiveKit is asked who is in the room before an invitation
-is called missed (webhooks lag): a callee already there has answered.
+is called missed (webhooks lag): a callee already there has answered. LiveKit giving no answer
+decides nothing either (`livekit_unanswered`: the sweep looks again every 2 s), until 10 s past the
+deadline, when what the database knows decides.
 """
 
 from __future__ import annotations
@@ -27,13 +29,18 @@ TIMER_BUCKET_SECONDS = 0.05
 
 
 def decide(snap: Snapshot, invitation_id: str, source: str, callee_in_room: bool | None) -> Decision:
+    """`callee_in_room`: LiveKit's answer (None: it gave none)."""
     w = Working(snap)
     inv = w.invitations.get(invitation_id)
     if inv is None:
         return Decision("unknown_invitation")
-    verdict = decide_ring_timeout(inv, w.now, callee_in_room)
+    joined = inv.call_id is not None and any(p.identity == inv.callee_id and p.connected
+                                             for p in w.participants_of(inv.call_id))
+    verdict = decide_ring_timeout(inv, w.now, callee_in_room, joined)
     if verdict.action == "reschedule":
         return Decision("rescheduled")
+    if verdict.action == "wait":
+        return Decision("livekit_unanswered")
     result = "nothing"
     if verdict.action == "answer":
         rules.answer(w, inv)
@@ -42,8 +49,11 @@ def decide(snap: Snapshot, invitation_id: str, source: str, callee_in_room: bool
         missed = rules.end_invitation(w, inv, S.MISSED, EndReason.TIMEOUT)
         rules.settle_call(w, missed.call_id)
         result = "missed"
+    payload = {"decision": result}
+    if callee_in_room is None:
+        payload["livekit"] = "no answer: decided from the database"
     w.record(EventRecord(f"timeout:{inv.id}", "timer" if source == "timer" else "sweep", "ring_timeout",
-                         inv.room_name, inv.id, inv.ring_deadline, {"decision": result}))
+                         inv.room_name, inv.id, inv.ring_deadline, payload))
     return w.decision(result)
 
 
@@ -74,7 +84,7 @@ def handle_ring_timeouts(due: list[dict], source: str, ports: Ports, parallel_ma
     if not due:
         return []
     live = list(parallel_map(lambda row: ports.rooms.list_participants(row["room_name"]), due))
-    in_room = {str(row["id"]): bool(people) and any(p.identity == str(row["callee_id"]) for p in people)
+    in_room = {str(row["id"]): None if people is None else any(p.identity == str(row["callee_id"]) for p in people)
                for row, people in zip(due, live)}
     keys = lambda row: {f"room:{row['room_name']}", f"user:{row['callee_id']}", f"user:{row['caller_id']}"}  # noqa: E731
     outcomes: dict[str, Outcome] = {}

@@ -95,12 +95,19 @@ class SendNotification:
     notification_id: str
 
 
+# Room actions: what callflow must do in a LiveKit room. Each is also written down, in the
+# transaction of the decision that calls for it, as a `callflow_room_actions` row under its `key`,
+# and struck off once LiveKit has answered: retried until then, whoever dies (room_actions.py).
 @dataclass(frozen=True)
 class ReleaseRoom:
     """A call ended: remove everyone left in its room and delete it, unless a newer call lives there."""
 
     room_name: str
     call_id: str
+
+    @property
+    def key(self) -> str:
+        return f"release:{self.call_id}"
 
 
 @dataclass(frozen=True)
@@ -109,13 +116,28 @@ class RemoveParticipant:
     identity: str
     participant_sid: str
 
+    @property
+    def key(self) -> str:
+        return f"remove:{self.participant_sid}"
+
 
 @dataclass(frozen=True)
 class EnsureRoom:
-    """An answered call with no LiveKit room yet: make it, then record its sid on the call."""
+    """A live call with no LiveKit room yet (answered before it rang, or rung while LiveKit gave no
+    answer): make it, then record its sid on the call."""
 
     room_name: str
     call_id: str
+
+    @property
+    def key(self) -> str:
+        return f"make:{self.call_id}"
+
+
+ROOM_ACTIONS = (EnsureRoom, ReleaseRoom, RemoveParticipant)
+# A written-down room action is the sweep's once this long has passed without its worker striking
+# it off (the worker died, or LiveKit is slow to answer): a repeat is harmless, a loss is not.
+ROOM_ACTION_FIRST_RETRY_SECONDS = 5.0
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,14 @@
   re-read as `transition_recovered:<invitation id>:<status>`;
 - answered calls nobody is in (see `reconcile.py`);
 - every few seconds, the rooms of live calls against LiveKit's participant lists (strangers out);
-- every half minute, live calls whose LiveKit room is gone.
+- every half minute, live calls whose LiveKit room is gone;
+- room actions (make, delete, remove) whose next attempt is due: failed ones, or ones whose
+  worker died before it ran them (`room_actions.py`).
 
 Each piece is handed on at most once per few seconds (the throttle), so a backlog is not
-multiplied; the use cases' own idempotency makes a repeat harmless anyway.
+multiplied; the use cases' own idempotency makes a repeat harmless anyway. What depends on who is
+in a room (a ring deadline, a grace period, the comparisons with LiveKit) is looked at again
+within LOOK_AGAIN_AFTER seconds while LiveKit gives no answer.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from orchestration.lifecycle import room_actions
 from orchestration.lifecycle.context import Ports
 from orchestration.lifecycle.grace_expired import handle_grace_expired
 from orchestration.lifecycle.invitation_changed import handle_invitation_changed
@@ -32,6 +37,8 @@ UNRECORDED_AFTER = 2.0           # seconds a client's transition may wait for it
 UNRECORDED_WITHIN = 900.0        # how far back lost transitions are looked for (a look costs the window)
 UNRECORDED_EVERY = 5.0           # seconds between two looks
 RECONCILE_EVERY = 30.0
+# Decisions waiting for LiveKit's answer are looked at again this soon (the contract: at most 2 s).
+LOOK_AGAIN_AFTER = 2.0
 MEMBERS_EVERY = 3.0
 # Rooms compared with LiveKit per look: each is a ListParticipants call and a read, so many live
 # calls are looked at in turns (20 live calls: every 3 s; 1,000: every 2.5 min).
@@ -47,6 +54,7 @@ class SweepReport:
     silent: int = 0
     removed: int = 0
     reconciled: int = 0
+    room_actions: int = 0
     results: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -78,11 +86,11 @@ def run_sweep(ports: Ports, throttle: Throttle, *, interval: float, parallel_map
                 if throttle.once("unrecorded", UNRECORDED_EVERY) else [])
     report = SweepReport()
 
-    overdue = [r for r in due if throttle.once(f"timeout:{r['id']}", hold)]
+    overdue = [r for r in due if throttle.once(f"timeout:{r['id']}", LOOK_AGAIN_AFTER)]
     results = [o.result for o in handle_ring_timeouts(overdue, "sweep", ports, parallel_map)]
     report.timeouts = sum(1 for r in results if r in ("missed", "answered"))
 
-    graces = [g for g in graces if throttle.once(f"grace:{g['participant_sid']}", hold)]
+    graces = [g for g in graces if throttle.once(f"grace:{g['participant_sid']}", LOOK_AGAIN_AFTER)]
     results = list(parallel_map(lambda g: handle_grace_expired(g["room_name"], g["participant_sid"], g["identity"],
                                                                None, ports, "sweep").result, graces))
     report.graces = sum(1 for r in results if r != "duplicate")
@@ -104,7 +112,7 @@ def run_sweep(ports: Ports, throttle: Throttle, *, interval: float, parallel_map
     # Looked for after the recoveries: a recovered answer may be long past its join window.
     with ports.store.transaction() as uow:
         silent = uow.silent_active_calls(cfg.ring_timeout, cfg.grace, limit)
-    silent = [row for row in silent if throttle.once(f"silent:{row['id']}", hold)]
+    silent = [row for row in silent if throttle.once(f"silent:{row['id']}", LOOK_AGAIN_AFTER)]
     results = list(parallel_map(lambda row: handle_silent_call(str(row["id"]), row["room_name"], ports).result,
                                 silent))
     report.silent = sum(1 for r in results if r == "ended_silent")
@@ -118,7 +126,14 @@ def run_sweep(ports: Ports, throttle: Throttle, *, interval: float, parallel_map
             rooms = (rooms + rooms)[start:start + MEMBERS_PER_LOOK]
         results = list(parallel_map(lambda room: handle_room_members(room, ports).result, rooms))
         report.removed = sum(int(r.split()[1]) for r in results if r.startswith("removed"))
+        if "livekit_unanswered" in results:
+            throttle.forget("members")  # not taken on no answer: asked again at the next sweep
 
     if throttle.once("reconcile", RECONCILE_EVERY):
-        report.reconciled = reconcile_live_calls(ports)
+        reconciled = reconcile_live_calls(ports)
+        if reconciled is None:
+            throttle.forget("reconcile")
+        report.reconciled = reconciled or 0
+
+    report.room_actions = room_actions.retry_due(ports, parallel_map)
     return report

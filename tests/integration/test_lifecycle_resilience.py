@@ -1,4 +1,5 @@
-"""Timeouts stay certain when a worker dies, and an invitation no worker can serve ends `failed`."""
+"""Timeouts stay certain when a worker dies; an invitation whose room LiveKit refuses ends `failed`,
+and one whose room LiveKit gives no answer about rings all the same."""
 
 from __future__ import annotations
 
@@ -55,27 +56,40 @@ def test_timeouts_held_by_a_sigkilled_worker_fire_within_the_sweep_interval_plus
         doomed.stop()
 
 
-def test_an_invitation_whose_room_cannot_be_made_ends_failed(redis_server, log_dir):
-    # A worker of its own (its own database and broker, so no other worker or sweep serves the
-    # invitation first) whose LiveKit is unreachable.
+def _lone_worker(redis_server, log_dir, name: str, **env):
+    """A worker of its own (its own database and broker, so no other worker or sweep serves its
+    invitations first), with the settings given."""
+    database_url = services.create_database()
+    broker = redis_server.url.rsplit("/", 1)[0] + "/9"
+    import redis
+
+    redis.Redis.from_url(broker).flushdb()
+    proc = services.celery_worker(subprocess_env(REDIS_URL=broker, DATABASE_URL=database_url, **env), log_dir,
+                                  name=name, concurrency=1)
+    _wait_worker_ready(proc)
+    return proc, database_url, Celery("sender", broker=broker)
+
+
+def _two_users(db) -> tuple[str, str]:
     import json
     import uuid
 
+    caller, callee = str(uuid.uuid4()), str(uuid.uuid4())
+    for uid in (caller, callee):
+        db.execute("insert into auth.users (id, email, raw_user_meta_data) values (%s, %s, %s)",
+                   (uid, f"{uid[:8]}@example.test", json.dumps({})))
+    return caller, callee
+
+
+def test_an_invitation_whose_room_livekit_refuses_ends_failed(redis_server, livekit, log_dir):
+    # LiveKit answers, and the answer is no (a key it does not know signs the request: 401).
     from orchestration.db import connect
 
-    database_url = services.create_database()
-    broker = redis_server.url.rsplit("/", 1)[0] + "/9"
-    proc = services.celery_worker(subprocess_env(REDIS_URL=broker, DATABASE_URL=database_url,
-                                                 LIVEKIT_URL="ws://127.0.0.1:9"), log_dir, name="nolivekit", concurrency=1)
-    _wait_worker_ready(proc)
+    proc, database_url, app = _lone_worker(redis_server, log_dir, "refused",
+                                           LIVEKIT_API_SECRET="not-the-secret-livekit-knows-000000")
     db = connect(database_url, autocommit=True)
     try:
-        caller, callee = str(uuid.uuid4()), str(uuid.uuid4())
-        for uid in (caller, callee):
-            db.execute("insert into auth.users (id, email, raw_user_meta_data) values (%s, %s, %s)",
-                       (uid, f"{uid[:8]}@example.test", json.dumps({})))
-        inv = insert_invitation(database_url, caller, callee)
-        app = Celery("sender", broker=broker)
+        inv = insert_invitation(database_url, *_two_users(db))
         enqueue_change(inv["id"], "pending", app=app)
         failed = wait_invitation(db, inv["id"], "failed", timeout=30)
         assert failed["end_reason"] == "error"
@@ -83,7 +97,32 @@ def test_an_invitation_whose_room_cannot_be_made_ends_failed(redis_server, log_d
         assert call["status"] == "failed" and call["end_reason"] == "error"
         event = db.execute("select payload from public.call_events where event_id = %s",
                            (f"realtime:{inv['id']}:pending",)).fetchone()
-        assert "LiveKit" in event["payload"]["error"]
+        assert "refused" in event["payload"]["error"]
+    finally:
+        proc.stop()
+        db.close()
+        services.drop_database(database_url)
+
+
+def test_an_invitation_rings_while_livekit_gives_no_answer_and_its_room_is_made_later(redis_server, log_dir):
+    # Nothing listens where this worker's LiveKit should be: no answer is not a refusal. The
+    # invitation rings (LiveKit makes a room on the first join anyway); making the room is written
+    # down as a room action and retried with backoff.
+    from orchestration.db import connect
+
+    proc, database_url, app = _lone_worker(redis_server, log_dir, "nolivekit", LIVEKIT_URL="ws://127.0.0.1:9")
+    db = connect(database_url, autocommit=True)
+    try:
+        inv = insert_invitation(database_url, *_two_users(db))
+        enqueue_change(inv["id"], "pending", app=app)
+        ringing = wait_invitation(db, inv["id"], "ringing", timeout=30)
+        call = db.execute("select * from public.calls where id = %s", (ringing["call_id"],)).fetchone()
+        assert call["status"] == "ringing" and call["livekit_room_sid"] is None
+        action = wait_for(lambda: db.execute(
+            "select * from public.callflow_room_actions where key = %s and attempts >= 1",
+            (f"make:{call['id']}",)).fetchone(), timeout=10, what="the room's making written down and retried")
+        assert action["action"] == "make" and action["room_name"] == inv["room_name"]
+        assert "no answer" in action["last_error"]
     finally:
         proc.stop()
         db.close()

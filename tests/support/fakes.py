@@ -24,8 +24,20 @@ from orchestration.domain.model import (
     order_key,
     room_parties,
 )
-from orchestration.lifecycle.state import Decision, EventRecord, Push, SendNotification, SendPushes, Snapshot, Want
-from orchestration.ports import LiveParticipant, RoomError, RoomInfo
+from orchestration.lifecycle.state import (
+    ROOM_ACTION_FIRST_RETRY_SECONDS,
+    ROOM_ACTIONS,
+    Decision,
+    EnsureRoom,
+    EventRecord,
+    Push,
+    ReleaseRoom,
+    SendNotification,
+    SendPushes,
+    Snapshot,
+    Want,
+)
+from orchestration.ports import LiveParticipant, RoomInfo, RoomRefused, RoomUnanswered
 
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -68,6 +80,8 @@ class FakeStore:
         self.push_tokens: dict[str, list[str]] = {}   # user -> device tokens
         self.push_messages: dict[tuple[str, str, str], str] = {}  # (kind, invitation, token) -> status
         self.history: dict[str, list[Invitation]] = {}  # every version of each invitation
+        # callflow_room_actions: key -> [effect, attempts, next attempt at]
+        self.room_actions: dict[str, list] = {}
         self._ids = itertools.count(1)
         self.locked: list[tuple[str, ...]] = []
 
@@ -151,6 +165,10 @@ class FakeUnitOfWork:
 
     def apply(self, decision: Decision) -> list:
         s = self.s
+        for action in decision.effects:
+            if isinstance(action, ROOM_ACTIONS):
+                s.room_actions.setdefault(action.key, [action, 0, self.now() + timedelta(
+                    seconds=ROOM_ACTION_FIRST_RETRY_SECONDS)])
         for call in sorted(decision.calls, key=lambda c: c.live):
             s.calls[call.id] = call
         live_rooms = [c.room_name for c in s.calls.values() if c.live]
@@ -191,6 +209,29 @@ class FakeUnitOfWork:
             if status == "pending":
                 follow.append(SendNotification(f"n-{mail.invitation_id}"))
         return follow
+
+    def room_actions_done(self, keys) -> None:
+        for key in keys:
+            self.s.room_actions.pop(key, None)
+
+    def room_actions_failed(self, failures) -> None:
+        for key, delay, _error in failures:
+            if key in self.s.room_actions:
+                entry = self.s.room_actions[key]
+                entry[1] += 1
+                entry[2] = self.now() + timedelta(seconds=delay)
+
+    def take_due_room_actions(self, limit, lease):
+        due = sorted((e for e in self.s.room_actions.values() if e[2] <= self.now()), key=lambda e: e[2])[:limit]
+        rows = []
+        for entry in due:
+            action, attempts = entry[0], entry[1]
+            entry[2] = self.now() + timedelta(seconds=lease)
+            kind = "make" if isinstance(action, EnsureRoom) else "release" if isinstance(action, ReleaseRoom) else "remove"
+            rows.append({"key": action.key, "action": kind, "room_name": action.room_name,
+                         "call_id": getattr(action, "call_id", None), "identity": getattr(action, "identity", None),
+                         "participant_sid": getattr(action, "participant_sid", None), "attempts": attempts})
+        return rows
 
     def event_seen(self, event_id: str) -> bool:
         return event_id in self.s.events
@@ -311,33 +352,45 @@ class FakeRooms:
     def __init__(self) -> None:
         self.rooms: dict[str, FakeRoom] = {}
         self._sids = itertools.count(1)
-        self.fail_create = False
+        # What LiveKit answers: "ok", "unanswered" (no answer: down, 5xx, 429) or "refused" (a 4xx).
+        self.answer = "ok"
         self.removed: list[tuple[str, str]] = []
         self.deleted: list[str] = []
 
     def new_sid(self, prefix: str) -> str:
         return f"{prefix}_{next(self._sids):05d}"
 
+    def _check(self) -> None:
+        if self.answer == "unanswered":
+            raise RoomUnanswered("LiveKit gave no answer")
+        if self.answer == "refused":
+            raise RoomRefused("LiveKit refused: HTTP 403 permission_denied")
+
     def create_room(self, name, *, empty_timeout, departure_timeout, max_participants, metadata) -> RoomInfo:
-        if self.fail_create:
-            raise RoomError("LiveKit is down")
+        self._check()
         room = self.rooms.setdefault(name, FakeRoom(self.new_sid("RM")))
         return RoomInfo(name, room.sid)
 
     def list_participants(self, room):
+        if self.answer != "ok":
+            return None
         r = self.rooms.get(room)
         if r is None:
             return []
         return [LiveParticipant(identity, sid, "ACTIVE") for identity, sid in r.participants.items()]
 
     def existing_rooms(self, names):
+        if self.answer != "ok":
+            return None
         return {n for n in names if n in self.rooms}
 
     def delete_room(self, room):
+        self._check()
         self.deleted.append(room)
         self.rooms.pop(room, None)
 
     def remove_participant(self, room, identity):
+        self._check()
         self.removed.append((room, identity))
         r = self.rooms.get(room)
         if r is not None:
