@@ -2,7 +2,7 @@
 
     test (clients, participants) ──────────────► Postgres, LiveKit (direct: media survives)
     web, worker, beat, listener ──► Toxiproxy ──► Postgres / Redis / LiveKit's API
-    LiveKit ──webhooks──► web
+    LiveKit ──webhooks──► Toxiproxy ──► web
 
 Its own Postgres cluster (so `pg_ctl restart` touches nothing else of the run), its own Redis
 (with its append-only file, so a restart keeps what was acknowledged) and its own LiveKit server
@@ -165,10 +165,13 @@ def fault_stack():
     database_url = services.create_database("callflow_faults", invite_rate_per_minute=100_000,
                                             admin_url=postgres.admin_url)
     web_port = services.free_port()
-    livekit = services.LiveKitServer(log_dir, f"http://127.0.0.1:{web_port}/livekit/webhook",
+    # LiveKit's webhooks reach web through a proxy too, so a test can make them lag.
+    webhooks = toxiproxy.proxy("webhooks", f"127.0.0.1:{web_port}")
+    livekit = services.LiveKitServer(log_dir, f"http://{webhooks.listen}/livekit/webhook",
                                      TEST_ENV["LIVEKIT_API_KEY"], TEST_ENV["LIVEKIT_API_SECRET"]).start()
     pg = urlsplit(database_url)
     proxies = {
+        "webhooks": webhooks,
         "livekit": toxiproxy.proxy("livekit_api", f"127.0.0.1:{livekit.port}"),
         "postgres": toxiproxy.proxy("postgres", f"{pg.hostname}:{pg.port}"),
         "redis": toxiproxy.proxy("redis", f"127.0.0.1:{redis.port}"),
