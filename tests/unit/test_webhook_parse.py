@@ -5,10 +5,13 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from datetime import datetime, timezone
 
 import pytest
+from celery.utils.time import utcoffset as celery_utcoffset
 
-from orchestration.webhooks import LIVEKIT_EVENT_TYPES, CeleryMessageBuilder, InvalidEvent, livekit_event_args, parse_event
+from orchestration.webhooks import (LIVEKIT_EVENT_TYPES, CeleryMessageBuilder, InvalidEvent, livekit_event_args, parse_event,
+                                    task_sent_channel)
 
 
 def event_body(kind: str, **extra) -> bytes:
@@ -130,3 +133,35 @@ def test_generic_build_matches_args():
     envelope, (args, _kw, _embed) = decode(builder.build(["token-1"], task_id="abc"))
     assert args == ["token-1"] and envelope["headers"]["id"] == "abc"
     assert envelope["properties"]["delivery_info"]["routing_key"] == "timers"
+
+
+def test_the_task_sent_event_names_its_message():
+    builder = CeleryMessageBuilder("callflow.ring_timeouts_due", "timers", origin="gen1@host%name", reply_to="r")
+    eta = datetime(2030, 1, 1, 0, 0, 0, 250000, tzinfo=timezone.utc)
+    events = []
+    for _ in range(2):
+        message, sent_event = builder.prebuilt([1.25], eta=eta)
+        headers = json.loads(message)["headers"]
+        envelope, event = decode(sent_event)
+        events.append(event)
+        assert envelope["headers"] == {"hostname": "gen1@host%name"}
+        assert envelope["properties"]["delivery_info"] == {"exchange": "celeryev", "routing_key": "task.sent"}
+        assert event["type"] == "task-sent" and event["hostname"] == "gen1@host%name"
+        assert event["uuid"] == event["root_id"] == headers["id"] and event["name"] == headers["task"]
+        assert event["args"] == headers["argsrepr"] == "[1.25]" and event["kwargs"] == "{}"
+        assert event["eta"] == headers["eta"] == "2030-01-01T00:00:00.250000+00:00"
+        assert (event["queue"], event["exchange"], event["routing_key"]) == ("timers", "", "timers")
+        assert event["utcoffset"] == celery_utcoffset()
+    assert events[1]["clock"] > events[0]["clock"] and events[1]["timestamp"] >= events[0]["timestamp"]
+    assert events[0]["uuid"] != events[1]["uuid"]
+    nudge, nudge_event = CeleryMessageBuilder.for_task("callflow.livekit_events", "events").prebuilt()
+    assert decode(nudge)[1][0] == [] and decode(nudge_event)[1]["args"] == "()" and decode(nudge_event)[1]["eta"] is None
+
+
+def test_no_task_sent_event_when_they_are_off():
+    message, sent_event = CeleryMessageBuilder.for_task("callflow.ping", "events", sent_events=False).prebuilt(["x"])
+    assert sent_event == b"" and decode(message)[1][0] == ["x"]
+
+
+def test_the_task_sent_channel_is_kombus_fanout_topic():
+    assert task_sent_channel(None) == b"/0.celeryev/task.sent" and task_sent_channel(3) == b"/3.celeryev/task.sent"
