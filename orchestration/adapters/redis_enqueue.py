@@ -3,7 +3,8 @@
 One Lua script does both, atomically, for each event: `SET mark NX EX ttl`; only if the mark is
 new, `LPUSH` the event (its task arguments) onto the webhook backlog (`orchestration.ingest.backlog`),
 and, when something was listed and no nudge is waiting, one pre-built `callflow.livekit_events`
-message onto the queue: the workers take the waiting events in batches. If the listing fails the
+message onto the queue (and its `task-sent` event, for Flower): the workers take the waiting events
+in batches. If the listing fails the
 mark is deleted in the same script, so a retry is never taken for a duplicate. If the reply is
 lost (Redis stalled after running it) both are there: the retry then finds the mark and is a
 duplicate, and the event is listed. Either way: once, or never with a 503 the sender retries. (A
@@ -30,6 +31,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from orchestration.ingest.backlog import LIST_ONCE_LUA, WEBHOOK_EVENTS, BacklogKeys
+from orchestration.webhooks import PreBuiltTask, task_sent_channel_of
 
 DEDUPE_PREFIX = "callflow:webhook:seen:"
 # LiveKit retries for ~15 s and drops events older than 30 s: an hour is well past that, and the
@@ -46,12 +48,13 @@ class EnqueueUnavailable(Exception):
 
 class RedisEnqueuer:
     """`await enqueue_once(dedupe_id, item)`: True when listed now, False for a duplicate.
-    `nudge_message()` makes a new nudge (a task message with an id of its own) for each Redis call.
+    `nudge()` makes a new nudge (a task message with an id of its own, and its `task-sent` event:
+    `CeleryMessageBuilder.prebuilt`) for each Redis call.
 
     Must be used from one event loop (the ASGI server's); connections are made on first use.
     """
 
-    def __init__(self, url: str, queue: str, nudge_message: Callable[[], bytes], *,
+    def __init__(self, url: str, queue: str, nudge: Callable[[], PreBuiltTask], *,
                  keys: BacklogKeys = WEBHOOK_EVENTS, ttl: int = DEDUPE_TTL_SECONDS, prefix: str = DEDUPE_PREFIX,
                  timeout: float = 1.0, max_inflight: int = 4, max_batch: int = 256) -> None:
         self.queue = queue
@@ -72,10 +75,12 @@ class RedisEnqueuer:
         self._tasks: set[asyncio.Task] = set()
         self.batches = 0  # counters for metrics: batches sent, calls sent in them
         self.calls = 0
-        self.nudge_message = nudge_message
-        # What follows the marks in every call: the backlog, nudge mark and queue, then ttl.
+        self.nudge = nudge
+        # What follows the marks in every call: the backlog, nudge mark and queue, then ttl and the
+        # `task-sent` channel.
         self._tail = b"".join(b"$%d\r\n%s\r\n" % (len(part), part) for part in (
-            keys.items.encode(), keys.nudged.encode(), queue.encode(), str(ttl).encode()))
+            keys.items.encode(), keys.nudged.encode(), queue.encode(), str(ttl).encode(),
+            task_sent_channel_of(self._pool)))
 
     async def enqueue_once(self, dedupe_id: str, item: bytes) -> bool:
         loop = asyncio.get_running_loop()
@@ -87,18 +92,18 @@ class RedisEnqueuer:
         return await future
 
     def _pack(self, command: bytes, batch: list) -> bytes:
-        """`EVALSHA|EVAL script n+3 mark... list nudged queue ttl nudge item...` in RESP (no
-        per-argument objects)."""
+        """`EVALSHA|EVAL script n+3 mark... list nudged queue ttl channel nudge event item...` in
+        RESP (no per-argument objects)."""
         script = LIST_ONCE_SHA.encode() if command == b"EVALSHA" else LIST_ONCE_LUA.encode()
         numkeys = b"%d" % (len(batch) + 3)
         parts = [b"*%d\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
-            3 + 2 * len(batch) + 5, len(command), command, len(script), script, len(numkeys), numkeys)]
+            3 + 2 * len(batch) + 7, len(command), command, len(script), script, len(numkeys), numkeys)]
         for item in batch:
             key = item[0].encode()
             parts.append(b"$%d\r\n%s\r\n" % (len(key), key))
-        nudge = self.nudge_message()
+        nudge, sent_event = self.nudge()
         parts.append(self._tail)
-        parts.append(b"$%d\r\n%s\r\n" % (len(nudge), nudge))
+        parts.append(b"$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(nudge), nudge, len(sent_event), sent_event))
         for item in batch:
             parts.append(b"$%d\r\n" % len(item[1]))
             parts.append(item[1])

@@ -10,8 +10,9 @@ lifecycle is idempotent on `call_events.event_id` anyway.)
 
 Workers are nudged, not handed one task per change: the list is a backlog
 (`orchestration.ingest.backlog`) whose nudge is one `callflow.invitations_changed` message (no
-arguments, pre-built like the webhook consumer's) on queue `events`; that task takes up to 32
-waiting changes and decides them together. A lost change is made good by the sweeps.
+arguments, pre-built like the webhook consumer's, announced with its `task-sent` event) on queue
+`events`; that task takes up to 32 waiting changes and decides them together. A lost change is
+made good by the sweeps.
 
 `catch_up()` is the safety net behind both sources (Realtime delivers at most once; NOTIFY is
 lost while nobody listens): it reads the invitations whose `(updated_at, id)` is past the
@@ -71,7 +72,7 @@ class IngestSink:
         self.queue = queue
         self.ttl = int(ttl_seconds)
         builder = CeleryMessageBuilder.for_task(TASK_NAME, queue)
-        self.backlog = Backlog(redis, CHANGES, queue, lambda: builder.build([], argsrepr="()"))
+        self.backlog = Backlog(redis, CHANGES, queue, builder.prebuilt)
         self._enqueue = redis.register_script(LIST_ONCE_LUA)
 
     def submit(self, changes: Iterable[Change]) -> SubmitResult:
@@ -88,8 +89,10 @@ class IngestSink:
             return SubmitResult(duplicates=duplicates)
         keys = list(unique)
         batch = [unique[k] for k in keys]
+        nudge = self.backlog.nudge()
         listed = self._enqueue(keys=keys + [CHANGES_KEY, NUDGE_KEY, self.queue],
-                               args=[self.ttl, self.backlog.nudge_message(), *(json.dumps(c.as_task_arg()) for c in batch)])
+                               args=[self.ttl, self.backlog.sent_channel, nudge.message, nudge.sent_event,
+                                     *(json.dumps(c.as_task_arg()) for c in batch)])
         failed = [r for r in listed if not isinstance(r, int)]
         if failed:  # the script kept no mark for these: the listener's retry lists them
             text = failed[0].decode(errors="replace") if isinstance(failed[0], bytes) else str(failed[0])

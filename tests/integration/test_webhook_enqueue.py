@@ -11,13 +11,15 @@ import redis
 
 from orchestration.adapters.redis_enqueue import DEDUPE_PREFIX, EnqueueUnavailable, RedisEnqueuer
 from orchestration.ingest.backlog import WEBHOOK_EVENTS
+from orchestration.webhooks import PreBuiltTask
 
 LISTED = WEBHOOK_EVENTS.items
 _nudges = iter(range(1_000_000))
 
 
-def nudge() -> bytes:
-    return b"nudge-%d" % next(_nudges)
+def nudge() -> PreBuiltTask:
+    """A marked stand-in for a nudge message, without a `task-sent` event (test_task_sent_events has those)."""
+    return PreBuiltTask(b"nudge-%d" % next(_nudges), b"")
 
 
 @pytest.fixture

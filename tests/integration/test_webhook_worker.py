@@ -101,7 +101,7 @@ def test_the_nudge_pushed_by_the_lua_script_is_run_by_a_real_worker(log_dir, red
         builder = CeleryMessageBuilder.for_task("callflow.ping", "events")
 
         async def push() -> list[bool]:
-            enqueuer = RedisEnqueuer(url, "events", lambda: builder.build([token]))
+            enqueuer = RedisEnqueuer(url, "events", lambda: builder.prebuilt([token]))
             try:
                 return await asyncio.gather(*(enqueuer.enqueue_once(i, b"[{}, null]") for i in ids),
                                             enqueuer.enqueue_once(ids[0], b"[{}, null]"))

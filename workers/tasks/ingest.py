@@ -40,7 +40,7 @@ def webhook_backlog():
 
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
     builder = CeleryMessageBuilder.for_task("callflow.livekit_events", "events")
-    return Backlog(client, WEBHOOK_EVENTS, "events", lambda: builder.build_from_json(b"[]", "()"))
+    return Backlog(client, WEBHOOK_EVENTS, "events", builder.prebuilt)
 
 
 @app.task(name="callflow.catch_up_invitations", acks_late=False, ignore_result=True)

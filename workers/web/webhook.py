@@ -141,7 +141,7 @@ class LiveKitWebhook:
     @property
     def enqueuer(self) -> RedisEnqueuer:
         if self._enqueuer is None:
-            self._enqueuer = RedisEnqueuer(self.redis_url, QUEUE, lambda: self.builder.build_from_json(b"[]", "()"))
+            self._enqueuer = RedisEnqueuer(self.redis_url, QUEUE, self.builder.prebuilt)
         return self._enqueuer
 
     async def _reject(self, send, exc: WebhookRejected, **context) -> None:
