@@ -12,18 +12,20 @@ from celery import Celery
 from orchestration.ingest.mapping import dedupe_key
 from orchestration.ingest.sink import DEDUPE_TTL_SECONDS
 from orchestration.lifecycle.ring_timeout import TIMER_BUCKET_SECONDS
-from orchestration.webhooks import CeleryMessageBuilder
+from orchestration.webhooks import PUSH_TASK_LUA, CeleryMessageBuilder, task_sent_channel_of
 
 BUCKET_TASK = "callflow.ring_timeouts_due"
 BUCKET_TTL_SECONDS = 24 * 3600
-# KEYS: the buckets' marks, then the queue. ARGV: the marks' ttl, then one countdown message per
-# bucket. A bucket's message is pushed only by whoever sets its mark. Returns how many were pushed.
-_BUCKETS = """
+# KEYS: the buckets' marks, then the queue. ARGV: the marks' ttl, the `task-sent` channel, then per
+# bucket its countdown message and that message's `task-sent` event ('' for none). A bucket's
+# message (and event) is pushed only by whoever sets its mark. Returns how many were pushed.
+_BUCKETS = PUSH_TASK_LUA + """
 local queue = KEYS[#KEYS]
 local pushed = 0
 for i = 1, #KEYS - 1 do
   if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[1]) then
-    redis.call('LPUSH', queue, ARGV[i + 1])
+    local reply = push_task(queue, ARGV[1 + 2 * i], ARGV[2], ARGV[2 + 2 * i])
+    if type(reply) == 'table' then return reply end
     pushed = pushed + 1
   end
 end
@@ -42,12 +44,16 @@ class CeleryScheduler:
         self._redis: redis.Redis | None = None
         self._buckets = None
         self._builder: CeleryMessageBuilder | None = None
+        self._sent_channel = b""
 
     def _r(self) -> redis.Redis:
         if self._redis is None:
             self._redis = redis.Redis.from_url(self.app.conf.broker_url)
             self._buckets = self._redis.register_script(_BUCKETS)
-            self._builder = CeleryMessageBuilder.for_task(BUCKET_TASK, "timers")
+            self._sent_channel = task_sent_channel_of(self._redis)
+            # Announced as `send_task` would announce them with this app: `task_send_sent_event`.
+            self._builder = CeleryMessageBuilder.for_task(BUCKET_TASK, "timers",
+                                                          sent_events=bool(self.app.conf.task_send_sent_event))
         return self._redis
 
     def ring_timeouts(self, deadlines: list[tuple[str, datetime]]) -> None:
@@ -59,8 +65,9 @@ class CeleryScheduler:
             return
         self._r()
         keys = [f"callflow:timer-bucket:{int(round(end * 1000))}" for end in ends]
-        messages = [self._builder.build([end], eta=datetime.fromtimestamp(end, tz=timezone.utc)) for end in ends]
-        self._buckets(keys=keys + ["timers"], args=[BUCKET_TTL_SECONDS, *messages])
+        countdowns = [self._builder.prebuilt([end], eta=datetime.fromtimestamp(end, tz=timezone.utc)) for end in ends]
+        self._buckets(keys=keys + ["timers"],
+                      args=[BUCKET_TTL_SECONDS, self._sent_channel, *(part for task in countdowns for part in task)])
 
     def ring_timeout_bucket(self, end: float) -> None:
         self.app.send_task(BUCKET_TASK, args=[end], queue="timers",
