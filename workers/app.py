@@ -30,6 +30,7 @@ from kombu import Queue
 
 from config.logging import configure_logging, register_secret
 from config.settings import load_settings_or_exit
+from orchestration.webhooks import TASK_SENT_EVENTS
 from workers.queues import QUEUES
 
 settings = load_settings_or_exit()
@@ -85,10 +86,13 @@ app.conf.update(
     worker_disable_prefetch=True,
     worker_eta_task_limit=20000,
     worker_hijack_root_logger=False,
-    # Task events cost three extra broker writes per task; Flower switches them on while it runs
-    # (it broadcasts enable_events), so they are off by default.
+    # A worker's task events cost three extra broker writes per task; Flower switches them on while
+    # it runs (it broadcasts enable_events), so they are off by default.
     worker_send_task_events=False,
-    task_send_sent_event=False,
+    # `task-sent`, so Flower lists a task from the moment it is queued: one switch with the messages
+    # callflow pushes itself (the backlogs' nudges, the ring-timeout countdowns), which publish
+    # theirs in the script that pushes them (orchestration/webhooks.py, TASK_SENT_EVENTS).
+    task_send_sent_event=TASK_SENT_EVENTS,
     broker_connection_retry_on_startup=True,
     broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT,
                               # BRPOP the queues in QUEUES order every time (not round-robin).
