@@ -13,6 +13,11 @@
 
 The caller (the Celery task) turns `retry` and `throttled` outcomes into a re-queue with the
 outcome's countdown.
+
+No answer from Resend (connection refused or reset, a timeout, 5xx, 429) is never an answer: the row
+stays `pending` and is tried again with backoff for as long as Resend's idempotency key lasts
+(EXPIRY); only Resend's refusal (a 4xx other than 429) makes it `failed`. The backoff counts this
+row's failures since its own last attempt began, so a new email always starts from the first step.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Protocol
 
 from config.logging import get_logger
+from orchestration.backoff import backoff_delay
 from orchestration.db import get_pool
 from orchestration.domain.model import deserves_missed_call_email
 from orchestration.notifications import store
@@ -36,7 +42,9 @@ from orchestration.notifications.rendering import MissedCall, display_name, reci
 
 log = get_logger("callflow.notifications")
 
-MAX_ATTEMPTS = 6  # requests per delivery run before the row is `failed`
+# Database or Redis trouble around a send: tries of one task before it leaves the row, still
+# `pending`, to the sweep (Resend giving no answer is retried until EXPIRY instead).
+MAX_ATTEMPTS = 6
 BACKOFF_BASE_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 60.0
 # A task books its send time however far ahead the queue of bookings reaches, and waits for it in
@@ -88,9 +96,9 @@ class Outcome:
 
 
 def backoff(failures: int) -> float:
-    """1, 2, 4, 8 ... seconds (capped), with up to 25 % jitter."""
-    delay = min(BACKOFF_MAX_SECONDS, BACKOFF_BASE_SECONDS * (2 ** max(0, failures)))
-    return delay * random.uniform(1.0, 1.25)
+    """The wait before the next try after `failures` failures in a row (0 = the first failure
+    happened just now): the shared backoff from 1 s, capped at a minute."""
+    return backoff_delay(failures + 1, BACKOFF_BASE_SECONDS, BACKOFF_MAX_SECONDS)
 
 
 def _opted_out(meta: dict) -> bool:
@@ -190,11 +198,8 @@ def deliver(notification_id: str, *, database_url: str, mailer: Mailer, bucket: 
         except RetryableSendError as exc:
             if exc.status == 429 and exc.retry_after and bucket is not None and mailer.rate_limited:
                 bucket.hold_off(exc.retry_after)
-            if failures + 1 >= MAX_ATTEMPTS:
-                store.mark_failed(conn, notification_id, f"gave up after {failures + 1} tries: {exc.describe()}")
-                log.warning("notification failed", notification_id=notification_id, attempts=attempts,
-                            error=exc.describe(), gave_up=True)
-                return Outcome("failed", exc.describe())
+            # No answer is not an answer: the row stays pending however long Resend is away (until
+            # EXPIRY, which the sweep enforces).
             store.note_error(conn, notification_id, exc.describe())
             countdown = exc.retry_after if exc.retry_after is not None else backoff(failures)
             countdown = max(countdown, 0.2) + random.uniform(0, 0.2)

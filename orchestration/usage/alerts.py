@@ -20,7 +20,7 @@ import psycopg
 from config.logging import get_logger
 from orchestration.db import get_pool
 from orchestration.notifications.mailers import OutgoingEmail, PermanentSendError, RetryableSendError
-from orchestration.notifications.service import EXPIRY, MAX_ATTEMPTS, Mailer, Outcome, backoff
+from orchestration.notifications.service import EXPIRY, Mailer, Outcome, backoff
 from orchestration.usage.figures import thresholds_crossed
 from orchestration.usage.report import MonthUsage
 
@@ -138,9 +138,7 @@ def deliver(alert_id: str, *, database_url: str, mailer: Mailer, bucket: Bucket 
         except RetryableSendError as exc:
             if exc.status == 429 and exc.retry_after and bucket is not None and mailer.rate_limited:
                 bucket.hold_off(exc.retry_after)
-            if failures + 1 >= MAX_ATTEMPTS:
-                _finish(conn, alert_id, "failed", error=f"gave up after {failures + 1} tries: {exc.describe()}")
-                return Outcome("failed", exc.describe())
+            # No answer is not an answer: pending until EXPIRY, like a missed-call email.
             conn.execute("update public.callflow_usage_alerts set last_error = %s where id = %s",
                          (exc.describe()[:1000], alert_id))
             conn.commit()

@@ -306,15 +306,20 @@ def test_422_fails_at_once(db, people, standin, mail_worker, producer):
     assert len(standin.requests_to(email_of(db, callee))) == 1
 
 
-def test_failed_after_the_last_retry_with_the_error(db, people, standin, mail_worker, producer):
+def test_no_answer_is_never_failed_however_many_tries_it_takes(db, people, standin, mail_worker, producer):
+    # Eight 503s in a row (more than the old give-up after six): the row stays pending with the
+    # error, and the email goes once Resend answers.
     caller, callee = people
-    standin.fail_recipient(email_of(db, callee), Answer(503, retry_after=0.2, message="try later"))
+    standin.script(*[Answer(503, retry_after=0.2, message="try later")] * 8)
     nid = outbox_row(db, ended_invitation(db, caller, callee), callee)
     producer.send(nid)
+    services.wait_for(lambda: len(standin.requests_to(email_of(db, callee))) >= 7, timeout=30, what="seven tries")
+    waiting = notification(db, nid)
+    assert waiting["status"] == "pending" and "503" in waiting["last_error"]
     row = wait_status(db, nid, timeout=30)
-    assert row["status"] == "failed" and row["attempts"] == 6
-    assert "gave up after 6 tries" in row["last_error"] and "503" in row["last_error"]
-    assert len(standin.requests_to(email_of(db, callee))) == 6
+    assert row["status"] == "sent" and row["attempts"] == 9 and row["last_error"] is None
+    assert [r.status for r in standin.requests_to(email_of(db, callee))] == [503] * 8 + [200]
+    assert len(standin.emails_to(email_of(db, callee))) == 1
 
 
 # ---- the retry command and the sweep ----------------------------------------------------------
