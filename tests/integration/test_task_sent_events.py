@@ -28,7 +28,7 @@ from orchestration.ingest.backlog import CHANGES, WEBHOOK_EVENTS, Backlog
 from orchestration.ingest.mapping import TASK_NAME as CHANGES_TASK
 from orchestration.ingest.mapping import Change
 from orchestration.ingest.sink import IngestSink
-from orchestration.webhooks import CeleryMessageBuilder
+from orchestration.webhooks import CeleryMessageBuilder, task_sent_channel_of
 from tests.conftest import subprocess_env
 from tests.support import services
 from tests.support.services import wait_for
@@ -128,10 +128,8 @@ def test_the_event_is_what_celery_send_task_publishes(url):
     probe = app_on(url)
     probe.send_task(BUCKET_TASK, args=[1.5], queue="timers", eta=eta)
     theirs = listener.get_message(timeout=5)
-    scheduler = CeleryScheduler(probe)
-    scheduler._r()
-    _, sent_event = scheduler._builder.prebuilt([1.5], eta=eta)
-    client.publish(scheduler._sent_channel, sent_event)  # our event, on our channel
+    _, sent_event = CeleryMessageBuilder.for_task(BUCKET_TASK, "timers").prebuilt([1.5], eta=eta)
+    client.publish(task_sent_channel_of(client), sent_event)  # our event, on our channel
     ours = listener.get_message(timeout=5)
     listener.close()
     probe.close()
@@ -244,9 +242,9 @@ def test_flower_sees_sent_before_a_real_worker_receives_it(url, log_dir):
     nudge listed by web's path and a countdown, Flower's state goes PENDING (sent) → RECEIVED →
     STARTED → SUCCESS, `task-sent` first."""
     client = redis.Redis.from_url(url)
-    worker = services.celery_worker(subprocess_env(REDIS_URL=url), log_dir, name=f"sent{uuid.uuid4().hex[:4]}")
-    try:
-        with FlowerView(url) as flower:
+    with FlowerView(url) as flower:  # subscribed before the worker starts (which subscribes too)
+        worker = services.celery_worker(subprocess_env(REDIS_URL=url), log_dir, name=f"sent{uuid.uuid4().hex[:4]}")
+        try:
             wait_for(lambda: flower.app.control.broadcast("enable_events", reply=True, timeout=1) or not worker.alive(),
                      timeout=45, what="the worker to switch its task events on")
             assert worker.alive(), worker.log()[-3000:]
@@ -279,5 +277,5 @@ def test_flower_sees_sent_before_a_real_worker_receives_it(url, log_dir):
                 assert task.state == "SUCCESS" and task.sent <= task.received <= task.started
             assert client.get(f"callflow:ping:{token}")
             assert "ERROR" not in worker.log(), worker.log()[-3000:]
-    finally:
-        worker.stop()
+        finally:
+            worker.stop()
