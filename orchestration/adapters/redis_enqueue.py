@@ -4,11 +4,11 @@ One Lua script does both, atomically, for each event: `SET mark NX EX ttl`; only
 new, `LPUSH` the event (its task arguments) onto the webhook backlog (`orchestration.ingest.backlog`),
 and, when something was listed and no nudge is waiting, one pre-built `callflow.livekit_events`
 message onto the queue (and its `task-sent` event, for Flower): the workers take the waiting events
-in batches. If the listing fails the
-mark is deleted in the same script, so a retry is never taken for a duplicate. If the reply is
-lost (Redis stalled after running it) both are there: the retry then finds the mark and is a
-duplicate, and the event is listed. Either way: once, or never with a 503 the sender retries. (A
-nudge that could not be pushed is made good by the beat within seconds; the event is listed.)
+in batches. If the listing fails the mark is deleted in the same script, so a retry is never taken
+for a duplicate. If the reply is lost (Redis stalled after running it) both are there: the retry
+then finds the mark and is a duplicate, and the event is listed. Either way: once, or never with a
+503 the sender retries. (A nudge that could not be pushed is made good by the beat within seconds;
+the event is listed.)
 
 Speed: requests that arrive together go to Redis together. `enqueue_once` puts its event on a
 pending list; a flush (scheduled for the next turn of the event loop) sends everything pending

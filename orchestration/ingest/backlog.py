@@ -4,11 +4,11 @@ Two paths use it: invitation changes (`orchestration.ingest.sink`, listed by the
 catch-ups) and LiveKit's webhook events (`orchestration.adapters.redis_enqueue`, listed by `web`).
 Whoever lists an item also pushes a nudge message (a pre-built Celery task with no arguments) onto
 the queue, unless one is waiting already (the nudge mark, `SET NX` with a short expiry), and
-publishes the nudge's `task-sent` event with it (`orchestration.webhooks.PreBuiltTask`), as `send_task`
-would, so Flower lists it from the moment it is queued. The task a
-nudge starts `take`s up to `at_most` items, oldest first, and nudges another worker if more are
-waiting: at low load an item is one task, under load the backlog itself is the batch, and the
-busier the workers, the bigger (and cheaper per item) their batches.
+publishes the nudge's `task-sent` event with it (`orchestration.webhooks.PreBuiltTask`), as
+`send_task` would, so Flower lists it from the moment it is queued. The task a nudge starts
+`take`s up to `at_most` items, oldest first, and nudges another worker if more are waiting: at low
+load an item is one task, under load the backlog itself is the batch, and the busier the workers,
+the bigger (and cheaper per item) their batches.
 
 What a task took stays under `<taken prefix><task id>` until it is `done`: a retry, or the
 redelivery of a task whose worker died, takes the same items again first. A lost nudge is made good
