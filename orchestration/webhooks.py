@@ -435,10 +435,9 @@ class CeleryMessageBuilder:
                  eta: datetime | None = None) -> PreBuiltTask:
         """A new message (an id of its own) and its `task-sent` event; `args` default to none."""
         task_id = self._next_id()
-        if args is None:
-            args_json, argsrepr = b"[]", argsrepr if argsrepr is not None else "()"
-        else:
-            args_json, argsrepr = json.dumps(args).encode("utf-8"), argsrepr if argsrepr is not None else _short_repr(args)
+        args_json = json.dumps(args).encode("utf-8") if args is not None else b"[]"
+        if argsrepr is None:
+            argsrepr = _short_repr(args) if args is not None else "()"
         message = self.build_from_json(args_json, argsrepr, task_id, eta)
         return PreBuiltTask(message, self.sent_event(task_id, argsrepr, eta) if self.sent_events else b"")
 
