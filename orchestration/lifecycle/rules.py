@@ -85,8 +85,10 @@ def end_call(w: Working, call: Call, status: CallStatus, reason: str, at: dateti
     """End a live call: what still rings in it stops (room closed), open sessions close at its
     end, its times are computed, and its room is released after commit."""
     at = at or w.now
-    # Never before someone joined it (a late grace expiry may name an earlier departure).
-    at = max([at, *(p.joined_at for p in w.participants_of(call.id) if p.joined_at)])
+    # Never before someone joined it (a late grace expiry may name an earlier departure), nor
+    # before a recorded departure (the other side of a 1:1 call may have stayed on after the
+    # leaver whose grace period ends it): every session lies inside its call.
+    at = max([at, *(t for p in w.participants_of(call.id) for t in (p.joined_at, p.left_at) if t)])
     for inv in w.invitations_of(call.id):
         if inv.open:
             end_invitation(w, inv, S.CANCELLED, EndReason.ROOM_CLOSED, max(at, inv.ringing_at or at))
