@@ -107,6 +107,7 @@ class LiveKitSim(FakeRooms):
             self._emit("room_finished", room, r.sid)
 
     def remove_participant(self, room, identity):
+        self._check()
         r = self.rooms.get(room)
         if r is not None and identity in r.participants:
             self.leave(identity, room)
@@ -132,6 +133,9 @@ class LifecycleModel(RuleBasedStateMachine):
         self.held: list[dict] = []            # changes the listener has not handed on yet (sent as one batch)
         self.last_sweep = None
         self.just_swept = False
+        self.silent_until = None  # when LiveKit's API last gave no answer (None: it always answered)
+        self.missed_seen: set[str] = set()
+        self.retried_room_actions = 0
 
     # ---- the world: in memory here, Postgres in the integration tier --------------------------
     def make_clock(self) -> FakeClock:
@@ -289,9 +293,28 @@ class LifecycleModel(RuleBasedStateMachine):
             assert outcomes[-1].result == "duplicate"
         self._collect()
 
+    # ---- LiveKit's API gives no answer, or refuses -----------------------------------------------------
+    @rule(answer=st.sampled_from(["ok", "ok", "unanswered", "refused"]))
+    def livekit_answers(self, answer):
+        """From now on LiveKit's API answers, gives no answer (down, 5xx, 429), or refuses (4xx).
+        Media and webhooks go on: participants join and leave as before."""
+        if self.livekit.answer != "ok" or answer != "ok":
+            self.silent_until = self.clock.now()
+        self.livekit.answer = answer
+        self.just_swept = False  # what the last sweep found was found under the old answer
+
+    def silent_within(self, seconds: float) -> bool:
+        """Whether LiveKit did not say who is in its rooms (no answer, or a refusal: neither says
+        anyone is absent) at some time in the last `seconds`."""
+        if self.livekit.answer != "ok":
+            return True
+        return self.silent_until is not None and self.silent_until > self.clock.now() - timedelta(seconds=seconds)
+
     # ---- time, timers, sweeps ------------------------------------------------------------------------
     @rule(seconds=st.sampled_from([0.3, 1.0, 2.5, 4.0, 6.0, 12.0, 31.0]), lose_timers=st.booleans())
     def time_passes(self, seconds, lose_timers):
+        if self.livekit.answer != "ok":
+            self.silent_until = self.clock.now() + timedelta(seconds=seconds)
         self.clock.advance(seconds)
         now = self.clock.now()
         due = [t for t in self.timers if t[0] <= now]
@@ -310,7 +333,11 @@ class LifecycleModel(RuleBasedStateMachine):
     @rule()
     def sweep(self):
         self.live_before_sweep = {c.id for c in self.view.calls.values() if c.live}
-        run_sweep(self.ports, FakeThrottle(), interval=SWEEP)
+        self.parties_before_sweep = {c.room_name: room_parties(
+            [i for i in self.view.invitations.values() if i.room_name == c.room_name], c)
+            for c in self.view.calls.values() if c.live}
+        report = run_sweep(self.ports, FakeThrottle(), interval=SWEEP)
+        self.retried_room_actions += report.room_actions
         self._collect()
         self.last_sweep = self.clock.now()
         self.just_swept = True
@@ -326,6 +353,10 @@ class LifecycleModel(RuleBasedStateMachine):
             event("a lost transition was recovered")
         if any(e.type == "participant_removed" for e in self.view.events.values()):
             event("a stranger was removed")
+        if any(e.type == "ring_timeout" and "livekit" in e.payload for e in self.view.events.values()):
+            event("a ring deadline was decided without LiveKit's answer")
+        if any(entry[1] for entry in self.view.room_actions.values()) or self.retried_room_actions:
+            event("a room action was retried")
 
     # ---- invariants ------------------------------------------------------------------------------
     @invariant()
@@ -427,13 +458,37 @@ class LifecycleModel(RuleBasedStateMachine):
                 assert inv.status == S.CANCELLED and inv.id not in self.view.notifications
 
     @invariant()
+    def nobody_in_the_room_is_missed_on_livekits_silence(self):
+        """A callee in the room is missed only when LiveKit kept silent: 10 s past the deadline,
+        decided from what the database knew (their join's webhook had not arrived)."""
+        for inv in self.view.invitations.values():
+            if inv.status != S.MISSED or inv.id in self.missed_seen:
+                continue
+            self.missed_seen.add(inv.id)
+            room = self.livekit.rooms.get(inv.room_name)
+            if room is not None and inv.callee_id in room.participants:
+                assert self.silent_within(0), inv
+                assert inv.ended_at >= inv.ring_deadline + timedelta(seconds=10), inv
+
+    @invariant()
+    def room_actions_done_once_livekit_answers(self):
+        """After a sweep while LiveKit answers, no room action that was due is left."""
+        if not self.just_swept or self.livekit.answer == "unanswered":
+            return
+        now = self.clock.now()
+        late = [e[0] for e in self.view.room_actions.values() if e[2] <= now]
+        assert not late, late
+
+    @invariant()
     def nothing_rings_past_its_deadline_after_a_sweep(self):
         if not self.just_swept:
             return
         now = self.clock.now()
+        # While LiveKit keeps silent a deadline waits for its answer, 10 s at most.
+        wait = 10 if self.silent_within(10 + SWEEP) else 0
         for inv in self.view.invitations.values():
             if inv.status == S.RINGING:
-                assert inv.ring_deadline > now - timedelta(seconds=SWEEP), inv
+                assert inv.ring_deadline > now - timedelta(seconds=SWEEP + wait), inv
             if inv.status == S.PENDING:
                 assert inv.created_at > now - timedelta(seconds=10 + SWEEP), inv
         # A client's transition is never left unrecorded for long.
@@ -443,20 +498,25 @@ class LifecycleModel(RuleBasedStateMachine):
 
     @invariant()
     def strangers_never_stay(self):
-        """After a sweep, nobody is in a live call's room who is not one of its parties."""
-        if not self.just_swept:
+        """After a sweep, nobody is in a live call's room who is not one of its parties (once
+        LiveKit has answered for a while: a removal it gave no answer to is retried with backoff)."""
+        if not self.just_swept or self.livekit.answer != "ok" or self.silent_within(6 + SWEEP):
             return
         for call in self.view.calls.values():
             room = self.livekit.rooms.get(call.room_name)
             if not call.live or room is None or call.id not in self.live_before_sweep:
                 continue  # (a call the sweep itself rang is looked at by the next one)
             invs = [i for i in self.view.invitations.values() if i.room_name == call.room_name]
-            strangers = set(room.participants) - room_parties(invs, call)
+            # (Whoever stopped being a party through work the sweep itself handed on, e.g. a
+            # glare decided from a lost change, is the next sweep's.)
+            strangers = set(room.participants) - room_parties(invs, call) - self.parties_before_sweep.get(
+                call.room_name, set())
             assert not strangers, (call, strangers, invs)
 
     @invariant()
     def active_calls_have_someone(self):
-        if not self.just_swept:
+        # (An active call is never ended for lack of LiveKit's answer: looked at once it answers.)
+        if not self.just_swept or self.livekit.answer != "ok" or self.silent_within(6 + SWEEP):
             return
         now = self.clock.now()
         for call in self.view.calls.values():
