@@ -1,8 +1,14 @@
-"""Postgres connections: one pool per process (created lazily, after Celery forks)."""
+"""Postgres connections: one pool per process (created lazily, after Celery forks).
+
+Every pool checks a connection as it hands it out (`closed_by_server`): one the server closed
+while it sat idle (a restart, a proxy's or the network's reset) is replaced, not handed to work
+that would fail on it and spend a retry.
+"""
 
 from __future__ import annotations
 
 import os
+import select
 import threading
 import time
 import weakref
@@ -37,12 +43,44 @@ def get_pool(url: str, max_size: int = 8, generic_plans: bool = False) -> Connec
                     max_size=max_size,
                     kwargs={"row_factory": dict_row, "autocommit": False},
                     configure=_keep_generic_plans if generic_plans else None,
-                    check=_replan_when_due if generic_plans else None,
+                    check=_check_and_replan if generic_plans else check_open,
                     open=True,
                     name="callflow",
                 )
                 _pools[key] = pool
     return pool
+
+
+def closed_by_server(conn: psycopg.Connection | psycopg.AsyncConnection) -> bool:
+    """Whether an idle connection was closed from the other end: its socket has something to read
+    (the server's "terminating connection", an EOF, a reset), where a healthy idle connection has
+    nothing. A zero-timeout poll, no round trip (the pool asks at every checkout)."""
+    if conn.closed or conn.broken:
+        return True
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+    return bool(poller.poll(0))
+
+
+def check_open(conn: psycopg.Connection) -> None:
+    """A pool's `check`: a connection closed by the server is closed here too and refused, and the
+    pool makes a new one. (Refused but left open, the pool would put it back and hand it out again,
+    for as long as the client waits: it only replaces a connection it sees broken.)"""
+    if closed_by_server(conn):
+        conn.close()
+        raise psycopg.OperationalError("the server closed this idle connection")
+
+
+async def check_open_async(conn: psycopg.AsyncConnection) -> None:
+    """`check_open` for the `web` process's async pools."""
+    if closed_by_server(conn):
+        await conn.close()
+        raise psycopg.OperationalError("the server closed this idle connection")
+
+
+def _check_and_replan(conn: psycopg.Connection) -> None:
+    check_open(conn)
+    _replan_when_due(conn)
 
 
 def _keep_generic_plans(conn: psycopg.Connection) -> None:

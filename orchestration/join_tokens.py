@@ -26,6 +26,8 @@ from livekit.api import AccessToken, VideoGrants
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from orchestration.db import check_open_async
+
 AUDIO_SOURCES = ["microphone"]
 VIDEO_SOURCES = ["camera", "microphone", "screen_share", "screen_share_audio"]
 
@@ -110,7 +112,7 @@ class JoinTokenStore:
                     pool = AsyncConnectionPool(
                         self.database_url, min_size=1, max_size=self.max_size, open=False,
                         kwargs={"row_factory": dict_row, "autocommit": True, "connect_timeout": 5},
-                        timeout=self.timeout, name="callflow-token",
+                        timeout=self.timeout, check=check_open_async, name="callflow-token",
                     )
                     await pool.open(wait=False)
                     self._pool = pool
