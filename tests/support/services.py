@@ -213,6 +213,7 @@ class LiveKitServer:
     """The real open-source LiveKit server, loopback only, webhooks pointed at `webhook_url`."""
 
     def __init__(self, log_dir: Path, webhook_url: str, api_key: str, api_secret: str, port: int | None = None) -> None:
+        self.fixed_port = port is not None
         self.port = port or free_port()
         self.tcp_port = free_port()
         self.udp_port = free_port()
@@ -233,15 +234,27 @@ class LiveKitServer:
         from orchestration.adapters.livekit_config import render_dev_config
 
         settings = build_settings(livekit_api_key=self.api_key, livekit_api_secret=self.api_secret)
-        config = self.log_dir / f"livekit-{self.port}.yaml"
-        config.write_text(render_dev_config(settings, self.webhook_url, self.port, self.tcp_port, self.udp_port))
-        self.process = Process("livekit", [binary, "--config", str(config)], dict(os.environ), self.log_dir).start()
 
         def up() -> bool:
+            if not self.process.alive():
+                return True
             with socket.create_connection(("127.0.0.1", self.port), timeout=1):
                 return True
 
-        wait_for(up, timeout=30, what="livekit-server")
+        # A port free_port() saw free can be taken before LiveKit binds it (on all interfaces, its
+        # media port), e.g. as the local port of another test's outgoing connection: try new ones.
+        for _ in range(3):
+            config = self.log_dir / f"livekit-{self.port}.yaml"
+            config.write_text(render_dev_config(settings, self.webhook_url, self.port, self.tcp_port, self.udp_port))
+            self.process = Process("livekit", [binary, "--config", str(config)], dict(os.environ), self.log_dir).start()
+            wait_for(up, timeout=30, what="livekit-server")
+            if self.process.alive() or "address already in use" not in self.process.log():
+                break
+            self.tcp_port, self.udp_port = free_port(), free_port()
+            if not self.fixed_port:
+                self.port = free_port()
+        if not self.process.alive():
+            raise RuntimeError(f"livekit-server exited:\n{self.process.log()[-2000:]}")
         return self
 
     def stop(self) -> None:
