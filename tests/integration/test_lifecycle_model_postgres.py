@@ -29,7 +29,7 @@ from tests.support.fakes import FakeClock, GuardViolation, Notification
 from tests.unit.test_lifecycle_model import ROOMS, USERS, LifecycleModel
 
 EXAMPLES = int(os.environ.get("CALLFLOW_MODEL_PG_EXAMPLES", "200"))
-_TABLES = "public.push_messages, public.push_tokens, public.call_events, public.notifications, public.call_participants, public.call_invitations, public.calls"
+_TABLES = "public.push_messages, public.push_tokens, public.call_events, public.notifications, public.call_participants, public.call_invitations, public.calls, public.callflow_room_actions"
 
 
 class PostgresWorld:
@@ -112,6 +112,9 @@ class PostgresView:
         self.notifications = {str(r["invitation_id"]): Notification(str(r["invitation_id"]), str(r["recipient_id"]),
                                                                     r["status"])
                               for r in conn.execute("select * from public.notifications").fetchall()}
+        # (key, attempts, next attempt at), as the fake keeps them
+        self.room_actions = {r["key"]: [r["key"], r["attempts"], r["next_attempt_at"]] for r in conn.execute(
+            "select key, attempts, next_attempt_at from public.callflow_room_actions").fetchall()}
         self.push_messages = {(r["kind"], str(r["invitation_id"]), r["token"]): r["status"] for r in conn.execute(
             """select m.kind, m.invitation_id, t.token, m.status from public.push_messages m
                  join public.push_tokens t on t.id = m.push_token_id""").fetchall()}
