@@ -120,3 +120,8 @@ def run_checks() -> Iterator[Check]:
 from orchestration.ingest.heartbeat import listener_check  # noqa: E402
 
 EXTRA_CHECKS.append(listener_check)
+
+# Room actions still owed to LiveKit (orchestration/ops/room_actions.py).
+from orchestration.ops.room_actions import doctor_check as room_actions_check  # noqa: E402
+
+EXTRA_CHECKS.append(room_actions_check)

@@ -186,3 +186,62 @@ def test_livekit_api_slow_3s_a_call_rings_is_answered_and_ends(faults, fdb, faul
 
     asyncio.run(scenario())
     direct.close()
+
+
+def test_room_actions_outlive_livekit_cut_and_the_worker_that_decided_them(faults, fdb, fault_user):
+    """A call ends while LiveKit's API gives no answer; the worker that decided it is SIGKILLed.
+    The room's deletion stays written down (visible in /metrics and `callflow doctor`), and once
+    LiveKit answers again another worker's sweep deletes it: the caller is out within 10 s."""
+    import signal
+    import subprocess
+
+    import httpx
+
+    from tests.conftest import _wait_worker_ready
+    from tests.support import services
+    from tests.support.calls import client_set_status
+
+    _start(faults)
+
+    async def scenario():
+        caller, callee = fault_user(), fault_user()
+        inv = insert_invitation(faults.database_url, caller, callee)
+        await eventually(lambda: invitation(fdb, inv["id"])["status"] == "ringing", timeout=20, what="ringing")
+        a = await Participant(faults.livekit.url, caller, inv["room_name"]).join()
+        faults.proxies["livekit"].cut()
+        cut_at = time.monotonic()
+        client_set_status(faults.database_url, caller, inv["id"], "cancelled")  # the caller hangs up in the app
+        cancelled = await eventually(lambda: (lambda r: r if r["status"] == "cancelled" and r["call_id"] else None)(
+            invitation(fdb, inv["id"])), timeout=20, what="cancelled")
+        call_id = cancelled["call_id"]
+        action = await eventually(lambda: fdb.execute(
+            "select * from public.callflow_room_actions where key = %s and attempts >= 1",
+            (f"release:{call_id}",)).fetchone(), timeout=20, what="the release written down, LiveKit silent")
+        assert action["room_name"] == inv["room_name"]
+        assert a.connected, "nobody could have removed the caller: LiveKit's API gives no answer"
+
+        def pending_in_metrics():
+            text = httpx.get(f"{faults.web_url}/metrics", timeout=5).text
+            return 'callflow_room_actions_pending{action="release"} 1.0' in text and \
+                "callflow_room_actions_oldest_age_seconds" in text
+        await eventually(pending_in_metrics, timeout=15, what="/metrics showing the pending release")
+        doctor = subprocess.run([str(services.VENV_BIN / "callflow"), "doctor"], env=faults.env, capture_output=True,
+                                text=True, timeout=60)
+        line = next(line for line in doctor.stdout.splitlines() if "room actions" in line)
+        assert "1 pending (1 release)" in line, line
+
+        faults.processes.pop("worker").kill(signal.SIGKILL)
+        faults.proxies["livekit"].restore()
+        restored = time.monotonic()
+        faults.start("worker", CALLFLOW_RING_TIMEOUT_SECONDS=RING_TIMEOUT)
+        await eventually(lambda: a.disconnected.is_set(), timeout=10 + 10, what="the caller out once LiveKit answers")
+        out_after = time.monotonic() - restored
+        await eventually(lambda: fdb.execute("select count(*) as n from public.callflow_room_actions")
+                         .fetchone()["n"] == 0 or None, timeout=10, what="the release struck off")
+        assert _call(fdb, call_id)["status"] == "cancelled"
+        report("livekit_api_cut_and_worker_killed", length_s=restored - cut_at,
+               load="1 call cancelled while LiveKit's API was cut; its worker SIGKILLed",
+               left_in_ended_rooms=0, caller_out_after_restore_s=out_after,
+               note="includes starting a new worker (the sweep of the running beat retries)")
+
+    asyncio.run(scenario())
