@@ -138,7 +138,8 @@ class UnitOfWork(Protocol):
     def silent_active_calls(self, ring_timeout: float, grace: float, limit: int) -> list[dict]:
         """Active calls nobody is connected to, answered longer than the ring timeout ago."""
 
-    def live_calls_older_than(self, seconds: float, limit: int) -> list[dict]: ...
+    def live_calls_older_than(self, seconds: float, limit: int) -> list[dict]:
+        """Live calls made more than `seconds` ago whose room is not still to be made."""
 
     def live_rooms(self, limit: int) -> list[str]:
         """The room names of live calls."""

@@ -432,8 +432,11 @@ class PostgresUnitOfWork:
 
     def live_calls_older_than(self, seconds: float, limit: int) -> list[dict]:
         return self._all(
-            f"""select id, room_name from public.calls where status in {_LIVE}
-                 and created_at < %s::timestamptz - make_interval(secs => %s) order by created_at limit %s""",
+            # A call whose room is still to be made (LiveKit gave no answer) has no room to miss yet.
+            f"""select c.id, c.room_name from public.calls c where c.status in {_LIVE}
+                 and c.created_at < %s::timestamptz - make_interval(secs => %s)
+                 and not exists (select 1 from public.callflow_room_actions a where a.key = 'make:' || c.id)
+               order by c.created_at limit %s""",
             (self.now(), seconds, limit),
         )
 

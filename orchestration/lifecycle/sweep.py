@@ -76,6 +76,8 @@ def recovery_change(row: dict) -> dict:
 def run_sweep(ports: Ports, throttle: Throttle, *, interval: float, parallel_map: Callable = map,
               limit: int = 500) -> SweepReport:
     cfg = ports.config
+    # Room actions first: a room made now is one the comparisons below find.
+    room_actions_taken = room_actions.retry_due(ports, parallel_map)
     overdue_by = min(0.5, interval / 2)
     hold = max(2.0, interval * 4)
     with ports.store.transaction() as uow:
@@ -84,7 +86,7 @@ def run_sweep(ports: Ports, throttle: Throttle, *, interval: float, parallel_map
         stale = uow.stale_pending(STALE_PENDING_AFTER, limit)
         lost = (uow.unrecorded_transitions(UNRECORDED_AFTER, UNRECORDED_WITHIN, limit)
                 if throttle.once("unrecorded", UNRECORDED_EVERY) else [])
-    report = SweepReport()
+    report = SweepReport(room_actions=room_actions_taken)
 
     overdue = [r for r in due if throttle.once(f"timeout:{r['id']}", LOOK_AGAIN_AFTER)]
     results = [o.result for o in handle_ring_timeouts(overdue, "sweep", ports, parallel_map)]
@@ -135,5 +137,4 @@ def run_sweep(ports: Ports, throttle: Throttle, *, interval: float, parallel_map
             throttle.forget("reconcile")
         report.reconciled = reconciled or 0
 
-    report.room_actions = room_actions.retry_due(ports, parallel_map)
     return report

@@ -333,7 +333,7 @@ class FakeUnitOfWork:
     def live_calls_older_than(self, seconds, limit):
         edge = self.now() - timedelta(seconds=seconds)
         return [dict(id=c.id, room_name=c.room_name) for c in self.s.calls.values()
-                if c.live and c.created_at < edge][:limit]
+                if c.live and c.created_at < edge and f"make:{c.id}" not in self.s.room_actions][:limit]
 
     def live_rooms(self, limit):
         return [c.room_name for c in self.s.calls.values() if c.live][:limit]
