@@ -24,6 +24,8 @@ from resend.exceptions import ResendError
 from resend.http_client_requests import RequestsClient
 
 DEFAULT_RESEND_API_URL = "https://api.resend.com"
+# A request Resend has not answered by then is no answer (tried again with the same Idempotency-Key).
+RESEND_TIMEOUT_SECONDS = 15
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ class ResendMailer:
     rate_limited = True
     _lock = threading.Lock()
 
-    def __init__(self, api_key: str, api_url: str | None = None, timeout: int = 15,
+    def __init__(self, api_key: str, api_url: str | None = None, timeout: int = RESEND_TIMEOUT_SECONDS,
                  configured_rate: float | None = None) -> None:
         self.api_key = api_key
         self.api_url = (api_url or DEFAULT_RESEND_API_URL).rstrip("/")

@@ -15,9 +15,11 @@ The caller (the Celery task) turns `retry` and `throttled` outcomes into a re-qu
 outcome's countdown.
 
 No answer from Resend (connection refused or reset, a timeout, 5xx, 429) is never an answer: the row
-stays `pending` and is tried again with backoff for as long as Resend's idempotency key lasts
-(EXPIRY); only Resend's refusal (a 4xx other than 429) makes it `failed`. The backoff counts this
-row's failures since its own last attempt began, so a new email always starts from the first step.
+stays `pending` and is tried again for as long as Resend's idempotency key lasts (EXPIRY); only
+Resend's refusal (a 4xx other than 429) makes it `failed`. When to try again is Resend's retry loop's
+to say (`resend_backoff`, one loop for all workers: an outage costs a request per step, not one per
+waiting email, and a slow Resend holds one worker process, not all); any answer starts it again from
+its first step.
 """
 
 from __future__ import annotations
@@ -33,12 +35,14 @@ from orchestration.db import get_pool
 from orchestration.domain.model import deserves_missed_call_email
 from orchestration.notifications import store
 from orchestration.notifications.mailers import (
+    RESEND_TIMEOUT_SECONDS,
     OutgoingEmail,
     PermanentSendError,
     RetryableSendError,
     idempotency_key,
 )
 from orchestration.notifications.rendering import MissedCall, display_name, recipient_zone, render_missed_call
+from orchestration.shared_backoff import SharedBackoff
 
 log = get_logger("callflow.notifications")
 
@@ -47,6 +51,8 @@ log = get_logger("callflow.notifications")
 MAX_ATTEMPTS = 6
 BACKOFF_BASE_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 60.0
+# Resend's loop asks once per step whatever the backlog, so it may look again sooner than a row's.
+RESEND_BACKOFF_MAX_SECONDS = 30.0
 # A task books its send time however far ahead the queue of bookings reaches, and waits for it in
 # hops of at most this long: a Celery countdown is held unacked by a worker, and one longer than the
 # broker's visibility timeout (300 s) would be delivered twice. A hop before the booked time is one
@@ -101,6 +107,12 @@ def backoff(failures: int) -> float:
     return backoff_delay(failures + 1, BACKOFF_BASE_SECONDS, BACKOFF_MAX_SECONDS)
 
 
+def resend_backoff(client) -> SharedBackoff:
+    """Resend's retry loop, shared by every worker (a probe may take the SDK's whole timeout)."""
+    return SharedBackoff(client, "resend", BACKOFF_BASE_SECONDS, RESEND_BACKOFF_MAX_SECONDS,
+                         probe_seconds=RESEND_TIMEOUT_SECONDS + 2)
+
+
 def _opted_out(meta: dict) -> bool:
     value = meta.get("missed_call_emails", True)
     return value is False or (isinstance(value, str) and value.strip().lower() == "false")
@@ -144,9 +156,11 @@ def compose(row: dict, sender: str, app_url: str) -> OutgoingEmail:
 
 
 def deliver(notification_id: str, *, database_url: str, mailer: Mailer, bucket: Bucket | None, sender: str,
-            app_url: str, failures: int = 0, slot: float | None = None) -> Outcome:
+            app_url: str, failures: int = 0, slot: float | None = None,
+            resend_loop: SharedBackoff | None = None) -> Outcome:
     """One attempt at the row. `failures` = retryable failures so far in this delivery run; `slot`
-    = the send time this task booked on an earlier run (it comes back at that time to use it)."""
+    = the send time this task booked on an earlier run (it comes back at that time to use it);
+    `resend_loop` = Resend's shared retry loop (without it, the row's own backoff)."""
     rate_limited = mailer.rate_limited and bucket is not None
     if rate_limited and slot is not None:
         wait = bucket.until_slot(slot)
@@ -174,6 +188,12 @@ def deliver(notification_id: str, *, database_url: str, mailer: Mailer, bucket: 
 
         message = compose(row, sender, app_url)
 
+        turn = resend_loop.turn() if resend_loop is not None and mailer.rate_limited else None
+        if turn and turn.wait > 0:  # Resend gave no answer lately: nobody asks before its loop says so
+            conn.rollback()
+            return Outcome("throttled", "Resend gave no answer lately", countdown=turn.wait + random.uniform(0, 0.2),
+                           slot=slot)
+
         attempts = store.count_attempt(conn, notification_id)
         # The token last, right before the request: the time between a grant and the request's
         # arrival at Resend is what the bucket's margin has to absorb.
@@ -191,6 +211,8 @@ def deliver(notification_id: str, *, database_url: str, mailer: Mailer, bucket: 
         try:
             message_id = mailer.send(message)
         except PermanentSendError as exc:
+            if turn is not None:
+                resend_loop.succeeded()  # a refusal is an answer
             store.mark_failed(conn, notification_id, exc.describe())
             log.warning("notification failed", notification_id=notification_id, attempts=attempts,
                         error=exc.describe())
@@ -201,12 +223,17 @@ def deliver(notification_id: str, *, database_url: str, mailer: Mailer, bucket: 
             # No answer is not an answer: the row stays pending however long Resend is away (until
             # EXPIRY, which the sweep enforces).
             store.note_error(conn, notification_id, exc.describe())
-            countdown = exc.retry_after if exc.retry_after is not None else backoff(failures)
+            if turn is not None:
+                countdown = resend_loop.failed(turn, exc.retry_after)
+            else:
+                countdown = exc.retry_after if exc.retry_after is not None else backoff(failures)
             countdown = max(countdown, 0.2) + random.uniform(0, 0.2)
             log.info("notification will be retried", notification_id=notification_id, attempts=attempts,
                      error=exc.describe(), countdown=round(countdown, 2))
             return Outcome("retry", exc.describe(), countdown=countdown)
 
+        if turn is not None:
+            resend_loop.succeeded()
         store.mark_sent(conn, notification_id, message_id)
         if mailer.rate_limited:
             log.info("notification sent", notification_id=notification_id, attempts=attempts,

@@ -23,6 +23,7 @@ from orchestration.notifications.service import (
     backoff,
     deliver,
     mark_scheduled,
+    resend_backoff,
     sweep_lost,
 )
 from workers.app import app, settings
@@ -43,6 +44,18 @@ def ports():
             redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5),
         )
     return _ports[pid]
+
+
+_loops: dict[int, object] = {}
+
+
+def resend_loop():
+    """Resend's retry loop, shared by every worker through Redis (one handle per process)."""
+    pid = os.getpid()
+    if pid not in _loops:
+        _loops.clear()
+        _loops[pid] = resend_backoff(ports()[2])
+    return _loops[pid]
 
 
 @app.task(name="callflow.send_notification", bind=True, acks_late=True, reject_on_worker_lost=True,
@@ -66,6 +79,7 @@ def send_notification(self, notification_id: str, failures: int = 0, slot: float
                 app_url=settings.callflow_app_url,
                 failures=failures,
                 slot=slot,
+                resend_loop=resend_loop(),
             )
         except Exception as exc:  # noqa: BLE001 - database or Redis trouble: try again later
             if failures + 1 >= MAX_ATTEMPTS:
