@@ -1,13 +1,24 @@
 """Delivering the push outbox: once per device, in batches, under one global rate, never late.
 
-`deliver(ids)` takes the `pending` rows among `ids` (a Redis lease per row keeps two tasks from
-sending the same one), skips what must not go (an incoming call that stopped ringing or whose
-deadline passed, a disabled device), books a send time for the rest (`PushRate`): now, or later —
-then the task comes back at that time — and sends them in batches of up to 100. Each ticket is
-stored: `sent` (with its ticket id) or `failed`; `DeviceNotRegistered` turns the device off.
-Expo unavailable (connection, 429, 5xx): the batch is tried again with backoff, and a row is
-`failed` after MAX_ATTEMPTS. A send cut off by a crash before its tickets were stored is sent
-again by the task's redelivery (the app drops the duplicate by `kind` + `invitation_id`).
+`deliver(ids)` leases the rows among `ids` (a Redis lease per row keeps two tasks from sending the
+same one) and only then reads which are still `pending`; it skips what must not go (an incoming call
+that stopped ringing or whose deadline passed, a disabled device), books a send time for the rest
+(`PushRate`): now, or later — then the task comes back at that time — and sends them in batches of
+up to 100. Each ticket is stored: `sent` (with its ticket id) or `failed` (Expo refused the
+message); `DeviceNotRegistered` turns the device off. A send cut off by a crash before its tickets
+were stored is sent again by the task's redelivery (the app drops the duplicate by `kind` +
+`invitation_id`).
+
+No answer is never an answer. Expo unavailable (connection refused or reset, a timeout, 429, 5xx)
+or a `MessageRateExceeded` ticket keeps the rows `pending`, and the task comes back for as long as it
+takes, when Expo's retry loop says (`SharedBackoff`: one loop for all workers, so an outage costs a
+request per step, not one per waiting batch, and a slow Expo holds one worker process, not all; any
+answer starts it again from its first step); an `incoming_call` that could not go before its ring
+deadline by then is `skipped` at once, never sent late. While a task waits to come back its
+rows are marked `waiting`: a first try (the lifecycle's task, the sweep's) leaves them to it, and
+only a first try tops its batch up with other pending rows, so a row has one task coming back for
+it, not one more for every task that passes by (which is how a backlog used to be tried once per
+new push during an outage, and `failed` after eight tries).
 """
 
 from __future__ import annotations
@@ -18,16 +29,33 @@ from datetime import timedelta
 import redis
 import structlog
 
-from orchestration.push.expo import MAX_BATCH, MAX_RECEIPTS, ExpoRejected, ExpoUnavailable
+from orchestration.backoff import backoff_delay
+from orchestration.push.expo import MAX_BATCH, MAX_RECEIPTS, TIMEOUT_SECONDS, ExpoRejected, ExpoUnavailable
 from orchestration.push.messages import PushRow, expo_message
 from orchestration.push.rate import PushRate
 from orchestration.push.store import PushStore
+from orchestration.shared_backoff import SharedBackoff
 
 log = structlog.get_logger("callflow.push")
 
-MAX_ATTEMPTS = 8
 LEASE_SECONDS = 60
 DEVICE_GONE = "DeviceNotRegistered"
+RATE_EXCEEDED = "MessageRateExceeded"  # a ticket that is Expo's 429 for one message: not an answer
+# Expo unavailable: the wait before the next try, from 0.5 s up to 10 s (Expo takes 600 messages a
+# second, so a batch every 10 s is nothing to it, and a ring that can still go is not kept waiting
+# long once Expo is back).
+RETRY_BASE_SECONDS = 0.5
+RETRY_MAX_SECONDS = 10.0
+WAITING_SLACK_SECONDS = 30  # a waiting mark outlives its come-back by this much (a late worker)
+
+
+def waiting_key(message_id: str) -> str:
+    return f"callflow:push:waiting:{message_id}"
+
+
+def expo_backoff(client: redis.Redis) -> SharedBackoff:
+    """Expo's retry loop, shared by every worker (a probe may take the client's whole timeout)."""
+    return SharedBackoff(client, "expo", RETRY_BASE_SECONDS, RETRY_MAX_SECONDS, probe_seconds=TIMEOUT_SECONDS + 2)
 
 
 @dataclass
@@ -59,8 +87,10 @@ def _skip_reason(row: PushRow, now, send_at) -> str | None:
 
 
 class PushDelivery:
-    def __init__(self, store: PushStore, client, redis_client: redis.Redis, rate: PushRate) -> None:
+    def __init__(self, store: PushStore, client, redis_client: redis.Redis, rate: PushRate,
+                 backoff: SharedBackoff | None = None) -> None:
         self.store, self.client, self.redis, self.rate = store, client, redis_client, rate
+        self.backoff = backoff or expo_backoff(redis_client)
 
     def _lease(self, ids: list[str]) -> list[str]:
         return [i for i in ids if self.redis.set(f"callflow:push:lease:{i}", 1, nx=True, ex=LEASE_SECONDS)]
@@ -69,19 +99,58 @@ class PushDelivery:
         if ids:
             self.redis.delete(*[f"callflow:push:lease:{i}" for i in ids])
 
+    def _not_waiting(self, ids: list[str]) -> list[str]:
+        if not ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for i in ids:
+            pipe.exists(waiting_key(i))
+        return [i for i, waiting in zip(ids, pipe.execute()) if not waiting]
+
+    def _mark_waiting(self, ids: list[str], seconds: float) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for i in ids:
+            pipe.set(waiting_key(i), 1, ex=max(1, int(seconds + WAITING_SLACK_SECONDS)))
+        pipe.execute()
+
+    def claim_for_resend(self, ids: list[str], seconds: int) -> list[str]:
+        """The sweep's pick among stale pending rows: those no task waits to come back for, and not
+        re-sent by an earlier sweep within `seconds`."""
+        return [i for i in self._not_waiting(ids)
+                if self.redis.set(f"callflow:push:resend:{i}", 1, nx=True, ex=seconds)]
+
     def deliver(self, ids: list[str], booked: bool = False, failures: int = 0) -> Delivery:
-        ids = list(ids)
-        if not booked and len(ids) < MAX_BATCH:
-            # Under load, one task takes what else is waiting: a burst goes out in full batches.
-            ids += self.store.more_pending(MAX_BATCH - len(ids), exclude=ids)
-        rows = [r for r in self.store.rows(ids) if r.status == "pending"]
-        leased = set(self._lease([r.id for r in rows]))
-        rows = [r for r in rows if r.id in leased]
+        ids = list(dict.fromkeys(ids))
+        if not booked and failures == 0:
+            # A first try leaves alone the rows a retry loop waits to come back for (one loop per
+            # row, each at its own step of the backoff); under load it takes what else is pending,
+            # so a burst goes out in full batches.
+            ids = self._not_waiting(ids)
+            if len(ids) < MAX_BATCH:
+                ids += self._not_waiting(self.store.more_pending(MAX_BATCH - len(ids), exclude=ids))
+        # The lease first, the status after: read before it, a row another task sent meanwhile
+        # would still look pending here and go twice.
+        leased = self._lease(ids)
         out = Delivery()
         try:
+            rows = [r for r in self.store.rows(leased) if r.status == "pending"] if leased else []
             return self._deliver(rows, booked, failures, out)
         finally:
-            self._release([r.id for r in rows])
+            self._release(leased)
+
+    def _come_back_later(self, rows: list[PushRow], wait: float, results: list, out: Delivery, cause: str) -> None:
+        """Rows that got no answer: they go again in `wait` seconds, but an incoming call that would
+        then be too late is skipped now (with the cause)."""
+        now = self.store.now()
+        at = now + timedelta(seconds=wait)
+        for row in rows:
+            why = _skip_reason(row, now, at)
+            if why:
+                results.append((row.id, "skipped", None, f"{why} ({cause})"[:500]))
+            else:
+                out.message_ids.append(row.id)
+        if out.message_ids:
+            out.come_back_in = wait
 
     def _deliver(self, rows: list[PushRow], booked: bool, failures: int, out: Delivery) -> Delivery:
         now = self.store.now()
@@ -110,28 +179,41 @@ class PushDelivery:
                     sendable = []
         tokens_gone: list[str] = []
         tickets = []
+        turn = self.backoff.turn() if sendable else None
+        if turn and turn.wait > 0:  # Expo gave no answer lately: nobody asks before its loop says so
+            self._come_back_later(sendable, turn.wait, results, out, "Expo gave no answer lately")
+            sendable = []
         if sendable:
             try:
                 tickets = self.client.send([expo_message(r, now) for r in sendable])
             except ExpoUnavailable as exc:
-                if failures + 1 >= MAX_ATTEMPTS:
-                    results += [(r.id, "failed", None, f"Expo unavailable after {MAX_ATTEMPTS} attempts: {exc}")
-                                for r in sendable]
-                else:
-                    self.store.attempted([r.id for r in sendable], str(exc))
-                    out.come_back_in = exc.retry_after or min(30.0, 0.5 * 2 ** failures)
-                    out.message_ids = [r.id for r in sendable]
-                log.warning("push: Expo unavailable", error=str(exc), messages=len(sendable), failures=failures + 1)
+                self.store.attempted([r.id for r in sendable], str(exc))
+                wait = self.backoff.failed(turn, exc.retry_after)
+                self._come_back_later(sendable, wait, results, out, f"Expo gave no answer: {exc}")
+                log.warning("push: Expo unavailable", error=str(exc), messages=len(sendable),
+                            expo_failures=self.backoff.failures, come_back_in=round(wait, 2))
             except ExpoRejected as exc:
+                self.backoff.succeeded()  # a refusal is an answer
                 results += [(r.id, "failed", None, str(exc)[:500]) for r in sendable]
-        if tickets:
-            for row, ticket in zip(sendable, tickets):
-                if ticket.ok:
-                    results.append((row.id, "sent", ticket.id, None))
-                else:
-                    results.append((row.id, "failed", None, (ticket.error or "error") + ": " + (ticket.message or "")))
-                    if ticket.error == DEVICE_GONE:
-                        tokens_gone.append(row.token)
+            else:
+                self.backoff.succeeded()
+        rate_exceeded: list[PushRow] = []
+        for row, ticket in zip(sendable, tickets):
+            if ticket.ok:
+                results.append((row.id, "sent", ticket.id, None))
+            elif ticket.error == RATE_EXCEEDED:
+                rate_exceeded.append(row)
+            else:
+                results.append((row.id, "failed", None, (ticket.error or "error") + ": " + (ticket.message or "")))
+                if ticket.error == DEVICE_GONE:
+                    tokens_gone.append(row.token)
+        if rate_exceeded:
+            # Expo's 429 for single messages: no answer for them, though the request was answered.
+            self.store.attempted([r.id for r in rate_exceeded], f"{RATE_EXCEEDED}: Expo asked to slow down")
+            self._come_back_later(rate_exceeded, backoff_delay(failures + 1, RETRY_BASE_SECONDS, RETRY_MAX_SECONDS),
+                                  results, out, RATE_EXCEEDED)
+        if out.come_back_in is not None:
+            self._mark_waiting(out.message_ids, out.come_back_in)
         self.store.disable_tokens(tokens_gone)
         self.store.finish(results)
         for _, status, _, _ in results:
@@ -143,7 +225,16 @@ class PushDelivery:
         pending = self.store.unreceipted(older_than, limit)
         if not pending:
             return 0
-        receipts = self.client.receipts([ticket for _, ticket, _ in pending])
+        turn = self.backoff.turn()
+        if turn.wait > 0:  # Expo gave no answer lately: asked at a later sweep
+            return 0
+        try:
+            receipts = self.client.receipts([ticket for _, ticket, _ in pending])
+        except ExpoUnavailable as exc:
+            self.backoff.failed(turn, exc.retry_after)
+            log.info("push: receipts not read, Expo unavailable", error=str(exc))
+            return 0
+        self.backoff.succeeded()
         recorded, gone = [], []
         for mid, ticket, token in pending:
             receipt = receipts.get(ticket)

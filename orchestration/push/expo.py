@@ -14,6 +14,8 @@ SEND_PATH = "/--/api/v2/push/send"
 RECEIPTS_PATH = "/--/api/v2/push/getReceipts"
 MAX_BATCH = 100
 MAX_RECEIPTS = 1000
+# Expo answers in well under a second; one that takes longer is no answer (the batch is tried again).
+TIMEOUT_SECONDS = 10.0
 
 
 class ExpoUnavailable(Exception):
@@ -44,7 +46,7 @@ def _ticket(raw: dict) -> Ticket:
 
 
 class ExpoClient:
-    def __init__(self, base_url: str, access_token: str | None = None, timeout: float = 10.0) -> None:
+    def __init__(self, base_url: str, access_token: str | None = None, timeout: float = TIMEOUT_SECONDS) -> None:
         self.base_url = base_url.rstrip("/")
         headers = {"Accept": "application/json", "Accept-Encoding": "gzip, deflate"}
         if access_token:

@@ -22,6 +22,7 @@ log = structlog.get_logger("callflow.push")
 
 STALE_AFTER = 10.0     # a pending row older than this lost its task (or waits for its slot)
 RECEIPTS_AFTER = 15.0  # Expo's receipts are usually ready within seconds
+RESEND_EVERY = 30      # at most one sweep re-send per row per this many seconds
 
 
 @functools.lru_cache(maxsize=1)
@@ -56,7 +57,7 @@ def sweep_pushes() -> dict:
     """Beat: pending rows whose task was lost go again (in batches); receipts of sent ones are read."""
     d = delivery()
     stale = d.store.stale_pending(STALE_AFTER, 1000)
-    fresh = [i for i in stale if d.redis.set(f"callflow:push:resend:{i}", 1, nx=True, ex=30)]
+    fresh = d.claim_for_resend(stale, RESEND_EVERY)
     for start in range(0, len(fresh), 100):
         send_pushes.apply_async(args=[fresh[start:start + 100]], queue="push")
     receipts = d.check_receipts(RECEIPTS_AFTER)
