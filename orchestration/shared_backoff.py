@@ -7,7 +7,8 @@ whole timeout (a process that no ringing call can use). So all tasks share one l
 
 - `turn()` before a request: its `wait` is 0 = go, else the seconds to come back after (nothing
   was asked). While the loop is backing off, nobody asks; once its wait is over, one task at a time
-  asks (a probe, leased for `probe_seconds`), the others come back when the probe's lease would end.
+  asks (a probe, leased for `probe_seconds`), the others look again a step later (or when the
+  probe's lease ends, if sooner): a probe that got an answer is not waited for a whole lease.
 - `failed(turn, retry_after)` after no answer: the next step of `backoff_delay` (or the
   dependency's own retry-after). A request that was let through before the last failure was
   recorded says nothing new (it was in flight meanwhile): it does not push the loop further up,
@@ -44,23 +45,25 @@ end
 if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then
   return {0, now}
 end
-return {math.max(100, redis.call('PTTL', KEYS[2])), now}
+local step = tonumber(redis.call('HGET', KEYS[1], 'step') or ARGV[1])
+return {math.max(100, math.min(redis.call('PTTL', KEYS[2]), step)), now}
 """
 
 # KEYS: state hash, probe lease. ARGV: when the failed request was let through (ms).
 # Returns {failures, -1} when this failure counts (the caller sets the wait), else {failures, ms to
-# wait}: the request was let through before the last recorded failure.
+# wait}: the request was let through at or before the last recorded failure.
 _FAILED = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local failures = tonumber(redis.call('HGET', KEYS[1], 'failures') or '0')
 local last = tonumber(redis.call('HGET', KEYS[1], 'failed_at') or '-1')
-if failures > 0 and tonumber(ARGV[1]) < last then
+if failures > 0 and tonumber(ARGV[1]) <= last then
   local until_ms = tonumber(redis.call('HGET', KEYS[1], 'until') or '0')
   if now < until_ms then
     return {failures, until_ms - now}
   end
-  return {failures, math.max(100, redis.call('PTTL', KEYS[2]))}
+  local step = tonumber(redis.call('HGET', KEYS[1], 'step') or '100')
+  return {failures, math.max(100, math.min(redis.call('PTTL', KEYS[2]), step))}
 end
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[1], 'failed_at', string.format('%.0f', now))
@@ -71,7 +74,7 @@ return {redis.call('HINCRBY', KEYS[1], 'failures', 1), -1}
 _BACK_OFF = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[1], 'until', string.format('%.0f', now + tonumber(ARGV[1])))
+redis.call('HSET', KEYS[1], 'until', string.format('%.0f', now + tonumber(ARGV[1])), 'step', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1]) + tonumber(ARGV[2])))
 return tonumber(ARGV[1])
 """

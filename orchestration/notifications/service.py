@@ -51,8 +51,9 @@ log = get_logger("callflow.notifications")
 MAX_ATTEMPTS = 6
 BACKOFF_BASE_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 60.0
-# Resend's loop asks once per step whatever the backlog, so it may look again sooner than a row's.
-RESEND_BACKOFF_MAX_SECONDS = 30.0
+# Resend's loop asks once per step whatever the backlog waiting: a probe every 10 s at worst is
+# nothing to a 2-requests-a-second account, and the emails go at most that long after Resend is back.
+RESEND_BACKOFF_MAX_SECONDS = 10.0
 # A task books its send time however far ahead the queue of bookings reaches, and waits for it in
 # hops of at most this long: a Celery countdown is held unacked by a worker, and one longer than the
 # broker's visibility timeout (300 s) would be delivered twice. A hop before the booked time is one
