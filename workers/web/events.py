@@ -6,7 +6,9 @@ hands it to the streams of the users allowed to see it (an invitation's caller a
 call's parties, as the RLS policies say). On connect a stream first sends the user's live
 invitations; a comment line every `HEARTBEAT_SECONDS` keeps proxies from closing it. A stream
 whose client cannot keep up is closed (the browser's EventSource reconnects and gets a fresh
-snapshot), so one slow client never holds memory or the hub.
+snapshot), so one slow client never holds memory or the hub. So is every stream when the hub
+loses its connection (Postgres restarted, or the network dropped it): changes made meanwhile are
+not heard, and a client reconnecting gets a fresh snapshot (or a 503 while the database is away).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from starlette.routing import Route
 
 from config.logging import get_logger
 from config.settings import get_settings
+from orchestration.backoff import backoff_delay
 from workers.web import calls
 from workers.web.signed_in import signed_in_user
 
@@ -101,20 +104,23 @@ class ChangeHub:
                     queue.put_nowait(CLOSED)
 
     async def _listen_forever(self) -> None:
-        backoff = 0.5
+        failures = 0
         first = True
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(self.database_url, autocommit=True, connect_timeout=5)
+                # Keepalives: a connection the network dropped silently ends within ~25 s, not never.
+                conn = await psycopg.AsyncConnection.connect(
+                    self.database_url, autocommit=True, connect_timeout=5, keepalives=1, keepalives_idle=10,
+                    keepalives_interval=5, keepalives_count=3)
                 async with conn:
                     for channel in CHANNELS:
                         await conn.execute(f"listen {channel}")
-                    if not first:  # changes while we were away were not heard: every stream re-reads
+                    if not first:  # streams opened while we were away missed changes: they re-read
                         for queues in list(self.streams.values()):
                             for queue in list(queues):
                                 if not queue.full():
                                     queue.put_nowait(RESYNC)
-                    first, backoff = False, 0.5
+                    first, failures = False, 0
                     log.info("event hub listening", channels=",".join(CHANNELS))
                     async for notify in conn.notifies():
                         await self._dispatch(notify.channel, notify.payload)
@@ -122,9 +128,14 @@ class ChangeHub:
                 raise
             except Exception as exc:  # noqa: BLE001 - the hub must outlive any database hiccup
                 first = False
-                log.warning("event hub: LISTEN connection lost; reconnecting", error=exc.__class__.__name__)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+                failures += 1
+                # What was said while nobody listened is lost: every open stream ends, and its
+                # client reconnects for a fresh snapshot (the contract: streams close, clients reconnect).
+                self.close_all()
+                if failures == 1:
+                    log.warning("event hub: LISTEN connection lost; streams closed, reconnecting",
+                                error=exc.__class__.__name__)
+                await asyncio.sleep(backoff_delay(failures, 0.5, 10.0))
 
     async def _dispatch(self, channel: str, payload: str) -> None:
         if not self.streams:
