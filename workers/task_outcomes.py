@@ -1,6 +1,7 @@
 """Celery signal handlers: every task outcome is counted in Redis (`callflow_task_outcomes_total`
 on any process's /metrics), every message carries its publish time (queue age), and a task that
-ran out of retries or was refused is kept in `callflow_failed_tasks` for `callflow tasks retry`.
+ran out of retries or was refused is kept in `callflow_failed_tasks` for `callflow tasks retry`
+(not one of beat's that failed for want of Postgres or Redis: its next run does the work).
 
 Nothing here may break a task: Redis or Postgres trouble is logged and dropped.
 """
@@ -11,11 +12,13 @@ import functools
 import time
 
 import redis
+from billiard.exceptions import WorkerLostError
 from celery import signals
 
 from config.logging import get_logger
 from orchestration.ops import failed_tasks
 from orchestration.ops.queues import PUBLISHED_AT_HEADER, record_outcome
+from workers.transient import TRANSIENT_ERRORS
 
 log = get_logger("callflow.tasks")
 
@@ -49,7 +52,17 @@ def _count_outcome(sender=None, task_id=None, args=None, kwargs=None, retval=Non
 
 @signals.task_failure.connect
 def _keep_failure(sender=None, task_id=None, exception=None, args=None, kwargs=None, **_kwargs) -> None:
+    if isinstance(exception, (*TRANSIENT_ERRORS, WorkerLostError)) and _runs_on_schedule(sender):
+        # A dependency gave no answer, or its worker was stopped under it: beat sends it again
+        # within seconds and that run does its work. Nothing for an operator to re-run.
+        log.warning("scheduled task did not finish; its next run will do the work",
+                    task=sender.name, task_id=task_id, error=f"{type(exception).__name__}: {exception}"[:300])
+        return
     _keep(sender, task_id, args, kwargs, f"{type(exception).__name__}: {exception}")
+
+
+def _runs_on_schedule(task) -> bool:
+    return any(entry.get("task") == task.name for entry in (task.app.conf.beat_schedule or {}).values())
 
 
 def _keep(task, task_id, args, kwargs, error: str) -> None:

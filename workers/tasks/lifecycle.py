@@ -9,14 +9,15 @@ only thing standing between an event and its effect.
 from __future__ import annotations
 
 import functools
+import time
 from concurrent.futures import ThreadPoolExecutor
 
-import psycopg
 import redis
 import structlog
 from celery.exceptions import Reject, Retry
 
 from orchestration.adapters.celery_scheduler import CeleryScheduler, RedisThrottle
+from orchestration.backoff import backoff_delay
 from orchestration.adapters.livekit_rooms import LiveKitRooms
 from orchestration.adapters.postgres_store import PostgresStore
 from orchestration.ingest.livekit import parse_room_event
@@ -27,12 +28,13 @@ from orchestration.lifecycle.livekit_event import handle_livekit_event, handle_l
 from orchestration.lifecycle.ring_timeout import handle_ring_timeout, handle_ring_timeouts_due
 from orchestration.lifecycle.sweep import run_sweep
 from workers.app import app, settings
+from workers.transient import BROKER_ERRORS, TRANSIENT_ERRORS
 
 log = structlog.get_logger("callflow.tasks")
 
-RETRYABLE = (psycopg.OperationalError, psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected,
-             redis.ConnectionError, redis.TimeoutError)
-_TASK = dict(bind=True, acks_late=True, max_retries=8, retry_backoff=True, retry_backoff_max=30)
+# Enough retries to outlast a Postgres or Redis restart of a few minutes (at least ~4 min with
+# jitter): an outage costs retries, not a failed task.
+_TASK = dict(bind=True, acks_late=True, max_retries=20)
 
 
 @functools.lru_cache(maxsize=1)
@@ -86,14 +88,43 @@ def _run(task, fn, *args, **context):
             return [one.result for one in outcome]
         _log_step(step, outcome, context)
         return outcome.result
-    except RETRYABLE as exc:
+    except TRANSIENT_ERRORS as exc:
         log.warning("transient failure, retrying", error=str(exc), retries=task.request.retries)
-        raise task.retry(exc=exc, countdown=min(30, 0.5 * 2 ** task.request.retries))
+        _retry_once_the_broker_takes_it(task, exc)
     except (ValueError, KeyError, TypeError) as exc:
         log.error("malformed task arguments, dropped", error=repr(exc))
         raise Reject(exc, requeue=False)
     finally:
         structlog.contextvars.clear_contextvars()
+
+
+# How long a task waits for Redis to take its retry before it gives up (and is kept as failed).
+BROKER_WAIT_SECONDS = 600.0
+
+
+def _retry_once_the_broker_takes_it(task, exc: Exception) -> None:
+    """`task.retry`, which publishes the retry to Redis: while Redis is away too, the task holds on
+    to its work and tries again (a worker process can fetch nothing else meanwhile anyway),
+    rather than failing for want of a broker. Raises Retry once the retry is published."""
+    if task.max_retries is not None and task.request.retries >= task.max_retries:
+        raise task.retry(exc=exc)  # out of retries: fails with `exc`, and is kept
+    waited, attempt = 0.0, 0
+    while True:
+        try:
+            raise task.retry(exc=exc, countdown=backoff_delay(task.request.retries + 1, 0.5, 30))
+        except Reject as rejected:  # Celery's word for "the retry could not be published"
+            if not isinstance(rejected.reason, BROKER_ERRORS):
+                raise
+            publish_error = rejected.reason
+            attempt += 1
+            if waited >= BROKER_WAIT_SECONDS:
+                raise
+            if attempt == 1:
+                log.warning("the broker cannot take the retry; holding the task until it can",
+                            error=str(publish_error)[:200])
+            pause = backoff_delay(attempt, 0.5, 5.0)
+            time.sleep(pause)
+            waited += pause
 
 
 @app.task(name="callflow.invitation_changed", **_TASK)
@@ -150,8 +181,13 @@ def _take_and_run(task, backlog, run, alone_task: str, alone_args) -> list:
     """Take what waits on `backlog` (or what this task took before: a retry or a redelivery), `run`
     it as one batch, then let it go. A batch that fails for a reason other than a transient one
     goes on item by item (`alone_task`, with `alone_args(item)`; each failing again is kept for
-    `callflow tasks retry`) so that one item this code cannot handle does not hold up the others."""
-    taken = backlog.take(task.request.id, first=True)
+    `callflow tasks retry`) so that one item this code cannot handle does not hold up the others.
+    Redis giving no answer while taking is transient too: the retry takes them."""
+    try:
+        taken = backlog.take(task.request.id, first=True)
+    except TRANSIENT_ERRORS as exc:
+        log.warning("cannot take the backlog, retrying", error=str(exc)[:200], retries=task.request.retries)
+        _retry_once_the_broker_takes_it(task, exc)
     if not taken:
         return []
     try:
@@ -164,7 +200,10 @@ def _take_and_run(task, backlog, run, alone_task: str, alone_args) -> list:
         for item in taken:
             app.send_task(alone_task, args=alone_args(item), queue="events")
         results = []
-    backlog.done(task.request.id)
+    try:
+        backlog.done(task.request.id)
+    except TRANSIENT_ERRORS as exc:  # decided already: what stays taken expires (and is idempotent)
+        log.warning("decided, but could not let the taken items go", error=str(exc)[:200])
     return results
 
 
