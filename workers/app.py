@@ -94,6 +94,8 @@ app.conf.update(
     # theirs in the script that pushes them (orchestration/webhooks.py, TASK_SENT_EVENTS).
     task_send_sent_event=TASK_SENT_EVENTS,
     broker_connection_retry_on_startup=True,
+    # A lost Redis connection must not stop the worker (workers/consumer.py).
+    worker_consumer="workers.consumer:Consumer",
     broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT,
                               # BRPOP the queues in QUEUES order every time (not round-robin).
                               "queue_order_strategy": "priority"},
@@ -101,7 +103,7 @@ app.conf.update(
     visibility_timeout=VISIBILITY_TIMEOUT,
     timezone="UTC",
     enable_utc=True,
-    beat_scheduler="redbeat.RedBeatScheduler",
+    beat_scheduler="workers.beat_scheduler:Scheduler",  # redbeat's, surviving a Redis outage
     beat_max_loop_interval=BEAT_MAX_INTERVAL,
     redbeat_redis_url=settings.redis_url,
     redbeat_key_prefix="callflow:beat",
