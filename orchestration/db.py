@@ -17,6 +17,12 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+# psycopg_pool tries a lost connection again after 1, 2, 4, 8 ... s, uncapped, for its
+# `reconnect_timeout` (5 min by default): after a minute's outage its next try could be a minute
+# away. Given up after this long instead, the next request that needs a connection starts a new
+# series from its first step, so a pool is back within a few seconds of Postgres.
+RECONNECT_SECONDS = 10.0
+
 _pools: dict[tuple[int, str, bool], ConnectionPool] = {}
 _lock = threading.Lock()
 
@@ -44,6 +50,7 @@ def get_pool(url: str, max_size: int = 8, generic_plans: bool = False) -> Connec
                     kwargs={"row_factory": dict_row, "autocommit": False},
                     configure=_keep_generic_plans if generic_plans else None,
                     check=_check_and_replan if generic_plans else check_open,
+                    reconnect_timeout=RECONNECT_SECONDS,
                     open=True,
                     name="callflow",
                 )

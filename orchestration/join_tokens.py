@@ -26,7 +26,7 @@ from livekit.api import AccessToken, VideoGrants
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from orchestration.db import check_open_async
+from orchestration.db import RECONNECT_SECONDS, check_open_async
 
 AUDIO_SOURCES = ["microphone"]
 VIDEO_SOURCES = ["camera", "microphone", "screen_share", "screen_share_audio"]
@@ -112,7 +112,8 @@ class JoinTokenStore:
                     pool = AsyncConnectionPool(
                         self.database_url, min_size=1, max_size=self.max_size, open=False,
                         kwargs={"row_factory": dict_row, "autocommit": True, "connect_timeout": 5},
-                        timeout=self.timeout, check=check_open_async, name="callflow-token",
+                        timeout=self.timeout, check=check_open_async, reconnect_timeout=RECONNECT_SECONDS,
+                        name="callflow-token",
                     )
                     await pool.open(wait=False)
                     self._pool = pool

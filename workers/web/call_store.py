@@ -23,7 +23,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from config.logging import get_logger
 from orchestration.auth import User
-from orchestration.db import check_open_async
+from orchestration.db import RECONNECT_SECONDS, check_open_async
 from workers.web.errors import ApiError
 
 log = get_logger("callflow.web.calls")
@@ -95,7 +95,7 @@ class CallStore:
                     pool = AsyncConnectionPool(
                         self.database_url, min_size=1, max_size=self.max_size, open=False, timeout=self.timeout,
                         kwargs={"row_factory": dict_row, "autocommit": False, "connect_timeout": 5},
-                        check=check_open_async, name="callflow-api")
+                        check=check_open_async, reconnect_timeout=RECONNECT_SECONDS, name="callflow-api")
                     await pool.open(wait=False)
                     self._pool = pool
         return self._pool
