@@ -344,3 +344,30 @@ def test_development_writes_pushes_as_json_files(ddb, delivery_database_url, red
     assert len(files) == 1
     message = json.loads(files[0].read_text())
     assert message["to"] == tokens[0] and message["data"]["kind"] == "incoming_call"
+
+
+def test_a_message_rate_exceeded_ticket_is_retried_not_failed(ddb, delivery_database_url, expo, redis_server):
+    # Expo's 429 for one message (a ticket, in an answered request) is no answer for that message.
+    ids, tokens = ringing_rows(ddb, 2)
+    expo.rate_exceed(tokens[1], times=2)
+    run_like_the_task(delivery_for(delivery_database_url, redis_server, expo.url, rate=500), ids)
+    assert len(pushes_to(expo, tokens[0], "incoming_call")) == 1
+    assert len(pushes_to(expo, tokens[1], "incoming_call")) == 1
+    rows = {str(r["id"]): r for r in ddb.execute(
+        "select id, status, attempts from public.push_messages where id = any(%s::uuid[])", (ids,)).fetchall()}
+    assert rows[ids[0]]["status"] == "sent" and rows[ids[0]]["attempts"] == 1
+    assert rows[ids[1]]["status"] == "sent" and rows[ids[1]]["attempts"] == 3
+
+
+def test_receipts_while_expo_gives_no_answer_are_asked_later(ddb, delivery_database_url, expo, redis_server):
+    ids, _ = ringing_rows(ddb, 1)
+    delivery_for(delivery_database_url, redis_server, expo.url, rate=500).deliver(ids)
+    ddb.execute("update public.push_messages set sent_at = now() - interval '1 minute' where id = any(%s::uuid[])",
+                (ids,))
+    unreachable = f"http://127.0.0.1:{services.free_port()}"
+    assert delivery_for(delivery_database_url, redis_server, unreachable, rate=500).check_receipts(older_than=15) == 0
+    # Expo's loop now waits a first step before anyone asks again; then the receipts are read.
+    answering = delivery_for(delivery_database_url, redis_server, expo.url, rate=500)
+    services.wait_for(lambda: answering.check_receipts(older_than=15) == 1, timeout=5, what="the receipt read")
+    row = ddb.execute("select receipt_status from public.push_messages where id = %s", (ids[0],)).fetchone()
+    assert row["receipt_status"] == "ok"

@@ -11,7 +11,8 @@ Covers (after ../shared/PROTOCOLS.md, "Expo push", and docs.expo.dev sending-not
   `unregister_later(token)` gets an ok ticket and a `DeviceNotRegistered` receipt.
 - Whole-request failures on demand, in order (`script(500, 429, ...)`), or for a period
   (`down_for(seconds)`: 503 until then); `Authorization: Bearer <token>` checked when
-  `access_token` is set (401 otherwise).
+  `access_token` is set (401 otherwise); a `MessageRateExceeded` error ticket for the next n
+  messages to a token (`rate_exceed(token, n)`: Expo's 429 for one message).
 - Records every send request (arrival time, messages, answer) for the tests to assert on.
 
 Does not cover: delivery to devices, APNs/FCM credentials, message size limits, `expiration`
@@ -45,6 +46,7 @@ class ExpoStandin:
     unregistered_later: set[str] = field(default_factory=set)
     receipts: dict[str, tuple[float, dict]] = field(default_factory=dict)
     receipt_requests: list[list[str]] = field(default_factory=list)
+    rate_exceeded: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._script: deque[int] = deque()
@@ -65,6 +67,10 @@ class ExpoStandin:
 
     def unregister_later(self, token: str) -> None:
         self.unregistered_later.add(token)
+
+    def rate_exceed(self, token: str, times: int = 1) -> None:
+        with self._lock:
+            self.rate_exceeded[token] = times
 
     def delivered(self, kind: str | None = None) -> list[dict]:
         """Every message answered with an ok ticket (in arrival order)."""
@@ -145,8 +151,18 @@ class ExpoStandin:
             return handler._answer(400, {"errors": [{"code": "PUSH_TOO_MANY_NOTIFICATIONS",
                                                      "message": "at most 100 messages"}]})
         tickets = []
+        delivered = []
         for message in body:
             token = message["to"]
+            with self._lock:
+                over_rate = self.rate_exceeded.get(token, 0) > 0
+                if over_rate:
+                    self.rate_exceeded[token] -= 1
+            if over_rate:
+                tickets.append({"status": "error", "message": "too many messages to this device",
+                                "details": {"error": "MessageRateExceeded"}})
+                continue
+            delivered.append(message)
             if token in self.unregistered or not str(token).startswith(("ExponentPushToken[", "ExpoPushToken[")):
                 tickets.append({"status": "error", "message": f'"{token}" is not a registered push notification recipient',
                                 "details": {"error": "DeviceNotRegistered", "expoPushToken": token}})
@@ -157,7 +173,7 @@ class ExpoStandin:
                        else {"status": "ok"})
             self.receipts[receipt_id] = (now, receipt)
             tickets.append({"status": "ok", "id": receipt_id})
-        self.sends.append(SendRecord(now, messages, 200))
+        self.sends.append(SendRecord(now, delivered, 200))  # a rate-exceeded message never reached its device
         handler._answer(200, {"data": tickets})
 
     def _get_receipts(self, handler, body) -> None:
