@@ -268,7 +268,9 @@ def test_openapi_describes_the_api_routes(api):
         assert path in paths
 
 
-def test_streams_survive_the_listen_connection_being_cut(api, db, web, make_user):
+def test_streams_end_when_the_listen_connection_is_cut_and_a_reconnect_gets_what_was_missed(api, db, web, make_user):
+    """The contract: when the database drops the hub's connection, open streams close so their
+    clients reconnect (EventSource does by itself), and the new stream's snapshot has what changed."""
     alice, bob = make_user(), make_user()
     stream = EventStream(web, bob)
     try:
@@ -277,11 +279,16 @@ def test_streams_survive_the_listen_connection_being_cut(api, db, web, make_user
         cut = db.execute("select pg_terminate_backend(pid) from pg_stat_activity where datname = current_database()"
                          " and query ilike 'listen callflow%%'").fetchall()
         assert len(cut) == 1
-        # the hub reconnects and the stream re-sends the live invitations (what it may have missed)
+        stream._thread.join(10)
+        assert not stream._thread.is_alive(), "the stream stayed open after the hub lost its connection"
         second = start_call(api, alice, [bob]).json()["invitations"][0]
-        stream.next("invitation", lambda r: r["id"] == second["id"], timeout=10)
     finally:
         stream.close()
+    again = EventStream(web, bob)
+    try:
+        again.next("invitation", lambda r: r["id"] == second["id"], timeout=10)
+    finally:
+        again.close()
 
 
 def test_web_stops_promptly_with_streams_open(log_dir, make_user):
