@@ -21,8 +21,8 @@ import pytest
 import redis
 
 from orchestration.backoff import backoff_delay
-from orchestration.notifications.service import BACKOFF_BASE_SECONDS, RESEND_BACKOFF_MAX_SECONDS
-from orchestration.push.delivery import RETRY_BASE_SECONDS, RETRY_MAX_SECONDS
+from orchestration.notifications.service import BACKOFF_BASE_SECONDS, RESEND_BACKOFF_MAX_SECONDS, resend_backoff
+from orchestration.push.delivery import RETRY_BASE_SECONDS, RETRY_MAX_SECONDS, expo_backoff
 from orchestration.push.expo import TIMEOUT_SECONDS as EXPO_TIMEOUT
 from tests.standins.expo_server import ExpoStandin
 from tests.standins.resend_server import ResendStandIn
@@ -309,7 +309,7 @@ def loop_steps(faults) -> dict[str, int]:
     """How far up its backoff each dependency's shared retry loop is (0: it answered last)."""
     client = redis.Redis.from_url(faults.redis.url)
     try:
-        return {name: int(client.hget(f"callflow:backoff:{name}", "failures") or 0) for name in ("resend", "expo")}
+        return {"resend": resend_backoff(client).failures, "expo": expo_backoff(client).failures}
     finally:
         client.close()
 
