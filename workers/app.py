@@ -94,8 +94,9 @@ app.conf.update(
     # theirs in the script that pushes them (orchestration/webhooks.py, TASK_SENT_EVENTS).
     task_send_sent_event=TASK_SENT_EVENTS,
     broker_connection_retry_on_startup=True,
-    # A lost Redis connection must not stop the worker (workers/consumer.py).
+    # A lost Redis connection must not stop the worker (workers/consumer.py), however long Redis is away.
     worker_consumer="workers.consumer:Consumer",
+    broker_connection_max_retries=None,
     broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT,
                               # BRPOP the queues in QUEUES order every time (not round-robin).
                               "queue_order_strategy": "priority"},

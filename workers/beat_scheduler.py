@@ -39,7 +39,7 @@ class Scheduler(RedBeatScheduler):
             self._failures += 1
             if self._failures == 1:
                 log.warning("beat: Redis gives no answer; ticking again with backoff", error=str(exc)[:200])
-            return backoff_delay(self._failures, 0.5, 5.0)
+            return backoff_delay(self._failures, 0.5, 2.0)
         if self._failures:
             log.info("beat: Redis answers again", after_failures=self._failures)
             self._failures = 0

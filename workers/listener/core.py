@@ -211,7 +211,7 @@ class Listener:
                 if failures == 1:
                     log.warning("enqueue failing, will retry", error=f"{exc.__class__.__name__}: {exc}"[:200],
                                 pending=len(batch) + self.queue.qsize())
-                await asyncio.sleep(backoff_delay(failures, 0.2, 5.0))
+                await asyncio.sleep(backoff_delay(failures, 0.2, 2.0))
                 continue
             if failures:
                 log.info("enqueue recovered", after_failures=failures)
