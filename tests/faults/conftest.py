@@ -226,3 +226,16 @@ def fault_user(fdb):
         return uid
 
     return make
+
+
+LONG_RING_TIMEOUT = 30
+
+
+@pytest.fixture
+def running_stack(faults):
+    """The whole fault stack (web, worker, beat, listener) started for this test, stopped after it.
+    Rings last 30 s: a client's answer held up by a fault is not a missed call."""
+    faults.stop()
+    faults.start("web", "worker", "beat", "listener", CALLFLOW_RING_TIMEOUT_SECONDS=LONG_RING_TIMEOUT)
+    yield faults
+    faults.stop()
