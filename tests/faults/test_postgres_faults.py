@@ -206,6 +206,9 @@ def test_web_answers_503_and_ends_event_streams_while_postgres_is_away_then_the_
            invitation_rang_after_restore_s=rang_s, calls_wrongly_ended=0, events_lost=0,
            failed_tasks=len(failures_since(stack, cut_at)))
     assert not failures_since(stack, cut_at)
+    # The pools try again within seconds of Postgres (psycopg_pool's own waits doubled uncapped:
+    # after this outage its next try was up to ~16 s away).
+    assert web_back_s < 6
 
 
 def test_the_listener_backoff_starts_from_its_first_step_after_a_resubscribe(faults):
