@@ -167,6 +167,10 @@ def deliver(notification_id: str, *, database_url: str, mailer: Mailer, bucket: 
         wait = bucket.until_slot(slot)
         if wait > EARLY_TOLERANCE_SECONDS:  # not yet: another hop, no database work
             return Outcome("throttled", "waiting for its booked send time", countdown=hop(wait), slot=slot)
+    turn = resend_loop.turn() if resend_loop is not None and mailer.rate_limited else None
+    if turn and turn.wait > 0:  # Resend gave no answer lately: nobody asks before its loop says so
+        return Outcome("throttled", "Resend gave no answer lately", countdown=turn.wait + random.uniform(0, 0.2),
+                       slot=slot)
     with get_pool(database_url).connection() as conn:
         row = store.lock_for_delivery(conn, notification_id)
         if row is None:
@@ -188,12 +192,6 @@ def deliver(notification_id: str, *, database_url: str, mailer: Mailer, bucket: 
             return Outcome("skipped", why)
 
         message = compose(row, sender, app_url)
-
-        turn = resend_loop.turn() if resend_loop is not None and mailer.rate_limited else None
-        if turn and turn.wait > 0:  # Resend gave no answer lately: nobody asks before its loop says so
-            conn.rollback()
-            return Outcome("throttled", "Resend gave no answer lately", countdown=turn.wait + random.uniform(0, 0.2),
-                           slot=slot)
 
         attempts = store.count_attempt(conn, notification_id)
         # The token last, right before the request: the time between a grant and the request's

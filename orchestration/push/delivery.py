@@ -165,6 +165,10 @@ class PushDelivery:
         # One batch a run, with a send time booked for it alone: the rest goes to another task.
         out.others = [r.id for r in sendable[MAX_BATCH:]]
         sendable = sendable[:MAX_BATCH]
+        turn = self.backoff.turn() if sendable else None
+        if turn and turn.wait > 0:  # Expo gave no answer lately: nobody asks before its loop says so
+            self._come_back_later(sendable, turn.wait, results, out, "Expo gave no answer lately")
+            sendable = []
         if sendable and not booked:
             wait = self.rate.book(len(sendable))
             if wait > 0:
@@ -179,10 +183,6 @@ class PushDelivery:
                     sendable = []
         tokens_gone: list[str] = []
         tickets = []
-        turn = self.backoff.turn() if sendable else None
-        if turn and turn.wait > 0:  # Expo gave no answer lately: nobody asks before its loop says so
-            self._come_back_later(sendable, turn.wait, results, out, "Expo gave no answer lately")
-            sendable = []
         if sendable:
             try:
                 tickets = self.client.send([expo_message(r, now) for r in sendable])
