@@ -5,9 +5,10 @@
 Calls ring and are missed through the real lifecycle (the fault stack's listener, worker and beat);
 the worker sends missed-call emails with the real `resend` SDK and pushes with the real Expo client,
 each through a proxy of its own. Faults are Toxiproxy's: `cut()` (every connection closed, new ones
-refused) and a latency longer than the client's timeout. Each test prints its figures (one line,
-`[delivery faults]`): the fault and its length, the load during it, what users saw (how late
-emails and pushes came), what was lost (nothing) and how long after the fault things were whole.
+refused) and a latency longer than the client's timeout. Each test prints its line of figures for
+the faults table (`FAULT <scenario>: ...`, tests/faults/load.py): the fault and its length, the load
+during it, what users saw (how late emails and pushes came), what was lost (nothing) and how long
+after the fault things were whole.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from orchestration.backoff import backoff_delay
 from orchestration.notifications.service import BACKOFF_BASE_SECONDS, RESEND_BACKOFF_MAX_SECONDS, resend_backoff
 from orchestration.push.delivery import RETRY_BASE_SECONDS, RETRY_MAX_SECONDS, expo_backoff
 from orchestration.push.expo import TIMEOUT_SECONDS as EXPO_TIMEOUT
+from tests.faults.load import report
 from tests.standins.expo_server import ExpoStandin
 from tests.standins.resend_server import ResendStandIn
 from tests.support.calls import insert_invitation
@@ -146,16 +148,17 @@ def most_tries(seconds: float, base: float, cap: float) -> int:
         tries += 1
 
 
-def report(capsys, scenario: str, **figures) -> None:
-    line = f"[delivery faults] {scenario}: " + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in figures.items())
+def shown(capsys, scenario: str, **figures) -> None:
+    """The scenario's line of figures for the faults table (tests/faults/load.py's `report`), shown
+    even when pytest captures output."""
     with capsys.disabled():
-        print("\n" + line)
+        print()
+        report(scenario, **figures)
 
 
-def seconds(values: list[float]) -> str:
-    if not values:
-        return "none"
-    return f"median {statistics.median(values):.1f} s, max {max(values):.1f} s"
+def spread(name: str, values: list[float]) -> dict[str, float | None]:
+    return {f"{name}_median_s": statistics.median(values) if values else None,
+            f"{name}_max_s": max(values) if values else None}
 
 
 # ---- Resend ---------------------------------------------------------------------------------------
@@ -189,11 +192,11 @@ def test_resend_cut_20s_while_calls_are_missed(delivery, faults, fdb, fault_user
     unanswered = sum(r["attempts"] for r in rows) - len(rows)
     assert 1 <= unanswered <= most_tries(restored_at - cut_at, BACKOFF_BASE_SECONDS, RESEND_BACKOFF_MAX_SECONDS) + 2
     recovered = max(r.at for row in rows for r in resend_arrivals(delivery.resend, row["id"])) - restored_at
-    report(capsys, "Resend cut", length=f"{restored_at - cut_at:.0f} s", load=f"{len(calls)} missed calls, 1 per 1.25 s, "
-           f"every email due inside the cut; rate {EMAIL_RATE}/s", emails_delayed_by=seconds(delays),
-           requests_without_answer=f"{unanswered} in all (tries per email: max {max(r['attempts'] for r in rows)})",
-           lost=f"{len(calls) - len(rows) + sum(r['status'] != 'sent' for r in rows)} (failed 0, duplicates 0)",
-           all_sent_after_recovery_in=f"{recovered:.1f} s")
+    shown(capsys, "resend_cut", length_s=restored_at - cut_at,
+          load=f"{len(calls)} missed calls 1 per 1.25 s, every email due in the cut, {EMAIL_RATE} emails/s",
+          **spread("email_delay", delays), requests_without_answer=unanswered,
+          most_tries_per_email=max(r["attempts"] for r in rows), emails_lost=0, failed=0, duplicates=0,
+          all_sent_after_restore_s=recovered)
 
 
 # ---- Expo -----------------------------------------------------------------------------------------
@@ -247,13 +250,12 @@ def test_expo_cut_while_invitations_ring(delivery, faults, fdb, fault_user, caps
     later = [arrivals[r["id"]][0] - epoch(r["created_at"]) for r in rows if r["kind"] != "incoming_call"]
     late_rings = [arrivals[r["id"]][0] - epoch(r["created_at"]) for r in rings if r["status"] == "sent"]
     recovered = max(t for times in arrivals.values() for t in times) - restored_at
-    report(capsys, "Expo cut", length=f"{restored_at - cut_at:.0f} s",
-           load=f"{len(calls)} calls ringing {RING_SECONDS} s, 1 per 1.5 s, one phone each ({len(rows)} pushes)",
-           incoming_call=f"{len(rings) - len(skipped)} sent (delayed {seconds(late_rings)}), "
-                         f"{len(skipped)} skipped past their deadline, 0 late",
-           call_ended_and_missed_call_delayed_by=seconds(later),
-           tries_per_push=f"max {max(r['attempts'] for r in rows)}",
-           lost="0 (failed 0, duplicates 0)", all_sent_after_recovery_in=f"{recovered:.1f} s")
+    shown(capsys, "expo_cut", length_s=restored_at - cut_at,
+          load=f"{len(calls)} calls ringing {RING_SECONDS} s 1 per 1.5 s, one phone each ({len(rows)} pushes)",
+          incoming_call_sent=len(rings) - len(skipped), incoming_call_skipped=len(skipped), incoming_call_late=0,
+          **spread("sent_incoming_call_delay", late_rings), **spread("call_ended_missed_call_delay", later),
+          most_tries_per_push=max(r["attempts"] for r in rows), pushes_lost=0, failed=0, duplicates=0,
+          all_sent_after_restore_s=recovered)
 
 
 def test_expo_slower_than_the_client_timeout(delivery, faults, fdb, fault_user, capsys):
@@ -290,17 +292,15 @@ def test_expo_slower_than_the_client_timeout(delivery, faults, fdb, fault_user, 
              if (times := arrivals[r["id"]])]
     ring_started = [epoch(inv["ringing_at"]) - epoch(inv["created_at"]) for inv in missed.values()]
     recovered = max(epoch(r["sent_at"]) for r in rows if r["sent_at"]) - healed_at
-    report(capsys, "Expo slow", length=f"{healed_at - slow_at:.0f} s of +{latency:.0f} s on every answer "
-           f"(client timeout {EXPO_TIMEOUT:.0f} s)",
-           load=f"{len(calls)} calls ringing {RING_SECONDS} s, 1 per 3 s, one phone each ({len(rows)} pushes)",
-           requests_to_expo_while_slow=f"{len(during)}",
-           incoming_call=f"{sum(r['status'] == 'sent' for r in rings)} sent, "
-                         f"{sum(r['status'] == 'skipped' for r in rings)} skipped (no answer before the deadline), "
-                         f"0 late; {sum(1 for r in rings if arrivals[r['id']])} reached the phone",
-           call_ended_and_missed_call_reached_the_phone_after=seconds(first),
-           repeats_on_phones=f"{repeats} (answers lost to the timeout)",
-           ringing_started_after=seconds(ring_started),
-           lost="0 (failed 0)", outbox_settled_after_recovery_in=f"{max(0.0, recovered):.1f} s")
+    shown(capsys, "expo_slow", length_s=healed_at - slow_at, latency_s=latency, client_timeout_s=EXPO_TIMEOUT,
+          load=f"{len(calls)} calls ringing {RING_SECONDS} s 1 per 3 s, one phone each ({len(rows)} pushes)",
+          requests_to_expo_while_slow=len(during),
+          incoming_call_sent=sum(r["status"] == "sent" for r in rings),
+          incoming_call_skipped=sum(r["status"] == "skipped" for r in rings),
+          incoming_call_reached_phone=sum(1 for r in rings if arrivals[r["id"]]), incoming_call_late=0,
+          **spread("call_ended_missed_call_reached_phone", first), repeats_on_phones=repeats,
+          **spread("ring_start_delay", ring_started), pushes_lost=0, failed=0,
+          outbox_settled_after_heal_s=max(0.0, recovered))
 
 
 # ---- backoff after a success ----------------------------------------------------------------------
@@ -360,10 +360,8 @@ def test_backoff_starts_again_after_a_success(delivery, faults, fdb, fault_user,
     # outage left it, it would wait 8-30 s.
     assert email_after <= 5 + 1 / EMAIL_RATE + 1, email_after
     assert max(push_after) <= 5, push_after
-    report(capsys, "Backoff after a success", length="Resend and Expo cut 24 s, whole, then cut 5 s",
-           load="1 missed call in each outage, one phone each",
-           first_outage=f"loops up {climbed['resend']} steps (Resend) and {climbed['expo']} (Expo), "
-                        f"email sent after {first_email['attempts']} tries, both loops at step 0 after",
-           second_outage=f"email sent {email_after:.1f} s and pushes {max(push_after):.1f} s after its end "
-                         f"(tries: email {email['attempts']}, pushes max {max(r['attempts'] for r in after_rows)})",
-           lost="0")
+    shown(capsys, "backoff_after_a_success", length_s="24, whole, then 5 (Resend and Expo cut together)",
+          load="1 missed call in each outage, one phone each",
+          steps_reached_resend=climbed["resend"], steps_reached_expo=climbed["expo"], steps_after_the_answer=0,
+          first_email_tries=first_email["attempts"], second_outage_email_after_restore_s=email_after,
+          second_outage_pushes_after_restore_s=max(push_after), lost=0)
