@@ -21,6 +21,7 @@ from config.logging import get_logger
 from orchestration.db import get_pool
 from orchestration.notifications.mailers import OutgoingEmail, PermanentSendError, RetryableSendError
 from orchestration.notifications.service import EXPIRY, Mailer, Outcome, backoff
+from orchestration.shared_backoff import SharedBackoff
 from orchestration.usage.figures import thresholds_crossed
 from orchestration.usage.report import MonthUsage
 
@@ -105,8 +106,12 @@ def compose(row: dict, sender: str, app_url: str) -> OutgoingEmail:
 
 
 def deliver(alert_id: str, *, database_url: str, mailer: Mailer, bucket: Bucket | None, sender: str,
-            app_url: str, failures: int = 0) -> Outcome:
-    """One attempt at one alert email (see `orchestration.notifications.service.deliver`)."""
+            app_url: str, failures: int = 0, resend_loop: SharedBackoff | None = None) -> Outcome:
+    """One attempt at one alert email (see `orchestration.notifications.service.deliver`; it waits
+    on the same Resend loop)."""
+    turn = resend_loop.turn() if resend_loop is not None and mailer.rate_limited else None
+    if turn and turn.wait > 0:  # Resend gave no answer lately: nobody asks before its loop says so
+        return Outcome("throttled", "Resend gave no answer lately", countdown=turn.wait + random.uniform(0, 0.2))
     with get_pool(database_url).connection() as conn:
         row = conn.execute("select * from public.callflow_usage_alerts where id = %s for update skip locked",
                            (alert_id,)).fetchone()
@@ -132,6 +137,8 @@ def deliver(alert_id: str, *, database_url: str, mailer: Mailer, bucket: Bucket 
         try:
             message_id = mailer.send(message)
         except PermanentSendError as exc:
+            if turn is not None:
+                resend_loop.succeeded()  # a refusal is an answer
             _finish(conn, alert_id, "failed", error=exc.describe())
             log.warning("usage alert email failed", alert_id=alert_id, error=exc.describe())
             return Outcome("failed", exc.describe())
@@ -142,8 +149,13 @@ def deliver(alert_id: str, *, database_url: str, mailer: Mailer, bucket: Bucket 
             conn.execute("update public.callflow_usage_alerts set last_error = %s where id = %s",
                          (exc.describe()[:1000], alert_id))
             conn.commit()
-            countdown = exc.retry_after if exc.retry_after is not None else backoff(failures)
+            if turn is not None:
+                countdown = resend_loop.failed(turn, exc.retry_after)
+            else:
+                countdown = exc.retry_after if exc.retry_after is not None else backoff(failures)
             return Outcome("retry", exc.describe(), countdown=max(countdown, 0.2) + random.uniform(0, 0.2))
+        if turn is not None:
+            resend_loop.succeeded()
         _finish(conn, alert_id, "sent", message_id=message_id)
         log.info("usage alert emailed", alert_id=alert_id, provider_message_id=message_id)
         return Outcome("sent", message_id=message_id)

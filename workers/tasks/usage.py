@@ -16,7 +16,7 @@ from orchestration.usage.alerts import deliver
 from orchestration.usage.check import check_usage as run_check
 from orchestration.usage.plans import plan_named
 from workers.app import app, settings
-from workers.tasks.notifications import ports
+from workers.tasks.notifications import ports, resend_loop
 
 log = get_logger("callflow.usage")
 
@@ -44,7 +44,8 @@ def send_usage_alert(self, alert_id: str, failures: int = 0) -> str:
     mailer, bucket, _ = ports()
     try:
         outcome = deliver(alert_id, database_url=settings.database_url, mailer=mailer, bucket=bucket,
-                          sender=settings.callflow_email_from, app_url=settings.callflow_app_url, failures=failures)
+                          sender=settings.callflow_email_from, app_url=settings.callflow_app_url, failures=failures,
+                          resend_loop=resend_loop())
     except Exception as exc:  # noqa: BLE001 - database or Redis trouble: the row stays pending
         if failures + 1 >= MAX_ATTEMPTS:
             log.error("send_usage_alert gave up; the usage check will retry", error=repr(exc)[:300])
