@@ -27,7 +27,11 @@ log = structlog.get_logger("callflow.livekit")
 
 
 class LiveKitRooms:
-    def __init__(self, http_url: str, api_key: str, api_secret: str, timeout: float = 5.0, attempts: int = 3) -> None:
+    # One attempt per call (besides `_post`'s at once on a fresh connection, when a kept-alive one
+    # was closed under it): whoever asks retries what got no answer on its own terms, and durably
+    # (the sweep's looks again, room actions), so a LiveKit that never answers costs a ringing
+    # invitation one timeout, not a series of them (three took 15 s to ring).
+    def __init__(self, http_url: str, api_key: str, api_secret: str, timeout: float = 5.0, attempts: int = 1) -> None:
         url = urlsplit(http_url.rstrip("/"))
         self._connection_class = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
         self._host, self._port, self._timeout = url.hostname or "", url.port, timeout

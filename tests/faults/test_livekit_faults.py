@@ -245,3 +245,22 @@ def test_room_actions_outlive_livekit_cut_and_the_worker_that_decided_them(fault
                note="includes starting a new worker (the sweep of the running beat retries)")
 
     asyncio.run(scenario())
+
+
+def test_livekit_api_black_holed_an_invitation_rings_within_one_request_timeout(faults, fdb, fault_user):
+    """LiveKit's API accepts connections and never answers (a black hole, not a refusal): ringing
+    waits for one request's timeout at most, never for a series of retries."""
+    _start(faults)
+    with faults.proxies["livekit"].toxic("timeout", timeout=0):
+        inserted = time.monotonic()
+        inv = insert_invitation(faults.database_url, fault_user(), fault_user())
+        ringing = None
+        while time.monotonic() - inserted < 30 and ringing is None:
+            row = invitation(fdb, inv["id"])
+            ringing = row if row["status"] == "ringing" else None
+            time.sleep(0.05)
+        delay = time.monotonic() - inserted
+        assert ringing is not None, invitation(fdb, inv["id"])
+    report("livekit_api_black_hole", length_s="one call", load="1 call; LiveKit's API never answers",
+           ring_delay_s=delay)
+    assert delay < 8, delay
