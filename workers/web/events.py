@@ -29,12 +29,14 @@ from config.logging import get_logger
 from config.settings import get_settings
 from orchestration.backoff import backoff_delay
 from workers.web import calls
+from workers.web.errors import ApiError
 from workers.web.signed_in import signed_in_user
 
 log = get_logger("callflow.web.events")
 
 CHANNELS = ("callflow_invitations", "callflow_calls")
 HEARTBEAT_SECONDS = 15.0
+PROBE_SECONDS = 5.0  # the hub's LISTEN connection is asked `select 1` after this long without a word
 QUEUE_SIZE = 256
 RESYNC = ("resync", None)
 CLOSED = ("closed", None)
@@ -108,7 +110,7 @@ class ChangeHub:
         first = True
         while True:
             try:
-                # Keepalives: a connection the network dropped silently ends within ~25 s, not never.
+                # Keepalives too: a connection the network dropped ends even while a probe waits.
                 conn = await psycopg.AsyncConnection.connect(
                     self.database_url, autocommit=True, connect_timeout=5, keepalives=1, keepalives_idle=10,
                     keepalives_interval=5, keepalives_count=3)
@@ -122,8 +124,12 @@ class ChangeHub:
                                     queue.put_nowait(RESYNC)
                     first, failures = False, 0
                     log.info("event hub listening", channels=",".join(CHANNELS))
-                    async for notify in conn.notifies():
-                        await self._dispatch(notify.channel, notify.payload)
+                    while True:
+                        async for notify in conn.notifies(timeout=PROBE_SECONDS):
+                            await self._dispatch(notify.channel, notify.payload)
+                        # A connection the network (or a proxy) dropped without a word hears
+                        # nothing, and nothing says so: ask.
+                        await asyncio.wait_for(conn.execute("select 1"), PROBE_SECONDS)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the hub must outlive any database hiccup
@@ -155,6 +161,12 @@ class ChangeHub:
                     row, parties = found
                     self._deliver(parties, ("call", row))
         except Exception as exc:  # noqa: BLE001 - one unreadable row must not stop the hub
+            if isinstance(exc, ApiError) and exc.status == 503:
+                # The database is away: this change cannot be told, so every stream is stale and
+                # ends now (its client reconnects for a fresh snapshot).
+                log.warning("event hub: the database is away; streams closed", channel=channel)
+                self.close_all()
+                return
             log.warning("event hub: cannot read a changed row", channel=channel, error=exc.__class__.__name__)
 
 
