@@ -208,6 +208,18 @@ def failures_since(stack, since: float) -> list[tuple[str, str]]:
     return kept + unkept
 
 
+def wait_recorded(database_url: str, event_ids: list[str], timeout: float = 60) -> set[str]:
+    """The webhook events of `event_ids` recorded in `call_events`, once all are (or `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with psycopg.connect(database_url, autocommit=True, connect_timeout=5) as conn:
+            found = {r[0] for r in conn.execute("select event_id from public.call_events where event_id = any(%s)",
+                                                (event_ids,)).fetchall()}
+        if len(found) == len(event_ids) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
 def settle(conn: psycopg.Connection, load: CallLoad, timeout: float = 60) -> Outcomes:
     deadline = time.monotonic() + timeout
     while True:

@@ -22,13 +22,26 @@ import redis as redis_lib
 
 from orchestration.db import connect
 from tests.faults.conftest import LONG_RING_TIMEOUT
-from tests.faults.load import CallLoad, failures_since, make_pairs, median, percentile, report, ring_delays, settle
+from tests.conftest import TEST_ENV
+from tests.faults.load import (
+    CallLoad,
+    LiveKitLikeWebhooks,
+    failures_since,
+    make_pairs,
+    median,
+    percentile,
+    report,
+    ring_delays,
+    settle,
+    wait_recorded,
+)
 from tests.support import services
 from tests.support.calls import insert_invitation, wait_invitation
 
 pytestmark = pytest.mark.e2e
 
 RATE = 20          # lifecycles a second
+HOOKS_PER_SECOND = 10
 ORIGIN = "http://localhost:3000"
 
 
@@ -50,15 +63,19 @@ def run_load_through(stack, fault, scenario: str, *, before: float = 5.0, after:
         pairs = make_pairs(conn, int(RATE * (before + after + 30)))
     began = time.time()
     load = CallLoad(stack.database_url, pairs, RATE).start()
+    hooks = LiveKitLikeWebhooks(stack.web_url, HOOKS_PER_SECOND, TEST_ENV["LIVEKIT_API_KEY"],
+                                TEST_ENV["LIVEKIT_API_SECRET"]).start()
     time.sleep(before)
     fault_start = time.time()
     fault_detail = fault()
     fault_end = time.time()
     time.sleep(after)
     load.stop()
+    hooks.stop()
     load.finish(timeout=60)
     with db(stack) as conn:
         found = settle(conn, load, timeout=60)
+    hooks_lost = sorted(set(hooks.accepted) - wait_recorded(stack.database_url, hooks.accepted))
     failed = failures_since(stack, began)
 
     baseline = ring_delays(load, found, (began, fault_start - 1.0))
@@ -74,8 +91,9 @@ def run_load_through(stack, fault, scenario: str, *, before: float = 5.0, after:
         ring_p50_before_s=median(baseline), ring_max_before_s=max(baseline, default=float("nan")),
         ring_max_hit_s=max(hit, default=float("nan")), ring_p50_after_s=median(later),
         ring_p99_after_s=percentile(later, 0.99),
+        webhooks_accepted=len(hooks.accepted), webhooks_refused=len(hooks.sent) - len(hooks.accepted),
         calls_wrongly_ended=len(found.wrong), calls_unsettled=len(found.unsettled),
-        events_lost=len(found.events_lost), failed_tasks=len(failed),
+        events_lost=len(found.events_lost) + len(hooks_lost), failed_tasks=len(failed),
         recovered_s=max(0.0, rang_by - fault_end),
         client_write_retries=sum(lc.insert_failures + lc.answer_failures for lc in load.lifecycles),
     )
@@ -86,6 +104,8 @@ def run_load_through(stack, fault, scenario: str, *, before: float = 5.0, after:
     assert not found.wrong, f"calls ended otherwise than their clients asked: {found.wrong[:5]}"
     assert not found.unsettled, f"calls never settled: {found.unsettled[:5]}"
     assert not found.events_lost, f"client transitions never recorded: {found.events_lost[:5]}"
+    assert not hooks_lost, f"webhooks accepted, never recorded: {hooks_lost[:5]}"
+    assert hooks.sent and len(hooks.accepted) == len(hooks.sent), "web needs no Postgres to take a webhook"
     assert not failed, f"tasks failed: {failed[:5]}"
     for name in alive:
         assert stack.processes[name].alive(), f"{name} died:\n{stack.processes[name].log()[-3000:]}"

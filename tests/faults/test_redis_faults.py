@@ -23,6 +23,7 @@ from tests.faults.load import (
     report,
     ring_delays,
     settle,
+    wait_recorded,
 )
 
 pytestmark = pytest.mark.e2e
@@ -38,21 +39,6 @@ def stack(running_stack):
 
 def db(stack):
     return connect(stack.database_url, autocommit=True, connect_timeout=5)
-
-
-def recorded_events(stack, event_ids: list[str]) -> set[str]:
-    with db(stack) as conn:
-        return {r["event_id"] for r in conn.execute(
-            "select event_id from public.call_events where event_id = any(%s)", (event_ids,)).fetchall()}
-
-
-def wait_recorded(stack, event_ids: list[str], timeout: float = 60) -> set[str]:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = recorded_events(stack, event_ids)
-        if len(found) == len(event_ids) or time.monotonic() > deadline:
-            return found
-        time.sleep(0.5)
 
 
 def test_redis_cut_for_20_seconds_while_webhooks_arrive_and_calls_are_made(stack):
@@ -75,7 +61,7 @@ def test_redis_cut_for_20_seconds_while_webhooks_arrive_and_calls_are_made(stack
     load.finish(timeout=90)
     with db(stack) as conn:
         found = settle(conn, load, timeout=90)
-    recorded = wait_recorded(stack, hooks.accepted)
+    recorded = wait_recorded(stack.database_url, hooks.accepted)
     failed = failures_since(stack, began)
 
     baseline = ring_delays(load, found, (began, cut_at))
@@ -138,7 +124,7 @@ def test_what_redis_acknowledged_survives_its_restart(stack):
     load.finish(timeout=60)
     with db(stack) as conn:
         found = settle(conn, load, timeout=60)
-    recorded = wait_recorded(stack, hooks.accepted)
+    recorded = wait_recorded(stack.database_url, hooks.accepted)
     report("redis restart (append-only file)", fault="redis-server stopped and started (SIGTERM)",
            fault_s=restarted_s, load=f"{len(load.lifecycles)} calls and {len(hooks.accepted)} webhooks waiting in Redis",
            changes_kept=f"{listed}/{listed}", webhooks_kept=f"{len(recorded)}/{len(hooks.accepted)}",
