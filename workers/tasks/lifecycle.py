@@ -241,12 +241,29 @@ def grace_expired(self, room_name: str, participant_sid: str, identity: str, abo
 
 @app.task(name="callflow.sweep", bind=True, acks_late=False, ignore_result=True)
 def sweep(self) -> dict:
-    """Beat, every CALLFLOW_SWEEP_INTERVAL_SECONDS: see `orchestration.lifecycle.sweep`."""
-    report = run_sweep(ports(), RedisThrottle(_redis()), interval=settings.callflow_sweep_interval_seconds,
-                       parallel_map=_parallel_map)
+    """Beat, every CALLFLOW_SWEEP_INTERVAL_SECONDS: see `orchestration.lifecycle.sweep`.
+
+    One at a time: while LiveKit's API hangs, a sweep takes a request timeout or more, and sweeps
+    piling up behind it would take every worker process from ringing calls (the next one after it
+    does the work; the lock's expiry frees it if its worker died)."""
+    running = _redis().lock(SWEEP_RUNNING_KEY, timeout=SWEEP_RUNNING_TTL_SECONDS, blocking=False)
+    if not running.acquire(blocking=False):
+        return {"skipped": "another sweep is running"}
+    try:
+        report = run_sweep(ports(), RedisThrottle(_redis()), interval=settings.callflow_sweep_interval_seconds,
+                           parallel_map=_parallel_map)
+    finally:
+        try:
+            running.release()
+        except redis.exceptions.LockError:
+            pass  # expired under a very slow sweep: the next one takes it anew
     if report.did_something:
         log.info("sweep handed on overdue work", **report.as_dict())
     return report.as_dict()
+
+
+SWEEP_RUNNING_KEY = "callflow:sweep:running"
+SWEEP_RUNNING_TTL_SECONDS = 60
 
 
 @app.task(name="callflow.ping")
