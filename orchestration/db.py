@@ -21,7 +21,11 @@ from psycopg_pool import ConnectionPool
 # `reconnect_timeout` (5 min by default): after a minute's outage its next try could be a minute
 # away. Given up after this long instead, the next request that needs a connection starts a new
 # series from its first step, so a pool is back within a few seconds of Postgres.
-RECONNECT_SECONDS = 10.0
+RECONNECT_SECONDS = 5.0
+# A series given up leaves the requests already waiting to wait out their own timeout (only a new
+# request starts a new series): a worker's wait is bounded by this (then the task retries, and
+# its new request starts a series), not by psycopg_pool's 30 s.
+WAIT_SECONDS = 10.0
 
 _pools: dict[tuple[int, str, bool], ConnectionPool] = {}
 _lock = threading.Lock()
@@ -51,6 +55,7 @@ def get_pool(url: str, max_size: int = 8, generic_plans: bool = False) -> Connec
                     configure=_keep_generic_plans if generic_plans else None,
                     check=_check_and_replan if generic_plans else check_open,
                     reconnect_timeout=RECONNECT_SECONDS,
+                    timeout=WAIT_SECONDS,
                     open=True,
                     name="callflow",
                 )

@@ -212,6 +212,12 @@ def test_web_answers_503_and_ends_event_streams_while_postgres_is_away_then_the_
 
     services.wait_for(serves, timeout=30, interval=0.1, what="web serving /api/calls again")
     web_back_s = time.time() - restored_at
+    from orchestration.ingest.heartbeat import listener_heartbeat
+
+    beats = redis_lib.Redis.from_url(stack.redis.url, decode_responses=True)
+    services.wait_for(lambda: any(b.get("connected") for b in listener_heartbeat(beats)), timeout=20, interval=0.1,
+                      what="the listener subscribed again")
+    listener_back_s = time.time() - restored_at
     with db(stack) as conn:
         ringing = wait_invitation(conn, inv["id"], "ringing", timeout=30)
     rang_s = ringing["ringing_at"].timestamp() - restored_at
@@ -223,6 +229,7 @@ def test_web_answers_503_and_ends_event_streams_while_postgres_is_away_then_the_
     report("postgres unreachable (web, listener)", fault="toxiproxy cut of callflow's Postgres",
            fault_s=restored_at - cut_at, load="one caller's app: API calls, an event stream, one invitation",
            stream_closed_after_s=stream_closed_s, api_503_routes=len(answers), web_back_after_s=web_back_s,
+           listener_live_after_s=listener_back_s,
            invitation_rang_after_restore_s=rang_s, calls_wrongly_ended=0, events_lost=0,
            failed_tasks=len(failures_since(stack, cut_at)))
     assert not failures_since(stack, cut_at)

@@ -38,7 +38,7 @@ class Options:
     overlap_seconds: float = 30.0       # catch-up re-reads this much before the watermark
     initial_horizon_seconds: float = 3600.0
     backoff_base: float = 0.5
-    backoff_max: float = 30.0
+    backoff_max: float = 10.0           # so a listener is back within 10 s of its source (or the database)
     heartbeat_interval: float = 2.0
     ping_interval: float = 15.0         # websocket / connection liveness probe
     ping_timeout: float = 10.0
