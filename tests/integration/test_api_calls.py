@@ -15,6 +15,7 @@ import pytest
 from config.settings import build_settings
 from orchestration.auth import dev_access_token
 from tests.support.calls import invitation
+from workers.web.events import HUB_APPLICATION_NAME
 
 
 def token_for(user_id: str, **extra) -> str:
@@ -221,7 +222,7 @@ def test_streams_share_one_listen_connection_and_see_only_their_rows(api, db, we
         inv = start_call(api, alice, [bob]).json()["invitations"][0]
         streams[-1].next("invitation", lambda r: r["id"] == inv["id"])
         listening = db.execute("select count(*) n from pg_stat_activity where datname = current_database()"
-                               " and query ilike 'listen callflow%%'").fetchone()["n"]
+                               " and application_name = %s", (HUB_APPLICATION_NAME,)).fetchone()["n"]
         assert listening == 1
         for s in streams[:-1]:
             with pytest.raises(queue.Empty):
@@ -277,7 +278,7 @@ def test_streams_end_when_the_listen_connection_is_cut_and_a_reconnect_gets_what
         first = start_call(api, alice, [bob]).json()["invitations"][0]
         stream.next("invitation", lambda r: r["id"] == first["id"])
         cut = db.execute("select pg_terminate_backend(pid) from pg_stat_activity where datname = current_database()"
-                         " and query ilike 'listen callflow%%'").fetchall()
+                         " and application_name = %s", (HUB_APPLICATION_NAME,)).fetchall()
         assert len(cut) == 1
         stream._thread.join(10)
         assert not stream._thread.is_alive(), "the stream stayed open after the hub lost its connection"

@@ -36,6 +36,8 @@ log = get_logger("callflow.web.events")
 
 CHANNELS = ("callflow_invitations", "callflow_calls")
 HEARTBEAT_SECONDS = 15.0
+# Names the hub's connection in pg_stat_activity (its last query may be a probe, not its LISTEN).
+HUB_APPLICATION_NAME = "callflow-web-event-hub"
 PROBE_SECONDS = 5.0  # the hub's LISTEN connection is asked `select 1` after this long without a word
 QUEUE_SIZE = 256
 RESYNC = ("resync", None)
@@ -113,7 +115,7 @@ class ChangeHub:
                 # Keepalives too: a connection the network dropped ends even while a probe waits.
                 conn = await psycopg.AsyncConnection.connect(
                     self.database_url, autocommit=True, connect_timeout=5, keepalives=1, keepalives_idle=10,
-                    keepalives_interval=5, keepalives_count=3)
+                    keepalives_interval=5, keepalives_count=3, application_name=HUB_APPLICATION_NAME)
                 async with conn:
                     for channel in CHANNELS:
                         await conn.execute(f"listen {channel}")
