@@ -122,7 +122,9 @@ def test_the_event_is_what_celery_send_task_publishes(url):
     through kombu's Redis transport; only per-message values differ."""
     client = redis.Redis.from_url(url)
     listener = client.pubsub()
-    listener.psubscribe("*")
+    # This database's events only: PUBLISH is server-wide, and the run's own worker and web (another
+    # database of the same Redis) announce their tasks too.
+    listener.psubscribe(f"/{DB}.celeryev/*")
     listener.get_message(timeout=1)
     eta = datetime.fromtimestamp(2_000_000_000, tz=timezone.utc)
     probe = app_on(url)
