@@ -24,10 +24,8 @@ from orchestration.lifecycle.state import (
     ROOM_ACTIONS,
     ROOM_ACTION_FIRST_RETRY_SECONDS,
     Decision,
-    EnsureRoom,
     MissedCallEmail,
     Push,
-    ReleaseRoom,
     SendNotification,
     SendPushes,
     Snapshot,
@@ -339,7 +337,7 @@ class PostgresUnitOfWork:
                        %(now)s::timestamptz + make_interval(secs => %(after)s))
                on conflict (key) do nothing""",
             [{"key": a.key, "room": a.room_name, "now": self.now(), "after": ROOM_ACTION_FIRST_RETRY_SECONDS,
-              "action": "make" if isinstance(a, EnsureRoom) else "release" if isinstance(a, ReleaseRoom) else "remove",
+              "action": a.action,
               "call": getattr(a, "call_id", None), "identity": getattr(a, "identity", None),
               "sid": getattr(a, "participant_sid", None)} for a in actions])
 

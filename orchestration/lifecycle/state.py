@@ -14,7 +14,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Callable
+from typing import Callable, ClassVar
 
 from orchestration.domain.model import (
     OPEN,
@@ -104,6 +104,7 @@ class ReleaseRoom:
 
     room_name: str
     call_id: str
+    action: ClassVar[str] = "release"  # callflow_room_actions.action
 
     @property
     def key(self) -> str:
@@ -115,6 +116,7 @@ class RemoveParticipant:
     room_name: str
     identity: str
     participant_sid: str
+    action: ClassVar[str] = "remove"
 
     @property
     def key(self) -> str:
@@ -128,6 +130,7 @@ class EnsureRoom:
 
     room_name: str
     call_id: str
+    action: ClassVar[str] = "make"
 
     @property
     def key(self) -> str:

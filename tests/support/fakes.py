@@ -28,10 +28,8 @@ from orchestration.lifecycle.state import (
     ROOM_ACTION_FIRST_RETRY_SECONDS,
     ROOM_ACTIONS,
     Decision,
-    EnsureRoom,
     EventRecord,
     Push,
-    ReleaseRoom,
     SendNotification,
     SendPushes,
     Snapshot,
@@ -227,8 +225,7 @@ class FakeUnitOfWork:
         for entry in due:
             action, attempts = entry[0], entry[1]
             entry[2] = self.now() + timedelta(seconds=lease)
-            kind = "make" if isinstance(action, EnsureRoom) else "release" if isinstance(action, ReleaseRoom) else "remove"
-            rows.append({"key": action.key, "action": kind, "room_name": action.room_name,
+            rows.append({"key": action.key, "action": action.action, "room_name": action.room_name,
                          "call_id": getattr(action, "call_id", None), "identity": getattr(action, "identity", None),
                          "participant_sid": getattr(action, "participant_sid", None), "attempts": attempts})
         return rows
