@@ -28,6 +28,7 @@ from orchestration.lifecycle.livekit_event import handle_livekit_event, handle_l
 from orchestration.lifecycle.ring_timeout import handle_ring_timeout, handle_ring_timeouts_due
 from orchestration.lifecycle.sweep import run_sweep
 from workers.app import app, settings
+from workers.leases import one_at_a_time
 from workers.transient import BROKER_ERRORS, TRANSIENT_ERRORS
 
 log = structlog.get_logger("callflow.tasks")
@@ -245,25 +246,19 @@ def sweep(self) -> dict:
 
     One at a time: while LiveKit's API hangs, a sweep takes a request timeout or more, and sweeps
     piling up behind it would take every worker process from ringing calls (the next one after it
-    does the work; the lock's expiry frees it if its worker died)."""
-    running = _redis().lock(SWEEP_RUNNING_KEY, timeout=SWEEP_RUNNING_TTL_SECONDS, blocking=False)
-    if not running.acquire(blocking=False):
-        return {"skipped": "another sweep is running"}
-    try:
+    does the work; a worker that died holding the lease frees it within SWEEP_LEASE_SECONDS)."""
+    with one_at_a_time(_redis(), SWEEP_RUNNING_KEY, SWEEP_LEASE_SECONDS) as mine:
+        if not mine:
+            return {"skipped": "another sweep is running"}
         report = run_sweep(ports(), RedisThrottle(_redis()), interval=settings.callflow_sweep_interval_seconds,
                            parallel_map=_parallel_map)
-    finally:
-        try:
-            running.release()
-        except redis.exceptions.LockError:
-            pass  # expired under a very slow sweep: the next one takes it anew
     if report.did_something:
         log.info("sweep handed on overdue work", **report.as_dict())
     return report.as_dict()
 
 
 SWEEP_RUNNING_KEY = "callflow:sweep:running"
-SWEEP_RUNNING_TTL_SECONDS = 60
+SWEEP_LEASE_SECONDS = 5.0
 
 
 @app.task(name="callflow.ping")
