@@ -158,8 +158,21 @@ class ResendMailer:
         return str(message_id)
 
 
+def _needs_utf8_headers(*addresses: str) -> bool:
+    """Whether an address has a non-ASCII local part or domain: such an address has no 7-bit
+    form in a header (RFC 2047 forbids encoded-words inside one), so the message is written as
+    SMTPUTF8 mail (RFC 6532: headers in UTF-8), the way such a server receives it. Non-ASCII
+    display names alone do not need it: they are encoded-words, valid in 7-bit headers."""
+    for value in addresses:
+        for address in email.policy.default.header_factory("To", value).addresses:
+            if not address.addr_spec.isascii():
+                return True
+    return False
+
+
 def build_mime(message: OutgoingEmail, when: datetime | None = None) -> EmailMessage:
-    mime = EmailMessage(policy=email.policy.SMTP)
+    utf8 = _needs_utf8_headers(message.sender, message.to)
+    mime = EmailMessage(policy=email.policy.SMTPUTF8 if utf8 else email.policy.SMTP)
     mime["From"] = message.sender
     mime["To"] = message.to
     mime["Subject"] = message.subject

@@ -75,3 +75,36 @@ def test_outbox_write_error_is_retryable(tmp_path):
     blocker.write_text("x")
     with pytest.raises(RetryableSendError):
         OutboxMailer(blocker / "outbox").send(message())
+
+
+@pytest.mark.parametrize("sender, to", [
+    ("Zoë <calls@example.test>", "zoe@example.test"),                  # a non-ASCII display name
+    ("Calls <calls@example.test>", "zoë@example.test"),                # a UTF-8 local part (RFC 6531)
+    ("Calls <calls@example.test>", "bob@bücher.example"),              # an IDN domain, as its user typed it
+    ("Zoë Ünal <zoë@exämple.test>", "Ana Souza <anä@exämple.test>"),   # all of it at once
+    ('"Doe, Jane" <calls@example.test>', "jane@example.test"),         # a display name that needs quoting
+])
+def test_outbox_writes_non_ascii_addresses_that_parse_back_the_same(tmp_path, sender, to):
+    """The written file, read back by Python's email parser, gives the very same addresses, with no
+    defect but the one Python notes on every non-ASCII local part (which RFC 6532 allows): no
+    encoded-word inside an address, where RFC 2047 forbids one and readers keep the
+    `=?utf-8?q?...?=` text as the address. The file is UTF-8 text (RFC 6532) when it must be."""
+    from email.errors import NonASCIILocalPartDefect
+    from email.utils import parseaddr
+
+    msg = OutgoingEmail(**{**message().__dict__, "sender": sender, "to": to})
+    mailer = OutboxMailer(tmp_path)
+    mailer.send(msg)
+    raw = mailer.path_for(msg.notification_id).read_bytes()
+    parsed = email.message_from_string(raw.decode("utf-8"), policy=email.policy.default)
+    for name, written in (("From", sender), ("To", to)):
+        expected_name, expected_addr = parseaddr(written)
+        header = parsed[name]
+        (address,) = header.addresses
+        assert (address.display_name, address.addr_spec) == (expected_name, expected_addr), (name, str(header))
+        allowed = (NonASCIILocalPartDefect,) if not address.username.isascii() else ()
+        assert all(isinstance(d, allowed) for d in header.defects), (name, header.defects, raw.split(b"\r\n\r\n")[0])
+    assert parsed["Subject"] == msg.subject
+    assert parsed.get_body(("plain",)).get_content().strip() == "Hi Bruno"
+    if sender.isascii() and to.isascii():  # ASCII-only mail stays 7-bit, as before
+        assert raw.isascii()
