@@ -9,6 +9,7 @@ would. Delivery details (batches, rate, outages, receipts) are also driven in-pr
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 
@@ -206,6 +207,108 @@ def test_a_user_manages_only_their_own_devices(db, push_database_url, make_user)
         as_client(conn, other)
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("select * from public.push_messages")
+
+
+# ---- at most 10 enabled devices a user ---------------------------------------------------------
+
+MAX_DEVICES = 10
+
+
+def enabled_tokens(db, user: str) -> set[str]:
+    return {r["token"] for r in db.execute(
+        "select token from public.push_tokens where user_id = %s and disabled_at is null", (user,)).fetchall()}
+
+
+def seen_minutes_ago(db, tok: str, minutes: float) -> None:
+    db.execute("update public.push_tokens set last_seen_at = now() - make_interval(secs => %s) where token = %s",
+               (minutes * 60, tok))
+
+
+def test_the_11th_device_turns_off_the_least_recently_seen(db, push_database_url, make_user):
+    user, bystander = make_user(), make_user()
+    theirs = [token() for _ in range(MAX_DEVICES)]
+    for tok in theirs:
+        register(push_database_url, user, tok)
+    kept_elsewhere = token()
+    register(push_database_url, bystander, kept_elsewhere)
+    seen_minutes_ago(db, kept_elsewhere, 600)  # another user's device, older than all: not theirs to turn off
+    for i, tok in enumerate(theirs):  # the 4th is the least recently seen, then the 10th
+        seen_minutes_ago(db, tok, 60 if i == 3 else i + 1)
+    eleventh = token()
+    register(push_database_url, user, eleventh)
+    assert enabled_tokens(db, user) == set(theirs) - {theirs[3]} | {eleventh}
+    assert db.execute("select disabled_at from public.push_tokens where token = %s", (theirs[3],)).fetchone()["disabled_at"]
+    twelfth = token()
+    register(push_database_url, user, twelfth)
+    assert enabled_tokens(db, user) == set(theirs) - {theirs[3], theirs[9]} | {eleventh, twelfth}
+    assert enabled_tokens(db, bystander) == {kept_elsewhere}
+    # Seeing an enabled device again (the app's start) turns nothing off.
+    register(push_database_url, user, theirs[5])
+    assert len(enabled_tokens(db, user)) == MAX_DEVICES and theirs[5] in enabled_tokens(db, user)
+
+
+def test_registering_a_turned_off_device_again_obeys_the_cap(db, push_database_url, make_user):
+    user, previous_owner = make_user(), make_user()
+    old = token()
+    register(push_database_url, user, old)
+    db.execute("update public.push_tokens set disabled_at = now() where token = %s", (old,))  # Expo said gone
+    theirs = [token() for _ in range(MAX_DEVICES)]
+    for i, tok in enumerate(theirs):
+        register(push_database_url, user, tok)
+        seen_minutes_ago(db, tok, 30 - i)  # the first is the least recently seen
+    assert enabled_tokens(db, user) == set(theirs)
+    register(push_database_url, user, old)  # the app registers it again: back on, and one more than 10
+    assert enabled_tokens(db, user) == set(theirs) - {theirs[0]} | {old}
+    # A device that moves here from another account (a phone's account switch) counts the same.
+    moved = token()
+    register(push_database_url, previous_owner, moved)
+    register(push_database_url, user, moved)
+    assert enabled_tokens(db, user) == set(theirs) - {theirs[0], theirs[1]} | {old, moved}
+    assert enabled_tokens(db, previous_owner) == set()
+
+
+def test_a_clients_direct_inserts_obey_the_cap(db, push_database_url, make_user):
+    user = make_user()
+    tokens = [token() for _ in range(MAX_DEVICES + 5)]
+    with psycopg.connect(push_database_url) as conn:  # one statement of 15 rows, as a client under RLS
+        as_client(conn, user)
+        conn.execute("insert into public.push_tokens (user_id, token, platform)"
+                     " select %s, t, 'android' from unnest(%s::text[]) as t", (user, tokens))
+    assert len(enabled_tokens(db, user)) == MAX_DEVICES
+    for tok in (token(), token()):  # and one at a time
+        with psycopg.connect(push_database_url) as conn:
+            as_client(conn, user)
+            conn.execute("insert into public.push_tokens (user_id, token, platform) values (%s, %s, 'ios')",
+                         (user, tok))
+        assert tok in enabled_tokens(db, user) and len(enabled_tokens(db, user)) == MAX_DEVICES
+
+
+def test_registrations_at_the_same_time_leave_at_most_10(db, push_database_url, make_user):
+    user = make_user()
+    for _ in range(MAX_DEVICES):
+        register(push_database_url, user, token())
+    for _ in range(3):  # rounds of 6 registrations at once, each holding its transaction open a while
+        start = threading.Barrier(6)
+        errors: list[BaseException] = []
+
+        def one() -> None:
+            try:
+                with psycopg.connect(push_database_url) as conn:
+                    as_client(conn, user)
+                    start.wait(timeout=10)
+                    conn.execute("select public.register_push_token(%s, 'ios', null)", (token(),))
+                    time.sleep(0.2)
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors, errors
+        assert len(enabled_tokens(db, user)) == MAX_DEVICES
+    assert db.execute("select count(*) as n from public.push_tokens where user_id = %s", (user,)).fetchone()["n"] == 28
 
 
 # ---- delivery in-process: batches, rate, outages, receipts ---------------------------------------
