@@ -116,3 +116,69 @@ def test_metrics_show_the_whole_deployment(web):
                    "callflow_usage_plan_concurrency_cap"):
         assert f"# TYPE {family} " in text, family
     assert 'callflow_queue_depth{queue="events"}' in text and 'callflow_queue_depth{queue="push"}' in text
+
+
+# ---- 500s on the /api/ routes: still the contract's JSON, still readable by the browser -----------
+
+ORIGIN = "http://localhost:3000"  # in CALLFLOW_CORS_ORIGINS' development default
+
+
+@pytest.fixture
+def unmigrated_web(log_dir):
+    """A web process whose database was never migrated (deployed before `callflow migrate`): its
+    /api/ routes fail where no handler expects it, a real unexpected failure (500)."""
+    import uuid
+
+    from tests.conftest import subprocess_env
+    from tests.support import services
+
+    name = f"callflow_unmigrated_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(services.ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'create database "{name}"')
+    url = f"{services.ADMIN_URL.rpartition('/')[0]}/{name}"
+    port = services.free_port()
+    proc = services.web_server(subprocess_env(DATABASE_URL=url), log_dir, port)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        services.wait_for(lambda: httpx.get(f"{base}/healthz", timeout=1).status_code == 200 or not proc.alive(),
+                          timeout=30, what="web /healthz")
+        assert proc.alive(), proc.log()[-4000:]
+        with httpx.Client(base_url=base, timeout=10) as client:
+            client.proc = proc
+            yield client
+    finally:
+        proc.stop()
+        services.drop_database(url)
+
+
+def test_a_500_on_an_api_route_is_the_contracts_json_with_cors(unmigrated_web):
+    import uuid
+
+    from config.settings import build_settings
+    from orchestration.auth import dev_access_token
+
+    user = str(uuid.uuid4())
+    auth = {"Authorization": f"Bearer {dev_access_token(build_settings(), user, ttl_seconds=600)}"}
+    requests = [
+        lambda: unmigrated_web.get("/api/calls", headers={**auth, "Origin": ORIGIN}),
+        lambda: unmigrated_web.post("/api/calls", headers={**auth, "Origin": ORIGIN},
+                                    json={"callee_ids": [str(uuid.uuid4())]}),
+        lambda: unmigrated_web.get("/api/dev/users", headers={"Origin": ORIGIN}),
+    ]
+    for request in requests:  # one keep-alive connection: a 500 does not cost the client its connection
+        resp = request()
+        where = (resp.request.method, resp.request.url.path, resp.status_code, resp.text[:300])
+        assert resp.status_code == 500, where
+        assert resp.headers["content-type"] == "application/json", where
+        assert resp.json() == {"error": {"code": "internal", "message": "an unexpected error occurred"}}, where
+        assert resp.headers.get("access-control-allow-origin") == ORIGIN, (where, dict(resp.headers))
+        assert "Origin" in resp.headers.get("vary", ""), where
+    # Another origin gets the same JSON, and nothing that lets its page read it.
+    other = unmigrated_web.get("/api/calls", headers={**auth, "Origin": "https://evil.example"})
+    assert other.status_code == 500 and other.json()["error"]["code"] == "internal"
+    assert "access-control-allow-origin" not in other.headers
+    # The traceback went to the log (once a failure, not again by uvicorn), not to the client.
+    log = unmigrated_web.proc.log()
+    assert log.count("unexpected error") == 4 and "UndefinedTable" in log
+    assert "Exception in ASGI application" not in log
+

@@ -8,7 +8,7 @@ from config.logging import configure_logging
 from config.settings import load_settings_or_exit
 from workers.web import api_docs, calls, demo, dev, events, health, token, webhook
 from workers.web.cors import ApiCors
-from workers.web.errors import EXCEPTION_HANDLERS
+from workers.web.errors import EXCEPTION_HANDLERS, InternalErrors
 
 settings = load_settings_or_exit()
 configure_logging(settings.is_production)
@@ -19,5 +19,7 @@ app = Starlette(
             *health.routes],
     exception_handlers=EXCEPTION_HANDLERS,  # every error in the contract's JSON shape, 404/405/500 included
 )
+# Outermost last: FastPath, ApiCors, InternalErrors (so a 500 gets the CORS headers too), the router.
+app.add_middleware(InternalErrors)
 app.add_middleware(ApiCors, origins=settings.cors_origins)
 app.add_middleware(webhook.FastPath)  # POST /livekit/webhook skips the router (hot path)

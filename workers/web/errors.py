@@ -74,6 +74,43 @@ async def internal_error_handler(request: Request, exc: Exception) -> JSONRespon
     return error_response(500, "internal", "an unexpected error occurred")
 
 
+class InternalErrors:
+    """ASGI middleware: an unexpected exception becomes the contract's 500 here, inside the other
+    middleware, so the answer passes through them (ApiCors adds its headers: a browser reads the
+    JSON error rather than reporting a CORS failure).
+
+    Starlette's own `Exception` handler runs in ServerErrorMiddleware, outside every middleware:
+    its 500 skipped ApiCors, and the exception it re-raises made uvicorn log it a second time
+    and close the client's keep-alive connection. Here the exception is logged once and the
+    connection kept. An exception after the answer began (a stream cut short) is re-raised: only
+    closing the connection can tell the client. `EXCEPTION_HANDLERS` keeps the outer handler
+    for whatever fails outside this middleware.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracking(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except Exception as exc:
+            if started:
+                raise
+            response = await internal_error_handler(Request(scope), exc)
+            await response(scope, receive, send)
+
+
 EXCEPTION_HANDLERS = {
     HTTPException: http_error_handler,
     ApiError: api_error_handler,
