@@ -182,3 +182,50 @@ def test_a_500_on_an_api_route_is_the_contracts_json_with_cors(unmigrated_web):
     assert log.count("unexpected error") == 4 and "UndefinedTable" in log
     assert "Exception in ASGI application" not in log
 
+
+# ---- bodies and parameters Postgres could not store: 422, never 500 -------------------------------
+
+def _bearer(user_id: str) -> dict:
+    from config.settings import build_settings
+    from orchestration.auth import dev_access_token
+
+    return {"Authorization": f"Bearer {dev_access_token(build_settings(), user_id, ttl_seconds=600)}"}
+
+
+# Raw JSON texts: a lone surrogate is valid JSON (`\ud800`) but no UTF-8 text, so Postgres cannot
+# take it; nor can it take NUL. `{callee}` is replaced by a real user's id.
+UNSTORABLE_BODIES = [
+    ("/api/calls", r'{"callee_ids": ["{callee}"], "room_name": "room-\ud800"}', "room_name"),
+    ("/api/calls", r'{"callee_ids": ["{callee}"], "room_name": "\udfff"}', "room_name"),
+    ("/api/calls", r'{"callee_ids": ["{callee}"], "call_type": "video", "extra": {"deep": ["\ud83d"]}}', "extra"),
+    ("/api/calls", r'{"callee_ids": ["{callee}"], "\ud800": 1}', "body"),
+    ("/api/calls", r'{"callee_ids": ["{callee}"], "room_name": "room\u0000x"}', "room_name"),
+    ("/api/dev/session", r'{"user_id": "\ud800"}', "user_id"),
+    ("/api/livekit/token", r'{"room_name": "\ud800"}', "room_name"),
+]
+
+
+@pytest.mark.parametrize("path, body, field", UNSTORABLE_BODIES)
+def test_text_postgres_cannot_store_is_a_422_naming_the_field(api, make_user, path, body, field):
+    caller, callee = make_user(), make_user()
+    resp = api.post(path, headers={**_bearer(caller), "Content-Type": "application/json", "Origin": ORIGIN},
+                    content=body.replace("{callee}", callee).encode())
+    error = assert_contract_error(resp, 422)
+    assert error["code"] == "invalid_request" and error["field"] == field, error
+    assert resp.headers.get("access-control-allow-origin") == ORIGIN
+
+
+def test_a_surrogate_pair_is_ordinary_text(api, db, make_user):
+    caller, callee = make_user(), make_user()
+    body = r'{"callee_ids": ["%s"], "room_name": "room-\ud83d\ude00-%s"}' % (callee, caller[:8])
+    resp = api.post("/api/calls", headers={**_bearer(caller), "Content-Type": "application/json"},
+                    content=body.encode())
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["room_name"] == f"room-\U0001F600-{caller[:8]}"
+
+
+@pytest.mark.parametrize("limit", ["\u00b2", "\u0663", "1" * 5000, "+5", " 5", "5.0", "-1", "0", "101"])
+def test_a_history_limit_that_is_not_1_to_100_in_ascii_digits_is_422(api, make_user, limit):
+    resp = api.get("/api/calls", params={"limit": limit}, headers=_bearer(make_user()))
+    assert assert_contract_error(resp, 422)["field"] == "limit"
+

@@ -7,7 +7,7 @@ invite rate, anonymous users, which status moves are allowed — is the database
 
 from __future__ import annotations
 
-import json
+import re
 import secrets
 import uuid
 
@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from config.logging import get_logger
 from config.settings import get_settings
+from workers.web.bodies import json_object
 from workers.web.call_store import ACTIONS, CallStore
 from workers.web.errors import ApiError
 from workers.web.signed_in import signed_in_user
@@ -50,13 +51,7 @@ async def _json_body(request: Request) -> dict:
         raw += chunk
         if len(raw) > MAX_BODY_BYTES:
             raise ApiError(413, "payload_too_large", f"the body is larger than {MAX_BODY_BYTES} bytes")
-    try:
-        body = json.loads(raw) if raw.strip() else None
-    except (ValueError, RecursionError):
-        raise ApiError(422, "invalid_request", "the body is not valid JSON", field="body") from None
-    if not isinstance(body, dict):
-        raise ApiError(422, "invalid_request", "the body must be a JSON object", field="body")
-    return body
+    return json_object(raw)  # 422 for what is no JSON object, or holds text Postgres cannot store
 
 
 def _uuid(value, field: str) -> str:
@@ -114,7 +109,9 @@ async def move_invitation(request: Request) -> Response:
 async def list_calls(request: Request) -> Response:
     user = await signed_in_user(request)
     raw = request.query_params.get("limit", "20")
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_HISTORY:
+    # ASCII digits only: str.isdigit() also takes "²" (int() refuses it) and 5000-digit numbers
+    # (past int()'s 4300-digit limit): both were 500s.
+    if not re.fullmatch(r"[0-9]{1,3}", raw) or not 1 <= int(raw) <= MAX_HISTORY:
         raise ApiError(422, "invalid_request", f"limit must be 1 to {MAX_HISTORY}", field="limit")
     return JSONResponse({"calls": await store().recent_calls(user, int(raw))}, headers=NO_STORE)
 

@@ -7,7 +7,6 @@ then the authorisation query (404, 403) and the token (200). Every answer carrie
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any
 
@@ -24,7 +23,8 @@ from config.settings import Settings, get_settings
 from orchestration.auth import AuthUnavailable, InvalidToken, SupabaseTokenVerifier
 from orchestration.join_tokens import JoinTokenStore, mint_join_token
 from orchestration.rate_limit import RateLimiter
-from workers.web.errors import error_response
+from workers.web.bodies import json_object
+from workers.web.errors import ApiError, error_response
 
 log = get_logger(__name__)
 
@@ -88,25 +88,12 @@ async def _read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-def _text_ok(value: str) -> bool:
-    """Storable in Postgres text: no NUL, valid UTF-8 (no lone surrogates)."""
-    if "\x00" in value:
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def parse_body(raw: bytes) -> tuple[str | None, str | None]:
     """-> (room_name, invitation_id), exactly one set; raises _BodyError naming the field."""
     try:
-        body = json.loads(raw) if raw.strip() else None
-    except (ValueError, RecursionError):
-        raise _BodyError("body", "the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise _BodyError("body", 'the body must be a JSON object: {"room_name": ...} or {"invitation_id": ...}')
+        body = json_object(raw)  # every /api/ body's rule: a JSON object of text Postgres can store
+    except ApiError as exc:
+        raise _BodyError(exc.field or "body", exc.message) from None
     room_name = body.get("room_name")
     invitation_id = body.get("invitation_id")
     if room_name is not None and invitation_id is not None:
@@ -116,7 +103,7 @@ def parse_body(raw: bytes) -> tuple[str | None, str | None]:
     if room_name is not None:
         if not isinstance(room_name, str):
             raise _BodyError("room_name", "room_name must be a string")
-        if not room_name.strip() or len(room_name) > MAX_ROOM_NAME or not _text_ok(room_name):
+        if not room_name.strip() or len(room_name) > MAX_ROOM_NAME:
             raise _BodyError("room_name", f"room_name must be 1 to {MAX_ROOM_NAME} characters, not blank")
         return room_name, None
     if not isinstance(invitation_id, str):
