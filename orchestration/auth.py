@@ -177,6 +177,8 @@ class SupabaseTokenVerifier:
         except PyJWTError:
             raise InvalidToken("the access token is malformed") from None
         alg = header.get("alg")
+        if not isinstance(alg, str):  # the sender's JSON: a list or an object is no name (nor hashable)
+            raise InvalidToken("the access token's algorithm is not accepted")
         if alg == "HS256":
             if not self.jwt_secret:
                 raise InvalidToken("HS256 access tokens are not accepted here")

@@ -229,3 +229,17 @@ def test_a_history_limit_that_is_not_1_to_100_in_ascii_digits_is_422(api, make_u
     resp = api.get("/api/calls", params={"limit": limit}, headers=_bearer(make_user()))
     assert assert_contract_error(resp, 422)["field"] == "limit"
 
+
+@pytest.mark.parametrize("alg", [["HS256"], {"a": 1}, 256, True])
+@pytest.mark.parametrize("path", ["/api/calls", "/api/livekit/token"])
+def test_a_token_whose_header_names_no_algorithm_string_is_401(api, path, alg):
+    import base64
+    import json
+
+    def part(obj) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    token = f"{part({'alg': alg, 'typ': 'JWT'})}.{part({'sub': 'x'})}.c2ln"
+    resp = api.post(path, headers={"Authorization": f"Bearer {token}", "Origin": ORIGIN}, json={})
+    assert assert_contract_error(resp, 401)["code"] == "unauthorized"
+    assert token not in resp.text and resp.headers.get("access-control-allow-origin") == ORIGIN

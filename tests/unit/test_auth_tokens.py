@@ -192,6 +192,14 @@ def test_alg_none_is_refused(auth, alg):
     refused(verifier(auth), f"{header}.{body}.{b64(b'x')}")
 
 
+@pytest.mark.parametrize("alg", [["HS256"], ["ES256"], {"alg": "HS256"}, 256, True, None])
+def test_an_alg_that_is_no_string_is_refused(auth, alg):
+    """A header's `alg` is the sender's JSON: a list or an object is refused, not looked up (unhashable)."""
+    header = b64(json.dumps({"alg": alg, "typ": "JWT", "kid": auth.es.kid}).encode())
+    body = b64(json.dumps(supabase_claims(uid(), auth.issuer)).encode())
+    refused(verifier(auth), f"{header}.{body}.{b64(b'x')}")
+
+
 @pytest.mark.parametrize("which", ["rs", "es"])
 def test_hs_rs_key_confusion_is_refused(auth, which):
     """HS256 'signed' with the project's public key (PEM or JWK JSON) as the HMAC secret."""
