@@ -18,10 +18,11 @@ import pytest
 import redis as redis_lib
 from celery import Celery
 
-from orchestration.push.delivery import PushDelivery
-from orchestration.push.expo import ExpoClient, OutboxClient
+from orchestration.push.delivery import RETRY_BASE_SECONDS, RETRY_MAX_SECONDS, PushDelivery
+from orchestration.push.expo import TIMEOUT_SECONDS, ExpoClient, OutboxClient
 from orchestration.push.rate import PushRate
 from orchestration.push.store import PushStore
+from orchestration.shared_backoff import SharedBackoff
 from tests.conftest import subprocess_env
 from tests.integration.test_notifications_delivery import redis_db_url, start_worker, user_maker
 from tests.standins.expo_server import ExpoStandin
@@ -348,10 +349,23 @@ def ringing_rows(ddb, n: int, deadline_in: float = 30.0) -> tuple[list[str], lis
     return ids, tokens
 
 
-def delivery_for(database_url: str, redis_server, base_url: str, rate: float) -> PushDelivery:
+def delivery_for(database_url: str, redis_server, base_url: str, rate: float, loop: str | None = None) -> PushDelivery:
+    """A delivery with a rate and an Expo retry loop of its own (`loop`: a name deliveries share),
+    so no other test's outage or booking is in its way."""
     client = redis_lib.Redis.from_url(redis_db_url(redis_server, 10))
     key = f"callflow:test:rate:{uuid.uuid4().hex[:6]}"
-    return PushDelivery(PushStore(database_url), ExpoClient(base_url), client, PushRate(client, rate, key=key))
+    backoff = SharedBackoff(client, f"expo-test-{loop or uuid.uuid4().hex[:6]}", RETRY_BASE_SECONDS,
+                            RETRY_MAX_SECONDS, probe_seconds=TIMEOUT_SECONDS + 2)
+    return PushDelivery(PushStore(database_url), ExpoClient(base_url), client, PushRate(client, rate, key=key),
+                        backoff=backoff)
+
+
+def only_these_await_receipts(ddb, ids: list[str]) -> None:
+    """The receipts of every other sent row of this database are taken as read: what the module's
+    earlier tests sent becomes as old as `check_receipts` looks for (15 s) on a slow run, and must
+    not be counted, nor asked for, beside this test's own rows."""
+    ddb.execute("""update public.push_messages set receipt_status = 'ok'
+                    where status = 'sent' and receipt_status is null and id <> all(%s::uuid[])""", (ids,))
 
 
 def run_like_the_task(delivery: PushDelivery, ids: list[str]) -> None:
@@ -428,6 +442,7 @@ def test_receipts_are_read_later_and_an_unregistered_device_is_turned_off(ddb, d
     delivery = delivery_for(delivery_database_url, redis_server, expo.url, rate=500)
     delivery.deliver(ids)
     ddb.execute("update public.push_messages set sent_at = now() - interval '1 minute' where id = any(%s::uuid[])", (ids,))
+    only_these_await_receipts(ddb, ids)
     assert delivery.check_receipts(older_than=15) == 2
     rows = {str(r["id"]): r for r in ddb.execute(
         "select id, receipt_status, last_error from public.push_messages where id = any(%s::uuid[])", (ids,)).fetchall()}
@@ -464,13 +479,17 @@ def test_a_message_rate_exceeded_ticket_is_retried_not_failed(ddb, delivery_data
 
 def test_receipts_while_expo_gives_no_answer_are_asked_later(ddb, delivery_database_url, expo, redis_server):
     ids, _ = ringing_rows(ddb, 1)
-    delivery_for(delivery_database_url, redis_server, expo.url, rate=500).deliver(ids)
+    loop = uuid.uuid4().hex[:6]  # one retry loop for the three, as every worker shares Expo's
+    delivery_for(delivery_database_url, redis_server, expo.url, rate=500, loop=loop).deliver(ids)
     ddb.execute("update public.push_messages set sent_at = now() - interval '1 minute' where id = any(%s::uuid[])",
                 (ids,))
+    only_these_await_receipts(ddb, ids)
     unreachable = f"http://127.0.0.1:{services.free_port()}"
-    assert delivery_for(delivery_database_url, redis_server, unreachable, rate=500).check_receipts(older_than=15) == 0
+    nobody = delivery_for(delivery_database_url, redis_server, unreachable, rate=500, loop=loop)
+    assert nobody.check_receipts(older_than=15) == 0
+    assert nobody.backoff.failures == 1  # it asked, and got no answer
     # Expo's loop now waits a first step before anyone asks again; then the receipts are read.
-    answering = delivery_for(delivery_database_url, redis_server, expo.url, rate=500)
+    answering = delivery_for(delivery_database_url, redis_server, expo.url, rate=500, loop=loop)
     services.wait_for(lambda: answering.check_receipts(older_than=15) == 1, timeout=5, what="the receipt read")
     row = ddb.execute("select receipt_status from public.push_messages where id = %s", (ids[0],)).fetchone()
     assert row["receipt_status"] == "ok"
