@@ -12,8 +12,10 @@
 --       callflow_transition_allowed, callflow_default_end_reason: pure, they read nothing).
 --     Trigger functions need no EXECUTE (it is checked when the trigger is made, not when it fires);
 --     security definer helpers called from security definer triggers run as the owner.
---   * a function created later by the role running the migrations is executable by no one but its
---     owner and service_role until a migration grants it (the default privileges below).
+--   * a later migration that adds a function or table closes it the same way (revoke from public,
+--     anon, authenticated; grant back what the contract gives): the test fails until it does.
+--     The project's default privileges are left as they are: they are the product's too, and
+--     changing them would close the product's own later functions.
 -- The workers connect as the owner (DATABASE_URL: `postgres`), whose rights none of this touches.
 
 -- callflow's functions: named callflow_…, or one of these (the triggers' and the client's).
@@ -75,24 +77,5 @@ begin
   loop
     execute format('revoke all on sequence %s from public, anon, authenticated', rel);
   end loop;
-end
-$$;
-
--- Functions created later by the role running the migrations (`postgres`, on Supabase and here):
--- not executable by PUBLIC (Postgres's built-in default; only a default without a schema can
--- take it away, so this one holds in every schema) nor by anon/authenticated (Supabase's grants in
--- public); service_role keeps them in public, as on Supabase. A migration that adds a function a
--- client needs grants it explicitly. On a Supabase project this applies to the product's own
--- functions made by `postgres` too.
-alter default privileges revoke execute on functions from public;
-alter default privileges in schema public revoke execute on functions from public, anon, authenticated;
-alter default privileges in schema public grant execute on functions to service_role;
--- Except where Supabase puts extensions: an extension enabled there later keeps Postgres's default
--- (PUBLIC executes its functions), as the product's queries expect.
-do $$
-begin
-  if exists (select 1 from pg_namespace where nspname = 'extensions') then
-    alter default privileges in schema extensions grant execute on functions to public;
-  end if;
 end
 $$;

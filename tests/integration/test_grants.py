@@ -166,32 +166,6 @@ def test_clients_reach_only_the_allowlist_on_supabase(supabase_like_url):
         assert_only_the_allowlist(conn)
 
 
-# ---- functions a later migration adds ----------------------------------------------------------
-
-
-@pytest.mark.parametrize("where", ["local", "supabase"])
-def test_a_function_created_later_is_not_executable_by_clients(database_url, supabase_like_url, where):
-    url = database_url if where == "local" else supabase_like_url
-    with psycopg.connect(url, row_factory=dict_row) as conn:  # rolled back: leaves nothing behind
-        conn.execute("create function public.callflow_added_later() returns int language sql as 'select 1'")
-        rows = conn.execute(
-            """select r as role, has_function_privilege(r, 'public.callflow_added_later()', 'EXECUTE') as x
-                 from unnest(array['anon', 'authenticated', 'service_role']) r""").fetchall()
-        conn.rollback()
-    assert {r["role"]: r["x"] for r in rows} == {"anon": False, "authenticated": False, "service_role": True}
-
-
-def test_an_extension_enabled_later_in_schema_extensions_keeps_postgres_default(supabase_like_url):
-    """The default above must not take an extension's functions from the product's queries."""
-    with psycopg.connect(supabase_like_url, row_factory=dict_row) as conn:  # rolled back
-        conn.execute("create function extensions.added_later() returns int language sql as 'select 1'")
-        rows = conn.execute(
-            """select r as role, has_function_privilege(r, 'extensions.added_later()', 'EXECUTE') as x
-                 from unnest(array['anon', 'authenticated']) r""").fetchall()
-        conn.rollback()
-    assert {r["role"]: r["x"] for r in rows} == {"anon": True, "authenticated": True}
-
-
 # ---- callflow_settings through the API roles ----------------------------------------------------
 
 
