@@ -7,6 +7,7 @@ line naming the variable (never its value: secrets are `SecretStr` and never pri
 from __future__ import annotations
 
 import functools
+import ipaddress
 import re
 import sys
 from pathlib import Path
@@ -25,6 +26,22 @@ DEV_SUPABASE_JWT_SECRET = "super-secret-jwt-token-with-at-least-32-characters-lo
 
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
 _EMAIL_ADDRESS = re.compile(r"[^@\s<>,;\"]+@[^@\s<>,;\"]+\.[^@\s<>,;\".]+")
+
+
+def is_loopback_address(address: str | None) -> bool:
+    """An IP address of this machine's loopback (127.0.0.0/8, ::1, or IPv4-mapped 127.x): never a name."""
+    try:
+        ip = ipaddress.ip_address((address or "").strip().strip("[]"))
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """A URL's host that can only be this machine: `localhost` or a loopback address."""
+    host = (host or "").strip().lower().rstrip(".")
+    return host == "localhost" or is_loopback_address(host)
 
 
 class ConfigurationError(Exception):
@@ -183,7 +200,8 @@ class Settings(BaseSettings):
             self.livekit_url = self.livekit_url or "ws://127.0.0.1:7880"
             self.livekit_api_key = self.livekit_api_key or DEV_LIVEKIT_API_KEY
             self.livekit_api_secret = self.livekit_api_secret or SecretStr(DEV_LIVEKIT_API_SECRET)
-            self.supabase_jwt_secret = self.supabase_jwt_secret or SecretStr(DEV_SUPABASE_JWT_SECRET)
+            if self.supabase_is_local:  # never with a real project, whatever CALLFLOW_ENV says
+                self.supabase_jwt_secret = self.supabase_jwt_secret or SecretStr(DEV_SUPABASE_JWT_SECRET)
             self.callflow_email_from = self.callflow_email_from or "Callflow <calls@callflow.localhost>"
         if self.listener_source == "realtime" and (self.supabase_url is None or self.supabase_service_role_key is None):
             raise ConfigurationError("SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY are required for the realtime listener")
@@ -201,6 +219,28 @@ class Settings(BaseSettings):
     @property
     def is_production(self) -> bool:
         return self.callflow_env == "production"
+
+    @property
+    def supabase_is_local(self) -> bool:
+        """SUPABASE_URL unset, or on this machine (the Supabase CLI's local stack): no real users."""
+        return self.supabase_url is None or is_loopback_host(urlsplit(self.supabase_url).hostname)
+
+    @property
+    def development_defaults_allowed(self) -> bool:
+        """The contract's one rule for what can sign in as anyone: the development JWT secret, the
+        `/api/dev/*` routes and `callflow dev-token` / `dev-user`. Only in development and only
+        while SUPABASE_URL is unset or loopback: forgetting CALLFLOW_ENV=production next to a real
+        project's URL must not make the published Supabase CLI secret a key to its users."""
+        return not self.is_production and self.supabase_is_local
+
+    def development_defaults_refusal(self, what: str) -> str | None:
+        """Why `what` (a development-only door) is refused here, in one line; None when it is allowed."""
+        if self.is_production:
+            return f"{what} is refused in production"
+        if not self.supabase_is_local:
+            return (f"{what} is refused: SUPABASE_URL is not a loopback address (development tokens and users "
+                    "are for a local Supabase only)")
+        return None
 
     @property
     def expo_push_configured(self) -> bool:

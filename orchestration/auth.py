@@ -245,9 +245,14 @@ LOCAL_SUPABASE_URL = "http://127.0.0.1:54321"  # the Supabase CLI's local API
 
 def dev_access_token(settings, user_id: str, *, email: str | None = None,
                      user_metadata: dict[str, Any] | None = None, ttl_seconds: int = 3600) -> str:
-    """A user access token shaped like Supabase's, signed HS256 with the development secret."""
-    if settings.is_production:
-        raise RuntimeError("development tokens are refused in production")
+    """A user access token shaped like Supabase's, signed HS256 with the development secret.
+
+    Only where the development defaults apply (`Settings.development_defaults_allowed`: not
+    production, SUPABASE_URL unset or loopback); refused with RuntimeError anywhere else.
+    """
+    refusal = settings.development_defaults_refusal("a development token")
+    if refusal:
+        raise RuntimeError(refusal)
     secret = settings.jwt_secret()
     if not secret:
         raise RuntimeError("SUPABASE_JWT_SECRET is not set")

@@ -146,12 +146,13 @@ def livekit_config(webhook_url: str | None) -> None:
 @click.option("--user", "user_id", required=True, help="the auth.users id the token is for")
 @click.option("--ttl", default=3600, show_default=True, help="lifetime in seconds")
 def dev_token(user_id: str, ttl: int) -> None:
-    """Print a user access token signed with the development SUPABASE_JWT_SECRET (not in production)."""
+    """Print a user access token signed with the development SUPABASE_JWT_SECRET (local Supabase only)."""
     from orchestration.auth import dev_access_token
 
     settings = _settings()
-    if settings.is_production:
-        raise click.ClickException("dev-token is refused in production")
+    refusal = settings.development_defaults_refusal("dev-token")
+    if refusal:
+        raise click.ClickException(refusal)
     try:
         user_id = str(uuid.UUID(user_id))
     except ValueError:
@@ -181,8 +182,9 @@ def dev_user(name: str, email: str | None, zone: str | None) -> None:
     from orchestration.dev_users import add_user
 
     settings = _settings()
-    if settings.is_production:
-        raise click.ClickException("dev-user is refused in production (users come from Supabase Auth)")
+    refusal = settings.development_defaults_refusal("dev-user")
+    if refusal:
+        raise click.ClickException(f"{refusal}; users come from Supabase Auth")
     try:
         with connect(settings.database_url, connect_timeout=5) as conn:
             user_id, created = add_user(conn, name, email, zone)

@@ -58,3 +58,27 @@ def test_a_bad_setting_stops_the_cli_with_one_line():
     out = cli("calls", REDIS_URL="http://nope")
     assert out.returncode != 0
     assert "REDIS_URL" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_dev_commands_refuse_a_real_supabase_url(db, make_user):
+    """`dev-token` would sign with the published development secret and `dev-user` would add users
+    behind a real project's back: with a non-loopback SUPABASE_URL both refuse in one line, whatever
+    CALLFLOW_ENV says."""
+    user = make_user()
+    email = f"mallory-{user[:8]}@example.com"
+    for callflow_env in (None, "development"):
+        env = subprocess_env(SUPABASE_URL="https://abc.supabase.co", SUPABASE_SERVICE_ROLE_KEY="srk-not-used-" + "k" * 20)
+        env.pop("SUPABASE_JWT_SECRET", None)
+        env.pop("CALLFLOW_ENV", None)
+        if callflow_env:
+            env["CALLFLOW_ENV"] = callflow_env
+        for args in (("dev-token", "--user", user), ("dev-user", "Mallory", "--email", email)):
+            out = subprocess.run([CALLFLOW, *args], env=env, capture_output=True, text=True, timeout=60)
+            assert out.returncode != 0, (args, out.stdout)
+            assert out.stdout == "" and "eyJ" not in out.stderr, args
+            lines = out.stderr.strip().splitlines()
+            assert len(lines) == 1 and "SUPABASE_URL" in lines[0], (args, out.stderr)
+    assert db.execute("select count(*) n from auth.users where email = %s", (email,)).fetchone()["n"] == 0
+    # A loopback SUPABASE_URL (the Supabase CLI's) is local development: allowed.
+    out = cli("dev-token", "--user", user, SUPABASE_URL="http://127.0.0.1:54321", SUPABASE_SERVICE_ROLE_KEY="srk")
+    assert out.returncode == 0 and out.stdout.startswith("eyJ"), out.stderr

@@ -105,6 +105,25 @@ def test_dev_token_verifies_and_is_refused_in_production():
         dev_access_token(prod, user)
 
 
+def test_a_dev_secret_token_is_refused_when_supabase_url_is_a_real_project(monkeypatch):
+    """CALLFLOW_ENV forgotten, SUPABASE_URL a real project: a token signed with the Supabase CLI's
+    published secret (anyone can make one) is not a user's, and no development token is made."""
+    monkeypatch.delenv("CALLFLOW_ENV", raising=False)
+    monkeypatch.delenv("SUPABASE_JWT_SECRET", raising=False)
+    monkeypatch.setenv("SUPABASE_URL", "https://abc.supabase.co")
+    monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", "k" * 40)
+    settings = build_settings()
+    assert not settings.is_production
+    forged = jwt.encode(supabase_claims(uid(), "https://abc.supabase.co/auth/v1"), DEV_SUPABASE_JWT_SECRET,
+                        algorithm="HS256", headers={"typ": "JWT"})
+    v = SupabaseTokenVerifier.from_settings(settings)
+    refused(v, forged)
+    assert v.jwt_secret is None and v.jwks is not None
+    assert v.jwks.url == "https://abc.supabase.co/auth/v1/.well-known/jwks.json"  # the project's keys
+    with pytest.raises(RuntimeError):
+        dev_access_token(settings, uid())
+
+
 # ---- refused ------------------------------------------------------------------------------------
 
 def test_expired_token_is_refused(auth):

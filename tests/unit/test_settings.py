@@ -143,6 +143,42 @@ def test_webhook_keys_add_rotation_pairs(clean_env):
     assert s.webhook_keys() == {"devkey": DEV_LIVEKIT_API_SECRET, "old": "old-secret", "older": "s:with:colons"}
 
 
+# ---- development defaults only against a local Supabase (the contract) --------------------------
+
+LOCAL_SUPABASE_URLS = ["http://127.0.0.1:54321", "http://localhost:54321", "http://LOCALHOST", "http://[::1]:54321",
+                       "http://127.10.20.30:8080/"]
+REAL_SUPABASE_URLS = ["https://abc.supabase.co", "http://192.168.1.5:54321", "http://localhost.example.com",
+                      "http://127.0.0.1.nip.io", "http://0.0.0.0:54321", "http://[2001:db8::1]:54321"]
+
+
+@pytest.mark.parametrize("url", REAL_SUPABASE_URLS)
+@pytest.mark.parametrize("env", [None, "development"])
+def test_a_real_supabase_url_turns_the_development_jwt_secret_off(clean_env, url, env):
+    """Forgetting CALLFLOW_ENV (or leaving it `development`) must not make the published
+    Supabase CLI secret a key to a real project's users."""
+    if env:
+        clean_env.setenv("CALLFLOW_ENV", env)
+    clean_env.setenv("SUPABASE_URL", url)
+    clean_env.setenv("SUPABASE_SERVICE_ROLE_KEY", "k" * 40)
+    s = build_settings()
+    assert not s.is_production
+    assert s.jwt_secret() is None
+    assert not s.supabase_is_local and not s.development_defaults_allowed
+    # An explicit secret (a project not yet moved to JWKS) is the project's own: kept.
+    clean_env.setenv("SUPABASE_JWT_SECRET", SECRETS["SUPABASE_JWT_SECRET"])
+    assert build_settings().jwt_secret() == SECRETS["SUPABASE_JWT_SECRET"]
+
+
+@pytest.mark.parametrize("url", [None, *LOCAL_SUPABASE_URLS])
+def test_a_local_supabase_url_keeps_the_development_defaults(clean_env, url):
+    if url:
+        clean_env.setenv("SUPABASE_URL", url)
+        clean_env.setenv("SUPABASE_SERVICE_ROLE_KEY", "k" * 40)
+    s = build_settings()
+    assert s.supabase_is_local and s.development_defaults_allowed
+    assert s.jwt_secret() == DEV_SUPABASE_JWT_SECRET
+
+
 # ---- production ---------------------------------------------------------------------------------
 
 
