@@ -340,3 +340,103 @@ def test_production_has_no_dev_routes_no_demo_and_no_default_origins(log_dir, ma
         assert "access-control-allow-origin" not in pre.headers
     finally:
         proc.stop()
+
+
+# ---- development defaults only against a local Supabase, for loopback clients ----------------------
+
+REAL_PROJECT = "https://abc.supabase.co"
+
+
+def _start_web(env: dict[str, str], log_dir, host: str = "127.0.0.1"):
+    """A web process of its own (uvicorn as the Procfile runs it), bound on `host`."""
+    from tests.support import services
+
+    port = services.free_port()
+    argv = [str(services.VENV_BIN / "uvicorn"), "workers.web.app:app", "--host", host, "--port", str(port),
+            "--log-level", "warning"]
+    proc = services.Process("web", argv, {**env, "PORT": str(port)}, log_dir).start()
+    base = f"http://{host}:{port}"
+    try:
+        services.wait_for(lambda: httpx.get(f"{base}/healthz", timeout=1).status_code == 200 or not proc.alive(),
+                          timeout=30, what="web up")
+        assert proc.alive(), proc.log()[-2000:]
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, base
+
+
+def test_a_real_supabase_url_refuses_dev_secret_tokens_and_dev_routes(api, log_dir, make_user):
+    """CALLFLOW_ENV forgotten and SUPABASE_URL a real project: a token anyone can sign with the
+    Supabase CLI's published secret is refused on every signed-in route, and /api/dev/* are gone."""
+    import jwt as pyjwt
+
+    from config.settings import DEV_SUPABASE_JWT_SECRET
+    from tests.conftest import subprocess_env
+    from tests.standins.jwks_server import supabase_claims
+
+    alice = make_user()
+    forged = pyjwt.encode(supabase_claims(alice, f"{REAL_PROJECT}/auth/v1"), DEV_SUPABASE_JWT_SECRET,
+                          algorithm="HS256", headers={"typ": "JWT"})
+    forged_auth = {"Authorization": f"Bearer {forged}"}
+    # Where the development defaults apply (the run's web: no SUPABASE_URL), the same token works.
+    assert api.get("/api/calls", headers=forged_auth).status_code == 200
+
+    env = subprocess_env(SUPABASE_URL=REAL_PROJECT, SUPABASE_SERVICE_ROLE_KEY="service-role-key-not-used-" + "k" * 20)
+    for name in ("CALLFLOW_ENV", "SUPABASE_JWT_SECRET"):
+        env.pop(name, None)
+    proc, base = _start_web(env, log_dir)
+    try:
+        with httpx.Client(base_url=base, timeout=10) as client:
+            resp = client.post("/api/livekit/token", headers=forged_auth, json={"room_name": "any-room"})
+            assert resp.status_code == 401 and resp.json()["error"]["code"] == "unauthorized", resp.text
+            resp = client.get("/api/calls", headers=forged_auth)
+            assert resp.status_code == 401 and resp.json()["error"]["code"] == "unauthorized", resp.text
+            assert client.post("/api/calls", headers=forged_auth, json={"callee_ids": [make_user()]}).status_code == 401
+            assert client.get("/api/calls/events", params={"access_token": forged}).status_code == 401
+            for method, path in (("GET", "/api/dev/users"), ("POST", "/api/dev/session")):
+                resp = client.request(method, path, json={"user_id": alice})
+                assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found", (path, resp.text)
+            config = client.get("/demo/config.json")
+            if config.status_code == 200:  # (503 when the demo bundle is not built)
+                assert config.json()["development"] is False
+        assert forged not in proc.log()
+    finally:
+        proc.stop()
+
+
+def _non_loopback_address() -> str | None:
+    """An address of this machine's own that is not loopback (the one its default route uses)."""
+    import ipaddress
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.123", 9))  # UDP: picks a route and a source address, sends nothing
+            address = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if ipaddress.ip_address(address).is_loopback else address
+
+
+def test_dev_routes_answer_only_loopback_clients(api, log_dir, make_user):
+    """web bound on an address of the machine that is not loopback: a request to it comes from
+    that address, so it is not a loopback client and gets the same 404 as a missing route."""
+    from tests.conftest import subprocess_env
+
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback address (tests/unit/test_dev_routes.py covers the rule)")
+    alice = make_user()
+    assert api.post("/api/dev/session", json={"user_id": alice}).status_code == 200  # loopback: answered
+    proc, base = _start_web(subprocess_env(), log_dir, host=address)
+    try:
+        with httpx.Client(base_url=base, timeout=10) as client:
+            for method, path in (("GET", "/api/dev/users"), ("POST", "/api/dev/session")):
+                resp = client.request(method, path, json={"user_id": alice})
+                assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found", (path, resp.text)
+            config = client.get("/demo/config.json")
+            if config.status_code == 200:
+                assert config.json()["development"] is False  # the page shows no development sign-in
+    finally:
+        proc.stop()

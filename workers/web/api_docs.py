@@ -78,12 +78,13 @@ PATHS: dict[str, Any] = {
     },
     "/api/dev/users": {"get": {"operationId": "devUsers", "summary": "Development only: the local users",
                                "responses": {"200": {"description": "`{\"users\": [{id, email, name}]}`"},
-                                             "404": _error("In production")}}},
+                                             "404": _error("In production, with a non-loopback SUPABASE_URL, "
+                                                           "or to a client that is not loopback")}}},
     "/api/dev/session": {"post": {
         "operationId": "devSession", "summary": "Development only: an access token for a local user",
         "requestBody": {"required": True, "content": {"application/json": {"schema": {
             "type": "object", "required": ["user_id"], "properties": {"user_id": {"type": "string", "format": "uuid"}}}}}},
-        "responses": {"200": {"description": "`{\"access_token\"}`"}, "404": _error("No such user, or production"),
+        "responses": {"200": {"description": "`{\"access_token\"}`"}, "404": _error("No such user, or as /api/dev/users"),
                       "422": _error("Malformed body")}}},
 }
 

@@ -13,6 +13,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from config.settings import get_settings
+from workers.web.dev import dev_routes_open
 from workers.web.errors import ApiError
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / "web" / "demo"
@@ -37,12 +38,12 @@ async def script(_request: Request) -> Response:
     return FileResponse(BUNDLE, media_type="text/javascript", headers={"Cache-Control": "no-cache"})
 
 
-async def config(_request: Request) -> Response:
+async def config(request: Request) -> Response:
     """What the page needs to sign in: the dev routes locally, or Supabase Auth with the anon key."""
     _served()
     settings = get_settings()
     return JSONResponse({
-        "development": not settings.is_production,
+        "development": dev_routes_open(request),  # whether /api/dev/* answer this browser
         "supabase_url": settings.supabase_url if settings.supabase_anon_key else None,
         "supabase_anon_key": settings.supabase_anon_key,
     }, headers={"Cache-Control": "no-store"})

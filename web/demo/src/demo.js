@@ -48,6 +48,12 @@ const nameOf = (id) => state.names[id] || id.slice(0, 8);
 
 async function showSignIn() {
   const config = await api('/demo/config.json');
+  if (!config.development && !config.supabase_anon_key) {
+    // The development user list answers a browser on the server's own machine only (loopback),
+    // and never next to a real Supabase project; that one needs SUPABASE_ANON_KEY to sign in.
+    status('No sign-in here: the development user list answers only a browser on the server\'s own machine, '
+      + 'against a local Supabase; for a real project set SUPABASE_ANON_KEY.', true);
+  }
   if (config.development) {
     const { users } = await api('/api/dev/users');
     for (const user of users) {
