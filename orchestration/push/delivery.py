@@ -4,8 +4,11 @@
 same one) and only then reads which are still `pending`; it skips what must not go (an incoming call
 that stopped ringing or whose deadline passed, a disabled device), books a send time for the rest
 (`PushRate`): now, or later — then the task comes back at that time — and sends them in batches of
-up to 100. Each ticket is stored: `sent` (with its ticket id) or `failed` (Expo refused the
-message); `DeviceNotRegistered` turns the device off. A send cut off by a crash before its tickets
+up to 100. A first try books each callee's share of the rate before that (`CalleeShare`): what the
+share does not let go now waits for it in a task of its own (or is skipped if it could not go before
+it is of no use), so one account's flood never books the global rate ahead of another user's ring.
+Each ticket is stored: `sent` (with its ticket id) or `failed` (Expo refused the message);
+`DeviceNotRegistered` turns the device off. A send cut off by a crash before its tickets
 were stored is sent again by the task's redelivery (the app drops the duplicate by `kind` +
 `invitation_id`).
 
@@ -23,6 +26,7 @@ new push during an outage, and `failed` after eight tries).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -31,8 +35,8 @@ import structlog
 
 from orchestration.backoff import backoff_delay
 from orchestration.push.expo import MAX_BATCH, MAX_RECEIPTS, TIMEOUT_SECONDS, ExpoRejected, ExpoUnavailable
-from orchestration.push.messages import PushRow, expo_message
-from orchestration.push.rate import PushRate
+from orchestration.push.messages import CALL_ENDED_TTL, PushRow, expo_message
+from orchestration.push.rate import BEYOND_HORIZON, TOO_LATE, CalleeShare, PushRate
 from orchestration.push.store import PushStore
 from orchestration.shared_backoff import SharedBackoff
 
@@ -47,6 +51,12 @@ RATE_EXCEEDED = "MessageRateExceeded"  # a ticket that is Expo's 429 for one mes
 RETRY_BASE_SECONDS = 0.5
 RETRY_MAX_SECONDS = 10.0
 WAITING_SLACK_SECONDS = 30  # a waiting mark outlives its come-back by this much (a late worker)
+# Rows waiting for their callee's share come back together, per step of this many seconds (so a
+# flooded account's backlog is a few tasks a second, not one per message); a message with a limit
+# is booked only if it can go a step before it.
+SHARE_STEP_SECONDS = 0.5
+# Within one callee's share, the kind that stops being of use soonest goes first.
+KIND_ORDER = {"incoming_call": 0, "call_ended": 1, "missed_call": 2}
 
 
 def waiting_key(message_id: str) -> str:
@@ -56,6 +66,15 @@ def waiting_key(message_id: str) -> str:
 def expo_backoff(client: redis.Redis) -> SharedBackoff:
     """Expo's retry loop, shared by every worker (a probe may take the client's whole timeout)."""
     return SharedBackoff(client, "expo", RETRY_BASE_SECONDS, RETRY_MAX_SECONDS, probe_seconds=TIMEOUT_SECONDS + 2)
+
+
+@dataclass(frozen=True)
+class Deferral:
+    """Rows that wait for their callee's share of the rate: a task of their own comes back for them."""
+
+    seconds: float
+    message_ids: list[str]
+    shared: bool  # their share is booked: they come back to book the global rate only
 
 
 @dataclass
@@ -69,10 +88,13 @@ class Delivery:
     booked: bool = False          # the come-back is a booked send time (not a failure)
     message_ids: list[str] = field(default_factory=list)  # what to come back with
     others: list[str] = field(default_factory=list)       # more than a batch: for another task, now
+    deferred: list[Deferral] = field(default_factory=list)  # waiting for their callee's share
 
     @property
     def summary(self) -> str:
-        return f"{self.sent} sent, {self.failed} failed, {self.skipped} skipped"
+        waiting = sum(len(d.message_ids) for d in self.deferred)
+        return f"{self.sent} sent, {self.failed} failed, {self.skipped} skipped" + (
+            f", {waiting} waiting for their callee's share" if waiting else "")
 
 
 def _skip_reason(row: PushRow, now, send_at) -> str | None:
@@ -86,11 +108,30 @@ def _skip_reason(row: PushRow, now, send_at) -> str | None:
     return None
 
 
+def _share_limit(row: PushRow, now) -> float | None:
+    """Seconds within which a row's share must let it go (a step early), or None: no limit."""
+    if row.kind == "incoming_call" and row.ring_deadline is not None:
+        limit = row.ring_deadline
+    elif row.kind == "call_ended" and row.created_at is not None:
+        limit = row.created_at + timedelta(seconds=CALL_ENDED_TTL)
+    else:
+        return None
+    return (limit - now).total_seconds() - SHARE_STEP_SECONDS
+
+
+def _share_skip_reason(row: PushRow, share: CalleeShare) -> str:
+    what = ("until after the ring deadline" if row.kind == "incoming_call"
+            else f"for longer than a {row.kind} lives ({CALL_ENDED_TTL} s)")
+    return (f"its callee's share of the push rate ({share.rate_per_second:g}/s after a burst of "
+            f"{share.burst:g}) was taken {what}: more pushes to this user's devices than their share")
+
+
 class PushDelivery:
     def __init__(self, store: PushStore, client, redis_client: redis.Redis, rate: PushRate,
-                 backoff: SharedBackoff | None = None) -> None:
+                 backoff: SharedBackoff | None = None, share: CalleeShare | None = None) -> None:
         self.store, self.client, self.redis, self.rate = store, client, redis_client, rate
         self.backoff = backoff or expo_backoff(redis_client)
+        self.share = share or CalleeShare.of(rate)
 
     def _lease(self, ids: list[str]) -> list[str]:
         return [i for i in ids if self.redis.set(f"callflow:push:lease:{i}", 1, nx=True, ex=LEASE_SECONDS)]
@@ -119,9 +160,12 @@ class PushDelivery:
         return [i for i in self._not_waiting(ids)
                 if self.redis.set(f"callflow:push:resend:{i}", 1, nx=True, ex=seconds)]
 
-    def deliver(self, ids: list[str], booked: bool = False, failures: int = 0) -> Delivery:
+    def deliver(self, ids: list[str], booked: bool = False, failures: int = 0, shared: bool = False) -> Delivery:
+        """`booked`: the rows' global send time is booked; `shared`: their callee's share is;
+        `failures`: Expo gave no answer to them that many times. None of these: a first try."""
         ids = list(dict.fromkeys(ids))
-        if not booked and failures == 0:
+        first_try = not booked and not shared and failures == 0
+        if first_try:
             # A first try leaves alone the rows a retry loop waits to come back for (one loop per
             # row, each at its own step of the backoff); under load it takes what else is pending,
             # so a burst goes out in full batches.
@@ -134,7 +178,7 @@ class PushDelivery:
         out = Delivery()
         try:
             rows = [r for r in self.store.rows(leased) if r.status == "pending"] if leased else []
-            return self._deliver(rows, booked, failures, out)
+            return self._deliver(rows, booked, failures, out, first_try)
         finally:
             self._release(leased)
 
@@ -152,7 +196,32 @@ class PushDelivery:
         if out.message_ids:
             out.come_back_in = wait
 
-    def _deliver(self, rows: list[PushRow], booked: bool, failures: int, out: Delivery) -> Delivery:
+    def _within_shares(self, rows: list[PushRow], now, results: list, out: Delivery) -> list[PushRow]:
+        """The rows their callees' shares let go now; the others wait for theirs (a task comes back
+        for them), or are skipped when they could not go within their share before they are of no
+        use (an incoming call past its ring deadline, a call_ended past its time to live)."""
+        ordered = sorted(rows, key=lambda r: KIND_ORDER.get(r.kind, len(KIND_ORDER)))
+        waits = self.share.book([(r.user_id, _share_limit(r, now)) for r in ordered])
+        go: set[str] = set()
+        later: dict[float, list[str]] = {}
+        beyond: list[str] = []
+        for row, wait in zip(ordered, waits):
+            if wait == TOO_LATE:
+                results.append((row.id, "skipped", None, _share_skip_reason(row, self.share)[:500]))
+            elif wait == BEYOND_HORIZON:
+                beyond.append(row.id)
+            elif wait <= 0:
+                go.add(row.id)
+            else:
+                step = math.ceil(wait / SHARE_STEP_SECONDS) * SHARE_STEP_SECONDS
+                later.setdefault(step, []).append(row.id)
+        out.deferred += [Deferral(seconds, ids, shared=True) for seconds, ids in sorted(later.items())]
+        if beyond:  # nothing booked: they try again once the horizon has moved on
+            out.deferred.append(Deferral(self.share.horizon, beyond, shared=False))
+        return [r for r in rows if r.id in go]
+
+    def _deliver(self, rows: list[PushRow], booked: bool, failures: int, out: Delivery,
+                 first_try: bool = False) -> Delivery:
         now = self.store.now()
         results: list[tuple[str, str, str | None, str | None]] = []
         sendable = []
@@ -165,6 +234,10 @@ class PushDelivery:
         # One batch a run, with a send time booked for it alone: the rest goes to another task.
         out.others = [r.id for r in sendable[MAX_BATCH:]]
         sendable = sendable[:MAX_BATCH]
+        if sendable and first_try:
+            # Each callee's share first (issue 23): only what it lets go now books the global rate,
+            # so one account's flood cannot book the global line ahead of everyone else's pushes.
+            sendable = self._within_shares(sendable, now, results, out)
         turn = self.backoff.turn() if sendable else None
         if turn and turn.wait > 0:  # Expo gave no answer lately: nobody asks before its loop says so
             self._come_back_later(sendable, turn.wait, results, out, "Expo gave no answer lately")
@@ -214,6 +287,8 @@ class PushDelivery:
                                   results, out, RATE_EXCEEDED)
         if out.come_back_in is not None:
             self._mark_waiting(out.message_ids, out.come_back_in)
+        for deferral in out.deferred:
+            self._mark_waiting(deferral.message_ids, deferral.seconds)
         self.store.disable_tokens(tokens_gone)
         self.store.finish(results)
         for _, status, _, _ in results:

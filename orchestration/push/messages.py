@@ -29,6 +29,11 @@ class PushRow:
     invitation_status: str
     end_reason: str | None
     ring_deadline: datetime | None
+    user_id: str = ""                  # the device's owner: whose share of the push rate it takes
+    created_at: datetime | None = None
+
+
+CALL_ENDED_TTL = 60  # seconds a call_ended lives at Expo (it only stops a ringing that ended by then)
 
 
 def expo_message(row: PushRow, now: datetime) -> dict:
@@ -47,7 +52,7 @@ def expo_message(row: PushRow, now: datetime) -> dict:
     elif row.kind == "call_ended":
         # Data only: every device that rang stops ringing, the one that answered included.
         data.update(status=row.invitation_status, end_reason=row.end_reason)
-        message.update(priority="high", ttl=60, _contentAvailable=True)
+        message.update(priority="high", ttl=CALL_ENDED_TTL, _contentAvailable=True)
     else:  # missed_call
         data.update(caller_id=row.caller_id, caller_name=row.caller_name, call_type=row.call_type)
         message.update(priority="normal", sound="default", title="Missed call",

@@ -7,8 +7,13 @@ from datetime import datetime
 from orchestration.db import get_pool
 from orchestration.push.messages import PushRow
 
+PER_USER = 10         # a top-up takes at most this many rows to one user's devices (one ring of 10)...
+LOOK_FACTOR = 5       # ...from the oldest `limit` x this many pending rows
+STALE_PER_USER = 100  # the sweep's pick: at most this many rows to one user's devices
+
 _ROWS = """
-select m.id, m.kind, m.status, m.attempts, t.token, t.disabled_at is not null as token_disabled,
+select m.id, m.kind, m.status, m.attempts, m.created_at, t.token, t.user_id,
+       t.disabled_at is not null as token_disabled,
        i.id as invitation_id, i.room_name, i.call_type, i.caller_id, i.status as invitation_status, i.end_reason,
        i.ring_deadline,
        coalesce(nullif(btrim(u.raw_user_meta_data->>'full_name'), ''), nullif(btrim(u.raw_user_meta_data->>'name'), ''),
@@ -36,7 +41,8 @@ class PushStore:
     def rows(self, ids: list[str]) -> list[PushRow]:
         with self._conn() as conn:
             return [PushRow(id=str(r["id"]), kind=r["kind"], status=r["status"], attempts=r["attempts"],
-                            token=r["token"], token_disabled=r["token_disabled"],
+                            token=r["token"], token_disabled=r["token_disabled"], user_id=str(r["user_id"]),
+                            created_at=r["created_at"],
                             invitation_id=str(r["invitation_id"]), room_name=r["room_name"],
                             call_type=r["call_type"], caller_id=str(r["caller_id"]), caller_name=r["caller_name"],
                             invitation_status=r["invitation_status"], end_reason=r["end_reason"],
@@ -67,20 +73,36 @@ class PushStore:
                 conn.execute("update public.push_tokens set disabled_at = now() where token = any(%s)"
                              " and disabled_at is null", (tokens,))
 
-    def more_pending(self, limit: int, exclude: list[str]) -> list[str]:
-        """Other pending rows, oldest first (recent ones only: older ones are the sweep's)."""
+    def more_pending(self, limit: int, exclude: list[str], per_user: int = PER_USER) -> list[str]:
+        """Other pending rows, oldest first (recent ones only: older ones are the sweep's), at most
+        `per_user` to one user's devices, from a bounded look at the oldest: one account's backlog
+        (waiting for its share of the rate) never fills a batch, and costs the look no more."""
         with self._conn() as conn:
             return [str(r["id"]) for r in conn.execute(
-                """select id from public.push_messages where status = 'pending'
-                     and created_at > now() - interval '5 minutes' and id <> all(%s::uuid[])
-                   order by created_at limit %s""", (exclude, limit)).fetchall()]
+                """select id from (
+                     select m.id, m.created_at,
+                            row_number() over (partition by t.user_id order by m.created_at, m.id) as nth
+                       from (select id, push_token_id, created_at from public.push_messages
+                              where status = 'pending' and created_at > now() - interval '5 minutes'
+                                and id <> all(%(exclude)s::uuid[])
+                              order by created_at limit %(look)s) m
+                       join public.push_tokens t on t.id = m.push_token_id) r
+                    where nth <= %(per_user)s order by created_at, id limit %(limit)s""",
+                {"exclude": exclude, "look": limit * LOOK_FACTOR, "per_user": per_user, "limit": limit}).fetchall()]
 
-    def stale_pending(self, older_than: float, limit: int) -> list[str]:
+    def stale_pending(self, older_than: float, limit: int, per_user: int = STALE_PER_USER) -> list[str]:
+        """Pending rows older than `older_than` s, oldest first, at most `per_user` to one user's
+        devices: a flooded account's rows waiting for its share never crowd out another user's lost
+        row."""
         with self._conn() as conn:
             return [str(r["id"]) for r in conn.execute(
-                """select id from public.push_messages where status = 'pending'
-                     and created_at < now() - make_interval(secs => %s) order by created_at limit %s""",
-                (older_than, limit)).fetchall()]
+                """select id from (
+                     select m.id, m.created_at,
+                            row_number() over (partition by t.user_id order by m.created_at, m.id) as nth
+                       from public.push_messages m join public.push_tokens t on t.id = m.push_token_id
+                      where m.status = 'pending' and m.created_at < now() - make_interval(secs => %s)) r
+                    where nth <= %s order by created_at, id limit %s""",
+                (older_than, per_user, limit)).fetchall()]
 
     def unreceipted(self, older_than: float, limit: int) -> list[tuple[str, str, str]]:
         """(id, ticket_id, token) of sent messages whose receipt is not known yet."""

@@ -349,6 +349,27 @@ def ringing_rows(ddb, n: int, deadline_in: float = 30.0) -> tuple[list[str], lis
     return ids, tokens
 
 
+def one_users_rings(ddb, calls: int, devices: int) -> tuple[list[str], list[str]]:
+    """`calls` ringing invitations to one user with `devices` devices: their pending incoming_call
+    rows (calls x devices), and the rows' tokens."""
+    make_user = user_maker(ddb)
+    caller, callee = make_user("Eve"), make_user()
+    tokens = [token() for _ in range(devices)]
+    token_ids = [ddb.execute("insert into public.push_tokens (user_id, token, platform) values (%s, %s, 'ios') returning id",
+                             (callee, tok)).fetchone()["id"] for tok in tokens]
+    ids, to = [], []
+    for _ in range(calls):
+        inv = ddb.execute("""insert into public.call_invitations (room_name, caller_id, callee_id) values (%s, %s, %s)
+                            returning id""", (f"flood-{uuid.uuid4().hex[:8]}", caller, callee)).fetchone()["id"]
+        ddb.execute("""update public.call_invitations set status = 'ringing', ringing_at = now(),
+                          ring_deadline = now() + interval '30 seconds' where id = %s""", (inv,))
+        for tok, tid in zip(tokens, token_ids):
+            ids.append(str(ddb.execute("""insert into public.push_messages (kind, invitation_id, push_token_id)
+                                         values ('incoming_call', %s, %s) returning id""", (inv, tid)).fetchone()["id"]))
+            to.append(tok)
+    return ids, to
+
+
 def delivery_for(database_url: str, redis_server, base_url: str, rate: float, loop: str | None = None) -> PushDelivery:
     """A delivery with a rate and an Expo retry loop of its own (`loop`: a name deliveries share),
     so no other test's outage or booking is in its way."""
@@ -370,18 +391,20 @@ def only_these_await_receipts(ddb, ids: list[str]) -> None:
 
 def run_like_the_task(delivery: PushDelivery, ids: list[str]) -> None:
     """What `send_pushes` does, with its re-queues played in-process (a countdown is a sleep here)."""
-    queue = [(0.0, ids, False, 0)]
+    queue = [(0.0, ids, False, 0, False)]
     start = time.monotonic()
     while queue:
         queue.sort(key=lambda q: q[0])
-        at, batch, booked, failures = queue.pop(0)
+        at, batch, booked, failures, shared = queue.pop(0)
         time.sleep(max(0.0, at - (time.monotonic() - start)))
-        out = delivery.deliver(batch, booked=booked, failures=failures)
+        out = delivery.deliver(batch, booked=booked, failures=failures, shared=shared)
         if out.others:
-            queue.append((time.monotonic() - start, out.others, False, 0))
+            queue.append((time.monotonic() - start, out.others, False, 0, False))
+        for deferral in out.deferred:
+            queue.append((time.monotonic() - start + deferral.seconds, deferral.message_ids, False, 0, deferral.shared))
         if out.come_back_in is not None and out.message_ids:
             queue.append((time.monotonic() - start + out.come_back_in, out.message_ids, out.booked,
-                          failures if out.booked else failures + 1))
+                          failures if out.booked else failures + 1, True))
 
 
 def test_250_ringing_at_once_go_in_batches_of_at_most_100_within_the_rate(ddb, delivery_database_url, expo,
@@ -403,6 +426,25 @@ def test_250_ringing_at_once_go_in_batches_of_at_most_100_within_the_rate(ddb, d
         sent_before += len(r.messages)
     rows = ddb.execute("select status from public.push_messages where id = any(%s::uuid[])", (ids,)).fetchall()
     assert {r["status"] for r in rows} == {"sent"}
+
+
+def test_one_callees_pushes_beyond_its_share_wait_and_another_callees_go_now(ddb, delivery_database_url, expo,
+                                                                           redis_server):
+    # At 500/s a callee's share is 10/s after a burst of 40. Six calls ring one user's 10 devices
+    # at once with one ring of another user's: the other's, and 40 of the first's, go in the first
+    # request; the first's other 20 wait for their share and go at its pace, never before the other's.
+    flooded, flooded_tokens = one_users_rings(ddb, calls=6, devices=10)
+    other, other_tokens = ringing_rows(ddb, 1)
+    delivery = delivery_for(delivery_database_url, redis_server, expo.url, rate=500)
+    assert (delivery.share.rate_per_second, delivery.share.burst) == (10, 40)
+    first = len(expo.sends)
+    run_like_the_task(delivery, flooded + other)
+    sends = [r for r in expo.sends[first:] if r.status == 200]
+    assert len(sends[0].messages) == 41 and other_tokens[0] in [m["to"] for m in sends[0].messages]
+    assert sorted(m["to"] for r in sends for m in r.messages) == sorted(flooded_tokens + other_tokens)
+    assert 1.5 <= sends[-1].at - sends[0].at <= 5  # 20 more at 10/s, in half-second steps
+    rows = ddb.execute("select status from public.push_messages where id = any(%s::uuid[])", (flooded,)).fetchall()
+    assert [r["status"] for r in rows] == ["sent"] * 60
 
 
 def test_a_500_then_a_200_gives_one_delivery(ddb, delivery_database_url, expo, redis_server):

@@ -1,8 +1,9 @@
 """Push tasks: deliver push outbox rows, re-send lost ones, read Expo's receipts.
 
 `send_pushes` never sleeps for the rate: a batch booked for later re-queues itself with a
-countdown to its slot; Expo unavailable re-queues with backoff. Both keep the rows `pending`, so
-the beat's `sweep_pushes` finds them again if a task is lost.
+countdown to its slot; rows waiting for their callee's share of the rate go to tasks of their own,
+with a countdown to when the share lets them go; Expo unavailable re-queues with backoff. All keep
+the rows `pending`, so the beat's `sweep_pushes` finds them again if a task is lost.
 """
 
 from __future__ import annotations
@@ -34,19 +35,27 @@ def delivery() -> PushDelivery:
 
 @app.task(name="callflow.send_pushes", bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None,
           queue="push", ignore_result=True)
-def send_pushes(self, message_ids: list[str], booked: bool = False, failures: int = 0) -> str:
+def send_pushes(self, message_ids: list[str], booked: bool = False, failures: int = 0, shared: bool = False) -> str:
     structlog.contextvars.bind_contextvars(task_id=self.request.id, messages=len(message_ids))
     try:
-        out = delivery().deliver([str(i) for i in message_ids], booked=booked, failures=failures)
+        out = delivery().deliver([str(i) for i in message_ids], booked=booked, failures=failures, shared=shared)
         for start in range(0, len(out.others), 100):  # more than one batch: the rest in tasks of their own
             send_pushes.apply_async(args=[out.others[start:start + 100]], queue="push")
+        for deferral in out.deferred:  # waiting for their callee's share: back when it lets them go
+            send_pushes.apply_async(kwargs={"message_ids": deferral.message_ids, "shared": deferral.shared},
+                                    countdown=deferral.seconds, queue="push")
         if out.come_back_in is not None and out.message_ids:
-            # Its booked send time, or a backoff while Expo is unavailable: the rows stay pending.
+            # Its booked send time, or a backoff while Expo is unavailable: the rows stay pending
+            # (their callee's share was taken: only a first try books it).
             raise self.retry(countdown=out.come_back_in, max_retries=None,
-                             kwargs={"message_ids": out.message_ids, "booked": out.booked,
+                             kwargs={"message_ids": out.message_ids, "booked": out.booked, "shared": True,
                                      "failures": failures if out.booked else failures + 1})
         if out.sent or out.failed or out.skipped:
             log.info("pushes delivered", sent=out.sent, failed=out.failed, skipped=out.skipped)
+        if out.deferred:
+            log.info("pushes wait for their callee's share of the rate",
+                     waiting=sum(len(d.message_ids) for d in out.deferred),
+                     come_back_in=round(max(d.seconds for d in out.deferred), 2))
         return out.summary
     finally:
         structlog.contextvars.clear_contextvars()
