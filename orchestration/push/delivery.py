@@ -134,7 +134,12 @@ class PushDelivery:
         self.share = share or CalleeShare.of(rate)
 
     def _lease(self, ids: list[str]) -> list[str]:
-        return [i for i in ids if self.redis.set(f"callflow:push:lease:{i}", 1, nx=True, ex=LEASE_SECONDS)]
+        if not ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)  # one round trip for a batch, not one per row
+        for i in ids:
+            pipe.set(f"callflow:push:lease:{i}", 1, nx=True, ex=LEASE_SECONDS)
+        return [i for i, taken in zip(ids, pipe.execute()) if taken]
 
     def _release(self, ids: list[str]) -> None:
         if ids:
