@@ -29,8 +29,12 @@ PATHS: dict[str, Any] = {
                                "room_name": {"type": "string", "minLength": 1, "maxLength": 256}}}}}},
             "responses": {
                 "201": {"description": "The invitations", "content": {"application/json": {"schema": {
-                    "type": "object", "properties": {"room_name": {"type": "string"},
-                                                     "invitations": {"type": "array", "items": _INVITATION}}}}}},
+                    "type": "object", "required": ["room_name", "invitations"],
+                    "properties": {"room_name": {"type": "string"},
+                                   "invitations": {"type": "array", "minItems": 1, "items": _INVITATION}}}}},
+                        "links": {action: {"operationId": "moveInvitation", "parameters": {
+                            "invitation_id": "$response.body#/invitations/0/id", "action": action}}
+                            for action in ("cancel", "accept", "decline")}},
                 "401": _error("No or bad access token"),
                 "403": _error("`anonymous`: anonymous users may not invite; `forbidden`: refused by RLS"),
                 "409": _error("`room_in_use`: the room has other parties; `already_invited`: that callee is "
@@ -44,7 +48,11 @@ PATHS: dict[str, Any] = {
             "security": _AUTH,
             "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
                                                                         "maximum": 100, "default": 20}}],
-            "responses": {"200": {"description": "`{\"calls\": [call row + \"invitations\": [...]]}`"},
+            "responses": {"200": {"description": "Your calls, each its `calls` row and its invitations",
+                                  "content": {"application/json": {"schema": {
+                                      "type": "object", "required": ["calls"], "additionalProperties": False,
+                                      "properties": {"calls": {"type": "array", "maxItems": 100,
+                                                               "items": {"$ref": "#/components/schemas/Call"}}}}}}},
                           "401": _error("No or bad access token"), "422": _error("Bad limit")},
         },
     },
@@ -73,7 +81,8 @@ PATHS: dict[str, Any] = {
             "security": _AUTH,
             "parameters": [{"name": "access_token", "in": "query", "schema": {"type": "string"}}],
             "responses": {"200": {"description": "The stream", "content": {"text/event-stream": {}}},
-                          "401": _error("No or bad access token")},
+                          "401": _error("No or bad access token"),
+                          "429": _error("`rate_limited`: over CALLFLOW_STREAMS_PER_USER open streams")},
         },
     },
     "/api/dev/users": {"get": {"operationId": "devUsers", "summary": "Development only: the local users",
@@ -88,15 +97,44 @@ PATHS: dict[str, Any] = {
                       "422": _error("Malformed body")}}},
 }
 
+_TEXT = {"type": "string"}
+_MAYBE_TEXT = {"type": "string", "nullable": True}
+
 INVITATION_SCHEMA: dict[str, Any] = {
     "type": "object", "description": "A `call_invitations` row.",
-    "properties": {name: {"type": "string", "nullable": True} for name in (
-        "id", "room_name", "caller_id", "callee_id", "call_type", "status", "call_id", "created_at", "updated_at",
-        "ringing_at", "ring_deadline", "answered_at", "ended_at", "end_reason")} | {"metadata": {"type": "object"}},
+    "required": ["id", "room_name", "caller_id", "callee_id", "call_type", "status", "created_at"],
+    "properties": {name: _TEXT for name in (
+        "id", "room_name", "caller_id", "callee_id", "call_type", "status", "created_at", "updated_at")}
+    | {name: _MAYBE_TEXT for name in ("call_id", "ringing_at", "ring_deadline", "answered_at", "ended_at",
+                                      "end_reason")}
+    | {"metadata": {"type": "object"}},
+}
+
+CALL_SCHEMA: dict[str, Any] = {
+    "type": "object", "description": "A `calls` row, with the invitations that led to it.",
+    "required": ["id", "room_name", "status", "invitations"],
+    "properties": {name: _TEXT for name in ("id", "room_name", "call_type", "status", "created_at")}
+    | {name: _MAYBE_TEXT for name in ("caller_id", "livekit_room_sid", "started_at", "ended_at", "end_reason")}
+    | {"duration_seconds": {"type": "integer"}, "invitations": {"type": "array", "items": _INVITATION}},
+}
+
+# The 200s of the development routes (`workers/web/dev.py`).
+_DEV_BODIES: dict[tuple[str, str], dict[str, Any]] = {
+    ("/api/dev/users", "get"): {
+        "type": "object", "required": ["users"], "properties": {"users": {"type": "array", "items": {
+            "type": "object", "required": ["id"],
+            "properties": {"id": {"type": "string", "format": "uuid"}, "email": _MAYBE_TEXT, "name": _MAYBE_TEXT}}}}},
+    ("/api/dev/session", "post"): {
+        "type": "object", "required": ["access_token", "user_id", "expires_in"],
+        "properties": {"access_token": _TEXT, "user_id": {"type": "string", "format": "uuid"},
+                       "expires_in": {"type": "integer", "minimum": 1}}},
 }
 
 
-def _common_errors() -> None:
+def _complete() -> None:
+    """The dev routes' 200 bodies; the errors every route may answer."""
+    for (path, method), schema in _DEV_BODIES.items():
+        PATHS[path][method]["responses"]["200"]["content"] = {"application/json": {"schema": schema}}
     for path, operations in PATHS.items():
         for method, operation in operations.items():
             operation["responses"].setdefault("503", _error("The database is unavailable; retry (`Retry-After`)"))
@@ -105,13 +143,18 @@ def _common_errors() -> None:
                 operation["responses"].setdefault("422", _error("Malformed body; `field` names it"))
 
 
-_common_errors()
+_complete()
 
 
 def extend(openapi: dict[str, Any]) -> dict[str, Any]:
     openapi["paths"].update(PATHS)
     openapi["components"]["schemas"]["Invitation"] = INVITATION_SCHEMA
-    openapi["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"] = list(CODES)
+    openapi["components"]["schemas"]["Call"] = CALL_SCHEMA
+    # The contract's error, exactly: `{"error": {"code", "message", "field"?}}` and nothing more.
+    error = openapi["components"]["schemas"]["Error"]
+    error["additionalProperties"] = False
+    error["properties"]["error"]["additionalProperties"] = False
+    error["properties"]["error"]["properties"]["code"]["enum"] = list(CODES)
     openapi["info"]["description"] = ("Join tokens, calls and their event stream for the signed-in user. Errors are "
                                       'JSON `{"error": {"code", "message", "field"}}` (`field` only on 422); they '
                                       "never echo tokens.")
