@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     callflow_invite_rate_per_minute: int = Field(default=30, gt=0)
     callflow_email_repeat_window_seconds: float = Field(default=900.0, ge=0, allow_inf_nan=False)
     callflow_allow_anonymous: bool = False
+    # GET /api/calls/events: open streams a user may hold (all web processes together) and one
+    # web process may hold (its file descriptors and memory: ~40 KiB a stream).
+    callflow_streams_per_user: int = Field(default=10, gt=0, le=1000)
+    callflow_streams_per_process: int = Field(default=2000, gt=0, le=1_000_000)
 
     flower_basic_auth: SecretStr | None = None
 
