@@ -4,6 +4,11 @@ Each write runs in one transaction with `set local role authenticated` and the u
 `request.jwt.claims`, exactly as PostgREST runs a supabase-js call: RLS, the state-machine guard
 and the insert rules (`room_in_use`, `rate_limited`, ...) decide, not this module. Their refusals
 come back as `ApiError`s with the contract's codes.
+
+One user cannot take the pool from everyone (issue 23): a user's requests hold at most
+`per_user` of its connections at once (the rest of theirs wait, then 429 `rate_limited`), nobody
+waits more than `timeout` for a connection (then 503 `unavailable`), and every statement has a
+time bound (`statement_timeout`; past it, 503).
 """
 
 from __future__ import annotations
@@ -36,6 +41,14 @@ _RULE_REFUSALS = {
     "anonymous": (403, "anonymous"),
 }
 ACTIONS = {"accept": ("accepted", "callee"), "decline": ("declined", "callee"), "cancel": ("cancelled", "caller")}
+
+class DatabaseBusy(ApiError):
+    """503 `unavailable` because the database is slow or full, not gone: no connection came within
+    the wait, or a statement ran out of its time. Whoever reads for others (the event hub) tries
+    again; a request's client is told to (`Retry-After`)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(503, "unavailable", message, headers={"Retry-After": "2"})
 
 
 def jsonable(row: dict[str, Any]) -> dict[str, Any]:
@@ -78,14 +91,23 @@ def _refusal(exc: psycopg.Error, field: str | None = None) -> ApiError:
 
 
 class CallStore:
-    """A small async pool of its own, opened on first use (after uvicorn's event loop exists)."""
+    """A small async pool of its own, opened on first use (after uvicorn's event loop exists).
 
-    def __init__(self, database_url: str, *, max_size: int = 10, timeout: float = 5.0) -> None:
+    `per_user`: how many of its connections one user's requests may hold at once (None: no
+    limit). `timeout`: the longest a request waits for its place and a connection.
+    `statement_timeout_ms`: every statement's time bound (the sessions' `statement_timeout`)."""
+
+    def __init__(self, database_url: str, *, max_size: int = 10, timeout: float = 5.0, per_user: int | None = 3,
+                 statement_timeout_ms: int = 5000, name: str = "callflow-api") -> None:
         self.database_url = database_url
         self.max_size = max_size
         self.timeout = timeout
+        self.per_user = per_user
+        self.statement_timeout_ms = statement_timeout_ms
+        self.name = name
         self._pool: AsyncConnectionPool | None = None
         self._lock: asyncio.Lock | None = None
+        self._users: dict[str, list] = {}  # user id -> [semaphore, requests holding or waiting]
 
     async def pool(self) -> AsyncConnectionPool:
         if self._pool is None:
@@ -94,27 +116,76 @@ class CallStore:
                 if self._pool is None:
                     pool = AsyncConnectionPool(
                         self.database_url, min_size=1, max_size=self.max_size, open=False, timeout=self.timeout,
-                        kwargs={"row_factory": dict_row, "autocommit": False, "connect_timeout": 5},
-                        check=check_open_async, reconnect_timeout=RECONNECT_SECONDS, name="callflow-api")
+                        kwargs={"row_factory": dict_row, "autocommit": False, "connect_timeout": 5,
+                                "application_name": self.name},
+                        configure=self._configure, check=check_open_async, reconnect_timeout=RECONNECT_SECONDS,
+                        name=self.name)
                     await pool.open(wait=False)
                     self._pool = pool
         return self._pool
 
+    async def _configure(self, conn: psycopg.AsyncConnection) -> None:
+        await conn.execute(f"set statement_timeout = {int(self.statement_timeout_ms)}")
+        await conn.commit()
+
+    @asynccontextmanager
+    async def _place(self, user_id: str | None, deadline: float) -> AsyncIterator[None]:
+        """One of the user's `per_user` places, waited for until `deadline` (then 429)."""
+        if user_id is None or self.per_user is None:
+            yield
+            return
+        entry = self._users.get(user_id)
+        if entry is None:
+            entry = self._users[user_id] = [asyncio.Semaphore(self.per_user), 0]
+        entry[1] += 1
+        try:
+            try:
+                async with asyncio.timeout(max(0.0, deadline - asyncio.get_running_loop().time())):
+                    await entry[0].acquire()
+            except TimeoutError:
+                log.info("api: a user's requests are over their share of the database", user_id=user_id,
+                         pool=self.name)
+                raise ApiError(429, "rate_limited",
+                               f"{self.per_user} of your requests are already waiting on the database; try again",
+                               headers={"Retry-After": "1"}) from None
+            try:
+                yield
+            finally:
+                entry[0].release()
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0 and self._users.get(user_id) is entry:
+                del self._users[user_id]
+
+    @staticmethod
+    async def _act_as(conn: psycopg.AsyncConnection, user: User) -> None:
+        await conn.execute("set local role authenticated")
+        await conn.execute("select set_config('request.jwt.claims', %s, true)",
+                           (json.dumps(user.claims or {"sub": user.id, "role": "authenticated"}),))
+
     @asynccontextmanager
     async def _transaction(self, user: User | None = None) -> AsyncIterator[psycopg.AsyncConnection]:
-        """One transaction; with `user`, as that user under RLS (PostgREST's way)."""
-        try:
-            async with (await self.pool()).connection() as conn:
-                async with conn.transaction():
-                    if user is not None:
-                        await conn.execute("set local role authenticated")
-                        await conn.execute("select set_config('request.jwt.claims', %s, true)",
-                                           (json.dumps(user.claims or {"sub": user.id, "role": "authenticated"}),))
-                    yield conn
-        except (psycopg.OperationalError, PoolTimeout) as exc:
-            log.warning("api: database unavailable", error=exc.__class__.__name__)
-            raise ApiError(503, "unavailable", "the database is unavailable; try again",
-                           headers={"Retry-After": "2"}) from None
+        """One transaction; with `user`, as that user under RLS (PostgREST's way), in one of the
+        user's places."""
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        async with self._place(user.id if user is not None else None, deadline):
+            try:
+                wait = max(0.01, deadline - asyncio.get_running_loop().time())
+                async with (await self.pool()).connection(timeout=wait) as conn:
+                    async with conn.transaction():
+                        if user is not None:
+                            await self._act_as(conn, user)
+                        yield conn
+            except PoolTimeout:
+                log.warning("api: no database connection within the wait", pool=self.name, wait_s=self.timeout)
+                raise DatabaseBusy("the database is busy; try again") from None
+            except pg_errors.QueryCanceled:
+                log.warning("api: a statement ran out of time", pool=self.name, ms=self.statement_timeout_ms)
+                raise DatabaseBusy("the database took too long to answer; try again") from None
+            except psycopg.OperationalError as exc:
+                log.warning("api: database unavailable", error=exc.__class__.__name__)
+                raise ApiError(503, "unavailable", "the database is unavailable; try again",
+                               headers={"Retry-After": "2"}) from None
 
     # ---- writes, as the user ----------------------------------------------------------------------
     async def start_call(self, user: User, callee_ids: list[str], call_type: str, room_name: str) -> list[dict]:
