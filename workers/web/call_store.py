@@ -42,6 +42,24 @@ _RULE_REFUSALS = {
 }
 ACTIONS = {"accept": ("accepted", "callee"), "decline": ("declined", "callee"), "cancel": ("cancelled", "caller")}
 
+# GET /api/calls: the ids of the user's newest calls from their participation index
+# (callflow_call_parties_recent; an internal table, read as the service), then those calls and
+# their invitations AS THE USER, by id, under RLS. Cost: the rows shown, not the table (issue 23:
+# `select * from calls order by created_at desc limit 20` under the policy read every call of
+# the table for a user with none or only old ones). A party row RLS does not let through (an
+# invitation moved to another call) is skipped, and the next ids are read after it.
+HISTORY_IDS = """select call_id, call_created_at from public.callflow_call_parties
+                  where user_id = %(user_id)s
+                  order by call_created_at desc, call_id limit %(n)s"""
+HISTORY_MORE_IDS = """select call_id, call_created_at from public.callflow_call_parties
+                       where user_id = %(user_id)s and call_created_at <= %(at)s
+                         and (call_created_at < %(at)s or call_id > %(after)s)
+                       order by call_created_at desc, call_id limit %(n)s"""
+HISTORY_CALLS = "select * from public.calls where id = any(%(ids)s) order by created_at desc, id"
+HISTORY_INVITATIONS = "select * from public.call_invitations where call_id = any(%(ids)s) order by created_at, id"
+HISTORY_ROUNDS = 5  # pages of ids read at most (a stale party row is rare: one page nearly always)
+
+
 class DatabaseBusy(ApiError):
     """503 `unavailable` because the database is slow or full, not gone: no connection came within
     the wait, or a statement ran out of its time. Whoever reads for others (the event hub) tries
@@ -164,16 +182,17 @@ class CallStore:
                            (json.dumps(user.claims or {"sub": user.id, "role": "authenticated"}),))
 
     @asynccontextmanager
-    async def _transaction(self, user: User | None = None) -> AsyncIterator[psycopg.AsyncConnection]:
-        """One transaction; with `user`, as that user under RLS (PostgREST's way), in one of the
-        user's places."""
+    async def _transaction(self, user: User | None = None, *, as_user: bool = True
+                           ) -> AsyncIterator[psycopg.AsyncConnection]:
+        """One transaction; with `user`, as that user under RLS (PostgREST's way), and in one of
+        the user's places (`as_user=False`: the place, not yet the role)."""
         deadline = asyncio.get_running_loop().time() + self.timeout
         async with self._place(user.id if user is not None else None, deadline):
             try:
                 wait = max(0.01, deadline - asyncio.get_running_loop().time())
                 async with (await self.pool()).connection(timeout=wait) as conn:
                     async with conn.transaction():
-                        if user is not None:
+                        if user is not None and as_user:
                             await self._act_as(conn, user)
                         yield conn
             except PoolTimeout:
@@ -231,13 +250,37 @@ class CallStore:
 
     # ---- reads, as the user -----------------------------------------------------------------------
     async def recent_calls(self, user: User, limit: int) -> list[dict]:
-        async with self._transaction(user) as conn:
-            cur = await conn.execute("select * from public.calls order by created_at desc, id limit %s", (limit,))
-            calls = [jsonable(r) for r in await cur.fetchall()]
+        """The user's newest calls (HISTORY_IDS: their participation index), each with the user's
+        invitations of it; the calls and invitations are read as the user, under RLS."""
+        async with self._transaction(user, as_user=False) as conn:
+            calls: list[dict] = []
+            last = None
+            acting = False
+            for _ in range(HISTORY_ROUNDS):
+                want = limit - len(calls)
+                if acting:
+                    await conn.execute("reset role")
+                    acting = False
+                if last is None:
+                    cur = await conn.execute(HISTORY_IDS, {"user_id": user.id, "n": want})
+                else:
+                    cur = await conn.execute(HISTORY_MORE_IDS, {"user_id": user.id, "n": want,
+                                                                "at": last["call_created_at"],
+                                                                "after": last["call_id"]})
+                ids = await cur.fetchall()
+                if not ids:
+                    break
+                last = ids[-1]
+                await self._act_as(conn, user)
+                acting = True
+                cur = await conn.execute(HISTORY_CALLS, {"ids": [r["call_id"] for r in ids]})
+                calls += [jsonable(r) for r in await cur.fetchall()]
+                if len(ids) < want or len(calls) >= limit:
+                    break
             if calls:
-                cur = await conn.execute(
-                    "select * from public.call_invitations where call_id = any(%s) order by created_at, id",
-                    ([uuid.UUID(c["id"]) for c in calls],))
+                if not acting:
+                    await self._act_as(conn, user)
+                cur = await conn.execute(HISTORY_INVITATIONS, {"ids": [uuid.UUID(c["id"]) for c in calls]})
                 invitations = [jsonable(r) for r in await cur.fetchall()]
             else:
                 invitations = []
