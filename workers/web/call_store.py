@@ -8,7 +8,9 @@ come back as `ApiError`s with the contract's codes.
 One user cannot take the pool from everyone (issue 23): a user's requests hold at most
 `per_user` of its connections at once (the rest of theirs wait, then 429 `rate_limited`), nobody
 waits more than `timeout` for a connection (then 503 `unavailable`), and every statement has a
-time bound (`statement_timeout`; past it, 503).
+time bound (`statement_timeout`; past it, 503). The event streams read through a store of their
+own (`workers.web.events.store()`), so streams and API requests never wait for each other's
+connections.
 """
 
 from __future__ import annotations

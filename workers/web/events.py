@@ -9,6 +9,20 @@ whose client cannot keep up is closed (the browser's EventSource reconnects and 
 snapshot), so one slow client never holds memory or the hub. So is every stream when the hub
 loses its connection (Postgres restarted, or the network dropped it): changes made meanwhile are
 not heard, and a client reconnecting gets a fresh snapshot (or a 503 while the database is away).
+
+Bounds (issue 23):
+- a user holds at most CALLFLOW_STREAMS_PER_USER open streams, across every web process (leases
+  in Redis, `stream_slots`; this process's own count when Redis gives no answer): one more is
+  429 `rate_limited`; a process holds at most CALLFLOW_STREAMS_PER_PROCESS: one more is 503
+  `unavailable`.
+- the hub reads changed rows side by side (`HUB_READS` at once), one row's reads in the order of
+  its notifications, each bounded in time; a read that cannot be done yet (no connection within
+  the wait, or a statement past its time: the database is slow or a lock holds it) is tried again
+  with backoff, so one stuck row stalls no other stream and loses no event. A row still unreadable
+  after `READ_GIVE_UP_SECONDS` ends every stream (its clients reconnect for a fresh snapshot).
+- the streams' reads have a pool of their own (`store()`), apart from the API's, and the snapshots
+  of connecting streams take at most `SNAPSHOT_READS` of its connections, so a burst of
+  connections never starves the hub.
 """
 
 from __future__ import annotations
@@ -20,17 +34,21 @@ import threading
 import time
 
 import psycopg
-from prometheus_client import Gauge
+import redis.asyncio as aioredis
+from prometheus_client import Counter, Gauge
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
 from config.logging import get_logger
 from config.settings import get_settings
+from orchestration.auth import User
 from orchestration.backoff import backoff_delay
-from workers.web import calls
+from workers.web.call_store import CallStore, DatabaseBusy
 from workers.web.errors import ApiError
 from workers.web.signed_in import signed_in_user
+from workers.web.stream_slots import RENEW_SECONDS, StreamLeases
 
 log = get_logger("callflow.web.events")
 
@@ -43,6 +61,27 @@ QUEUE_SIZE = 256
 RESYNC = ("resync", None)
 CLOSED = ("closed", None)
 
+HUB_READS = 3  # changed rows the hub reads at once
+SNAPSHOT_READS = 3  # connecting (or re-reading) streams' snapshots read at once
+READ_WAIT_SECONDS = 2.0  # a read's wait for a connection, and each statement's time bound
+READ_GIVE_UP_SECONDS = 30.0
+STREAMS_RETRY_AFTER = "5"
+
+STREAMS_REFUSED = Counter("callflow_event_streams_refused_total",
+                          "GET /api/calls/events refused by a cap", ["cap"])
+
+_store: CallStore | None = None
+
+
+def store() -> CallStore:
+    """The streams' own pool: the hub's reads and the snapshots, never waiting on API requests."""
+    global _store
+    if _store is None:
+        _store = CallStore(get_settings().database_url, max_size=HUB_READS + SNAPSHOT_READS,
+                           timeout=READ_WAIT_SECONDS, per_user=None,
+                           statement_timeout_ms=int(READ_WAIT_SECONDS * 1000), name="callflow-events")
+    return _store
+
 
 class ChangeHub:
     """Fan-out of row changes to per-user queues; the LISTEN connection starts with the first stream."""
@@ -50,11 +89,16 @@ class ChangeHub:
     def __init__(self, database_url: str) -> None:
         self.database_url = database_url
         self.streams: dict[str, set[asyncio.Queue]] = {}
+        self._count = 0
         self._task: asyncio.Task | None = None
+        self._pending: dict[tuple[str, str], int] = {}  # (channel, row id) -> notifications not yet told
+        self._readers: set[asyncio.Task] = set()
+        self._read_slots = asyncio.Semaphore(HUB_READS)
 
     def subscribe(self, user_id: str) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue(QUEUE_SIZE)
         self.streams.setdefault(user_id, set()).add(queue)
+        self._count += 1
         if self._task is None or self._task.done():
             if self._task is None:
                 self.end_streams_on_shutdown()
@@ -63,8 +107,9 @@ class ChangeHub:
 
     def unsubscribe(self, user_id: str, queue: asyncio.Queue) -> None:
         queues = self.streams.get(user_id)
-        if queues is not None:
+        if queues is not None and queue in queues:
             queues.discard(queue)
+            self._count -= 1
             if not queues:
                 del self.streams[user_id]
 
@@ -94,7 +139,13 @@ class ChangeHub:
             signal.signal(sig, handler)
 
     def stream_count(self) -> int:
-        return sum(len(q) for q in self.streams.values())
+        return self._count
+
+    def user_stream_count(self, user_id: str) -> int:
+        return len(self.streams.get(user_id, ()))
+
+    def pending_reads(self) -> int:
+        return sum(self._pending.values())
 
     def _deliver(self, user_ids, item) -> None:
         for user_id in user_ids:
@@ -128,7 +179,7 @@ class ChangeHub:
                     log.info("event hub listening", channels=",".join(CHANNELS))
                     while True:
                         async for notify in conn.notifies(timeout=PROBE_SECONDS):
-                            await self._dispatch(notify.channel, notify.payload)
+                            self._changed(notify.channel, notify.payload)
                         # A connection the network (or a proxy) dropped without a word hears
                         # nothing, and nothing says so: ask.
                         await asyncio.wait_for(conn.execute("select 1"), PROBE_SECONDS)
@@ -145,31 +196,76 @@ class ChangeHub:
                                 error=exc.__class__.__name__)
                 await asyncio.sleep(backoff_delay(failures, 0.5, 10.0))
 
-    async def _dispatch(self, channel: str, payload: str) -> None:
+    def _changed(self, channel: str, payload: str) -> None:
+        """A notification: its row is read by a reader of its own (one per row at a time, so a
+        row's events keep their order), never by the LISTEN loop itself."""
         if not self.streams:
             return  # nobody to tell: skip the read
         try:
-            row_id = json.loads(payload)["id"]
+            row_id = str(json.loads(payload)["id"])
         except (ValueError, KeyError, TypeError):
             return
+        key = (channel, row_id)
+        waiting = self._pending.get(key)
+        self._pending[key] = (waiting or 0) + 1
+        if waiting is None:
+            task = asyncio.get_running_loop().create_task(self._tell(key))
+            self._readers.add(task)
+            task.add_done_callback(self._readers.discard)
+
+    async def _tell(self, key: tuple[str, str]) -> None:
+        channel, row_id = key
+        failures, failing_since = 0, None
         try:
-            if channel == "callflow_invitations":
-                row = await calls.store().invitation(row_id)
-                if row is not None:
-                    self._deliver({row["caller_id"], row["callee_id"]}, ("invitation", row))
-            else:
-                found = await calls.store().call_with_parties(row_id)
+            while self._pending.get(key, 0) > 0:
+                try:
+                    async with self._read_slots:
+                        found = await self._read(channel, row_id)
+                except DatabaseBusy:
+                    # Slow, not gone (no connection within the wait, a statement out of time):
+                    # try again; the row's later notifications wait behind this one.
+                    now = time.monotonic()
+                    failing_since = failing_since or now
+                    failures += 1
+                    if now - failing_since >= READ_GIVE_UP_SECONDS:
+                        log.warning("event hub: a changed row stayed unreadable; streams closed", channel=channel,
+                                    seconds=round(now - failing_since, 1))
+                        self.close_all()
+                        return
+                    if failures == 1:
+                        log.info("event hub: a changed row cannot be read yet; trying again", channel=channel)
+                    await asyncio.sleep(backoff_delay(failures, 0.2, 2.0))
+                    continue
+                except ApiError as exc:
+                    if exc.status != 503:
+                        raise
+                    # The database is away: this change cannot be told, so every stream is stale and
+                    # ends now (its client reconnects for a fresh snapshot).
+                    log.warning("event hub: the database is away; streams closed", channel=channel)
+                    self.close_all()
+                    return
+                except Exception as exc:  # noqa: BLE001 - one unreadable row must not stop the hub
+                    log.warning("event hub: cannot read a changed row", channel=channel,
+                                error=exc.__class__.__name__)
+                    found = None
+                failures, failing_since = 0, None
+                self._pending[key] -= 1
                 if found is not None:
-                    row, parties = found
-                    self._deliver(parties, ("call", row))
-        except Exception as exc:  # noqa: BLE001 - one unreadable row must not stop the hub
-            if isinstance(exc, ApiError) and exc.status == 503:
-                # The database is away: this change cannot be told, so every stream is stale and
-                # ends now (its client reconnects for a fresh snapshot).
-                log.warning("event hub: the database is away; streams closed", channel=channel)
-                self.close_all()
-                return
-            log.warning("event hub: cannot read a changed row", channel=channel, error=exc.__class__.__name__)
+                    self._deliver(*found)
+        finally:
+            self._pending.pop(key, None)
+
+    @staticmethod
+    async def _read(channel: str, row_id: str):
+        """-> (the users to tell, (event, row)), or None when the row is gone."""
+        if channel == "callflow_invitations":
+            row = await store().invitation(row_id)
+            return None if row is None else ({row["caller_id"], row["callee_id"]}, ("invitation", row))
+        found = await store().call_with_parties(row_id)
+        if found is None:
+            return None
+        row, parties = found
+        return parties, ("call", row)
 
 
 _hub: ChangeHub | None = None
@@ -184,6 +280,76 @@ def hub() -> ChangeHub:
 
 Gauge("callflow_event_streams", "Open GET /api/calls/events streams of this web process").set_function(
     lambda: _hub.stream_count() if _hub is not None else 0)
+Gauge("callflow_event_hub_reads_pending", "Changed rows this web process's event hub has still to read and tell"
+      ).set_function(lambda: _hub.pending_reads() if _hub is not None else 0)
+
+
+class _Leases:
+    """The user's places across web processes (`stream_slots`), built on first use."""
+
+    def __init__(self) -> None:
+        self.leases: StreamLeases | None = None
+        self._releasing: set[asyncio.Task] = set()
+        self._quiet_until = 0.0
+
+    def get(self) -> StreamLeases:
+        if self.leases is None:
+            settings = get_settings()
+            pool = aioredis.BlockingConnectionPool.from_url(
+                settings.redis_url, max_connections=16, timeout=1, socket_timeout=1, socket_connect_timeout=1)
+            self.leases = StreamLeases(aioredis.Redis(connection_pool=pool), limit=settings.callflow_streams_per_user)
+        return self.leases
+
+    def unanswered(self, exc: Exception) -> None:
+        if time.monotonic() >= self._quiet_until:  # once a minute at most
+            self._quiet_until = time.monotonic() + 60
+            log.warning("event streams: Redis gives no answer; a user's streams are counted per process",
+                        error=exc.__class__.__name__)
+
+    async def acquire(self, user_id: str) -> str | None:
+        """The lease, None past the cap; "" when Redis gives no answer (the process's count stands)."""
+        try:
+            return await self.get().acquire(user_id)
+        except (RedisError, OSError) as exc:
+            self.unanswered(exc)
+            return ""
+
+    async def renew(self, user_id: str, lease: str) -> None:
+        try:
+            await self.get().renew(user_id, lease)
+        except (RedisError, OSError) as exc:
+            self.unanswered(exc)
+
+    def release_soon(self, user_id: str, lease: str) -> None:
+        """From a stream's `finally` (it may be cancelled there): a task of its own."""
+        async def release() -> None:
+            try:
+                await self.get().release(user_id, lease)
+            except (RedisError, OSError) as exc:  # the lease runs out by itself
+                self.unanswered(exc)
+
+        task = asyncio.get_running_loop().create_task(release())
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+
+_leases = _Leases()
+_snapshot_slots: asyncio.Semaphore | None = None
+
+
+async def live_invitations(user: User) -> list[dict]:
+    """A stream's snapshot, in one of `SNAPSHOT_READS` places (waited for `READ_WAIT_SECONDS`)."""
+    global _snapshot_slots
+    _snapshot_slots = _snapshot_slots or asyncio.Semaphore(SNAPSHOT_READS)
+    try:
+        async with asyncio.timeout(READ_WAIT_SECONDS):
+            await _snapshot_slots.acquire()
+    except TimeoutError:
+        raise DatabaseBusy("too many event streams are starting at once; try again") from None
+    try:
+        return await store().live_invitations(user)
+    finally:
+        _snapshot_slots.release()
 
 
 def sse(event: str, row: dict) -> str:
@@ -192,21 +358,53 @@ def sse(event: str, row: dict) -> str:
 
 async def events(request: Request) -> StreamingResponse:
     user = await signed_in_user(request, query_token=True)
+    settings = get_settings()
     expires_at = user.claims.get("exp") if isinstance(user.claims.get("exp"), (int, float)) else None
     changes = hub()
+    # Both counts and the subscription with no await between: no two requests pass on one place.
+    if changes.stream_count() >= settings.callflow_streams_per_process:
+        STREAMS_REFUSED.labels("process").inc()
+        log.warning("event streams: this process holds its cap", cap=settings.callflow_streams_per_process)
+        raise ApiError(503, "unavailable", "this server holds all the event streams it can; try again",
+                       headers={"Retry-After": STREAMS_RETRY_AFTER})
+    if changes.user_stream_count(user.id) >= settings.callflow_streams_per_user:
+        STREAMS_REFUSED.labels("user").inc()
+        raise _too_many(settings.callflow_streams_per_user)
     queue = changes.subscribe(user.id)
+    lease = None
     try:
-        snapshot = await calls.store().live_invitations(user)
+        lease = await _leases.acquire(user.id)
+        if lease is None:
+            STREAMS_REFUSED.labels("user").inc()
+            raise _too_many(settings.callflow_streams_per_user)
+        snapshot = await live_invitations(user)
     except BaseException:
         changes.unsubscribe(user.id, queue)
+        if lease:
+            _leases.release_soon(user.id, lease)
         raise
 
+    closed = False
+
+    def close() -> None:
+        """The stream's place back: once, from whichever end comes first."""
+        nonlocal closed
+        if not closed:
+            closed = True
+            changes.unsubscribe(user.id, queue)
+            if lease:
+                _leases.release_soon(user.id, lease)
+
     async def stream():
+        renew_at = time.monotonic() + RENEW_SECONDS
         try:
             yield "retry: 2000\n\n"
             for row in snapshot:
                 yield sse("invitation", row)
             while True:
+                if lease and time.monotonic() >= renew_at:
+                    await _leases.renew(user.id, lease)
+                    renew_at = time.monotonic() + RENEW_SECONDS
                 timeout = HEARTBEAT_SECONDS
                 if expires_at is not None:
                     left = expires_at - time.time()
@@ -221,15 +419,40 @@ async def events(request: Request) -> StreamingResponse:
                 if kind == "closed":
                     return
                 if kind == "resync":
-                    for live in await calls.store().live_invitations(user):
-                        yield sse("invitation", live)
+                    try:
+                        live = await live_invitations(user)
+                    except ApiError:
+                        return  # the client reconnects for a fresh snapshot
+                    for row in live:
+                        yield sse("invitation", row)
                 else:
                     yield sse(kind, row)
         finally:
-            changes.unsubscribe(user.id, queue)
+            close()
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return _EventStream(stream(), close, media_type="text/event-stream",
+                        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+class _EventStream(StreamingResponse):
+    """Runs `close` however the response ends: also when the client went away before the body
+    was first read from, where the generator (never started) would run no `finally` of its own and
+    its place would stay counted for the life of the process."""
+
+    def __init__(self, content, close, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self._close = close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._close()
+
+
+def _too_many(limit: int) -> ApiError:
+    return ApiError(429, "rate_limited", f"at most {limit} open event streams a user (CALLFLOW_STREAMS_PER_USER); "
+                    "close one first", headers={"Retry-After": STREAMS_RETRY_AFTER})
 
 
 routes: list = [Route("/api/calls/events", events, methods=["GET"])]
