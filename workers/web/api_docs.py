@@ -7,6 +7,10 @@ from typing import Any
 from workers.web.errors import CODES
 
 
+# One user's requests hold at most 3 of a web process's API connections (workers/web/call_store.py).
+_OVER_SHARE = "`rate_limited`: 3 of your requests are already waiting on the database; retry (`Retry-After`)"
+
+
 def _error(description: str) -> dict[str, Any]:
     return {"description": description,
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -53,7 +57,8 @@ PATHS: dict[str, Any] = {
                                       "type": "object", "required": ["calls"], "additionalProperties": False,
                                       "properties": {"calls": {"type": "array", "maxItems": 100,
                                                                "items": {"$ref": "#/components/schemas/Call"}}}}}}},
-                          "401": _error("No or bad access token"), "422": _error("Bad limit")},
+                          "401": _error("No or bad access token"), "422": _error("Bad limit"),
+                          "429": _error(_OVER_SHARE)},
         },
     },
     "/api/calls/{invitation_id}/{action}": {
@@ -68,7 +73,8 @@ PATHS: dict[str, Any] = {
                                   "content": {"application/json": {"schema": _INVITATION}}},
                           "401": _error("No or bad access token"), "403": _error("Not yours, or not your move"),
                           "404": _error("No such invitation"), "422": _error("invitation_id is not a UUID"),
-                          "409": _error("`conflict`: its status no longer allows it")},
+                          "409": _error("`conflict`: its status no longer allows it"),
+                          "429": _error(_OVER_SHARE)},
         },
     },
     "/api/calls/events": {
