@@ -7,6 +7,7 @@ BENCHMARKS = {
     "timers": "ring-timeout lateness p50/p99/max and worker PSS, optionally with a worker SIGKILLed",
     "usage": "`callflow usage` on a month of 1,000,000 sessions beside the direct-SQL peak",
     "sse": "web RSS with 1,000 idle event streams; change-to-stream latency p50/p99",
+    "push_flood": "ringing and incoming-call push p99 for other users while one account floods its own devices, vs quiet",
 }
 
 if __name__ == "__main__":
