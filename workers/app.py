@@ -31,6 +31,7 @@ from kombu import Queue
 from config.logging import configure_logging, register_secret
 from config.settings import load_settings_or_exit
 from orchestration.webhooks import TASK_SENT_EVENTS
+from workers import task_outcomes  # noqa: F401 - its signal handlers: task outcomes and failed tasks, for /metrics and `callflow tasks`
 from workers.queues import QUEUES
 
 settings = load_settings_or_exit()
@@ -159,7 +160,3 @@ def _close_pools(**_kwargs) -> None:
     from orchestration.db import close_pools
 
     close_pools()
-
-
-# Task outcomes and failed tasks, for /metrics and `callflow tasks` (workers/task_outcomes.py).
-from workers import task_outcomes  # noqa: E402,F401

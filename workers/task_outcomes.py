@@ -4,6 +4,10 @@ ran out of retries or was refused is kept in `callflow_failed_tasks` for `callfl
 (not one of beat's that failed for want of Postgres or Redis: its next run does the work).
 
 Nothing here may break a task: Redis or Postgres trouble is logged and dropped.
+
+`workers.app` imports this module (so every process that has the app has these handlers); this
+module reads the settings from `config`, the same cached `Settings` the app was made with, and
+never imports the app back.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from billiard.exceptions import WorkerLostError
 from celery import signals
 
 from config.logging import get_logger
+from config.settings import get_settings
 from orchestration.ops import failed_tasks
 from orchestration.ops.queues import PUBLISHED_AT_HEADER, record_outcome
 from workers.transient import TRANSIENT_ERRORS
@@ -28,9 +33,7 @@ _OUTCOME_BY_STATE = {"SUCCESS": "succeeded", "FAILURE": "failed", "RETRY": "retr
 
 @functools.lru_cache(maxsize=1)
 def _redis() -> redis.Redis:
-    from workers.app import settings
-
-    return redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    return redis.Redis.from_url(get_settings().redis_url, socket_timeout=2, socket_connect_timeout=2)
 
 
 @signals.before_task_publish.connect
@@ -66,8 +69,7 @@ def _runs_on_schedule(task) -> bool:
 
 
 def _keep(task, task_id, args, kwargs, error: str) -> None:
-    from workers.app import settings
-
+    settings = get_settings()
     request = task.request
     queue = (request.delivery_info or {}).get("routing_key") or None
     try:
