@@ -141,15 +141,15 @@ class OperationsCollector:
 _registered: OperationsCollector | None = None
 
 
-def register(registry=None) -> OperationsCollector:
-    """Registers the collector once (the `web` process imports this for `/metrics`)."""
+def register(queues: Iterable[str], registry=None) -> OperationsCollector:
+    """Registers the collector once, for these Celery queues (the `web` process, for `/metrics`,
+    with `workers.queues.QUEUES`: the queue names are the process layer's to say)."""
     global _registered
     if _registered is None:
         from prometheus_client import REGISTRY
 
         from config.settings import get_settings
-        from workers.queues import QUEUES
 
-        _registered = OperationsCollector(get_settings().redis_url, QUEUES)
+        _registered = OperationsCollector(get_settings().redis_url, queues)
         (registry or REGISTRY).register(_registered)
     return _registered
