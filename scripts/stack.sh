@@ -163,7 +163,7 @@ write_livekit_config() {
   # Development key pair of the contract; loopback only; no external-IP discovery.
   local port="${PORT:-8000}"
   mkdir -p "$LOCAL_DIR"
-  "$VENV/bin/python" -m orchestration.cli livekit-config --webhook-url "http://127.0.0.1:$port/livekit/webhook" \
+  "$VENV/bin/python" -m workers.cli livekit-config --webhook-url "http://127.0.0.1:$port/livekit/webhook" \
     > "$LOCAL_DIR/livekit.yaml"
 }
 

@@ -1,1 +1,1 @@
-"""The processes: the Celery app and its tasks, the web app, the listener."""
+"""The processes: the Celery app and its tasks, the web app, the listener, the `callflow` command."""

@@ -276,7 +276,7 @@ def test_alert_email_through_resend_once(usage_db):
 
 
 def test_command_and_metrics(usage_db, monkeypatch):
-    from orchestration import cli
+    from workers import cli
     from config.settings import get_settings
 
     with connect(usage_db, autocommit=True) as conn:

@@ -1,4 +1,5 @@
-"""The `callflow` command line."""
+"""The `callflow` command line: a process entry point, so it lives with the processes (it parses
+arguments and calls orchestration; `callflow tasks retry` sends through `workers.app`)."""
 
 from __future__ import annotations
 
