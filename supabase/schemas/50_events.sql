@@ -1,0 +1,19 @@
+-- call_events: every event taken from any source, once (event_id is the deduplication key).
+-- Append-only; written by callflow's workers, nothing for clients.
+
+create table public.call_events (
+  id             bigint generated always as identity primary key,
+  event_id       text not null unique,
+  source         text not null,
+  type           text not null,
+  room_name      text,
+  invitation_id  uuid,
+  occurred_at    timestamptz,
+  received_at    timestamptz not null default now(),
+  payload        jsonb not null default '{}'::jsonb,
+  constraint call_events_source_known check (source in ('livekit', 'realtime', 'postgres', 'timer', 'sweep'))
+);
+create index call_events_room on public.call_events (room_name, received_at);
+create index call_events_invitation on public.call_events (invitation_id) where invitation_id is not null;
+
+alter table public.call_events enable row level security;

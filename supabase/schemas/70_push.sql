@@ -1,0 +1,121 @@
+-- Push to the callee's phones (Expo): the devices a user registered, and the push outbox.
+
+create table public.push_tokens (
+  id            uuid primary key default gen_random_uuid(),
+  user_id       uuid not null references auth.users (id) on delete cascade,
+  token         text not null,
+  platform      text not null,
+  device_name   text,
+  created_at    timestamptz not null default now(),
+  last_seen_at  timestamptz not null default now(),
+  disabled_at   timestamptz,
+  constraint push_tokens_token_unique unique (token),
+  constraint push_tokens_token_shape check (token ~ '^Expo(nent)?PushToken\[[^\]]+\]$'),
+  constraint push_tokens_platform_known check (platform in ('ios', 'android'))
+);
+create index push_tokens_user_enabled on public.push_tokens (user_id) where disabled_at is null;
+
+create table public.push_messages (
+  id              uuid primary key default gen_random_uuid(),
+  kind            text not null,
+  invitation_id   uuid not null references public.call_invitations (id) on delete cascade,
+  push_token_id   uuid not null references public.push_tokens (id) on delete cascade,
+  status          text not null default 'pending',
+  attempts        integer not null default 0,
+  ticket_id       text,
+  receipt_status  text,
+  last_error      text,
+  created_at      timestamptz not null default now(),
+  sent_at         timestamptz,
+  constraint push_messages_kind_known check (kind in ('incoming_call', 'call_ended', 'missed_call')),
+  constraint push_messages_status_known check (status in ('pending', 'sent', 'failed', 'skipped')),
+  constraint push_messages_receipt_known check (receipt_status is null or receipt_status in ('ok', 'error')),
+  constraint push_messages_once unique (kind, invitation_id, push_token_id)
+);
+create index push_messages_pending on public.push_messages (created_at) where status = 'pending';
+create index push_messages_unreceipted on public.push_messages (sent_at)
+  where status = 'sent' and receipt_status is null and ticket_id is not null;
+create index push_messages_token on public.push_messages (push_token_id);
+
+-- A user sees, inserts and deletes only their own devices; the outbox is callflow's.
+alter table public.push_tokens enable row level security;
+alter table public.push_messages enable row level security;
+
+create policy "users read their devices" on public.push_tokens
+  for select to authenticated using (auth.uid() = user_id);
+create policy "users add their devices" on public.push_tokens
+  for insert to authenticated with check (auth.uid() = user_id and disabled_at is null);
+create policy "users remove their devices" on public.push_tokens
+  for delete to authenticated using (auth.uid() = user_id);
+
+-- `select register_push_token(token, platform, device_name)`: the signed-in user's device. A token
+-- registered to another user moves to the caller (an account switch on the phone); registering
+-- again refreshes it and turns it back on.
+create or replace function public.register_push_token(token text, platform text, device_name text default null)
+returns public.push_tokens
+language plpgsql security definer set search_path = public
+as $$
+declare
+  uid uuid := auth.uid();
+  row public.push_tokens;
+begin
+  if uid is null then
+    raise exception 'register_push_token: sign in first' using errcode = '42501';
+  end if;
+  insert into public.push_tokens as t (user_id, token, platform, device_name)
+  values (uid, register_push_token.token, register_push_token.platform, register_push_token.device_name)
+  on conflict on constraint push_tokens_token_unique do update
+     set user_id = excluded.user_id, platform = excluded.platform,
+         device_name = coalesce(excluded.device_name, t.device_name),
+         last_seen_at = now(), disabled_at = null
+  returning * into row;
+  return row;
+end
+$$;
+
+-- A user has at most 10 enabled push tokens (the contract): registering one more — a new token, a
+-- turned-off one registered again, one moved here from another account, through
+-- register_push_token or a client's own insert under RLS — turns off their least recently seen
+-- (`last_seen_at`, then the oldest `created_at`). The one just registered always stays on.
+--
+-- Enforced by the table itself, so every way in is covered: AFTER triggers (an upsert's BEFORE
+-- INSERT trigger fires even when the row ends up an update of an enabled token, which must turn
+-- nothing off). Concurrency: the user's transaction-scoped advisory lock serialises the
+-- registrations of one user, and the count is read after it is taken (each statement of a
+-- plpgsql function sees what committed before it, at READ COMMITTED, as PostgREST runs), so two
+-- registrations at once cannot both keep 10 others. Security definer: clients have no UPDATE on
+-- push_tokens, and the trigger turns off rows of theirs that RLS would let them see anyway.
+-- Issue 23: 50,000 tokens on one account made one invitation a million pushes.
+
+create or replace function public.callflow_push_tokens_cap()
+returns trigger
+language plpgsql security definer set search_path = public
+as $$
+begin
+  perform pg_advisory_xact_lock(hashtextextended('push_tokens:' || new.user_id::text, 23));
+  -- One statement inserting many rows queues a trigger per row: a row an earlier one turned off
+  -- is no longer one more.
+  if not exists (select 1 from public.push_tokens t
+                  where t.id = new.id and t.user_id = new.user_id and t.disabled_at is null) then
+    return null;
+  end if;
+  update public.push_tokens
+     set disabled_at = now()
+   where id in (select t.id from public.push_tokens t
+                 where t.user_id = new.user_id and t.disabled_at is null and t.id <> new.id
+                 order by t.last_seen_at desc, t.created_at desc, t.id desc
+                offset 9);  -- the 9 most recently seen others stay on, beside the new one
+  return null;
+end
+$$;
+
+create trigger push_tokens_cap_insert
+  after insert on public.push_tokens
+  for each row when (new.disabled_at is null)
+  execute function public.callflow_push_tokens_cap();
+
+-- Turned back on (register_push_token clears disabled_at) or moved to another user.
+create trigger push_tokens_cap_update
+  after update of disabled_at, user_id on public.push_tokens
+  for each row when (new.disabled_at is null and (old.disabled_at is not null or old.user_id <> new.user_id))
+  execute function public.callflow_push_tokens_cap();
