@@ -1,4 +1,8 @@
-"""The ports the handlers take: what they need from the world, named by what it means to them."""
+"""The ports the handlers take: what they need from the world, named by what it means to them.
+
+Typed in the domain's values only (`orchestration.domain`: a `Want` is loaded as a `Snapshot`, a
+`Decision` applied), never in a use case's: a port leans on nothing the lifecycle or an adapter defines.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Iterable, Protocol
 
 if TYPE_CHECKING:
+    from orchestration.domain.decision import Decision, Snapshot, Want
     from orchestration.domain.model import Invitation
-    from orchestration.lifecycle.state import Decision, Snapshot, Want
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from orchestration.db import get_pool
-from orchestration.domain.model import Call, Invitation, Participant
-from orchestration.lifecycle.state import (
+from orchestration.domain.decision import (
     ROOM_ACTIONS,
     ROOM_ACTION_FIRST_RETRY_SECONDS,
     Decision,
@@ -31,6 +30,7 @@ from orchestration.lifecycle.state import (
     Snapshot,
     Want,
 )
+from orchestration.domain.model import Call, Invitation, Participant
 
 _LIVE = "('ringing', 'active')"
 

@@ -8,10 +8,10 @@ from typing import Callable, Iterable
 
 import structlog
 
+from orchestration.domain.decision import ROOM_ACTIONS, ScheduleGrace, ScheduleRingTimeout, SendNotification, SendPushes
 from orchestration.domain.model import WORKER_ONLY
 from orchestration.lifecycle import room_actions
 from orchestration.lifecycle.context import Ports
-from orchestration.lifecycle.state import ROOM_ACTIONS, ScheduleGrace, ScheduleRingTimeout, SendNotification, SendPushes
 
 log = structlog.get_logger("callflow.lifecycle")
 

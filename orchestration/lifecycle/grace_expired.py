@@ -8,11 +8,12 @@ back is LiveKit's to say: while it gives no answer nothing is decided (the sweep
 
 from __future__ import annotations
 
+from orchestration.domain.decision import Decision, EventRecord, Snapshot, Want
 from orchestration.domain.model import CallStatus, EndReason, InvitationStatus as S, is_one_to_one
 from orchestration.lifecycle import rules
 from orchestration.lifecycle.context import Outcome, Ports
 from orchestration.lifecycle.effects import apply_decision, run_effects
-from orchestration.lifecycle.state import Decision, EventRecord, Snapshot, Want, Working
+from orchestration.lifecycle.state import Working
 
 
 def decide(snap: Snapshot, participant_sid: str, identity: str, aborted: bool | None, back_in_room: bool,

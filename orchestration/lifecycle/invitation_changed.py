@@ -14,6 +14,7 @@ from typing import Callable
 
 import structlog
 
+from orchestration.domain.decision import Decision, EnsureRoom, EventRecord, Snapshot, Want
 from orchestration.domain.model import (
     WORKER_ONLY,
     Call,
@@ -28,16 +29,7 @@ from orchestration.lifecycle import rules
 from orchestration.lifecycle.context import LifecycleConfig, Outcome, Ports
 from orchestration.lifecycle.effects import apply_decision, run_effects
 from orchestration.lifecycle.room_actions import create_room
-from orchestration.lifecycle.state import (
-    Decision,
-    EnsureRoom,
-    EventRecord,
-    Snapshot,
-    Want,
-    Working,
-    in_rounds,
-    merge_decisions,
-)
+from orchestration.lifecycle.state import Working, in_rounds, merge_decisions
 from orchestration.ports import RoomError, RoomInfo, RoomRefused
 
 log = structlog.get_logger("callflow.lifecycle")

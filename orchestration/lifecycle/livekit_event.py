@@ -11,12 +11,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Callable, Mapping
 
-from orchestration.domain.model import CallStatus, InvitationStatus as S, Participant, order_key
-from orchestration.ingest.livekit import RoomEvent, parse_room_event
-from orchestration.lifecycle import rules
-from orchestration.lifecycle.context import LifecycleConfig, Outcome, Ports
-from orchestration.lifecycle.effects import apply_decision, run_effects
-from orchestration.lifecycle.state import (
+from orchestration.domain.decision import (
     Decision,
     EventRecord,
     ReleaseRoom,
@@ -24,11 +19,13 @@ from orchestration.lifecycle.state import (
     ScheduleGrace,
     Snapshot,
     Want,
-    Working,
-    accepted_without_call,
-    in_rounds,
-    merge_decisions,
 )
+from orchestration.domain.model import CallStatus, InvitationStatus as S, Participant, order_key
+from orchestration.ingest.livekit import RoomEvent, parse_room_event
+from orchestration.lifecycle import rules
+from orchestration.lifecycle.context import LifecycleConfig, Outcome, Ports
+from orchestration.lifecycle.effects import apply_decision, run_effects
+from orchestration.lifecycle.state import Working, accepted_without_call, in_rounds, merge_decisions
 
 SLACK = timedelta(seconds=1)  # LiveKit's times have second resolution
 

@@ -14,19 +14,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from orchestration.domain.decision import Decision, EventRecord, ReleaseRoom, RemoveParticipant, Snapshot, Want
 from orchestration.domain.model import CallStatus
 from orchestration.lifecycle import rules
 from orchestration.lifecycle.context import LifecycleConfig, Outcome, Ports
 from orchestration.lifecycle.effects import apply_decision, run_effects
-from orchestration.lifecycle.state import (
-    Decision,
-    EventRecord,
-    ReleaseRoom,
-    RemoveParticipant,
-    Snapshot,
-    Want,
-    Working,
-)
+from orchestration.lifecycle.state import Working
 from orchestration.ports import LiveParticipant
 
 

@@ -15,11 +15,12 @@ from typing import Callable
 
 import structlog
 
+from orchestration.domain.decision import Decision, EventRecord, Snapshot, Want
 from orchestration.domain.model import EndReason, InvitationStatus as S, decide_ring_timeout
 from orchestration.lifecycle import rules
 from orchestration.lifecycle.context import Outcome, Ports
 from orchestration.lifecycle.effects import apply_decision, run_effects
-from orchestration.lifecycle.state import Decision, EventRecord, Snapshot, Want, Working, in_rounds, merge_decisions
+from orchestration.lifecycle.state import Working, in_rounds, merge_decisions
 
 log = structlog.get_logger("callflow.lifecycle")
 

@@ -1,8 +1,8 @@
 """Room actions: what callflow must do in a LiveKit room, done until LiveKit has answered.
 
-Three kinds (the effects `EnsureRoom`, `ReleaseRoom`, `RemoveParticipant` of `state.py`): make the
-room of a live call that has none, delete the room of an ended call (everyone out), remove
-someone with no right to be there. The decision that calls for one writes it down in the same
+Three kinds (the effects `EnsureRoom`, `ReleaseRoom`, `RemoveParticipant` of
+`orchestration/domain/decision.py`): make the room of a live call that has none, delete the room of
+an ended call (everyone out), remove someone with no right to be there. The decision that calls for one writes it down in the same
 transaction (`callflow_room_actions`, under the effect's `key`); the worker runs it right after
 commit and strikes it off once LiveKit answers. Until then it stays written down: a failure sets
 its next attempt with backoff, and the sweep (`retry_due`) takes whatever is due, so an action
@@ -21,8 +21,8 @@ from typing import Callable, Iterable
 import structlog
 
 from orchestration.backoff import backoff_delay
+from orchestration.domain.decision import EnsureRoom, ReleaseRoom, RemoveParticipant
 from orchestration.lifecycle.context import Ports
-from orchestration.lifecycle.state import EnsureRoom, ReleaseRoom, RemoveParticipant
 from orchestration.ports import RoomError, RoomInfo, RoomRefused
 
 log = structlog.get_logger("callflow.lifecycle")

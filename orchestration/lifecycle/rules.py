@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import datetime
 
+from orchestration.domain.decision import MissedCallEmail, Push, ReleaseRoom, ScheduleRingTimeout
 from orchestration.domain.model import (
     Call,
     CallStatus,
@@ -19,7 +20,7 @@ from orchestration.domain.model import (
     seconds_between,
     unanswered_call_outcome,
 )
-from orchestration.lifecycle.state import MissedCallEmail, Push, ReleaseRoom, ScheduleRingTimeout, Working
+from orchestration.lifecycle.state import Working
 
 
 def end_invitation(w: Working, inv: Invitation, status: S, reason: str, at: datetime | None = None) -> Invitation:

@@ -1,4 +1,5 @@
-"""What a use case loads, what it decides, and what happens after commit.
+"""What a use case does with what it loaded: the working copy its rules change, and how decisions
+are grouped.
 
 Every use case runs the same three steps:
 
@@ -7,15 +8,18 @@ Every use case runs the same three steps:
    `rules.py`, and it turns into a `Decision` (the rows that changed, the events to record, the
    outbox rows to add, and the effects to run once committed);
 3. **apply** the decision in that same transaction, then run its effects after commit.
+
+The values themselves (`Want`, `Snapshot`, `Decision`, its events, outbox requests and effects)
+are the domain's (`orchestration.domain.decision`): the store port and its adapters share them.
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field, replace
-from datetime import datetime
-from typing import Callable, ClassVar
+from dataclasses import replace
+from typing import Callable
 
+from orchestration.domain.decision import Decision, EventRecord, Snapshot
 from orchestration.domain.model import (
     OPEN,
     Call,
@@ -26,160 +30,6 @@ from orchestration.domain.model import (
     order_key,
     room_parties,
 )
-
-
-@dataclass(frozen=True)
-class Want:
-    """What a use case needs loaded (besides the room's live call and open invitations)."""
-
-    room_name: str
-    other_rooms: tuple[str, ...] = ()      # rooms whose live call and open invitations are needed too
-    invitation_ids: tuple[str, ...] = ()
-    call_ids: tuple[str, ...] = ()
-    participant_sids: tuple[str, ...] = ()
-    room_sids: tuple[str, ...] = ()  # LiveKit room sids whose calls are needed (live or ended)
-    event_ids: tuple[str, ...] = ()
-    # (user, room): is this user busy in a call other than that room's?
-    busy: tuple[tuple[str, str], ...] = ()
-    # (caller, callee): open invitations callee -> caller (the other half of a glare)
-    counter_pairs: tuple[tuple[str, str], ...] = ()
-    # Sessions known to have aborted (LiveKit's participant_connection_aborted), among these sids.
-    aborted_sids: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """The state a decision is made on, read inside the transaction that applies it."""
-
-    now: datetime
-    room_name: str
-    invitations: dict[str, Invitation]
-    calls: dict[str, Call]
-    participants: dict[str, Participant]
-    seen_events: frozenset[str] = frozenset()
-    busy_users: frozenset[str] = frozenset()
-    counter_invitations: tuple[Invitation, ...] = ()
-    aborted_sids: frozenset[str] = frozenset()
-
-
-@dataclass
-class EventRecord:
-    """One row of `call_events`."""
-
-    event_id: str
-    source: str
-    type: str
-    room_name: str | None
-    invitation_id: str | None
-    occurred_at: datetime | None
-    payload: dict
-
-
-# ---- effects: what happens outside the database, after commit (each idempotent) ---------------
-@dataclass(frozen=True)
-class ScheduleRingTimeout:
-    invitation_id: str
-    at: datetime
-
-
-@dataclass(frozen=True)
-class ScheduleGrace:
-    room_name: str
-    participant_sid: str
-    identity: str
-    aborted: bool
-
-
-@dataclass(frozen=True)
-class SendNotification:
-    notification_id: str
-
-
-# Room actions: what callflow must do in a LiveKit room. Each is also written down, in the
-# transaction of the decision that calls for it, as a `callflow_room_actions` row under its `key`,
-# and struck off once LiveKit has answered: retried until then, whoever dies (room_actions.py).
-@dataclass(frozen=True)
-class ReleaseRoom:
-    """A call ended: remove everyone left in its room and delete it, unless a newer call lives there."""
-
-    room_name: str
-    call_id: str
-    action: ClassVar[str] = "release"  # callflow_room_actions.action
-
-    @property
-    def key(self) -> str:
-        return f"release:{self.call_id}"
-
-
-@dataclass(frozen=True)
-class RemoveParticipant:
-    room_name: str
-    identity: str
-    participant_sid: str
-    action: ClassVar[str] = "remove"
-
-    @property
-    def key(self) -> str:
-        return f"remove:{self.participant_sid}"
-
-
-@dataclass(frozen=True)
-class EnsureRoom:
-    """A live call with no LiveKit room yet (answered before it rang, or rung while LiveKit gave no
-    answer): make it, then record its sid on the call."""
-
-    room_name: str
-    call_id: str
-    action: ClassVar[str] = "make"
-
-    @property
-    def key(self) -> str:
-        return f"make:{self.call_id}"
-
-
-ROOM_ACTIONS = (EnsureRoom, ReleaseRoom, RemoveParticipant)
-# A written-down room action is the sweep's once this long has passed without its worker striking
-# it off (the worker died, or LiveKit is slow to answer): a repeat is harmless, a loss is not.
-ROOM_ACTION_FIRST_RETRY_SECONDS = 5.0
-
-
-@dataclass(frozen=True)
-class MissedCallEmail:
-    """Ask the outbox for a missed-call email to the invitation's callee (the outbox decides skips)."""
-
-    invitation_id: str
-    caller_id: str
-    callee_id: str
-
-
-@dataclass(frozen=True)
-class Push:
-    """Ask the push outbox for one `kind` message to each enabled device of the callee.
-
-    `deadline`: an incoming call's ring deadline (a push that cannot go before it is skipped).
-    """
-
-    kind: str  # incoming_call, call_ended, missed_call
-    invitation_id: str
-    caller_id: str
-    callee_id: str
-    deadline: datetime | None = None
-
-
-@dataclass(frozen=True)
-class SendPushes:
-    message_ids: tuple[str, ...]
-
-
-@dataclass
-class Decision:
-    result: str
-    invitations: list[Invitation] = field(default_factory=list)
-    calls: list[Call] = field(default_factory=list)
-    participants: list[Participant] = field(default_factory=list)
-    events: list[EventRecord] = field(default_factory=list)
-    outbox: list = field(default_factory=list)  # MissedCallEmail and Push requests
-    effects: list = field(default_factory=list)
 
 
 def in_rounds(items: list, keys_of: Callable[[object], set[str]]) -> list[list]:

@@ -22,8 +22,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, settings
 
 from orchestration.adapters.postgres_store import PostgresStore
+from orchestration.domain.decision import EventRecord
 from orchestration.domain.model import CLIENT_MOVES, DEFAULT_END_REASON, Call, Invitation, InvitationStatus as S, Participant
-from orchestration.lifecycle.state import EventRecord
 from tests.support.calls import as_client
 from tests.support.fakes import FakeClock, GuardViolation, Notification
 from tests.unit.test_lifecycle_model import ROOMS, USERS, LifecycleModel

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from orchestration.adapters.postgres_store import PostgresStore
-from orchestration.lifecycle.state import MissedCallEmail
+from orchestration.domain.decision import MissedCallEmail
 
 pytestmark = pytest.mark.usefixtures("database_url")
 

@@ -13,6 +13,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
+from orchestration.domain.decision import (
+    ROOM_ACTION_FIRST_RETRY_SECONDS,
+    ROOM_ACTIONS,
+    Decision,
+    EventRecord,
+    Push,
+    SendNotification,
+    SendPushes,
+    Snapshot,
+    Want,
+)
 from orchestration.domain.model import (
     CLIENT_MOVES,
     DEFAULT_END_REASON,
@@ -23,17 +34,6 @@ from orchestration.domain.model import (
     can_transition,
     order_key,
     room_parties,
-)
-from orchestration.lifecycle.state import (
-    ROOM_ACTION_FIRST_RETRY_SECONDS,
-    ROOM_ACTIONS,
-    Decision,
-    EventRecord,
-    Push,
-    SendNotification,
-    SendPushes,
-    Snapshot,
-    Want,
 )
 from orchestration.ports import LiveParticipant, RoomInfo, RoomRefused, RoomUnanswered
 

@@ -144,7 +144,7 @@ def test_the_room_of_an_ended_call_is_deleted_with_everyone_out_once_livekit_ans
 
 def test_a_room_action_whose_worker_died_before_running_it_is_done_by_the_sweep():
     # Written down with the decision, never run (the worker died right after its commit).
-    from orchestration.lifecycle.state import Decision, ReleaseRoom
+    from orchestration.domain.decision import Decision, ReleaseRoom
 
     w = World()
     inv = w.ring()
