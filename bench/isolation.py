@@ -31,7 +31,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from bench.stack import machine, percentile, stack, table
-from tests.standins.resend_server import Answer, ResendStandIn
+from devstack.standins.resend_server import Answer, ResendStandIn
 
 
 async def _users(database_url: str, n: int, meta: dict | None = None) -> list[str]:

@@ -6,7 +6,7 @@ In one run, on loopback, against a fresh database on the local Postgres and a pr
      transaction each: `set local role authenticated`, JWT claims, INSERT with the RLS check and
      the guard + NOTIFY triggers), no listener running: the ceiling;
   2. for each source (`postgres` LISTEN; `realtime` = the real `realtime` client against the
-     Realtime stand-in of tests/standins, itself fed by LISTEN + a row read, so its cost is in the
+     Realtime stand-in of devstack/standins, itself fed by LISTEN + a row read, so its cost is in the
      figure), the `listener` process (`python -m workers.listener`, production defaults):
      - latency: one writer paced at R inserts/s; a reader BLPOPs the `events` queue; latency = from
        the INSERT's commit returning to the task being on the queue (p50/p99);
@@ -33,7 +33,7 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support import services  # noqa: E402
+from devstack import services  # noqa: E402
 
 DEV_JWT_SECRET = "super-secret-jwt-token-with-at-least-32-characters-long"
 
@@ -116,7 +116,7 @@ def run_source(source: str, db_url: str, redis_server: services.RedisServer, pai
     if source == "realtime":
         import jwt
 
-        from tests.standins.realtime_server import RealtimeStandIn
+        from devstack.standins.realtime_server import RealtimeStandIn
 
         key = jwt.encode({"role": "service_role", "iss": "supabase-demo", "exp": int(time.time()) + 86400},
                          DEV_JWT_SECRET, algorithm="HS256")

@@ -2,7 +2,7 @@
 
 The stack: a fresh database, a private Redis, the real LiveKit server, the listener (LISTEN
 source), beat, and one worker run as the Procfile runs it (all queues, concurrency = the machine's
-cores); pushes go to the Expo stand-in (tests/standins/expo_server.py, a thread of this process).
+cores); pushes go to the Expo stand-in (devstack/standins/expo_server.py, a thread of this process).
 
 The flooding account registers `--tokens` devices through `register_push_token`, as its client
 would (the cap leaves 10 of them on). Its accomplices (`--flood-rate` x 2 of them, so each stays
@@ -36,7 +36,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from bench.isolation import _users
 from bench.stack import cpu_by_process, cpu_delta, machine, percentile, stack, table
-from tests.standins.expo_server import ExpoStandin
+from devstack.standins.expo_server import ExpoStandin
 
 BOUND_MS = 20
 

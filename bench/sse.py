@@ -27,7 +27,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support import services  # noqa: E402
+from devstack import services  # noqa: E402
 
 
 def rss_mib(pid: int) -> float:

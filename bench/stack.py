@@ -11,7 +11,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.support import services
+from devstack import services
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -20,11 +20,11 @@ from datetime import date, datetime, timezone
 
 
 from bench.stack import machine, table
+from devstack import services
 from orchestration.db import connect
 from orchestration.usage import store
 from orchestration.usage.plans import PLANS
 from orchestration.usage.report import month_usage
-from tests.support import services
 
 MONTH = date(2026, 11, 1)
 NOW = datetime(2026, 12, 1, 12, tzinfo=timezone.utc)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import services
+from devstack import services
 
 _state: dict = {}
 

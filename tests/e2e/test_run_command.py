@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.support import services
+from devstack import services
 
 pytestmark = pytest.mark.e2e
 

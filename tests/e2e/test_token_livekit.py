@@ -11,8 +11,8 @@ import pytest
 from livekit import api as lkapi
 from livekit import rtc
 
+from devstack.standins.jwks_server import supabase_claims
 from tests.integration.test_token_endpoint import LEGACY_SECRET, auth, invite, start_web  # noqa: F401 - auth fixture
-from tests.standins.jwks_server import supabase_claims
 
 pytestmark = pytest.mark.e2e
 

@@ -23,8 +23,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from devstack import services
 from tests.conftest import TEST_ENV, _wait_worker_ready, subprocess_env
-from tests.support import services
 from tests.support.toxiproxy import Proxy, ToxiproxyServer
 
 pytestmark = pytest.mark.e2e

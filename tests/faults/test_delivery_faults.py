@@ -21,15 +21,15 @@ from dataclasses import dataclass
 import pytest
 import redis
 
+from devstack.services import wait_for
+from devstack.standins.expo_server import ExpoStandin
+from devstack.standins.resend_server import ResendStandIn
 from orchestration.backoff import backoff_delay
 from orchestration.notifications.service import BACKOFF_BASE_SECONDS, RESEND_BACKOFF_MAX_SECONDS, resend_backoff
 from orchestration.push.delivery import RETRY_BASE_SECONDS, RETRY_MAX_SECONDS, expo_backoff
 from orchestration.push.expo import TIMEOUT_SECONDS as EXPO_TIMEOUT
 from tests.faults.load import report
-from tests.standins.expo_server import ExpoStandin
-from tests.standins.resend_server import ResendStandIn
 from tests.support.calls import insert_invitation
-from tests.support.services import wait_for
 from tests.support.toxiproxy import Proxy
 
 pytestmark = pytest.mark.e2e

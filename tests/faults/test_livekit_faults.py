@@ -198,7 +198,7 @@ def test_room_actions_outlive_livekit_cut_and_the_worker_that_decided_them(fault
     import httpx
 
     from tests.conftest import _wait_worker_ready
-    from tests.support import services
+    from devstack import services
     from tests.support.calls import client_set_status
 
     _start(faults)

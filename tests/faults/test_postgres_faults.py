@@ -20,6 +20,7 @@ import httpx
 import pytest
 import redis as redis_lib
 
+from devstack import services
 from orchestration.db import connect
 from tests.faults.conftest import LONG_RING_TIMEOUT
 from tests.conftest import TEST_ENV
@@ -35,7 +36,6 @@ from tests.faults.load import (
     settle,
     wait_recorded,
 )
-from tests.support import services
 from tests.support.calls import insert_invitation, wait_invitation
 
 pytestmark = pytest.mark.e2e

@@ -297,7 +297,7 @@ def test_web_stops_promptly_with_streams_open(log_dir, make_user):
     import signal
 
     from tests.conftest import subprocess_env
-    from tests.support import services
+    from devstack import services
 
     port = services.free_port()
     proc = services.web_server(subprocess_env(), log_dir, port)
@@ -318,7 +318,7 @@ def test_web_stops_promptly_with_streams_open(log_dir, make_user):
 
 def test_production_has_no_dev_routes_no_demo_and_no_default_origins(log_dir, make_user):
     from tests.conftest import subprocess_env
-    from tests.support import services
+    from devstack import services
 
     port = services.free_port()
     env = subprocess_env(CALLFLOW_ENV="production", CALLFLOW_LISTENER_SOURCE="postgres",
@@ -349,7 +349,7 @@ REAL_PROJECT = "https://abc.supabase.co"
 
 def _start_web(env: dict[str, str], log_dir, host: str = "127.0.0.1"):
     """A web process of its own (uvicorn as the Procfile runs it), bound on `host`."""
-    from tests.support import services
+    from devstack import services
 
     port = services.free_port()
     argv = [str(services.VENV_BIN / "uvicorn"), "workers.web.app:app", "--host", host, "--port", str(port),
@@ -373,7 +373,7 @@ def test_a_real_supabase_url_refuses_dev_secret_tokens_and_dev_routes(api, log_d
 
     from config.settings import DEV_SUPABASE_JWT_SECRET
     from tests.conftest import subprocess_env
-    from tests.standins.jwks_server import supabase_claims
+    from devstack.standins.jwks_server import supabase_claims
 
     alice = make_user()
     forged = pyjwt.encode(supabase_claims(alice, f"{REAL_PROJECT}/auth/v1"), DEV_SUPABASE_JWT_SECRET,

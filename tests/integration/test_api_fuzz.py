@@ -25,11 +25,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from config.settings import build_settings
+from devstack import services
 from orchestration.auth import dev_access_token
 from orchestration.db import connect
 from tests.conftest import subprocess_env
 from tests.integration.test_token_endpoint import invite
-from tests.support import services
 from workers.web.errors import CODES
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"

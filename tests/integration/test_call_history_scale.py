@@ -25,8 +25,8 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from devstack import services
 from orchestration.auth import User
-from tests.support import services
 
 CALLS = 1_000_000
 USERS = 10_000

@@ -10,10 +10,10 @@ import uuid
 import pytest
 import redis
 
+from devstack.services import wait_for
 from orchestration.ingest.mapping import Change
 from orchestration.ingest.sink import CHANGES_KEY, NUDGE_KEY, IngestSink
 from tests.support.calls import insert_invitation, wait_invitation
-from tests.support.services import wait_for
 
 # A Redis database of these tests' own (no worker consumes it): what is listed can be read back.
 PRIVATE_DB = 11

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 import subprocess
 
+from devstack import services
 from tests.conftest import subprocess_env
-from tests.support import services
 from tests.support.calls import enqueue_change, wait_call
 
 CALLFLOW = str(services.VENV_BIN / "callflow")

@@ -32,8 +32,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from devstack import services
 from orchestration.migrate import AUTH_SHIM, migrate
-from tests.support import services
 
 SCHEMAS_DIR = Path(__file__).resolve().parents[2] / "supabase" / "schemas"
 

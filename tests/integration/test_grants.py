@@ -24,7 +24,7 @@ import pytest
 from psycopg import errors
 from psycopg.rows import dict_row
 
-from tests.support import services
+from devstack import services
 
 CLIENT_ROLES = ("anon", "authenticated")
 

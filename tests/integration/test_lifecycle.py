@@ -9,6 +9,7 @@ import time
 import psycopg
 import pytest
 
+from devstack.services import wait_for
 from tests.support.calls import (
     call_of,
     client_set_status,
@@ -18,7 +19,6 @@ from tests.support.calls import (
     wait_call,
     wait_invitation,
 )
-from tests.support.services import wait_for
 
 pytestmark = pytest.mark.usefixtures("worker")
 

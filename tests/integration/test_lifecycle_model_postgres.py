@@ -124,7 +124,7 @@ class PostgresView:
 def model_database():
     """A database of its own: the model truncates its tables between examples, and the run's worker
     and beat must not see its rows."""
-    from tests.support import services
+    from devstack import services
 
     with services.scratch_database("callflow_model") as url:
         PostgresLifecycleModel.database_url = url

@@ -9,10 +9,10 @@ import time
 import pytest
 from celery import Celery
 
+from devstack import services
+from devstack.services import wait_for
 from tests.conftest import _wait_worker_ready, subprocess_env
-from tests.support import services
 from tests.support.calls import enqueue_change, insert_invitation, invitation, wait_invitation
-from tests.support.services import wait_for
 
 
 def test_timeouts_held_by_a_sigkilled_worker_fire_within_the_sweep_interval_plus_one_second(

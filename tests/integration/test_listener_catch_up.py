@@ -14,11 +14,11 @@ import pytest
 import redis
 from celery import Celery
 
+from devstack import services
 from orchestration.ingest.mapping import dedupe_key, from_row
 from orchestration.ingest.sink import CHANGES_KEY, IngestSink, catch_up, read_watermark
 from tests.conftest import subprocess_env, wait_for
 from tests.integration.test_listener_support import event_counts, insert_invitations, queued, set_status
-from tests.support import services
 
 CATCH_UP_REDIS_DB = 10
 

@@ -1,5 +1,5 @@
 """The listener end to end: real Postgres, real Redis, the real `realtime` client against the
-Realtime stand-in (tests/standins/realtime_server.py), or the Postgres LISTEN source.
+Realtime stand-in (devstack/standins/realtime_server.py), or the Postgres LISTEN source.
 
 What the listener enqueued is read back from its Redis database's `events` list (no worker
 consumes that database), so "each transition once" is counted exactly; `test_inserts_become_ringing`
@@ -19,13 +19,13 @@ import psycopg
 import pytest
 import redis
 
+from devstack import services
+from devstack.standins.realtime_server import MALFORMED_KINDS, RealtimeStandIn
 from tests.conftest import subprocess_env, wait_for
 from tests.integration.test_listener_support import (
     DEV_JWT_SECRET, LISTENER_REDIS_DB, ListenerProcess, event_counts, insert_invitations, queued, service_role_key,
     set_status,
 )
-from tests.standins.realtime_server import MALFORMED_KINDS, RealtimeStandIn
-from tests.support import services
 
 KEY = service_role_key()
 OUTAGE_SECONDS = {"realtime": float(os.environ.get("CALLFLOW_TEST_OUTAGE_SECONDS", "60")), "postgres": 15.0}

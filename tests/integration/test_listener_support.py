@@ -12,9 +12,9 @@ import jwt
 import psycopg
 import redis as redis_lib
 
+from devstack import services
 from orchestration.ingest.sink import CHANGES_KEY
 from tests.conftest import subprocess_env
-from tests.support import services
 
 # The listener tests' own Redis database: no worker consumes its `events` list, so what the
 # listener enqueued can be read back exactly.

@@ -22,9 +22,9 @@ import pytest
 import redis as redis_lib
 from celery import Celery
 
+from devstack import services
+from devstack.standins.resend_server import Answer, ResendStandIn
 from tests.conftest import subprocess_env
-from tests.standins.resend_server import Answer, ResendStandIn
-from tests.support import services
 
 ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "re_test_standin_key_0001"

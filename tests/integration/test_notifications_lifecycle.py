@@ -12,6 +12,9 @@ import uuid
 import redis as redis_lib
 from celery import Celery
 
+from devstack import services
+from devstack.services import wait_for
+from devstack.standins.resend_server import ResendStandIn
 from tests.integration.test_notifications_delivery import (
     mail_env,
     redis_db_url,
@@ -19,10 +22,7 @@ from tests.integration.test_notifications_delivery import (
     user_maker,
     wait_status,
 )
-from tests.standins.resend_server import ResendStandIn
 from tests.support.calls import client_set_status, enqueue_change, insert_invitation, wait_invitation
-from tests.support import services
-from tests.support.services import wait_for
 
 
 def note_of(db, invitation_id: str) -> dict | None:

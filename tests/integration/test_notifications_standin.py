@@ -9,6 +9,7 @@ import uuid
 import pytest
 import redis
 
+from devstack.standins.resend_server import Answer, ResendStandIn
 from orchestration.notifications.mailers import (
     OutgoingEmail,
     PermanentSendError,
@@ -17,7 +18,6 @@ from orchestration.notifications.mailers import (
     idempotency_key,
 )
 from orchestration.notifications.ratelimit import TokenBucket
-from tests.standins.resend_server import Answer, ResendStandIn
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,11 @@ import redis
 from celery import Celery
 from prometheus_client import CollectorRegistry, generate_latest
 
+from devstack import services
+from devstack.services import ROOT, VENV_BIN, Process, free_port, wait_for
 from orchestration.notifications.ratelimit import TokenBucket
 from orchestration.ops.queues import OperationsCollector
 from tests.conftest import subprocess_env
-from tests.support import services
-from tests.support.services import ROOT, VENV_BIN, Process, free_port, wait_for
 
 CALLFLOW = str(VENV_BIN / "callflow")
 

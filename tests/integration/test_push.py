@@ -1,4 +1,4 @@
-"""Push to the callee's phones, against the Expo stand-in (tests/standins/expo_server.py).
+"""Push to the callee's phones, against the Expo stand-in (devstack/standins/expo_server.py).
 
 A worker of this module's own (its own Postgres database and Redis database, `EXPO_PUSH_URL` at
 the stand-in) runs the real lifecycle (the real LiveKit server makes the rooms) and the push
@@ -18,6 +18,8 @@ import pytest
 import redis as redis_lib
 from celery import Celery
 
+from devstack import services
+from devstack.standins.expo_server import ExpoStandin
 from orchestration.push.delivery import RETRY_BASE_SECONDS, RETRY_MAX_SECONDS, PushDelivery
 from orchestration.push.expo import TIMEOUT_SECONDS, ExpoClient, OutboxClient
 from orchestration.push.rate import PushRate
@@ -25,8 +27,6 @@ from orchestration.push.store import PushStore
 from orchestration.shared_backoff import SharedBackoff
 from tests.conftest import subprocess_env
 from tests.integration.test_notifications_delivery import redis_db_url, start_worker, user_maker
-from tests.standins.expo_server import ExpoStandin
-from tests.support import services
 from tests.support.calls import as_client, change_event
 
 RING_TIMEOUT = 3

@@ -14,11 +14,11 @@ import pytest
 import redis as redis_lib
 from celery import Celery
 
+from devstack import services
+from devstack.standins.expo_server import ExpoStandin
 from tests.conftest import subprocess_env
 from tests.integration.test_notifications_delivery import redis_db_url, start_worker, user_maker
 from tests.integration.test_push import invite, pushes_to, register, token, wait
-from tests.standins.expo_server import ExpoStandin
-from tests.support import services
 
 RING_TIMEOUT = 20
 RATE = 100

@@ -4,8 +4,8 @@ import shlex
 import uuid
 from pathlib import Path
 
+from devstack import services
 from tests.conftest import subprocess_env, wait_for
-from tests.support import services
 
 ROOT = Path(__file__).resolve().parents[2]
 

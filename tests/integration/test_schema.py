@@ -15,7 +15,7 @@ import pytest
 from psycopg import errors
 from psycopg.rows import dict_row
 
-from tests.support import services
+from devstack import services
 
 TERMINAL = ["accepted", "declined", "cancelled", "missed", "busy", "failed"]
 ALL_STATUSES = ["pending", "ringing", *TERMINAL]

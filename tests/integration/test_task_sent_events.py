@@ -22,6 +22,8 @@ from celery import Celery
 from flower.events import EventsState
 from flower.utils.tasks import iter_tasks
 
+from devstack import services
+from devstack.services import wait_for
 from orchestration.adapters.celery_scheduler import BUCKET_TASK, CeleryScheduler, bucket_end
 from orchestration.adapters.redis_enqueue import RedisEnqueuer
 from orchestration.ingest.backlog import CHANGES, WEBHOOK_EVENTS, Backlog
@@ -30,8 +32,6 @@ from orchestration.ingest.mapping import Change
 from orchestration.ingest.sink import IngestSink
 from orchestration.webhooks import CeleryMessageBuilder, task_sent_channel_of
 from tests.conftest import subprocess_env
-from tests.support import services
-from tests.support.services import wait_for
 
 DB = 3
 

@@ -16,9 +16,9 @@ import jwt
 import pytest
 from livekit.api import TokenVerifier
 
+from devstack import services
+from devstack.standins.jwks_server import JWKSServer, supabase_claims
 from tests.conftest import subprocess_env
-from tests.standins.jwks_server import JWKSServer, supabase_claims
-from tests.support import services
 
 LEGACY_SECRET = "legacy-secret-legacy-secret-legacy-secret-0002"
 LK_KEY, LK_SECRET = "devkey", "devsecret-devsecret-devsecret-0001"

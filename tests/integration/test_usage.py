@@ -18,6 +18,8 @@ from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
+from devstack import services
+from devstack.standins.resend_server import ResendStandIn
 from orchestration.db import connect
 from orchestration.notifications.mailers import OutboxMailer, ResendMailer
 from orchestration.usage import store
@@ -27,8 +29,6 @@ from orchestration.usage.figures import Session, month_bounds, participant_minut
 from orchestration.usage.metrics import UsageCollector
 from orchestration.usage.plans import PLANS
 from orchestration.usage.report import month_usage
-from tests.standins.resend_server import ResendStandIn
-from tests.support import services
 
 UTC = timezone.utc
 NOV, DEC = date(2026, 11, 1), date(2026, 12, 1)

@@ -130,7 +130,7 @@ def unmigrated_web(log_dir):
     import uuid
 
     from tests.conftest import subprocess_env
-    from tests.support import services
+    from devstack import services
 
     name = f"callflow_unmigrated_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(services.ADMIN_URL, autocommit=True) as conn:

@@ -28,9 +28,9 @@ import pytest
 from psycopg.rows import dict_row
 
 from config.settings import build_settings
+from devstack import services
 from orchestration.auth import dev_access_token
 from tests.conftest import subprocess_env
-from tests.support import services
 
 
 def token_for(user_id: str) -> str:

@@ -104,7 +104,7 @@ def test_every_caller_gets_an_answer_within_about_twice_the_timeout_when_redis_s
 
 
 def test_redis_down_is_unavailable_and_then_it_works_again(redis_server):
-    from tests.support.services import RedisServer
+    from devstack.services import RedisServer
 
     server = RedisServer().start()
     try:

@@ -23,11 +23,11 @@ import pytest
 import redis
 from livekit.api import AccessToken
 
+from devstack import services
 from orchestration.adapters.redis_enqueue import DEDUPE_PREFIX
 from orchestration.ingest.backlog import WEBHOOK_EVENTS
 from orchestration.webhooks import LIVEKIT_EVENT_TYPES, MAX_BODY_BYTES, body_sha256
 from tests.conftest import subprocess_env, wait_for
-from tests.support import services
 
 KEY, SECRET = "devkey", "devsecret-devsecret-devsecret-0001"
 ROTATED_KEY, ROTATED_SECRET = "rotated", "rotated-secret-rotated-secret-0003"

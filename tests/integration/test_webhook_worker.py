@@ -12,12 +12,12 @@ import uuid
 import httpx
 import redis
 
+from devstack import services
 from orchestration.adapters.redis_enqueue import RedisEnqueuer
 from orchestration.ingest.backlog import WEBHOOK_EVENTS
 from orchestration.webhooks import CeleryMessageBuilder
 from tests.conftest import subprocess_env, wait_for
 from tests.integration.test_webhook_http import make_event, post_many, sign
-from tests.support import services
 
 
 def db_url(redis_server, db: int) -> str:

@@ -9,7 +9,7 @@ import uuid
 
 import psycopg
 
-from tests.support.services import wait_for
+from devstack.services import wait_for
 
 
 def as_client(conn: psycopg.Connection, user_id: str):

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import httpx
 
-from tests.support.services import ROOT, Process, free_port, wait_for
+from devstack.services import ROOT, Process, free_port, wait_for
 
 
 def toxiproxy_binary() -> str | None:

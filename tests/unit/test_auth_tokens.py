@@ -14,6 +14,7 @@ import jwt
 import pytest
 
 from config.settings import DEV_SUPABASE_JWT_SECRET, build_settings
+from devstack.standins.jwks_server import DROP, JWKSServer, new_key, supabase_claims
 from orchestration.auth import (
     AuthUnavailable,
     InvalidToken,
@@ -21,7 +22,6 @@ from orchestration.auth import (
     SupabaseTokenVerifier,
     dev_access_token,
 )
-from tests.standins.jwks_server import DROP, JWKSServer, new_key, supabase_claims
 
 SECRET = "legacy-secret-legacy-secret-legacy-secret-0001"
 

@@ -448,7 +448,7 @@ class RealtimeStandIn:
         return n
 
 
-def main() -> None:  # pragma: no cover - manual use: python -m tests.standins.realtime_server DATABASE_URL [PORT]
+def main() -> None:  # pragma: no cover - manual use: python -m devstack.standins.realtime_server DATABASE_URL [PORT]
     import sys
 
     server = RealtimeStandIn(sys.argv[1], port=int(sys.argv[2]) if len(sys.argv) > 2 else 0).start()

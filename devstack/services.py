@@ -1,4 +1,4 @@
-"""Real services for the tests, started and stopped by the test run itself.
+"""Real services for the tests and the benchmarks, started and stopped by the run itself.
 
 - PostgreSQL: the local cluster of `scripts/stack.sh services` (started here if it is not up);
   every test run gets a fresh database with the production migrations applied.
@@ -24,7 +24,7 @@ from typing import Iterator
 
 import psycopg
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 ADMIN_URL = os.environ.get("CALLFLOW_TEST_ADMIN_URL", "postgresql://postgres:postgres@127.0.0.1:54322/postgres")
 
