@@ -8,6 +8,7 @@ BENCHMARKS = {
     "usage": "`callflow usage` on a month of 1,000,000 sessions beside the direct-SQL peak",
     "sse": "web RSS with 1,000 idle event streams; change-to-stream latency p50/p99",
     "push_flood": "ringing and incoming-call push p99 for other users while one account floods its own devices, vs quiet",
+    "token": "POST /api/livekit/token and its authorisation query: latency p50/p99 and requests/s on a database with history",
 }
 
 if __name__ == "__main__":
