@@ -1,16 +1,19 @@
 """LiveKit join tokens: who may join which room, and the token they get.
 
-Authorisation (the contract): a user gets a token for a room only as one of its parties: the caller
-or the callee of an invitation of that room that is `pending`, `ringing`, or `accepted` while its
-call (`calls` via `call_invitations.call_id`) is `ringing` or `active` or not made yet; or the caller
-of the room's live call. One query answers everything, on an async
-psycopg pool (autocommit: a single read needs no transaction), using the partial index on live
-invitations by room. A room "exists" when it has a live invitation, a call, or any invitation of
-the asking user (all found by index: no scan of the whole table for unknown names).
+Authorisation (the contract): a user gets a token for a room only as one of its parties, and who
+the parties are is the database's one definition, `callflow_room_parties(room)`: the one the insert
+rule and the removals ask, run here on the service connection (`DATABASE_URL`, as the workers';
+clients may not execute it). One statement answers everything, on an async psycopg pool
+(autocommit: a single read needs no transaction): whether the room or invitation exists (a live
+invitation, a call, or any invitation of the asking user, all found by index: no scan of the whole
+table for unknown names), whether the user is a party, what they may publish, and their display
+name. `tests/integration/test_rules_match_sql.py` holds this route and the domain's `room_parties`
+equal to the function; `python -m bench.token` measures the route.
 
 The token: identity = the Supabase user id, name = the user's display name, `room_join` for that
 room only; an audio call may publish the microphone only, a video call camera, microphone and
-screen share; TTL `CALLFLOW_TOKEN_TTL_SECONDS`.
+screen share (video when one of the rows that make the user a party is video: an invitation of
+theirs, or the live call they are the caller of); TTL `CALLFLOW_TOKEN_TTL_SECONDS`.
 """
 
 from __future__ import annotations
@@ -31,26 +34,20 @@ from orchestration.db import RECONNECT_SECONDS, check_open_async
 AUDIO_SOURCES = ["microphone"]
 VIDEO_SOURCES = ["camera", "microphone", "screen_share", "screen_share_audio"]
 
-_QUERY = """
+QUERY = """
 with target as (
   select room_name, caller_id, callee_id
     from public.call_invitations
    where id = %(invitation_id)s::uuid
 ), room as (
   select coalesce(%(room_name)s::text, (select room_name from target)) as name
-), live as (
-  select i.call_type
-    from public.call_invitations i
-    left join public.calls c on c.id = i.call_id
-   where i.room_name = (select name from room)
-     and i.status in ('pending', 'ringing', 'accepted')
-     and (i.caller_id = %(user_id)s::uuid or i.callee_id = %(user_id)s::uuid)
-     and (i.status <> 'accepted' or c.status in ('ringing', 'active') or i.call_id is null)
-  union all
-  -- the caller of the room's live call
-  select c.call_type from public.calls c
-   where c.room_name = (select name from room) and c.status in ('ringing', 'active')
-     and c.caller_id = %(user_id)s::uuid
+), live_call as (
+  select id, caller_id, call_type from public.calls
+   where room_name = (select name from room) and status in ('ringing', 'active')
+), party as (
+  -- who may join: the database's one definition of the room's parties
+  select exists (select 1 from public.callflow_room_parties((select name from room)) p
+                  where p = %(user_id)s::uuid) as yes
 )
 select (select name from room) as room_name,
        exists (select 1 from target) as invitation_found,
@@ -61,8 +58,18 @@ select (select name from room) as room_name,
         or exists (select 1 from public.call_invitations
                     where (caller_id = %(user_id)s::uuid or callee_id = %(user_id)s::uuid)
                       and room_name = (select name from room))) as room_found,
-       (select count(*) from live) as live_count,
-       coalesce((select bool_or(call_type = 'video') from live), false) as video,
+       (select yes from party) as party,
+       -- what a party may publish: a video call's sources when one of the rows that make them a party
+       -- is video (the domain's reading of those rows: an accepted invitation counts while it has
+       -- no call yet or belongs to the room's live call); only asked of a party
+       (select yes from party)
+       and (exists (select 1 from public.call_invitations i
+                     where i.room_name = (select name from room) and i.call_type = 'video'
+                       and (i.caller_id = %(user_id)s::uuid or i.callee_id = %(user_id)s::uuid)
+                       and (i.status in ('pending', 'ringing')
+                            or (i.status = 'accepted'
+                                and (i.call_id is null or i.call_id = (select id from live_call)))))
+            or exists (select 1 from live_call where caller_id = %(user_id)s::uuid and call_type = 'video')) as video,
        (select coalesce(nullif(btrim(u.raw_user_meta_data->>'full_name'), ''),
                         nullif(btrim(u.raw_user_meta_data->>'name'), ''))
           from auth.users u where u.id = %(user_id)s::uuid) as display_name
@@ -78,6 +85,14 @@ class Decision:
     reason: str = ""
 
 
+def query_params(user_id: str, *, room_name: str | None = None, invitation_id: str | None = None) -> dict:
+    return {
+        "user_id": uuid.UUID(user_id),
+        "room_name": room_name,
+        "invitation_id": uuid.UUID(invitation_id) if invitation_id is not None else None,
+    }
+
+
 def decide(row: dict, *, by_invitation: bool) -> Decision:
     """The contract's rule, from the query's answer."""
     if by_invitation:
@@ -87,7 +102,7 @@ def decide(row: dict, *, by_invitation: bool) -> Decision:
             return Decision("forbidden", reason="this invitation is not yours")
     elif not row["room_found"]:
         return Decision("not_found", reason="no such room")
-    if not row["live_count"]:
+    if not row["party"]:
         return Decision("forbidden", room_name=row["room_name"],
                         reason="you have no live invitation in this room")
     return Decision("granted", room_name=row["room_name"], call_type="video" if row["video"] else "audio",
@@ -123,14 +138,10 @@ class JoinTokenStore:
                         invitation_id: str | None = None) -> Decision:
         if (room_name is None) == (invitation_id is None):
             raise ValueError("give exactly one of room_name, invitation_id")
-        params = {
-            "user_id": uuid.UUID(user_id),
-            "room_name": room_name,
-            "invitation_id": uuid.UUID(invitation_id) if invitation_id is not None else None,
-        }
+        params = query_params(user_id, room_name=room_name, invitation_id=invitation_id)
         pool = await self._get_pool()
         async with pool.connection() as conn:
-            cur = await conn.execute(_QUERY, params)
+            cur = await conn.execute(QUERY, params)
             row = await cur.fetchone()
         assert row is not None
         return decide(row, by_invitation=invitation_id is not None)
