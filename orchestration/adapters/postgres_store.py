@@ -30,6 +30,7 @@ from orchestration.domain.decision import (
     Snapshot,
     Want,
 )
+from orchestration.domain import notices
 from orchestration.domain.model import Call, Invitation, Participant
 
 _LIVE = "('ringing', 'active')"
@@ -233,16 +234,15 @@ class PostgresUnitOfWork:
                insert into public.push_messages (kind, invitation_id, push_token_id, status, last_error, created_at)
                select r.kind, r.inv, t.id,
                       case when r.opted_out or r.repeat then 'skipped' else 'pending' end,
-                      case when r.opted_out then 'recipient turned missed-call notices off'
-                           when r.repeat then 'a missed-call push from this caller reached this recipient within '
-                                              || %(window)s || ' s (CALLFLOW_EMAIL_REPEAT_WINDOW_SECONDS)' end,
+                      case when r.opted_out then %(opted_out_why)s when r.repeat then %(repeat_why)s end,
                       %(now)s
                  from public.push_tokens t join recipient r on r.id = t.user_id
                 where t.disabled_at is null
                on conflict (kind, invitation_id, push_token_id) do nothing returning id, status""",
             {"kinds": [p.kind for p in pushes], "invs": [p.invitation_id for p in pushes],
              "callers": [p.caller_id for p in pushes], "callees": [p.callee_id for p in pushes],
-             "now": self.now(), "window": self.email_repeat_window})
+             "now": self.now(), "window": self.email_repeat_window, "opted_out_why": notices.OPTED_OUT["push"],
+             "repeat_why": notices.repeat_reason("push", self.email_repeat_window)})
         return [str(r["id"]) for r in rows if r["status"] == "pending"]
 
     def add_missed_call_notifications(self, mails: list[MissedCallEmail]) -> list[str]:
@@ -258,6 +258,7 @@ class PostgresUnitOfWork:
             """with recipient as (
                  select r.inv, u.id, u.email,
                         lower(coalesce(u.raw_user_meta_data->>'missed_call_emails', 'true')) = 'false' as opted_out,
+                        coalesce(btrim(u.email), '') = '' as no_address,
                         exists (select 1 from public.notifications n
                                   join public.call_invitations i on i.id = n.invitation_id
                                  where n.recipient_id = u.id and n.kind = 'missed_call' and i.caller_id = r.caller
@@ -269,17 +270,17 @@ class PostgresUnitOfWork:
                insert into public.notifications (kind, invitation_id, recipient_id, recipient_email, status, last_error,
                                                  created_at)
                select 'missed_call', inv, id, email,
-                      case when opted_out or coalesce(email, '') = '' or repeat then 'skipped' else 'pending' end,
-                      case when opted_out
-                           then 'recipient turned missed-call emails off (raw_user_meta_data.missed_call_emails is false)'
-                           when coalesce(email, '') = '' then 'recipient has no email address'
-                           when repeat then 'a missed-call email from this caller reached this recipient within '
-                                            || %(window)s || ' s (CALLFLOW_EMAIL_REPEAT_WINDOW_SECONDS)' end,
+                      case when opted_out or no_address or repeat then 'skipped' else 'pending' end,
+                      case when opted_out then %(opted_out_why)s
+                           when no_address then %(no_address_why)s
+                           when repeat then %(repeat_why)s end,
                       %(now)s
                  from recipient
                on conflict (kind, invitation_id, recipient_id) do nothing returning id, status""",
             {"invs": [m.invitation_id for m in mails], "callers": [m.caller_id for m in mails],
-             "callees": [m.callee_id for m in mails], "now": self.now(), "window": self.email_repeat_window},
+             "callees": [m.callee_id for m in mails], "now": self.now(), "window": self.email_repeat_window,
+             "opted_out_why": notices.OPTED_OUT["email"], "no_address_why": notices.NO_ADDRESS,
+             "repeat_why": notices.repeat_reason("email", self.email_repeat_window)},
         )
         return [str(r["id"]) for r in rows if r["status"] == "pending"]
 

@@ -32,6 +32,7 @@ from typing import Protocol
 from config.logging import get_logger
 from orchestration.backoff import backoff_delay
 from orchestration.db import get_pool
+from orchestration.domain import notices
 from orchestration.domain.model import deserves_missed_call_email
 from orchestration.notifications import store
 from orchestration.notifications.mailers import (
@@ -114,20 +115,16 @@ def resend_backoff(client) -> SharedBackoff:
                          probe_seconds=RESEND_TIMEOUT_SECONDS + 2)
 
 
-def _opted_out(meta: dict) -> bool:
-    value = meta.get("missed_call_emails", True)
-    return value is False or (isinstance(value, str) and value.strip().lower() == "false")
-
-
 def skip_reason(row: dict) -> str | None:
-    """Why this row gets no email, or None when it gets one."""
+    """Why this row gets no email, or None when it gets one: asked again as it is sent (the
+    recipient may have turned emails off since the row was born). The repeat window was the
+    birth's to decide (`domain.notices`)."""
     if not deserves_missed_call_email(row["invitation_status"], row["ringing_at"], row["ended_at"]):
         return f"invitation {row['invitation_status']} does not call for a missed-call email"
-    meta = row["callee_meta"] if isinstance(row["callee_meta"], dict) else {}
-    if _opted_out(meta):
-        return "recipient turned missed-call emails off (raw_user_meta_data.missed_call_emails is false)"
-    if not row["recipient_email"]:
-        return "recipient has no email address"
+    if notices.opted_out(row["callee_meta"]):
+        return notices.OPTED_OUT["email"]
+    if not notices.has_address(row["recipient_email"]):
+        return notices.NO_ADDRESS
     return None
 
 
