@@ -3,7 +3,10 @@
 `FakeStore` keeps the same tables as the database and enforces the same guards the database
 keeps (the transition table, terminal statuses, what a client may do, one live call per room and
 per sid, one outbox row per invitation), so a decision the database would refuse fails here too.
-Its `load` follows the Postgres adapter's query for query.
+Its `load` follows the Postgres adapter's query for query. The rules the database writes in SQL are
+the domain's own code here, never a copy: the parties of a room (`domain.model.room_parties`), and
+the missed-call notices' opt-out and repeat window (`domain.notices`);
+`tests/integration/test_rules_match_sql.py` holds the SQL equal to them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from orchestration.domain.decision import (
     Snapshot,
     Want,
 )
+from orchestration.domain.notices import MISSED_CALL, EarlierNotice, notice_skip_reason
 from orchestration.domain.model import (
     CLIENT_MOVES,
     DEFAULT_END_REASON,
@@ -63,6 +67,7 @@ class Notification:
     status: str
     caller_id: str = ""
     created_at: datetime | None = None
+    last_error: str | None = None
 
 
 class FakeStore:
@@ -74,9 +79,12 @@ class FakeStore:
         self.participants: dict[str, Participant] = {}
         self.events: dict[str, EventRecord] = {}
         self.notifications: dict[str, Notification] = {}
-        self.opted_out: set[str] = set()
+        # auth.users: raw_user_meta_data and email (a user not here: no metadata, an address)
+        self.user_meta: dict[str, object] = {}
+        self.user_emails: dict[str, str | None] = {}
         self.push_tokens: dict[str, list[str]] = {}   # user -> device tokens
         self.push_messages: dict[tuple[str, str, str], str] = {}  # (kind, invitation, token) -> status
+        self.push_created: dict[tuple[str, str, str], datetime] = {}  # (kind, invitation, token) -> created_at
         self.history: dict[str, list[Invitation]] = {}  # every version of each invitation
         # callflow_room_actions: key -> [effect, attempts, next attempt at]
         self.room_actions: dict[str, list] = {}
@@ -121,6 +129,21 @@ class FakeStore:
                 raise GuardViolation(f"illegal transition {old.status} -> {inv.status}")
         self.invitations[inv.id] = inv
         self.history.setdefault(inv.id, []).append(inv)
+
+    def meta_of(self, user: str) -> object:
+        return self.user_meta.get(user, {})
+
+    def email_of(self, user: str) -> str | None:
+        return self.user_emails.get(user, f"{user}@example.test")
+
+    def earlier_notices(self, channel: str) -> list[EarlierNotice]:
+        """The outbox's rows as the repeat window reads them: emails, or push messages (each device's)."""
+        if channel == "email":
+            return [EarlierNotice(n.caller_id, n.recipient_id, n.status, n.created_at)
+                    for n in self.notifications.values()]
+        return [EarlierNotice(self.invitations[inv].caller_id, self.invitations[inv].callee_id, status,
+                              self.push_created[(kind, inv, token)], kind=kind)
+                for (kind, inv, token), status in self.push_messages.items()]
 
     # ---- the port ---------------------------------------------------------------------------------
     @contextmanager
@@ -185,25 +208,36 @@ class FakeUnitOfWork:
             s.events.setdefault(ev.event_id, ev)
         follow = []
         pushes = []
+        now = self.now()
+        # Each outbox decides a decision's rows against what it held before them, as the database's
+        # one statement does (the rows of one statement do not see each other).
+        earlier_pushes, earlier_mails = s.earlier_notices("push"), s.earlier_notices("email")
         for item in decision.outbox:
             if isinstance(item, Push):
+                why = notice_skip_reason(
+                    "push", caller_id=item.caller_id, recipient_id=item.callee_id,
+                    recipient_meta=s.meta_of(item.callee_id), recipient_email=s.email_of(item.callee_id),
+                    earlier=earlier_pushes, now=now, window=s.email_repeat_window,
+                ) if item.kind == MISSED_CALL else None
                 for token in s.push_tokens.get(item.callee_id, ()):
                     key = (item.kind, item.invitation_id, token)
                     if key not in s.push_messages:
-                        s.push_messages[key] = "pending"
-                        pushes.append(f"push-{len(s.push_messages)}")
+                        s.push_messages[key] = "skipped" if why else "pending"
+                        s.push_created[key] = now
+                        if not why:
+                            pushes.append(f"push-{len(s.push_messages)}")
         if pushes:
             follow.append(SendPushes(tuple(pushes)))
         for mail in (m for m in decision.outbox if not isinstance(m, Push)):
             if mail.invitation_id in s.notifications:
                 continue
-            now = self.now()
-            repeat = any(n.recipient_id == mail.callee_id and n.caller_id == mail.caller_id
-                         and n.status in ("pending", "sent") and n.created_at > now - s.email_repeat_window
-                         for n in s.notifications.values())
-            status = "skipped" if mail.callee_id in s.opted_out or repeat else "pending"
+            why = notice_skip_reason(
+                "email", caller_id=mail.caller_id, recipient_id=mail.callee_id,
+                recipient_meta=s.meta_of(mail.callee_id), recipient_email=s.email_of(mail.callee_id),
+                earlier=earlier_mails, now=now, window=s.email_repeat_window)
+            status = "skipped" if why else "pending"
             s.notifications[mail.invitation_id] = Notification(mail.invitation_id, mail.callee_id, status,
-                                                               mail.caller_id, now)
+                                                               mail.caller_id, now, why)
             if status == "pending":
                 follow.append(SendNotification(f"n-{mail.invitation_id}"))
         return follow
