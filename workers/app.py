@@ -30,6 +30,7 @@ from kombu import Queue
 
 from config.logging import configure_logging, register_secret
 from config.settings import load_settings_or_exit
+from orchestration import names
 from orchestration.webhooks import TASK_SENT_EVENTS
 from workers import task_outcomes  # noqa: F401 - its signal handlers: task outcomes and failed tasks, for /metrics and `callflow tasks`
 from workers.queues import QUEUES
@@ -57,23 +58,23 @@ BEAT_MAX_INTERVAL = 1
 app = Celery("callflow", broker=settings.redis_url, include=["workers.tasks"])
 app.conf.update(
     task_queues=[Queue(name) for name in QUEUES],
-    task_default_queue="events",
+    task_default_queue=names.Q_EVENTS,
     task_routes={
-        "callflow.invitation_changed": {"queue": "events"},
-        "callflow.invitations_changed": {"queue": "events"},
-        "callflow.livekit_event": {"queue": "events"},
-        "callflow.livekit_events": {"queue": "events"},
-        "callflow.ring_timeout": {"queue": "timers"},
-        "callflow.ring_timeouts_due": {"queue": "timers"},
-        "callflow.grace_expired": {"queue": "timers"},
-        "callflow.sweep": {"queue": "sweeps"},
-        "callflow.catch_up_invitations": {"queue": "sweeps"},
-        "callflow.send_notification": {"queue": "notifications"},
-        "callflow.send_pushes": {"queue": "push"},
-        "callflow.sweep_pushes": {"queue": "sweeps"},
-        "callflow.ping": {"queue": "events"},
-        "callflow.check_usage": {"queue": "sweeps"},
-        "callflow.send_usage_alert": {"queue": "notifications"},
+        names.INVITATION_CHANGED: {"queue": names.Q_EVENTS},
+        names.INVITATIONS_CHANGED: {"queue": names.Q_EVENTS},
+        names.LIVEKIT_EVENT: {"queue": names.Q_EVENTS},
+        names.LIVEKIT_EVENTS: {"queue": names.Q_EVENTS},
+        names.RING_TIMEOUT: {"queue": names.Q_TIMERS},
+        names.RING_TIMEOUTS_DUE: {"queue": names.Q_TIMERS},
+        names.GRACE_EXPIRED: {"queue": names.Q_TIMERS},
+        names.SWEEP: {"queue": names.Q_SWEEPS},
+        names.CATCH_UP_INVITATIONS: {"queue": names.Q_SWEEPS},
+        names.SEND_NOTIFICATION: {"queue": names.Q_NOTIFICATIONS},
+        names.SEND_PUSHES: {"queue": names.Q_PUSH},
+        names.SWEEP_PUSHES: {"queue": names.Q_SWEEPS},
+        names.PING: {"queue": names.Q_EVENTS},
+        names.CHECK_USAGE: {"queue": names.Q_SWEEPS},
+        names.SEND_USAGE_ALERT: {"queue": names.Q_NOTIFICATIONS},
     },
     task_serializer="json",
     accept_content=["json"],
@@ -108,39 +109,39 @@ app.conf.update(
     beat_scheduler="workers.beat_scheduler:Scheduler",  # redbeat's, surviving a Redis outage
     beat_max_loop_interval=BEAT_MAX_INTERVAL,
     redbeat_redis_url=settings.redis_url,
-    redbeat_key_prefix="callflow:beat",
+    redbeat_key_prefix=names.BEAT_PREFIX,
     redbeat_lock_timeout=REDBEAT_LOCK_SECONDS,
     beat_schedule={
         "sweep": {
-            "task": "callflow.sweep",
+            "task": names.SWEEP,
             "schedule": timedelta(seconds=settings.callflow_sweep_interval_seconds),
-            "options": {"queue": "sweeps", "expires": max(settings.callflow_sweep_interval_seconds * 5, 5)},
+            "options": {"queue": names.Q_SWEEPS, "expires": max(settings.callflow_sweep_interval_seconds * 5, 5)},
         },
         # Re-sends `pending` email outbox rows whose task got lost (orchestration.notifications).
         "sweep-notifications": {
-            "task": "callflow.sweep_notifications",
+            "task": names.SWEEP_NOTIFICATIONS,
             "schedule": timedelta(seconds=max(5.0, settings.callflow_sweep_interval_seconds)),
-            "options": {"queue": "sweeps", "expires": 30},
+            "options": {"queue": names.Q_SWEEPS, "expires": 30},
         },
         # Push outbox rows whose task got lost, and Expo's receipts of sent ones (workers/tasks/push.py).
         "sweep-pushes": {
-            "task": "callflow.sweep_pushes",
+            "task": names.SWEEP_PUSHES,
             "schedule": timedelta(seconds=5),
-            "options": {"queue": "sweeps", "expires": 10},
+            "options": {"queue": names.Q_SWEEPS, "expires": 10},
         },
         # Enqueues invitation changes the listener missed, and nudges for either backlog whose
         # nudge was lost (workers/tasks/ingest.py).
         "catch-up-invitations": {
-            "task": "callflow.catch_up_invitations",
+            "task": names.CATCH_UP_INVITATIONS,
             "schedule": timedelta(seconds=5),
-            "options": {"queue": "sweeps", "expires": 10},
+            "options": {"queue": names.Q_SWEEPS, "expires": 10},
         },
         # LiveKit usage: refresh the peak rollup, snapshot the month, alert at 80 %/100 % of the plan
         # (workers/tasks/usage.py).
         "check-usage": {
-            "task": "callflow.check_usage",
+            "task": names.CHECK_USAGE,
             "schedule": timedelta(seconds=60),
-            "options": {"queue": "sweeps", "expires": 50},
+            "options": {"queue": names.Q_SWEEPS, "expires": 50},
         },
     },
 )

@@ -9,12 +9,13 @@ import redis
 from celery import Celery
 
 
+from orchestration import names
 from orchestration.ingest.mapping import dedupe_key
 from orchestration.ingest.sink import DEDUPE_TTL_SECONDS
 from orchestration.lifecycle.ring_timeout import TIMER_BUCKET_SECONDS
 from orchestration.webhooks import PUSH_TASK_LUA, CeleryMessageBuilder, task_sent_channel_of
 
-BUCKET_TASK = "callflow.ring_timeouts_due"
+BUCKET_TASK = names.RING_TIMEOUTS_DUE
 BUCKET_TTL_SECONDS = 24 * 3600
 # KEYS: the buckets' marks, then the queue. ARGV: the marks' ttl, the `task-sent` channel, then per
 # bucket its countdown message and that message's `task-sent` event ('' for none). A bucket's
@@ -52,7 +53,7 @@ class CeleryScheduler:
             self._buckets = self._redis.register_script(_BUCKETS)
             self._sent_channel = task_sent_channel_of(self._redis)
             # Announced as `send_task` would announce them with this app: `task_send_sent_event`.
-            self._builder = CeleryMessageBuilder.for_task(BUCKET_TASK, "timers",
+            self._builder = CeleryMessageBuilder.for_task(BUCKET_TASK, names.Q_TIMERS,
                                                           sent_events=bool(self.app.conf.task_send_sent_event))
         return self._redis
 
@@ -66,26 +67,26 @@ class CeleryScheduler:
         self._r()
         keys = [f"callflow:timer-bucket:{int(round(end * 1000))}" for end in ends]
         countdowns = [self._builder.prebuilt([end], eta=datetime.fromtimestamp(end, tz=timezone.utc)) for end in ends]
-        self._buckets(keys=keys + ["timers"],
+        self._buckets(keys=keys + [names.Q_TIMERS],
                       args=[BUCKET_TTL_SECONDS, self._sent_channel, *(part for task in countdowns for part in task)])
 
     def ring_timeout_bucket(self, end: float) -> None:
-        self.app.send_task(BUCKET_TASK, args=[end], queue="timers",
+        self.app.send_task(BUCKET_TASK, args=[end], queue=names.Q_TIMERS,
                            eta=datetime.fromtimestamp(end, tz=timezone.utc))
 
     def ring_timeout_at(self, invitation_id: str, at: datetime) -> None:
         """One invitation's own countdown (a re-schedule after an early look)."""
-        self.app.send_task("callflow.ring_timeout", args=[invitation_id, "timer"], eta=at, queue="timers")
+        self.app.send_task(names.RING_TIMEOUT, args=[invitation_id, "timer"], eta=at, queue=names.Q_TIMERS)
 
     def grace_expiry(self, room_name: str, participant_sid: str, identity: str, aborted: bool | None, delay: float) -> None:
-        self.app.send_task("callflow.grace_expired", args=[room_name, participant_sid, identity, aborted],
-                           countdown=delay, queue="timers")
+        self.app.send_task(names.GRACE_EXPIRED, args=[room_name, participant_sid, identity, aborted],
+                           countdown=delay, queue=names.Q_TIMERS)
 
     def send_notification(self, notification_id: str) -> None:
-        self.app.send_task("callflow.send_notification", args=[notification_id], queue="notifications")
+        self.app.send_task(names.SEND_NOTIFICATION, args=[notification_id], queue=names.Q_NOTIFICATIONS)
 
     def send_pushes(self, message_ids: list[str]) -> None:
-        self.app.send_task("callflow.send_pushes", args=[message_ids], queue="push")
+        self.app.send_task(names.SEND_PUSHES, args=[message_ids], queue=names.Q_PUSH)
 
     def expect_echoes(self, transitions: list[tuple[str, str]]) -> None:
         # The listener's own dedupe marks (orchestration/ingest/sink.py): its SET NX then finds them.
@@ -95,7 +96,7 @@ class CeleryScheduler:
         pipe.execute()
 
     def invitation_changed(self, change: dict) -> None:
-        self.app.send_task("callflow.invitation_changed", args=[change], queue="events")
+        self.app.send_task(names.INVITATION_CHANGED, args=[change], queue=names.Q_EVENTS)
 
 
 class RedisThrottle:

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
-TASK_NAME = "callflow.invitations_changed"
-TASK_QUEUE = "events"
+from orchestration import names
+
+TASK_NAME = names.INVITATIONS_CHANGED
+TASK_QUEUE = names.Q_EVENTS
 STATUSES = frozenset({"pending", "ringing", "accepted", "declined", "cancelled", "missed", "busy", "failed"})
 SOURCES = frozenset({"realtime", "postgres"})
 # Record columns copied into the change payload (small, no free-form metadata).

@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from config.settings import Settings
+from orchestration import names
 from orchestration.db import connect
 from orchestration.notifications import store
 
@@ -85,6 +86,6 @@ def _celery_enqueue(settings: Settings):
                          task_serializer="json")
 
     def enqueue(notification_id: str) -> None:
-        producer.send_task("callflow.send_notification", args=[notification_id], queue="notifications")
+        producer.send_task(names.SEND_NOTIFICATION, args=[notification_id], queue=names.Q_NOTIFICATIONS)
 
     return enqueue

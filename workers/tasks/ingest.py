@@ -12,6 +12,7 @@ import functools
 
 import structlog
 
+from orchestration import names
 from workers.app import app, settings
 
 log = structlog.get_logger("callflow.ingest")
@@ -39,11 +40,11 @@ def webhook_backlog():
     from orchestration.webhooks import CeleryMessageBuilder
 
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
-    builder = CeleryMessageBuilder.for_task("callflow.livekit_events", "events")
-    return Backlog(client, WEBHOOK_EVENTS, "events", builder.prebuilt)
+    builder = CeleryMessageBuilder.for_task(names.LIVEKIT_EVENTS, names.Q_EVENTS)
+    return Backlog(client, WEBHOOK_EVENTS, names.Q_EVENTS, builder.prebuilt)
 
 
-@app.task(name="callflow.catch_up_invitations", acks_late=False, ignore_result=True)
+@app.task(name=names.CATCH_UP_INVITATIONS, acks_late=False, ignore_result=True)
 def catch_up_invitations() -> dict:
     from orchestration.db import get_pool
     from orchestration.ingest.sink import catch_up

@@ -16,6 +16,7 @@ import redis
 import structlog
 from celery.exceptions import Reject, Retry
 
+from orchestration import names
 from orchestration.adapters.celery_scheduler import CeleryScheduler, RedisThrottle
 from orchestration.backoff import backoff_delay
 from orchestration.adapters.livekit_rooms import LiveKitRooms
@@ -82,7 +83,7 @@ def _run(task, fn, *args, **context):
                                            **{k: v for k, v in context.items() if v and k not in ("each", "step")})
     try:
         outcome = fn(*args)
-        step = task.name.removeprefix("callflow.")
+        step = task.name.removeprefix(names.TASK_PREFIX)
         if isinstance(outcome, list):  # a batch: one line per item, named by its step
             for one, ctx in zip(outcome, context.get("each") or ()):
                 _log_step(context["step"], one, ctx)
@@ -128,14 +129,14 @@ def _retry_once_the_broker_takes_it(task, exc: Exception) -> None:
             waited += pause
 
 
-@app.task(name="callflow.invitation_changed", **_TASK)
+@app.task(name=names.INVITATION_CHANGED, **_TASK)
 def invitation_changed(self, change: dict) -> str:
     return _run(self, lambda: handle_invitation_changed(change, ports()),
                 invitation_id=change.get("invitation_id"), room_name=change.get("room_name"),
                 event_id=change.get("event_id"))
 
 
-@app.task(name="callflow.invitations_changed", **_TASK)
+@app.task(name=names.INVITATIONS_CHANGED, **_TASK)
 def invitations_changed(self, changes: list | None = None) -> list:
     """A nudge: take the waiting invitation changes (`orchestration.ingest.sink`) and decide them
     together. With `changes`, those (a failed batch's, retried by hand)."""
@@ -143,7 +144,7 @@ def invitations_changed(self, changes: list | None = None) -> list:
 
     if changes is not None:
         return _run_changes(self, changes)
-    return _take_and_run(self, sink().backlog, _run_changes, "callflow.invitation_changed", lambda c: [c])
+    return _take_and_run(self, sink().backlog, _run_changes, names.INVITATION_CHANGED, lambda c: [c])
 
 
 def _run_changes(task, changes: list) -> list:
@@ -153,7 +154,7 @@ def _run_changes(task, changes: list) -> list:
                 each=each)
 
 
-@app.task(name="callflow.livekit_event", **_TASK)
+@app.task(name=names.LIVEKIT_EVENT, **_TASK)
 def livekit_event(self, event: dict, received_at: str | None = None) -> str:
     """One LiveKit event: a failed batch's, sent on alone (and kept for `callflow tasks retry`)."""
     parsed = parse_room_event(event)
@@ -161,7 +162,7 @@ def livekit_event(self, event: dict, received_at: str | None = None) -> str:
                 room_name=parsed.room_name, event_id=parsed.event_id)
 
 
-@app.task(name="callflow.livekit_events", **_TASK)
+@app.task(name=names.LIVEKIT_EVENTS, **_TASK)
 def livekit_events(self, events: list | None = None) -> list:
     """A nudge: take the waiting LiveKit events (the webhook backlog `web` lists them on) and decide
     them together. With `events` ([event, received_at] pairs), those."""
@@ -169,7 +170,7 @@ def livekit_events(self, events: list | None = None) -> list:
 
     if events is not None:
         return _run_events(self, events)
-    return _take_and_run(self, webhook_backlog(), _run_events, "callflow.livekit_event", list)
+    return _take_and_run(self, webhook_backlog(), _run_events, names.LIVEKIT_EVENT, list)
 
 
 def _run_events(task, events: list) -> list:
@@ -199,7 +200,7 @@ def _take_and_run(task, backlog, run, alone_task: str, alone_args) -> list:
         log.error("a batch failed; each item goes on alone", error=repr(exc)[:300], items=len(taken),
                   task=alone_task)
         for item in taken:
-            app.send_task(alone_task, args=alone_args(item), queue="events")
+            app.send_task(alone_task, args=alone_args(item), queue=names.Q_EVENTS)
         results = []
     try:
         backlog.done(task.request.id)
@@ -208,7 +209,7 @@ def _take_and_run(task, backlog, run, alone_task: str, alone_args) -> list:
     return results
 
 
-@app.task(name="callflow.ring_timeout", **_TASK)
+@app.task(name=names.RING_TIMEOUT, **_TASK)
 def ring_timeout(self, invitation_id: str, source: str = "timer") -> str:
     return _run(self, lambda: handle_ring_timeout(invitation_id, source, ports()),
                 invitation_id=invitation_id, event_id=f"timeout:{invitation_id}")
@@ -228,19 +229,19 @@ def _parallel_map(fn, items):
     return _pool.map(fn, items)
 
 
-@app.task(name="callflow.ring_timeouts_due", **_TASK)
+@app.task(name=names.RING_TIMEOUTS_DUE, **_TASK)
 def ring_timeouts_due(self, bucket_end: float) -> str:
     return _run(self, lambda: handle_ring_timeouts_due(float(bucket_end), ports(), _parallel_map))
 
 
-@app.task(name="callflow.grace_expired", **_TASK)
+@app.task(name=names.GRACE_EXPIRED, **_TASK)
 def grace_expired(self, room_name: str, participant_sid: str, identity: str, aborted: bool | None = None,
                   source: str = "timer") -> str:
     return _run(self, lambda: handle_grace_expired(room_name, participant_sid, identity, aborted, ports(), source),
                 room_name=room_name, event_id=f"grace:{participant_sid}")
 
 
-@app.task(name="callflow.sweep", bind=True, acks_late=False, ignore_result=True)
+@app.task(name=names.SWEEP, bind=True, acks_late=False, ignore_result=True)
 def sweep(self) -> dict:
     """Beat, every CALLFLOW_SWEEP_INTERVAL_SECONDS: see `orchestration.lifecycle.sweep`.
 
@@ -261,7 +262,7 @@ SWEEP_RUNNING_KEY = "callflow:sweep:running"
 SWEEP_LEASE_SECONDS = 5.0
 
 
-@app.task(name="callflow.ping")
+@app.task(name=names.PING)
 def ping(token: str) -> str:
     """Proves a queue is consumed: marks `token` in Redis."""
     _redis().set(f"callflow:ping:{token}", "1", ex=300)

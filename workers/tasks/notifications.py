@@ -16,6 +16,7 @@ import redis
 import structlog
 
 from config.logging import get_logger
+from orchestration import names
 from orchestration.notifications import bucket_from_settings, mailer_from_settings
 from orchestration.notifications.service import (
     MAX_ATTEMPTS,
@@ -58,8 +59,8 @@ def resend_loop():
     return _loops[pid]
 
 
-@app.task(name="callflow.send_notification", bind=True, acks_late=True, reject_on_worker_lost=True,
-          max_retries=None, queue="notifications", ignore_result=True)
+@app.task(name=names.SEND_NOTIFICATION, bind=True, acks_late=True, reject_on_worker_lost=True,
+          max_retries=None, queue=names.Q_NOTIFICATIONS, ignore_result=True)
 def send_notification(self, notification_id: str, failures: int = 0, slot: float | None = None) -> str:
     structlog.contextvars.bind_contextvars(notification_id=str(notification_id), task_id=self.request.id)
     try:
@@ -104,7 +105,7 @@ def send_notification(self, notification_id: str, failures: int = 0, slot: float
         structlog.contextvars.unbind_contextvars("notification_id", "task_id")
 
 
-@app.task(name="callflow.sweep_notifications", queue="sweeps", ignore_result=True)
+@app.task(name=names.SWEEP_NOTIFICATIONS, queue=names.Q_SWEEPS, ignore_result=True)
 def sweep_notifications(min_age_seconds: float = SWEEP_MIN_AGE_SECONDS) -> int:
     """Beat: re-sends `pending` outbox rows whose task got lost."""
     _, _, redis_client = ports()

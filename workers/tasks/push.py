@@ -13,6 +13,7 @@ import functools
 import redis
 import structlog
 
+from orchestration import names
 from orchestration.push.delivery import PushDelivery
 from orchestration.push.expo import client_for
 from orchestration.push.rate import PushRate
@@ -33,17 +34,17 @@ def delivery() -> PushDelivery:
                         PushRate(client, settings.callflow_push_rate_per_second))
 
 
-@app.task(name="callflow.send_pushes", bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None,
-          queue="push", ignore_result=True)
+@app.task(name=names.SEND_PUSHES, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None,
+          queue=names.Q_PUSH, ignore_result=True)
 def send_pushes(self, message_ids: list[str], booked: bool = False, failures: int = 0, shared: bool = False) -> str:
     structlog.contextvars.bind_contextvars(task_id=self.request.id, messages=len(message_ids))
     try:
         out = delivery().deliver([str(i) for i in message_ids], booked=booked, failures=failures, shared=shared)
         for start in range(0, len(out.others), 100):  # more than one batch: the rest in tasks of their own
-            send_pushes.apply_async(args=[out.others[start:start + 100]], queue="push")
+            send_pushes.apply_async(args=[out.others[start:start + 100]], queue=names.Q_PUSH)
         for deferral in out.deferred:  # waiting for their callee's share: back when it lets them go
             send_pushes.apply_async(kwargs={"message_ids": deferral.message_ids, "shared": deferral.shared},
-                                    countdown=deferral.seconds, queue="push")
+                                    countdown=deferral.seconds, queue=names.Q_PUSH)
         if out.come_back_in is not None and out.message_ids:
             # Its booked send time, or a backoff while Expo is unavailable: the rows stay pending
             # (their callee's share was taken: only a first try books it).
@@ -61,14 +62,14 @@ def send_pushes(self, message_ids: list[str], booked: bool = False, failures: in
         structlog.contextvars.clear_contextvars()
 
 
-@app.task(name="callflow.sweep_pushes", acks_late=False, ignore_result=True)
+@app.task(name=names.SWEEP_PUSHES, acks_late=False, ignore_result=True)
 def sweep_pushes() -> dict:
     """Beat: pending rows whose task was lost go again (in batches); receipts of sent ones are read."""
     d = delivery()
     stale = d.store.stale_pending(STALE_AFTER, 1000)
     fresh = d.claim_for_resend(stale, RESEND_EVERY)
     for start in range(0, len(fresh), 100):
-        send_pushes.apply_async(args=[fresh[start:start + 100]], queue="push")
+        send_pushes.apply_async(args=[fresh[start:start + 100]], queue=names.Q_PUSH)
     receipts = d.check_receipts(RECEIPTS_AFTER)
     if fresh or receipts:
         log.info("push sweep", resent=len(fresh), receipts=receipts)

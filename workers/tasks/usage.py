@@ -11,6 +11,7 @@ from __future__ import annotations
 import uuid
 
 from config.logging import get_logger
+from orchestration import names
 from orchestration.notifications.service import MAX_ATTEMPTS, backoff
 from orchestration.usage.alerts import deliver
 from orchestration.usage.check import check_usage as run_check
@@ -23,7 +24,7 @@ log = get_logger("callflow.usage")
 USAGE_CHECK_SECONDS = 60
 
 
-@app.task(name="callflow.check_usage", queue="sweeps", ignore_result=True)
+@app.task(name=names.CHECK_USAGE, queue=names.Q_SWEEPS, ignore_result=True)
 def check_usage() -> dict:
     usage, to_send = run_check(settings.database_url, plan_named(settings.callflow_livekit_plan),
                                settings.callflow_ops_email)
@@ -33,8 +34,8 @@ def check_usage() -> dict:
             "alerts_sent": len(to_send)}
 
 
-@app.task(name="callflow.send_usage_alert", bind=True, acks_late=True, reject_on_worker_lost=True,
-          max_retries=None, queue="notifications", ignore_result=True)
+@app.task(name=names.SEND_USAGE_ALERT, bind=True, acks_late=True, reject_on_worker_lost=True,
+          max_retries=None, queue=names.Q_NOTIFICATIONS, ignore_result=True)
 def send_usage_alert(self, alert_id: str, failures: int = 0) -> str:
     try:
         alert_id = str(uuid.UUID(str(alert_id)))

@@ -23,6 +23,7 @@ from starlette.routing import Route
 
 from config.logging import get_logger
 from config.settings import get_settings
+from orchestration import names
 from orchestration.adapters.redis_enqueue import EnqueueUnavailable, RedisEnqueuer
 from orchestration.webhooks import (
     MAX_BODY_BYTES,
@@ -35,8 +36,8 @@ from orchestration.webhooks import (
     parse_event,
 )
 
-TASK_NAME = "callflow.livekit_events"  # the nudge: takes the waiting events
-QUEUE = "events"
+TASK_NAME = names.LIVEKIT_EVENTS  # the nudge: takes the waiting events
+QUEUE = names.Q_EVENTS
 
 log = get_logger("callflow.web.webhook")
 

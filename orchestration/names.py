@@ -1,0 +1,160 @@
+"""Every name callflow's processes share on the wire: Celery task and queue names, Redis keys.
+
+One place, arq-style, so a name is written once. Values are fixed: old and new deploys run side by
+side on the same Redis and queues, so a value here never changes without a migration. Imports
+nothing (every layer may import it). `tests/unit/test_names.py` fails on a `"callflow:` key or a
+`"callflow.<task>"` name written anywhere else in orchestration/, workers/ or config/.
+"""
+
+from __future__ import annotations
+
+# --- Celery queues (workers/queues.py keeps the order a worker takes them in) -------------------
+Q_TIMERS = "timers"
+Q_EVENTS = "events"
+Q_SWEEPS = "sweeps"
+Q_PUSH = "push"
+Q_NOTIFICATIONS = "notifications"
+
+# --- Celery task names ----------------------------------------------------------------------------
+TASK_PREFIX = "callflow."  # every task's name starts with it (the lifecycle's step name drops it)
+INVITATION_CHANGED = "callflow.invitation_changed"  # one change, handed on alone (sweeps, a failed batch)
+INVITATIONS_CHANGED = "callflow.invitations_changed"  # the changes backlog's nudge (no args)
+LIVEKIT_EVENT = "callflow.livekit_event"  # one webhook event, handed on alone (a failed batch)
+LIVEKIT_EVENTS = "callflow.livekit_events"  # the webhook backlog's nudge (no args)
+RING_TIMEOUT = "callflow.ring_timeout"  # one invitation's ring deadline
+RING_TIMEOUTS_DUE = "callflow.ring_timeouts_due"  # a 50 ms bucket of ring deadlines (pre-built countdown)
+GRACE_EXPIRED = "callflow.grace_expired"  # a participant's grace period after leaving
+SWEEP = "callflow.sweep"  # beat: the lifecycle's sweep
+CATCH_UP_INVITATIONS = "callflow.catch_up_invitations"  # beat: the listener's safety net
+SEND_NOTIFICATION = "callflow.send_notification"  # one missed-call email
+SWEEP_NOTIFICATIONS = "callflow.sweep_notifications"  # beat: emails whose task was lost
+SEND_PUSHES = "callflow.send_pushes"  # a batch of Expo pushes
+SWEEP_PUSHES = "callflow.sweep_pushes"  # beat: pushes whose task was lost
+PING = "callflow.ping"  # health: a worker answers by writing ping_key
+CHECK_USAGE = "callflow.check_usage"  # beat: usage rollup and alerts
+SEND_USAGE_ALERT = "callflow.send_usage_alert"  # one usage alert email to ops
+
+TASKS = (INVITATION_CHANGED, INVITATIONS_CHANGED, LIVEKIT_EVENT, LIVEKIT_EVENTS, RING_TIMEOUT,
+         RING_TIMEOUTS_DUE, GRACE_EXPIRED, SWEEP, CATCH_UP_INVITATIONS, SEND_NOTIFICATION,
+         SWEEP_NOTIFICATIONS, SEND_PUSHES, SWEEP_PUSHES, PING, CHECK_USAGE, SEND_USAGE_ALERT)
+
+# --- Redis keys -----------------------------------------------------------------------------------
+# Ingest backlog of invitation changes: the listener/catch-up LPUSH changes, the worker takes them.
+INGEST_CHANGES = "callflow:ingest:changes"
+# Set NX by whoever lists a change while no nudge waits: one invitations_changed message at a time.
+INGEST_NUDGED = "callflow:ingest:nudged"
+# + task id: the changes a worker took, kept until done (a retry/redelivery takes them again).
+INGEST_TAKEN_PREFIX = "callflow:ingest:taken:"
+# Webhook backlog: `web` LPUSHes LiveKit events, the worker takes them.
+WEBHOOK_EVENTS = "callflow:webhook:events"
+# Set NX by whoever lists an event while no nudge waits: one livekit_events message at a time.
+WEBHOOK_NUDGED = "callflow:webhook:nudged"
+# + task id: the events a worker took, kept until done.
+WEBHOOK_TAKEN_PREFIX = "callflow:webhook:taken:"
+NUDGE_TTL_SECONDS = 2  # both backlogs' nudge marks
+TAKEN_TTL_SECONDS = 3600  # both backlogs' taken lists
+
+# + event id: `web`'s dedupe mark of a LiveKit webhook event (set NX before listing it).
+WEBHOOK_SEEN_PREFIX = "callflow:webhook:seen:"
+# LiveKit retries for ~15 s and drops events older than 30 s: an hour is well past that, and the
+# database's unique `call_events.event_id` is the final guard.
+WEBHOOK_SEEN_TTL_SECONDS = 3600
+
+
+def ingest_seen_key(event_id: str) -> str:
+    """Dedupe mark of one invitation transition (listener, catch-up, the worker's hand-on): set NX
+    so a transition is listed once."""
+    return f"callflow:ingest:seen:{event_id}"
+
+
+INGEST_SEEN_TTL_SECONDS = 2 * 24 * 3600
+
+# The catch-up's watermark: written by the listener's catch-up, the last change time it read.
+INGEST_WATERMARK = "callflow:ingest:watermark"
+
+# Sorted set of listener ids by last heartbeat (unix seconds): written by each listener.
+LISTENERS_INDEX = "callflow:listeners"
+
+
+def listener_key(listener_id: str) -> str:
+    """A listener's heartbeat (its state as JSON), written by that listener every couple of seconds."""
+    return f"callflow:listener:{listener_id}"
+
+
+LISTENER_HEARTBEAT_TTL_SECONDS = 15
+
+
+def timer_bucket_key(end_ms: int) -> str:
+    """Set NX by the worker that pushes a ring-timeout bucket's countdown: one per 50 ms bucket."""
+    return f"callflow:timer-bucket:{end_ms}"
+
+
+TIMER_BUCKET_TTL_SECONDS = 24 * 3600
+
+# + throttle key: the lifecycle's cross-worker `once(key, seconds)` marks (RedisThrottle; px=seconds).
+SWEEP_THROTTLE_PREFIX = "callflow:sweep:"
+# The sweep's lock: set by the beat sweep task while it runs, so two sweeps never overlap.
+SWEEP_RUNNING = "callflow:sweep:running"
+
+
+def ping_key(token: str) -> str:
+    """Written by the `ping` task: proof a worker took a message (health checks read it)."""
+    return f"callflow:ping:{token}"
+
+
+PING_TTL_SECONDS = 300
+
+# redbeat's key prefix: beat's schedule and lock (written by redbeat).
+BEAT_PREFIX = "callflow:beat"
+
+# Task outcomes counted by the workers' signals, read by /metrics.
+OPS_TASK_OUTCOMES = "callflow:ops:task_outcomes"
+# When /metrics first saw each queue's oldest message (its age).
+OPS_OLDEST_SEEN = "callflow:ops:oldest_seen"
+
+
+def notification_scheduled_key(notification_id: str) -> str:
+    """Set by whoever books an email's countdown: the sweep leaves a booked email alone."""
+    return f"callflow:notifications:scheduled:{notification_id}"
+
+
+def notification_swept_key(notification_id: str) -> str:
+    """Set NX by the notifications sweep when it re-sends an email: at most one re-send per period."""
+    return f"callflow:notifications:swept:{notification_id}"
+
+
+# Resend's token bucket (the mailer, shared by all workers).
+RATELIMIT_RESEND = "callflow:ratelimit:resend"
+# Expo's token bucket (the push delivery, shared by all workers).
+RATELIMIT_EXPO = "callflow:ratelimit:expo"
+# Per-user rate limit's default prefix (+ ":" + user, see orchestration.rate_limit).
+RATELIMIT_PREFIX = "callflow:ratelimit"
+# The token route's per-user rate limit prefix.
+RATELIMIT_TOKEN_PREFIX = "callflow:ratelimit:token"
+
+
+def backoff_key(name: str) -> str:
+    """A shared backoff (SharedBackoff): written by every worker that hit that service's refusal."""
+    return f"callflow:backoff:{name}"
+
+
+def push_waiting_key(message_id: str) -> str:
+    """Set by the push delivery when a push waits to come back: the sweep leaves it alone."""
+    return f"callflow:push:waiting:{message_id}"
+
+
+def push_lease_key(message_id: str) -> str:
+    """Set NX by the push delivery while it sends a push: one worker per push."""
+    return f"callflow:push:lease:{message_id}"
+
+
+PUSH_LEASE_TTL_SECONDS = 60
+
+
+def push_resend_key(message_id: str) -> str:
+    """Set NX by the push sweep when it re-sends a push: at most one re-send per period."""
+    return f"callflow:push:resend:{message_id}"
+
+
+# Prefix of a user's open SSE streams (sorted set `callflow:streams:<user id>`), held by `web`.
+STREAMS_PREFIX = "callflow:streams"
