@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from orchestration import names
+
 _SCRIPT = """
 local key = KEYS[1]
 local limit = tonumber(ARGV[1])
@@ -48,7 +50,7 @@ class RateDecision:
 
 class RateLimiter:
     def __init__(self, client: aioredis.Redis, *, limit: int, window_seconds: float = 60.0,
-                 prefix: str = "callflow:ratelimit") -> None:
+                 prefix: str = names.RATELIMIT_PREFIX) -> None:
         if limit <= 0:
             raise ValueError("limit must be positive")
         self.client = client

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import redis
 
+from orchestration import names
 from orchestration.backoff import backoff_delay
 
 IDLE_RESET_SECONDS = 300
@@ -89,7 +90,7 @@ class Turn:
 class SharedBackoff:
     def __init__(self, client: redis.Redis, name: str, base: float, cap: float, probe_seconds: float) -> None:
         self.client = client
-        self.key = f"callflow:backoff:{name}"
+        self.key = names.backoff_key(name)
         self.probe_key = f"{self.key}:probe"
         self.base, self.cap = base, cap
         self.probe_ms = int(probe_seconds * 1000)

@@ -16,7 +16,7 @@ from orchestration.lifecycle.ring_timeout import TIMER_BUCKET_SECONDS
 from orchestration.webhooks import PUSH_TASK_LUA, CeleryMessageBuilder, task_sent_channel_of
 
 BUCKET_TASK = names.RING_TIMEOUTS_DUE
-BUCKET_TTL_SECONDS = 24 * 3600
+BUCKET_TTL_SECONDS = names.TIMER_BUCKET_TTL_SECONDS
 # KEYS: the buckets' marks, then the queue. ARGV: the marks' ttl, the `task-sent` channel, then per
 # bucket its countdown message and that message's `task-sent` event ('' for none). A bucket's
 # message (and event) is pushed only by whoever sets its mark. Returns how many were pushed.
@@ -65,7 +65,7 @@ class CeleryScheduler:
         if not ends:
             return
         self._r()
-        keys = [f"callflow:timer-bucket:{int(round(end * 1000))}" for end in ends]
+        keys = [names.timer_bucket_key(int(round(end * 1000))) for end in ends]
         countdowns = [self._builder.prebuilt([end], eta=datetime.fromtimestamp(end, tz=timezone.utc)) for end in ends]
         self._buckets(keys=keys + [names.Q_TIMERS],
                       args=[BUCKET_TTL_SECONDS, self._sent_channel, *(part for task in countdowns for part in task)])
@@ -102,7 +102,7 @@ class CeleryScheduler:
 class RedisThrottle:
     """`once(key, seconds)` across all workers: a Redis key set only if absent, with an expiry."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "callflow:sweep:") -> None:
+    def __init__(self, client: redis.Redis, prefix: str = names.SWEEP_THROTTLE_PREFIX) -> None:
         self.client = client
         self.prefix = prefix
 

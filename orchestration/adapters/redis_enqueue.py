@@ -30,13 +30,12 @@ from typing import Any, Callable
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from orchestration import names
 from orchestration.ingest.backlog import LIST_ONCE_LUA, WEBHOOK_EVENTS, BacklogKeys
 from orchestration.webhooks import PreBuiltTask, task_sent_channel_of
 
-DEDUPE_PREFIX = "callflow:webhook:seen:"
-# LiveKit retries for ~15 s and drops events older than 30 s: an hour is well past that, and the
-# database's unique `call_events.event_id` is the final guard.
-DEDUPE_TTL_SECONDS = 3600
+DEDUPE_PREFIX = names.WEBHOOK_SEEN_PREFIX
+DEDUPE_TTL_SECONDS = names.WEBHOOK_SEEN_TTL_SECONDS  # why an hour: see orchestration.names
 
 # The backlog's script (`orchestration.ingest.backlog.LIST_ONCE_LUA`), sent as raw RESP below.
 LIST_ONCE_SHA = hashlib.sha1(LIST_ONCE_LUA.encode()).hexdigest()

@@ -21,14 +21,15 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from orchestration import names
 from orchestration.webhooks import PUSH_TASK_LUA, PreBuiltTask, task_sent_channel_of
 
 # A task decides at most this many items together (bigger batches hold a worker process longer).
 TAKE_AT_MOST = 32
 # A nudge mark outlives its message only this long (a lost nudge blocks no other for longer).
-NUDGE_TTL_SECONDS = 2
+NUDGE_TTL_SECONDS = names.NUDGE_TTL_SECONDS
 # What a task took is kept this long for its retry or redelivery (then the sweeps have it).
-TAKEN_TTL_SECONDS = 3600
+TAKEN_TTL_SECONDS = names.TAKEN_TTL_SECONDS
 
 # Listing (both listers: `web` for webhook events, the listener and catch-ups for changes).
 # KEYS: the items' dedupe marks, then the list, the nudge mark and the queue. ARGV: the marks' ttl,
@@ -109,8 +110,8 @@ class BacklogKeys:
     taken_prefix: str  # + task id: what that task took
 
 
-CHANGES = BacklogKeys("callflow:ingest:changes", "callflow:ingest:nudged", "callflow:ingest:taken:")
-WEBHOOK_EVENTS = BacklogKeys("callflow:webhook:events", "callflow:webhook:nudged", "callflow:webhook:taken:")
+CHANGES = BacklogKeys(names.INGEST_CHANGES, names.INGEST_NUDGED, names.INGEST_TAKEN_PREFIX)
+WEBHOOK_EVENTS = BacklogKeys(names.WEBHOOK_EVENTS, names.WEBHOOK_NUDGED, names.WEBHOOK_TAKEN_PREFIX)
 
 
 class Backlog:

@@ -18,13 +18,15 @@ import json
 import time
 from typing import Any, Iterable
 
-HEARTBEAT_TTL_SECONDS = 15
-INDEX_KEY = "callflow:listeners"
+from orchestration import names
+
+HEARTBEAT_TTL_SECONDS = names.LISTENER_HEARTBEAT_TTL_SECONDS
+INDEX_KEY = names.LISTENERS_INDEX
 STATES = ("starting", "connecting", "subscribing", "live", "backoff", "stopped")
 
 
 def heartbeat_key(listener_id: str) -> str:
-    return f"callflow:listener:{listener_id}"
+    return names.listener_key(listener_id)
 
 
 def publish(redis: Any, state: dict[str, Any], ttl: int = HEARTBEAT_TTL_SECONDS) -> None:

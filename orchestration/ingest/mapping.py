@@ -67,7 +67,7 @@ def event_id(invitation_id: str, status: str) -> str:
 
 def dedupe_key(invitation_id: str, status: str) -> str:
     """The Redis key that makes one transition enqueue once (across listeners and catch-ups)."""
-    return f"callflow:ingest:seen:{event_id(invitation_id, status)}"
+    return names.ingest_seen_key(event_id(invitation_id, status))
 
 
 def _uuid(value: Any) -> str:

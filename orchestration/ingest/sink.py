@@ -37,11 +37,12 @@ from typing import Any, Callable, Iterable
 from psycopg.rows import tuple_row
 from redis.exceptions import ResponseError as RedisResponseError
 
+from orchestration import names
 from orchestration.ingest.backlog import CHANGES, LIST_ONCE_LUA, TAKE_AT_MOST, Backlog
 from orchestration.ingest.mapping import TASK_NAME, TASK_QUEUE, Change, MalformedChange, dedupe_key, from_row
 
-WATERMARK_KEY = "callflow:ingest:watermark"
-DEDUPE_TTL_SECONDS = 2 * 24 * 3600
+WATERMARK_KEY = names.INGEST_WATERMARK
+DEDUPE_TTL_SECONDS = names.INGEST_SEEN_TTL_SECONDS
 CHANGES_KEY = CHANGES.items
 NUDGE_KEY = CHANGES.nudged
 

@@ -27,7 +27,9 @@ import uuid
 
 import redis
 
-DEFAULT_KEY = "callflow:ratelimit:resend"
+from orchestration import names
+
+DEFAULT_KEY = names.RATELIMIT_RESEND
 # Seconds of slack per window between a grant and the request's arrival at Resend.
 DEFAULT_MARGIN = 0.1
 

@@ -30,6 +30,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Protocol
 
 from config.logging import get_logger
+from orchestration import names
 from orchestration.backoff import backoff_delay
 from orchestration.db import get_pool
 from orchestration.domain import notices
@@ -248,11 +249,11 @@ SWEEP_RESEND_EVERY_SECONDS = 60  # at most one sweep re-send per row per this ma
 
 
 def scheduled_key(notification_id: str) -> str:
-    return f"callflow:notifications:scheduled:{notification_id}"
+    return names.notification_scheduled_key(notification_id)
 
 
 def swept_key(notification_id: str) -> str:
-    return f"callflow:notifications:swept:{notification_id}"
+    return names.notification_swept_key(notification_id)
 
 
 def mark_scheduled(redis_client, notification_id: str, countdown: float) -> None:

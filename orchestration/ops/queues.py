@@ -18,12 +18,13 @@ from typing import Iterable
 import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from orchestration import names
 from orchestration.ingest.backlog import CHANGES, WEBHOOK_EVENTS
 
 BACKLOGS = {"invitation_changes": CHANGES, "webhook_events": WEBHOOK_EVENTS}
 
-OUTCOMES_KEY = "callflow:ops:task_outcomes"
-FIRST_SEEN_KEY = "callflow:ops:oldest_seen"
+OUTCOMES_KEY = names.OPS_TASK_OUTCOMES
+FIRST_SEEN_KEY = names.OPS_OLDEST_SEEN
 UNACKED_KEY = "unacked"  # kombu's hash of messages delivered to a worker and not acked yet
 PUBLISHED_AT_HEADER = "published_at"
 

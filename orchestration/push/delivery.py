@@ -33,6 +33,7 @@ from datetime import timedelta
 import redis
 import structlog
 
+from orchestration import names
 from orchestration.backoff import backoff_delay
 from orchestration.push.expo import MAX_BATCH, MAX_RECEIPTS, TIMEOUT_SECONDS, ExpoRejected, ExpoUnavailable
 from orchestration.push.messages import CALL_ENDED_TTL, PushRow, expo_message
@@ -42,7 +43,7 @@ from orchestration.shared_backoff import SharedBackoff
 
 log = structlog.get_logger("callflow.push")
 
-LEASE_SECONDS = 60
+LEASE_SECONDS = names.PUSH_LEASE_TTL_SECONDS
 DEVICE_GONE = "DeviceNotRegistered"
 RATE_EXCEEDED = "MessageRateExceeded"  # a ticket that is Expo's 429 for one message: not an answer
 # Expo unavailable: the wait before the next try, from 0.5 s up to 10 s (Expo takes 600 messages a
@@ -60,7 +61,7 @@ KIND_ORDER = {"incoming_call": 0, "call_ended": 1, "missed_call": 2}
 
 
 def waiting_key(message_id: str) -> str:
-    return f"callflow:push:waiting:{message_id}"
+    return names.push_waiting_key(message_id)
 
 
 def expo_backoff(client: redis.Redis) -> SharedBackoff:
@@ -138,12 +139,12 @@ class PushDelivery:
             return []
         pipe = self.redis.pipeline(transaction=False)  # one round trip for a batch, not one per row
         for i in ids:
-            pipe.set(f"callflow:push:lease:{i}", 1, nx=True, ex=LEASE_SECONDS)
+            pipe.set(names.push_lease_key(i), 1, nx=True, ex=LEASE_SECONDS)
         return [i for i, taken in zip(ids, pipe.execute()) if taken]
 
     def _release(self, ids: list[str]) -> None:
         if ids:
-            self.redis.delete(*[f"callflow:push:lease:{i}" for i in ids])
+            self.redis.delete(*[names.push_lease_key(i) for i in ids])
 
     def _not_waiting(self, ids: list[str]) -> list[str]:
         if not ids:
@@ -163,7 +164,7 @@ class PushDelivery:
         """The sweep's pick among stale pending rows: those no task waits to come back for, and not
         re-sent by an earlier sweep within `seconds`."""
         return [i for i in self._not_waiting(ids)
-                if self.redis.set(f"callflow:push:resend:{i}", 1, nx=True, ex=seconds)]
+                if self.redis.set(names.push_resend_key(i), 1, nx=True, ex=seconds)]
 
     def deliver(self, ids: list[str], booked: bool = False, failures: int = 0, shared: bool = False) -> Delivery:
         """`booked`: the rows' global send time is booked; `shared`: their callee's share is;

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import redis
 
-KEY = "callflow:ratelimit:expo"
+from orchestration import names
+
+KEY = names.RATELIMIT_EXPO
 
 SHARE_OF_RATE = 50       # a callee's share: 1/50 of the global rate, at least MIN_SHARE_PER_SECOND
 MIN_SHARE_PER_SECOND = 1.0

@@ -258,12 +258,12 @@ def sweep(self) -> dict:
     return report.as_dict()
 
 
-SWEEP_RUNNING_KEY = "callflow:sweep:running"
+SWEEP_RUNNING_KEY = names.SWEEP_RUNNING
 SWEEP_LEASE_SECONDS = 5.0
 
 
 @app.task(name=names.PING)
 def ping(token: str) -> str:
     """Proves a queue is consumed: marks `token` in Redis."""
-    _redis().set(f"callflow:ping:{token}", "1", ex=300)
+    _redis().set(names.ping_key(token), "1", ex=names.PING_TTL_SECONDS)
     return token

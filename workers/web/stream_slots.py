@@ -17,6 +17,8 @@ import uuid
 
 import redis.asyncio as aioredis
 
+from orchestration import names
+
 LEASE_SECONDS = 60.0
 RENEW_SECONDS = 15.0
 
@@ -48,7 +50,7 @@ return 1
 
 class StreamLeases:
     def __init__(self, client: aioredis.Redis, *, limit: int, lease_seconds: float = LEASE_SECONDS,
-                 prefix: str = "callflow:streams") -> None:
+                 prefix: str = names.STREAMS_PREFIX) -> None:
         if limit <= 0:
             raise ValueError("limit must be positive")
         self.client = client

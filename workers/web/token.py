@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from config.logging import get_logger
 from config.settings import Settings, get_settings
+from orchestration import names
 from orchestration.auth import AuthUnavailable, InvalidToken, SupabaseTokenVerifier
 from orchestration.join_tokens import JoinTokenStore, mint_join_token
 from orchestration.rate_limit import RateLimiter
@@ -52,7 +53,7 @@ class _Services:
                 settings.redis_url, max_connections=32, timeout=2, socket_timeout=2, socket_connect_timeout=2)
             client = aioredis.Redis(connection_pool=pool)
             self.limiter = RateLimiter(client, limit=settings.callflow_token_rate_per_minute, window_seconds=60,
-                                       prefix="callflow:ratelimit:token")
+                                       prefix=names.RATELIMIT_TOKEN_PREFIX)
             self.settings = settings
         return self
 
