@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from devstack import services  # noqa: E402
+from orchestration import names  # noqa: E402
 
 DEV_JWT_SECRET = "super-secret-jwt-token-with-at-least-32-characters-long"
 
@@ -126,7 +127,7 @@ def run_source(source: str, db_url: str, redis_server: services.RedisServer, pai
                             env, log_dir).start()
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
-        services.wait_for(lambda: json.loads(client.get("callflow:listener:bench-" + source) or "{}").get("state") == "live",
+        services.wait_for(lambda: json.loads(client.get(names.listener_key("bench-" + source)) or "{}").get("state") == "live",
                           timeout=30, what=f"{source} listener live")
         time.sleep(0.5)
         reader = QueueReader(redis_server.url)
@@ -156,7 +157,7 @@ def run_source(source: str, db_url: str, redis_server: services.RedisServer, pai
         last = max(reader.arrived[i] for i in ids)
         reader.stop.set()
         reader.join(2)
-        beat = json.loads(client.get("callflow:listener:bench-" + source) or "{}")
+        beat = json.loads(client.get(names.listener_key("bench-" + source)) or "{}")
         return {"source": source, "p50": statistics.median(lat), "p99": pct(lat, 99), "max": max(lat),
                 "insert_rate": len(ids) / (end - start), "through": len(ids) / (last - start),
                 "catch_up": beat.get("catch_up_enqueued", 0)}

@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from devstack.services import wait_for
+from orchestration import names
 from orchestration.ingest.mapping import Change
 from orchestration.ingest.sink import CHANGES_KEY, NUDGE_KEY, IngestSink
 from tests.support.calls import insert_invitation, wait_invitation
@@ -24,7 +25,7 @@ def change(invitation_id: str, status: str = "pending") -> Change:
 
 
 def nudges(client: redis.Redis) -> int:
-    return sum(json.loads(raw)["headers"]["task"] == "callflow.invitations_changed"
+    return sum(json.loads(raw)["headers"]["task"] == names.INVITATIONS_CHANGED
                for raw in client.lrange("events", 0, -1))
 
 
@@ -88,5 +89,5 @@ def test_a_burst_of_changes_is_decided_by_a_real_worker(db, database_url, make_u
                         ([f"realtime:{inv['id']}:pending" for inv in invitations],)).fetchone()
     assert events["n"] == 40, "every change recorded once"
     # Nothing left waiting or held (the session's beat lists changes of other tests' rows too: eventually).
-    wait_for(lambda: redis_client.llen(CHANGES_KEY) == 0 and not redis_client.keys("callflow:ingest:taken:*"),
+    wait_for(lambda: redis_client.llen(CHANGES_KEY) == 0 and not redis_client.keys(names.INGEST_TAKEN_PREFIX + "*"),
              timeout=20, what="every change taken and done")

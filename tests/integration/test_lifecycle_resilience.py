@@ -14,6 +14,8 @@ from devstack.services import wait_for
 from tests.conftest import _wait_worker_ready, subprocess_env
 from tests.support.calls import enqueue_change, insert_invitation, invitation, wait_invitation
 
+from orchestration import names
+
 
 def test_timeouts_held_by_a_sigkilled_worker_fire_within_the_sweep_interval_plus_one_second(
         db, database_url, make_user, livekit, worker, beat, log_dir):
@@ -35,7 +37,7 @@ def test_timeouts_held_by_a_sigkilled_worker_fire_within_the_sweep_interval_plus
                 wait_invitation(db, inv["id"], "ringing")
             invs += batch
             try:
-                wait_for(lambda: doomed.log().count("callflow.ring_timeouts_due[") >= 1, timeout=1.5,
+                wait_for(lambda: doomed.log().count(names.RING_TIMEOUTS_DUE + "[") >= 1, timeout=1.5,
                          what="the doomed worker holding ring timeouts")
                 break
             except TimeoutError:
@@ -50,7 +52,7 @@ def test_timeouts_held_by_a_sigkilled_worker_fire_within_the_sweep_interval_plus
                     for inv in invs]
         sweep_interval = 0.5
         assert max(lateness) <= sweep_interval + 1.0, lateness
-        held = doomed.log().count("callflow.ring_timeouts_due[")
+        held = doomed.log().count(names.RING_TIMEOUTS_DUE + "[")
         assert held >= 1
     finally:
         doomed.stop()

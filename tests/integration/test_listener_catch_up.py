@@ -15,6 +15,7 @@ import redis
 from celery import Celery
 
 from devstack import services
+from orchestration import names
 from orchestration.ingest.mapping import dedupe_key, from_row
 from orchestration.ingest.sink import CHANGES_KEY, IngestSink, catch_up, read_watermark
 from tests.conftest import subprocess_env, wait_for
@@ -111,7 +112,7 @@ def test_mark_and_message_go_together_or_not_at_all(database_url, broker, users)
 def test_the_beat_task_runs_in_a_real_worker(database_url, broker, users, log_dir):
     from workers.app import app as callflow_app
 
-    entry = [e for e in callflow_app.conf.beat_schedule.values() if e["task"] == "callflow.catch_up_invitations"]
+    entry = [e for e in callflow_app.conf.beat_schedule.values() if e["task"] == names.CATCH_UP_INVITATIONS]
     assert entry and entry[0]["options"]["queue"] == "sweeps" and entry[0]["schedule"].total_seconds() <= 10
     url, client, app = broker
     caller, callee = users
@@ -120,11 +121,11 @@ def test_the_beat_task_runs_in_a_real_worker(database_url, broker, users, log_di
     worker = services.celery_worker(subprocess_env(REDIS_URL=url, DATABASE_URL=database_url), log_dir, name="catchup", concurrency=1,
                                     extra=["-Q", "sweeps"])
     try:
-        app.send_task("callflow.catch_up_invitations", queue="sweeps")
+        app.send_task(names.CATCH_UP_INVITATIONS, queue="sweeps")
         wait_for(lambda: len(event_counts(client, set(ids))) == 3 or not worker.alive(), timeout=60,
                  what="catch-up task enqueued the invitations")
         assert worker.alive(), worker.log()[-3000:]
-        app.send_task("callflow.catch_up_invitations", queue="sweeps")
+        app.send_task(names.CATCH_UP_INVITATIONS, queue="sweeps")
         time.sleep(2)
     finally:
         worker.stop()

@@ -13,6 +13,7 @@ import psycopg
 import redis as redis_lib
 
 from devstack import services
+from orchestration import names
 from orchestration.ingest.sink import CHANGES_KEY
 from tests.conftest import subprocess_env
 
@@ -33,7 +34,7 @@ def queued(client: redis_lib.Redis) -> list[dict[str, Any]]:
     changes = [json.loads(raw) for raw in reversed(client.lrange(CHANGES_KEY, 0, -1))]
     if changes:
         tasks = [json.loads(raw)["headers"]["task"] for raw in client.lrange("events", 0, -1)]
-        assert "callflow.invitations_changed" in tasks, "changes are waiting but no worker was nudged"
+        assert names.INVITATIONS_CHANGED in tasks, "changes are waiting but no worker was nudged"
     return changes
 
 
@@ -97,7 +98,7 @@ class ListenerProcess(services.Process):
         super().__init__(f"listener-{self.listener_id}", argv, env, log_dir)
 
     def heartbeat(self, client: redis_lib.Redis) -> dict[str, Any] | None:
-        raw = client.get(f"callflow:listener:{self.listener_id}")
+        raw = client.get(names.listener_key(self.listener_id))
         return json.loads(raw) if raw else None
 
     def wait_live(self, client: redis_lib.Redis, timeout: float = 20, after_reconnects: int = 0) -> dict[str, Any]:

@@ -26,6 +26,8 @@ from devstack import services
 from devstack.standins.resend_server import Answer, ResendStandIn
 from tests.conftest import subprocess_env
 
+from orchestration import names
+
 ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "re_test_standin_key_0001"
 APP_URL = "https://app.example.test"
@@ -72,10 +74,10 @@ class Producer:
         self.app = Celery("notifications-test", broker=broker_url)
 
     def send(self, notification_id: str) -> None:
-        self.app.send_task("callflow.send_notification", args=[notification_id], queue="notifications")
+        self.app.send_task(names.SEND_NOTIFICATION, args=[notification_id], queue="notifications")
 
     def sweep(self, min_age_seconds: float = 0.0) -> None:
-        self.app.send_task("callflow.sweep_notifications", args=[min_age_seconds], queue="sweeps")
+        self.app.send_task(names.SWEEP_NOTIFICATIONS, args=[min_age_seconds], queue="sweeps")
 
 
 def ended_invitation(db, caller: str, callee: str, status: str = "missed", rang: float | None = 30.0,
@@ -375,10 +377,10 @@ def test_beat_runs_the_notification_sweep_on_the_sweeps_queue():
     import workers.tasks  # noqa: F401 - registers the tasks, as the worker does
     from workers.app import app
 
-    entry = next(e for e in app.conf.beat_schedule.values() if e["task"] == "callflow.sweep_notifications")
+    entry = next(e for e in app.conf.beat_schedule.values() if e["task"] == names.SWEEP_NOTIFICATIONS)
     assert entry["options"]["queue"] == "sweeps"
-    assert app.conf.task_routes["callflow.send_notification"]["queue"] == "notifications"
-    task = app.tasks["callflow.send_notification"]
+    assert app.conf.task_routes[names.SEND_NOTIFICATION]["queue"] == "notifications"
+    task = app.tasks[names.SEND_NOTIFICATION]
     assert task.acks_late and task.reject_on_worker_lost
 
 

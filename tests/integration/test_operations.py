@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from devstack import services
 from devstack.services import ROOT, VENV_BIN, Process, free_port, wait_for
+from orchestration import names
 from orchestration.notifications.ratelimit import TokenBucket
 from orchestration.ops.queues import OperationsCollector
 from tests.conftest import subprocess_env
@@ -98,9 +99,9 @@ def test_every_procfile_process_runs_10_seconds_from_a_clean_checkout(log_dir, r
         # The worker really consumes (a ping round trip), and the sweeps beat sends are run.
         app = Celery(broker=env["REDIS_URL"])
         token = uuid.uuid4().hex
-        app.send_task("callflow.ping", args=[token], queue="events")
+        app.send_task(names.PING, args=[token], queue="events")
         client = redis.Redis.from_url(env["REDIS_URL"])
-        wait_for(lambda: client.get(f"callflow:ping:{token}"), timeout=20, what="ping run by the checkout's worker")
+        wait_for(lambda: client.get(names.ping_key(token)), timeout=20, what="ping run by the checkout's worker")
     finally:
         for proc in processes.values():
             proc.stop()
@@ -118,7 +119,7 @@ def test_web_binds_all_interfaces_unless_told_otherwise():
 
 def sweeps_sent(client: redis.Redis) -> int:
     """`callflow.sweep` messages on the sweeps queue (other beat entries share the queue)."""
-    return sum(1 for raw in client.lrange("sweeps", 0, -1) if json.loads(raw)["headers"]["task"] == "callflow.sweep")
+    return sum(1 for raw in client.lrange("sweeps", 0, -1) if json.loads(raw)["headers"]["task"] == names.SWEEP)
 
 
 def test_two_beats_one_sigkilled_the_other_takes_over_within_10_seconds(log_dir, redis_server):
@@ -195,7 +196,7 @@ def test_a_failed_task_is_kept_and_tasks_retry_reruns_it_once(log_dir, redis_ser
     try:
         wait_for(lambda: "ready." in worker.log(), timeout=60, what="worker ready")
         marker = f"not an event {uuid.uuid4().hex}"
-        task_id = Celery(broker=url).send_task("callflow.livekit_event", args=[marker, None], queue="events").id
+        task_id = Celery(broker=url).send_task(names.LIVEKIT_EVENT, args=[marker, None], queue="events").id
 
         def rows():
             return db.execute("select * from public.callflow_failed_tasks where args->>0 = %s order by failed_at",
@@ -203,7 +204,7 @@ def test_a_failed_task_is_kept_and_tasks_retry_reruns_it_once(log_dir, redis_ser
 
         wait_for(lambda: len(rows()) == 1, timeout=30, what="the failure kept")
         kept = rows()[0]
-        assert kept["task_id"] == task_id and kept["task_name"] == "callflow.livekit_event"
+        assert kept["task_id"] == task_id and kept["task_name"] == names.LIVEKIT_EVENT
         assert kept["args"] == [marker, None] and kept["queue"] == "events" and kept["attempts"] == 1
         assert "AttributeError" in kept["error"]
 
@@ -240,7 +241,7 @@ def test_queue_depth_and_oldest_age_come_from_redis(redis_server):
     import workers.task_outcomes  # noqa: F401 - stamps published_at on every message this process sends
 
     for n in range(3):
-        app.send_task("callflow.send_notification", args=[str(uuid.uuid4())], queue="notifications")
+        app.send_task(names.SEND_NOTIFICATION, args=[str(uuid.uuid4())], queue="notifications")
     time.sleep(1.2)
     registry = CollectorRegistry()
     registry.register(OperationsCollector(url, ["events", "notifications"]))

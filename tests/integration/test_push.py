@@ -20,6 +20,7 @@ from celery import Celery
 
 from devstack import services
 from devstack.standins.expo_server import ExpoStandin
+from orchestration import names
 from orchestration.push.delivery import RETRY_BASE_SECONDS, RETRY_MAX_SECONDS, PushDelivery
 from orchestration.push.expo import TIMEOUT_SECONDS, ExpoClient, OutboxClient
 from orchestration.push.rate import PushRate
@@ -99,7 +100,7 @@ def invite(database_url: str, producer, caller: str, callee: str) -> str:
 
 
 def changed(producer, invitation_id: str, status: str) -> None:
-    producer.send_task("callflow.invitation_changed", args=[change_event(invitation_id, status)], queue="events")
+    producer.send_task(names.INVITATION_CHANGED, args=[change_event(invitation_id, status)], queue="events")
 
 
 def pushes_to(expo: ExpoStandin, tok: str, kind: str) -> list[dict]:

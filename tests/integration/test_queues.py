@@ -7,6 +7,8 @@ from pathlib import Path
 from devstack import services
 from tests.conftest import subprocess_env, wait_for
 
+from orchestration import names
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -37,8 +39,8 @@ def test_every_queue_is_consumed_by_the_procfile_worker(log_dir, redis_client):
         for queue in QUEUES:
             token = uuid.uuid4().hex
             tokens[queue] = token
-            app.send_task("callflow.ping", args=[token], queue=queue)
+            app.send_task(names.PING, args=[token], queue=queue)
         for queue, token in tokens.items():
-            wait_for(lambda: redis_client.get(f"callflow:ping:{token}"), timeout=30, what=f"queue {queue} consumed")
+            wait_for(lambda: redis_client.get(names.ping_key(token)), timeout=30, what=f"queue {queue} consumed")
     finally:
         proc.stop()

@@ -20,6 +20,7 @@ from structlog.testing import capture_logs
 
 from devstack import services
 from devstack.standins.resend_server import ResendStandIn
+from orchestration import names
 from orchestration.db import connect
 from orchestration.notifications.mailers import OutboxMailer, ResendMailer
 from orchestration.usage import store
@@ -341,9 +342,9 @@ def test_the_beat_task_on_a_real_worker_alerts_and_emails(usage_db, redis_server
     try:
         services.wait_for(lambda: "ready." in worker.log() or not worker.alive(), timeout=60, what="usage worker")
         producer = Celery("usage-test", broker=broker)
-        producer.send_task("callflow.check_usage", queue="sweeps")
+        producer.send_task(names.CHECK_USAGE, queue="sweeps")
         services.wait_for(lambda: list(tmp_path.glob("*.eml")), timeout=30, what="the alert email")
-        producer.send_task("callflow.check_usage", queue="sweeps")
+        producer.send_task(names.CHECK_USAGE, queue="sweeps")
         with connect(usage_db, autocommit=True) as conn:
             services.wait_for(lambda: conn.execute("select computed_at from public.callflow_usage_months").fetchone(),
                               timeout=10, what="the snapshot")

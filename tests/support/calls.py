@@ -11,6 +11,8 @@ import psycopg
 
 from devstack.services import wait_for
 
+from orchestration import names
+
 
 def as_client(conn: psycopg.Connection, user_id: str):
     """Inside the current transaction, act as Supabase would for `user_id`."""
@@ -51,7 +53,7 @@ def change_event(invitation_id: str, status: str, room_name: str | None = None, 
 def enqueue_change(invitation_id: str, status: str, room_name: str | None = None, app=None) -> None:
     if app is None:
         from workers.app import app
-    app.send_task("callflow.invitation_changed", args=[change_event(invitation_id, status, room_name)], queue="events")
+    app.send_task(names.INVITATION_CHANGED, args=[change_event(invitation_id, status, room_name)], queue="events")
 
 
 def invitation(db, invitation_id: str) -> dict:
