@@ -21,6 +21,7 @@ import pytest
 import redis as redis_lib
 
 from devstack import services
+from orchestration import names
 from orchestration.db import connect
 from tests.faults.conftest import LONG_RING_TIMEOUT
 from tests.conftest import TEST_ENV
@@ -253,7 +254,7 @@ def test_the_listener_backoff_starts_from_its_first_step_after_a_resubscribe(fau
     def beat() -> dict:
         import json
 
-        raw = beats.get(f"callflow:listener:{listener_id}")
+        raw = beats.get(names.listener_key(listener_id))
         return json.loads(raw) if raw else {}
 
     try:

@@ -10,6 +10,7 @@ import time
 import pytest
 import redis as redis_lib
 
+from orchestration import names
 from orchestration.db import connect
 from tests.conftest import TEST_ENV
 from tests.faults.conftest import LONG_RING_TIMEOUT
@@ -109,8 +110,8 @@ def test_what_redis_acknowledged_survives_its_restart(stack):
     load.stop()
     time.sleep(2)  # the listener lists the last changes; the append-only file is written every second
     with redis_lib.Redis.from_url(stack.redis.url) as client:
-        listed = client.llen("callflow:ingest:changes")
-        hooks_listed = client.llen("callflow:webhook:events")
+        listed = client.llen(names.INGEST_CHANGES)
+        hooks_listed = client.llen(names.WEBHOOK_EVENTS)
     assert listed and hooks_listed
 
     restart_at = time.time()
@@ -118,8 +119,8 @@ def test_what_redis_acknowledged_survives_its_restart(stack):
     stack.redis.start()
     restarted_s = time.time() - restart_at
     with redis_lib.Redis.from_url(stack.redis.url) as client:
-        assert client.llen("callflow:ingest:changes") == listed
-        assert client.llen("callflow:webhook:events") == hooks_listed
+        assert client.llen(names.INGEST_CHANGES) == listed
+        assert client.llen(names.WEBHOOK_EVENTS) == hooks_listed
     stack.start("worker", CALLFLOW_RING_TIMEOUT_SECONDS=LONG_RING_TIMEOUT)
     load.finish(timeout=60)
     with db(stack) as conn:
