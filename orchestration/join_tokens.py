@@ -77,7 +77,10 @@ select (select name from room) as room_name,
 
 
 @dataclass(frozen=True)
-class Decision:
+class JoinGrant:
+    """The token route's answer to "may this user join this room?" (not the lifecycle's
+    `orchestration.domain.decision.Decision`): granted with the room and call type, or why not."""
+
     outcome: Literal["granted", "forbidden", "not_found"]
     room_name: str | None = None
     call_type: Literal["audio", "video"] = "video"
@@ -93,19 +96,19 @@ def query_params(user_id: str, *, room_name: str | None = None, invitation_id: s
     }
 
 
-def decide(row: dict, *, by_invitation: bool) -> Decision:
+def decide(row: dict, *, by_invitation: bool) -> JoinGrant:
     """The contract's rule, from the query's answer."""
     if by_invitation:
         if not row["invitation_found"]:
-            return Decision("not_found", reason="no such invitation")
+            return JoinGrant("not_found", reason="no such invitation")
         if not row["invitation_party"]:
-            return Decision("forbidden", reason="this invitation is not yours")
+            return JoinGrant("forbidden", reason="this invitation is not yours")
     elif not row["room_found"]:
-        return Decision("not_found", reason="no such room")
+        return JoinGrant("not_found", reason="no such room")
     if not row["party"]:
-        return Decision("forbidden", room_name=row["room_name"],
+        return JoinGrant("forbidden", room_name=row["room_name"],
                         reason="you have no live invitation in this room")
-    return Decision("granted", room_name=row["room_name"], call_type="video" if row["video"] else "audio",
+    return JoinGrant("granted", room_name=row["room_name"], call_type="video" if row["video"] else "audio",
                     display_name=row["display_name"])
 
 
@@ -135,7 +138,7 @@ class JoinTokenStore:
         return self._pool
 
     async def authorise(self, user_id: str, *, room_name: str | None = None,
-                        invitation_id: str | None = None) -> Decision:
+                        invitation_id: str | None = None) -> JoinGrant:
         if (room_name is None) == (invitation_id is None):
             raise ValueError("give exactly one of room_name, invitation_id")
         params = query_params(user_id, room_name=room_name, invitation_id=invitation_id)

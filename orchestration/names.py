@@ -90,6 +90,11 @@ def timer_bucket_key(end_ms: int) -> str:
 
 
 TIMER_BUCKET_TTL_SECONDS = 24 * 3600
+# How wide a bucket is: ring deadlines are grouped in buckets this wide, one countdown task per
+# bucket ending every invitation due in it (so 10,000 ringing invitations are a few thousand
+# timers, not 10,000). The scheduler adapter keys the buckets by it, the ring-timeout use case
+# reads a bucket's invitations by it.
+TIMER_BUCKET_SECONDS = 0.05
 
 # + throttle key: the lifecycle's cross-worker `once(key, seconds)` marks (RedisThrottle; px=seconds).
 SWEEP_THROTTLE_PREFIX = "callflow:sweep:"

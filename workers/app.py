@@ -31,7 +31,7 @@ from kombu import Queue
 from config.logging import configure_logging, register_secret
 from config.settings import load_settings_or_exit
 from orchestration import names
-from orchestration.webhooks import TASK_SENT_EVENTS
+from orchestration.adapters.celery_messages import TASK_SENT_EVENTS
 from workers import task_outcomes  # noqa: F401 - its signal handlers: task outcomes and failed tasks, for /metrics and `callflow tasks`
 from workers.queues import QUEUES
 
@@ -93,7 +93,7 @@ app.conf.update(
     worker_send_task_events=False,
     # `task-sent`, so Flower lists a task from the moment it is queued: one switch with the messages
     # callflow pushes itself (the backlogs' nudges, the ring-timeout countdowns), which publish
-    # theirs in the script that pushes them (orchestration/webhooks.py, TASK_SENT_EVENTS).
+    # theirs in the script that pushes them (orchestration/adapters/celery_messages.py, TASK_SENT_EVENTS).
     task_send_sent_event=TASK_SENT_EVENTS,
     broker_connection_retry_on_startup=True,
     # A lost Redis connection must not stop the worker (workers/consumer.py), however long Redis is away.

@@ -12,8 +12,8 @@ from celery import Celery
 from orchestration import names
 from orchestration.ingest.mapping import dedupe_key
 from orchestration.ingest.sink import DEDUPE_TTL_SECONDS
-from orchestration.lifecycle.ring_timeout import TIMER_BUCKET_SECONDS
-from orchestration.webhooks import PUSH_TASK_LUA, CeleryMessageBuilder, task_sent_channel_of
+from orchestration.adapters.celery_messages import PUSH_TASK_LUA, CeleryMessageBuilder, task_sent_channel_of
+from orchestration.names import TIMER_BUCKET_SECONDS
 
 BUCKET_TASK = names.RING_TIMEOUTS_DUE
 BUCKET_TTL_SECONDS = names.TIMER_BUCKET_TTL_SECONDS

@@ -32,7 +32,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from orchestration import names
 from orchestration.ingest.backlog import LIST_ONCE_LUA, WEBHOOK_EVENTS, BacklogKeys
-from orchestration.webhooks import PreBuiltTask, task_sent_channel_of
+from orchestration.adapters.celery_messages import PreBuiltTask, task_sent_channel_of
 
 DEDUPE_PREFIX = names.WEBHOOK_SEEN_PREFIX
 DEDUPE_TTL_SECONDS = names.WEBHOOK_SEEN_TTL_SECONDS  # why an hour: see orchestration.names

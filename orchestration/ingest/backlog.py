@@ -4,7 +4,7 @@ Two paths use it: invitation changes (`orchestration.ingest.sink`, listed by the
 catch-ups) and LiveKit's webhook events (`orchestration.adapters.redis_enqueue`, listed by `web`).
 Whoever lists an item also pushes a nudge message (a pre-built Celery task with no arguments) onto
 the queue, unless one is waiting already (the nudge mark, `SET NX` with a short expiry), and
-publishes the nudge's `task-sent` event with it (`orchestration.webhooks.PreBuiltTask`), as
+publishes the nudge's `task-sent` event with it (`orchestration.adapters.celery_messages.PreBuiltTask`), as
 `send_task` would, so Flower lists it from the moment it is queued. The task a nudge starts
 `take`s up to `at_most` items, oldest first, and nudges another worker if more are waiting: at low
 load an item is one task, under load the backlog itself is the batch, and the busier the workers,
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from orchestration import names
-from orchestration.webhooks import PUSH_TASK_LUA, PreBuiltTask, task_sent_channel_of
+from orchestration.adapters.celery_messages import PUSH_TASK_LUA, PreBuiltTask, task_sent_channel_of
 
 # A task decides at most this many items together (bigger batches hold a worker process longer).
 TAKE_AT_MOST = 32

@@ -15,6 +15,7 @@ from typing import Callable
 
 import structlog
 
+from orchestration import names
 from orchestration.domain.decision import Decision, EventRecord, Snapshot, Want
 from orchestration.domain.model import EndReason, InvitationStatus as S, decide_ring_timeout
 from orchestration.lifecycle import rules
@@ -24,9 +25,8 @@ from orchestration.lifecycle.state import Working, in_rounds, merge_decisions
 
 log = structlog.get_logger("callflow.lifecycle")
 
-# Ring deadlines are grouped in buckets this wide: one countdown task per bucket ends every
-# invitation due in it, so 10,000 ringing invitations are a few thousand timers, not 10,000.
-TIMER_BUCKET_SECONDS = 0.05
+# Ring deadlines are grouped in buckets this wide (`orchestration.names`, beside the buckets' key).
+TIMER_BUCKET_SECONDS = names.TIMER_BUCKET_SECONDS
 
 
 def decide(snap: Snapshot, invitation_id: str, source: str, callee_in_room: bool | None) -> Decision:

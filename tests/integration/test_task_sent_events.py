@@ -30,7 +30,7 @@ from orchestration.ingest.backlog import CHANGES, WEBHOOK_EVENTS, Backlog
 from orchestration.ingest.mapping import TASK_NAME as CHANGES_TASK
 from orchestration.ingest.mapping import Change
 from orchestration.ingest.sink import IngestSink
-from orchestration.webhooks import CeleryMessageBuilder, task_sent_channel_of
+from orchestration.adapters.celery_messages import CeleryMessageBuilder, task_sent_channel_of
 from tests.conftest import subprocess_env
 
 DB = 3

@@ -11,7 +11,7 @@ import redis
 
 from orchestration.adapters.redis_enqueue import DEDUPE_PREFIX, EnqueueUnavailable, RedisEnqueuer
 from orchestration.ingest.backlog import WEBHOOK_EVENTS
-from orchestration.webhooks import PreBuiltTask
+from orchestration.adapters.celery_messages import PreBuiltTask
 
 LISTED = WEBHOOK_EVENTS.items
 _nudges = iter(range(1_000_000))

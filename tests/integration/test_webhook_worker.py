@@ -15,7 +15,7 @@ import redis
 from devstack import services
 from orchestration.adapters.redis_enqueue import RedisEnqueuer
 from orchestration.ingest.backlog import WEBHOOK_EVENTS
-from orchestration.webhooks import CeleryMessageBuilder
+from orchestration.adapters.celery_messages import CeleryMessageBuilder
 from tests.conftest import subprocess_env, wait_for
 from tests.integration.test_webhook_http import make_event, post_many, sign
 

@@ -10,8 +10,8 @@ from datetime import datetime, timezone
 import pytest
 from celery.utils.time import utcoffset as celery_utcoffset
 
-from orchestration.webhooks import (LIVEKIT_EVENT_TYPES, CeleryMessageBuilder, InvalidEvent, livekit_event_args,
-                                    parse_event, task_sent_channel)
+from orchestration.adapters.celery_messages import CeleryMessageBuilder, task_sent_channel
+from orchestration.webhooks import LIVEKIT_EVENT_TYPES, InvalidEvent, livekit_event_args, parse_event
 
 
 def event_body(kind: str, **extra) -> bytes:

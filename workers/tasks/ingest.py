@@ -37,7 +37,7 @@ def webhook_backlog():
     import redis
 
     from orchestration.ingest.backlog import WEBHOOK_EVENTS, Backlog
-    from orchestration.webhooks import CeleryMessageBuilder
+    from orchestration.adapters.celery_messages import CeleryMessageBuilder
 
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
     builder = CeleryMessageBuilder.for_task(names.LIVEKIT_EVENTS, names.Q_EVENTS)

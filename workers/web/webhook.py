@@ -25,9 +25,9 @@ from config.logging import get_logger
 from config.settings import get_settings
 from orchestration import names
 from orchestration.adapters.redis_enqueue import EnqueueUnavailable, RedisEnqueuer
+from orchestration.adapters.celery_messages import CeleryMessageBuilder
 from orchestration.webhooks import (
     MAX_BODY_BYTES,
-    CeleryMessageBuilder,
     InvalidEvent,
     PayloadTooLarge,
     WebhookRejected,
