@@ -40,21 +40,24 @@ def bucket_end(at: datetime) -> float:
 
 
 class CeleryScheduler:
-    def __init__(self, app: Celery) -> None:
+    def __init__(self, app: Celery, redis_client: redis.Redis | None = None) -> None:
+        """`redis_client`: the broker's Redis (the worker process's shared client, `workers.clients`);
+        without one, a client on the app's `broker_url` is made on first use."""
         self.app = app
-        self._redis: redis.Redis | None = None
+        self._redis: redis.Redis | None = redis_client
         self._buckets = None
         self._builder: CeleryMessageBuilder | None = None
         self._sent_channel = b""
 
     def _r(self) -> redis.Redis:
-        if self._redis is None:
-            self._redis = redis.Redis.from_url(self.app.conf.broker_url)
-            self._buckets = self._redis.register_script(_BUCKETS)
+        if self._buckets is None:
+            if self._redis is None:
+                self._redis = redis.Redis.from_url(self.app.conf.broker_url)
             self._sent_channel = task_sent_channel_of(self._redis)
             # Announced as `send_task` would announce them with this app: `task_send_sent_event`.
             self._builder = CeleryMessageBuilder.for_task(BUCKET_TASK, names.Q_TIMERS,
                                                           sent_events=bool(self.app.conf.task_send_sent_event))
+            self._buckets = self._redis.register_script(_BUCKETS)  # last: set means ready
         return self._redis
 
     def ring_timeouts(self, deadlines: list[tuple[str, datetime]]) -> None:

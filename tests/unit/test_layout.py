@@ -241,3 +241,26 @@ def test_bench_and_tests_do_not_import_each_other() -> None:
 def test_devstack_imports_no_bench_or_test_code() -> None:
     wrong = _crossing({"devstack"}, {"bench", "tests"})
     assert not wrong, "devstack importing what it serves:\n" + "\n".join(wrong)
+
+
+def test_adapters_import_no_use_case() -> None:
+    # An adapter implements a port; what it shares with a use case (a timer bucket's width, say)
+    # lives in the domain or `orchestration.names`, not in the use case's module.
+    wrong = [str(a) for a in ARROWS
+             if not a.implied and a.source.startswith("orchestration.adapters.")
+             and a.target.startswith("orchestration.lifecycle")]
+    assert not wrong, "adapters importing use cases:\n" + "\n".join(wrong)
+
+
+def test_the_task_base_and_the_outcome_handlers_import_no_app_tasks_or_clients() -> None:
+    # `workers.app` imports `workers.task_outcomes` (its signal handlers) and may take
+    # `workers.base_task.CallflowTask` as its tasks' base; `workers.clients` imports the app. So
+    # neither of the two may import the app, the tasks or the clients back (not even lazily).
+    downstream = {"workers.app", "workers.clients", "workers.tasks"}
+    wrong = [str(a) for a in ARROWS
+             if a.source in ("workers.base_task", "workers.task_outcomes", "workers.transient")
+             and (a.target in downstream or a.target.startswith("workers.tasks."))]
+    assert not wrong, "the task base or the outcome handlers importing what imports them:\n" + "\n".join(wrong)
+    pairs = {(a.source, a.target) for a in ARROWS}
+    assert ("workers.clients", "workers.app") in pairs  # the guard above is about a real arrow
+    assert ("workers.tasks.lifecycle", "workers.base_task") in pairs

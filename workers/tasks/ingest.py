@@ -8,48 +8,35 @@ nudge (`orchestration.ingest.backlog`) get one.
 
 from __future__ import annotations
 
-import functools
-
 import structlog
 
 from orchestration import names
-from workers.app import app, settings
+from orchestration.ingest.sink import catch_up
+from workers.app import app
+from workers.base_task import CallflowTask
+from workers.clients import clients
 
 log = structlog.get_logger("callflow.ingest")
 
 CATCH_UP_INTERVAL_SECONDS = 5.0
 
 
-@functools.lru_cache(maxsize=1)
 def sink():
-    import redis
-
-    from orchestration.ingest.sink import IngestSink
-
-    client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=10,
-                                  socket_connect_timeout=5)
-    return IngestSink(client)
+    """The invitation changes' sink (and its backlog): the worker process's (`workers.clients`)."""
+    return clients().ingest_sink
 
 
-@functools.lru_cache(maxsize=1)
 def webhook_backlog():
-    """The workers' side of the LiveKit events `web` lists (`orchestration.adapters.redis_enqueue`)."""
-    import redis
-
-    from orchestration.ingest.backlog import WEBHOOK_EVENTS, Backlog
-    from orchestration.adapters.celery_messages import CeleryMessageBuilder
-
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
-    builder = CeleryMessageBuilder.for_task(names.LIVEKIT_EVENTS, names.Q_EVENTS)
-    return Backlog(client, WEBHOOK_EVENTS, names.Q_EVENTS, builder.prebuilt)
+    """The workers' side of the LiveKit events `web` lists (`orchestration.adapters.redis_enqueue`):
+    the worker process's (`workers.clients`)."""
+    return clients().webhook_backlog
 
 
-@app.task(name=names.CATCH_UP_INVITATIONS, acks_late=False, ignore_result=True)
+# Beat's: a transient error fails this run (not kept: `workers.task_outcomes`), the next one does the work.
+@app.task(name=names.CATCH_UP_INVITATIONS, base=CallflowTask, retry_transient=False, acks_late=False,
+          ignore_result=True)
 def catch_up_invitations() -> dict:
-    from orchestration.db import get_pool
-    from orchestration.ingest.sink import catch_up
-
-    with get_pool(settings.database_url).connection() as conn:
+    with clients().db.connection() as conn:
         result = catch_up(conn, sink(), source="postgres",
                           on_malformed=lambda reason: log.warning("malformed invitation row skipped", reason=reason))
     if result.enqueued:

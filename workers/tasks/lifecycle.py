@@ -1,61 +1,44 @@
 """Lifecycle tasks: parse plain arguments, call a use case with its ports, sort exceptions.
 
-Database and broker hiccups are retried with backoff (every use case is idempotent: a retry finds
-its event recorded or its state moved on); anything else is a bug and fails loudly. The ring
+Database and broker hiccups are retried with backoff by the tasks' base (`workers.base_task`: every
+use case is idempotent, a retry finds its event recorded or its state moved on); anything else is a
+bug and fails loudly. The adapters are the worker process's shared clients (`workers.clients`). The ring
 deadline, grace periods and lost invitations are also enforced by `sweep`, so no task here is the
 only thing standing between an event and its effect.
 """
 
 from __future__ import annotations
 
-import functools
-import time
 from concurrent.futures import ThreadPoolExecutor
 
-import redis
 import structlog
 from celery.exceptions import Reject, Retry
 
 from orchestration import names
-from orchestration.adapters.celery_scheduler import CeleryScheduler, RedisThrottle
-from orchestration.backoff import backoff_delay
-from orchestration.adapters.livekit_rooms import LiveKitRooms
-from orchestration.adapters.postgres_store import PostgresStore
+from orchestration.adapters.celery_scheduler import RedisThrottle
 from orchestration.ingest.livekit import parse_room_event
-from orchestration.lifecycle.context import LifecycleConfig, Ports
+from orchestration.lifecycle.context import Ports
 from orchestration.lifecycle.grace_expired import handle_grace_expired
 from orchestration.lifecycle.invitation_changed import handle_invitation_changed, handle_invitations_changed
 from orchestration.lifecycle.livekit_event import handle_livekit_event, handle_livekit_events
 from orchestration.lifecycle.ring_timeout import handle_ring_timeout, handle_ring_timeouts_due
 from orchestration.lifecycle.sweep import run_sweep
 from workers.app import app, settings
+from workers.base_task import CallflowTask
+from workers.clients import clients
 from workers.leases import one_at_a_time
-from workers.transient import BROKER_ERRORS, TRANSIENT_ERRORS
+from workers.transient import TRANSIENT_ERRORS
 
 log = structlog.get_logger("callflow.tasks")
 
 # Enough retries to outlast a Postgres or Redis restart of a few minutes (at least ~4 min with
-# jitter): an outage costs retries, not a failed task.
-_TASK = dict(bind=True, acks_late=True, max_retries=20)
+# jitter): an outage costs retries (the base's), not a failed task.
+_TASK = dict(base=CallflowTask, bind=True, acks_late=True, max_retries=20)
 
 
-@functools.lru_cache(maxsize=1)
 def ports() -> Ports:
-    """One set of adapters per worker process (created after the fork, on first use)."""
-    return Ports(
-        store=PostgresStore(settings.database_url, pool_size=10,
-                            email_repeat_window=settings.callflow_email_repeat_window_seconds),
-        rooms=LiveKitRooms(settings.livekit_http_url, settings.livekit_api_key,
-                           settings.livekit_api_secret.get_secret_value()),
-        scheduler=CeleryScheduler(app),
-        config=LifecycleConfig(ring_timeout=settings.callflow_ring_timeout_seconds,
-                               grace=settings.callflow_grace_seconds),
-    )
-
-
-@functools.lru_cache(maxsize=1)
-def _redis() -> redis.Redis:
-    return redis.Redis.from_url(settings.redis_url)
+    """The lifecycle's adapters: the worker process's shared ones (`workers.clients`)."""
+    return clients().ports
 
 
 # Results of timer housekeeping that moved nothing: DEBUG, so the console shows calls, not clocks.
@@ -79,8 +62,9 @@ def _log_step(step: str, outcome, context: dict) -> None:
 
 
 def _run(task, fn, *args, **context):
-    structlog.contextvars.bind_contextvars(task_id=task.request.id,
-                                           **{k: v for k, v in context.items() if v and k not in ("each", "step")})
+    # The base binds task_id and task_name (and clears every contextvar after the run); a transient
+    # error goes up to it, to be retried with backoff.
+    structlog.contextvars.bind_contextvars(**{k: v for k, v in context.items() if v and k not in ("each", "step")})
     try:
         outcome = fn(*args)
         step = task.name.removeprefix(names.TASK_PREFIX)
@@ -90,43 +74,11 @@ def _run(task, fn, *args, **context):
             return [one.result for one in outcome]
         _log_step(step, outcome, context)
         return outcome.result
-    except TRANSIENT_ERRORS as exc:
-        log.warning("transient failure, retrying", error=str(exc), retries=task.request.retries)
-        _retry_once_the_broker_takes_it(task, exc)
+    except TRANSIENT_ERRORS:
+        raise  # the base retries it
     except (ValueError, KeyError, TypeError) as exc:
         log.error("malformed task arguments, dropped", error=repr(exc))
         raise Reject(exc, requeue=False)
-    finally:
-        structlog.contextvars.clear_contextvars()
-
-
-# How long a task waits for Redis to take its retry before it gives up (and is kept as failed).
-BROKER_WAIT_SECONDS = 600.0
-
-
-def _retry_once_the_broker_takes_it(task, exc: Exception) -> None:
-    """`task.retry`, which publishes the retry to Redis: while Redis is away too, the task holds on
-    to its work and tries again (a worker process can fetch nothing else meanwhile anyway),
-    rather than failing for want of a broker. Raises Retry once the retry is published."""
-    if task.max_retries is not None and task.request.retries >= task.max_retries:
-        raise task.retry(exc=exc)  # out of retries: fails with `exc`, and is kept
-    waited, attempt = 0.0, 0
-    while True:
-        try:
-            raise task.retry(exc=exc, countdown=backoff_delay(task.request.retries + 1, 0.5, 30))
-        except Reject as rejected:  # Celery's word for "the retry could not be published"
-            if not isinstance(rejected.reason, BROKER_ERRORS):
-                raise
-            publish_error = rejected.reason
-            attempt += 1
-            if waited >= BROKER_WAIT_SECONDS:
-                raise
-            if attempt == 1:
-                log.warning("the broker cannot take the retry; holding the task until it can",
-                            error=str(publish_error)[:200])
-            pause = backoff_delay(attempt, 0.5, 5.0)
-            time.sleep(pause)
-            waited += pause
 
 
 @app.task(name=names.INVITATION_CHANGED, **_TASK)
@@ -140,11 +92,9 @@ def invitation_changed(self, change: dict) -> str:
 def invitations_changed(self, changes: list | None = None) -> list:
     """A nudge: take the waiting invitation changes (`orchestration.ingest.sink`) and decide them
     together. With `changes`, those (a failed batch's, retried by hand)."""
-    from workers.tasks.ingest import sink
-
     if changes is not None:
         return _run_changes(self, changes)
-    return _take_and_run(self, sink().backlog, _run_changes, names.INVITATION_CHANGED, lambda c: [c])
+    return _take_and_run(self, clients().ingest_sink.backlog, _run_changes, names.INVITATION_CHANGED, lambda c: [c])
 
 
 def _run_changes(task, changes: list) -> list:
@@ -166,11 +116,9 @@ def livekit_event(self, event: dict, received_at: str | None = None) -> str:
 def livekit_events(self, events: list | None = None) -> list:
     """A nudge: take the waiting LiveKit events (the webhook backlog `web` lists them on) and decide
     them together. With `events` ([event, received_at] pairs), those."""
-    from workers.tasks.ingest import webhook_backlog
-
     if events is not None:
         return _run_events(self, events)
-    return _take_and_run(self, webhook_backlog(), _run_events, names.LIVEKIT_EVENT, list)
+    return _take_and_run(self, clients().webhook_backlog, _run_events, names.LIVEKIT_EVENT, list)
 
 
 def _run_events(task, events: list) -> list:
@@ -184,17 +132,13 @@ def _take_and_run(task, backlog, run, alone_task: str, alone_args) -> list:
     it as one batch, then let it go. A batch that fails for a reason other than a transient one
     goes on item by item (`alone_task`, with `alone_args(item)`; each failing again is kept for
     `callflow tasks retry`) so that one item this code cannot handle does not hold up the others.
-    Redis giving no answer while taking is transient too: the retry takes them."""
-    try:
-        taken = backlog.take(task.request.id, first=True)
-    except TRANSIENT_ERRORS as exc:
-        log.warning("cannot take the backlog, retrying", error=str(exc)[:200], retries=task.request.retries)
-        _retry_once_the_broker_takes_it(task, exc)
+    Redis giving no answer while taking is transient too: the base retries, and the retry takes them."""
+    taken = backlog.take(task.request.id, first=True)
     if not taken:
         return []
     try:
         results = run(task, taken)
-    except Retry:
+    except (Retry, *TRANSIENT_ERRORS):
         raise  # transient: the retry takes the same items again (they stay taken by this task id)
     except Exception as exc:  # noqa: BLE001
         log.error("a batch failed; each item goes on alone", error=repr(exc)[:300], items=len(taken),
@@ -241,17 +185,19 @@ def grace_expired(self, room_name: str, participant_sid: str, identity: str, abo
                 room_name=room_name, event_id=f"grace:{participant_sid}")
 
 
-@app.task(name=names.SWEEP, bind=True, acks_late=False, ignore_result=True)
+@app.task(name=names.SWEEP, base=CallflowTask, retry_transient=False, bind=True, acks_late=False,
+          ignore_result=True)
 def sweep(self) -> dict:
     """Beat, every CALLFLOW_SWEEP_INTERVAL_SECONDS: see `orchestration.lifecycle.sweep`.
 
     One at a time: while LiveKit's API hangs, a sweep takes a request timeout or more, and sweeps
     piling up behind it would take every worker process from ringing calls (the next one after it
     does the work; a worker that died holding the lease frees it within SWEEP_LEASE_SECONDS)."""
-    with one_at_a_time(_redis(), SWEEP_RUNNING_KEY, SWEEP_LEASE_SECONDS) as mine:
+    shared = clients()
+    with one_at_a_time(shared.redis, SWEEP_RUNNING_KEY, SWEEP_LEASE_SECONDS) as mine:
         if not mine:
             return {"skipped": "another sweep is running"}
-        report = run_sweep(ports(), RedisThrottle(_redis()), interval=settings.callflow_sweep_interval_seconds,
+        report = run_sweep(shared.ports, RedisThrottle(shared.redis), interval=settings.callflow_sweep_interval_seconds,
                            parallel_map=_parallel_map)
     if report.did_something:
         log.info("sweep handed on overdue work", **report.as_dict())
@@ -262,8 +208,8 @@ SWEEP_RUNNING_KEY = names.SWEEP_RUNNING
 SWEEP_LEASE_SECONDS = 5.0
 
 
-@app.task(name=names.PING)
+@app.task(name=names.PING, base=CallflowTask, retry_transient=False)
 def ping(token: str) -> str:
     """Proves a queue is consumed: marks `token` in Redis."""
-    _redis().set(names.ping_key(token), "1", ex=names.PING_TTL_SECONDS)
+    clients().redis.set(names.ping_key(token), "1", ex=names.PING_TTL_SECONDS)
     return token
