@@ -77,10 +77,9 @@ class Scheduler(Protocol):
     def send_pushes(self, message_ids: list[str]) -> None:
         """Deliver these push outbox rows (batched, rate limited, after commit)."""
 
-    def invitation_changed(self, change: dict) -> None: ...
-
-    def expect_echoes(self, transitions: list[tuple[str, str]]) -> None:
-        """(invitation id, status) a worker is about to commit: the listener need not hand them on."""
+    def invitation_changed(self, change) -> None:
+        """Hand this change (an `orchestration.ingest.mapping.Change`) on to a worker, alone, as
+        `Change.to_wire()`: the one codec the tasks decode with."""
 
 
 class UnitOfWork(Protocol):

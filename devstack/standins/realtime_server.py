@@ -19,8 +19,9 @@ What it covers (as ../shared/PROTOCOLS.md describes the real server and realtime
   `system` error ("Token has expired ...") and a `phx_close`, like the real server.
 
 Where the changes come from: real Postgres. It LISTENs on channel `callflow_invitations` (the
-NOTIFY of the migrations' `call_invitations_notify` trigger: op, id, status, updated_at) and reads
-the row for the other columns, with `status` and `updated_at` taken from the notification. It does
+NOTIFY of the migrations' `call_invitations_notify` trigger: op, id, status, updated_at,
+status_by) and reads the row for the other columns, with `status`, `updated_at` and `status_by`
+taken from the notification. It does
 not use logical decoding, so: `commit_timestamp` is the row's `updated_at` (transaction start),
 other columns are read after the commit (they may be newer than the change), only INSERT and
 status-changing UPDATE are seen (not other UPDATEs, not DELETE), and `filter` on bindings,
@@ -56,7 +57,7 @@ COLUMNS = [
         ("id", "uuid"), ("room_name", "text"), ("caller_id", "uuid"), ("callee_id", "uuid"), ("call_type", "text"),
         ("status", "text"), ("call_id", "uuid"), ("created_at", "timestamptz"), ("updated_at", "timestamptz"),
         ("ringing_at", "timestamptz"), ("ring_deadline", "timestamptz"), ("answered_at", "timestamptz"),
-        ("ended_at", "timestamptz"), ("end_reason", "text"), ("metadata", "jsonb"))
+        ("ended_at", "timestamptz"), ("end_reason", "text"), ("metadata", "jsonb"), ("status_by", "text"))
 ]
 MALFORMED_KINDS = ("not_json", "binary", "no_ref", "bad_record", "unknown_status", "server_errors", "no_record")
 
@@ -390,6 +391,8 @@ class RealtimeStandIn:
         record = {k: _ts(v) if not hasattr(v, "hex") else str(v) for k, v in (row or {}).items()}
         record.update(id=change.get("id"), status=change.get("status"), room_name=change.get("room_name"),
                       updated_at=_ts(change.get("updated_at")))
+        if "status_by" in change:  # who made this change, not whoever changed the row since
+            record["status_by"] = change["status_by"]
         data = {"schema": "public", "table": "call_invitations", "commit_timestamp": _commit_ts(change.get("updated_at")),
                 "type": op, "record": record, "old_record": {"id": change.get("id")} if op == "UPDATE" else {},
                 "columns": COLUMNS, "errors": None}

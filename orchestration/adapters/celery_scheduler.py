@@ -10,8 +10,7 @@ from celery import Celery
 
 
 from orchestration import names
-from orchestration.ingest.mapping import dedupe_key
-from orchestration.ingest.sink import DEDUPE_TTL_SECONDS
+from orchestration.ingest.mapping import Change
 from orchestration.adapters.celery_messages import PUSH_TASK_LUA, CeleryMessageBuilder, task_sent_channel_of
 from orchestration.names import TIMER_BUCKET_SECONDS
 
@@ -91,15 +90,8 @@ class CeleryScheduler:
     def send_pushes(self, message_ids: list[str]) -> None:
         self.app.send_task(names.SEND_PUSHES, args=[message_ids], queue=names.Q_PUSH)
 
-    def expect_echoes(self, transitions: list[tuple[str, str]]) -> None:
-        # The listener's own dedupe marks (orchestration/ingest/sink.py): its SET NX then finds them.
-        pipe = self._r().pipeline(transaction=False)
-        for invitation_id, status in transitions:
-            pipe.set(dedupe_key(invitation_id, status), "worker", nx=True, ex=DEDUPE_TTL_SECONDS)
-        pipe.execute()
-
-    def invitation_changed(self, change: dict) -> None:
-        self.app.send_task(names.INVITATION_CHANGED, args=[change], queue=names.Q_EVENTS)
+    def invitation_changed(self, change: Change) -> None:
+        self.app.send_task(names.INVITATION_CHANGED, args=[change.to_wire()], queue=names.Q_EVENTS)
 
 
 class RedisThrottle:

@@ -34,6 +34,8 @@ from orchestration.domain import notices
 from orchestration.domain.model import Call, Invitation, Participant
 
 _LIVE = "('ringing', 'active')"
+# For this transaction only (`set local`): its status changes are the lifecycle worker's.
+DECLARE_WORKER = "select set_config('callflow.actor', 'worker', true)"
 
 
 def _uuids(values) -> list[str]:
@@ -53,6 +55,7 @@ class PostgresUnitOfWork:
         self.email_repeat_window = email_repeat_window
         self._clock = clock
         self._now: datetime | None = None
+        self._declared_worker = False
 
     def _one(self, sql: str, params: Any = None) -> dict | None:
         return self.conn.execute(sql, params).fetchone()
@@ -147,6 +150,18 @@ class PostgresUnitOfWork:
                )""",
             {"users": [u for u, _ in user_rooms], "rooms": [r for _, r in user_rooms]})}
 
+    @staticmethod
+    def _update_invitations(cur, invitations) -> None:
+        cur.executemany(
+            """update public.call_invitations
+                  set status = %(status)s, call_id = %(call_id)s, ringing_at = %(ringing_at)s,
+                      ring_deadline = %(ring_deadline)s, answered_at = %(answered_at)s, ended_at = %(ended_at)s,
+                      end_reason = %(end_reason)s
+                where id = %(id)s""",
+            [{"id": inv.id, "status": str(inv.status), "call_id": inv.call_id, "ringing_at": inv.ringing_at,
+              "ring_deadline": inv.ring_deadline, "answered_at": inv.answered_at, "ended_at": inv.ended_at,
+              "end_reason": inv.end_reason} for inv in invitations])
+
     def apply(self, decision: Decision) -> list:
         # One round trip per kind of row (executemany pipelines its statements).
         cur = self.conn.cursor()
@@ -167,15 +182,14 @@ class PostgresUnitOfWork:
                   "created_at": call.created_at, "started_at": call.started_at, "ended_at": call.ended_at,
                   "duration": call.duration_seconds, "end_reason": call.end_reason} for call in calls])
         if decision.invitations:
-            cur.executemany(
-                """update public.call_invitations
-                      set status = %(status)s, call_id = %(call_id)s, ringing_at = %(ringing_at)s,
-                          ring_deadline = %(ring_deadline)s, answered_at = %(answered_at)s, ended_at = %(ended_at)s,
-                          end_reason = %(end_reason)s
-                    where id = %(id)s""",
-                [{"id": inv.id, "status": str(inv.status), "call_id": inv.call_id, "ringing_at": inv.ringing_at,
-                  "ring_deadline": inv.ring_deadline, "answered_at": inv.answered_at, "ended_at": inv.ended_at,
-                  "end_reason": inv.end_reason} for inv in decision.invitations])
+            # The transaction says it is the lifecycle worker (in the updates' round trip), so the
+            # database writes `status_by = 'worker'` on the transitions it makes
+            # (20_invitations.sql), and the listener drops their echo where it arrives.
+            with self.conn.pipeline():
+                if not self._declared_worker:
+                    self.conn.execute(DECLARE_WORKER)
+                    self._declared_worker = True
+                self._update_invitations(cur, decision.invitations)
         if decision.participants:
             cur.executemany(
                 """insert into public.call_participants (call_id, identity, participant_sid, joined_at, left_at,

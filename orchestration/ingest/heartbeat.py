@@ -9,7 +9,8 @@ Fields: `id`, `host`, `pid`, `source` (`realtime`/`postgres`), `state` (`startin
 `subscribing`, `live`, `backoff`, `stopped`), `connected` (bool: changes are flowing),
 `since` (when the state was entered), `last_event_at` (last change received), `lag_seconds`
 (commit to enqueue of the last change), `last_catch_up_at`, counters `received`, `enqueued`,
-`duplicates`, `malformed`, `reconnects`, `catch_up_enqueued`, and `updated_at` (unix seconds).
+`duplicates`, `echoes` (the echoes of the lifecycle worker's own transitions, dropped),
+`malformed`, `reconnects`, `catch_up_enqueued`, and `updated_at` (unix seconds).
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ class ListenerCollector:
             for name, help_ in (("received", "Changes received from the source"),
                                 ("enqueued", "Changes enqueued as lifecycle tasks"),
                                 ("duplicates", "Changes dropped as already enqueued"),
+                                ("echoes", "Changes dropped as the echo of a transition the worker made itself"),
                                 ("malformed", "Frames or notifications that could not be understood"),
                                 ("reconnects", "Reconnections of the source"),
                                 ("catch_up_enqueued", "Changes enqueued by catch-up"))

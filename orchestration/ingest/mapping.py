@@ -5,12 +5,21 @@ Three shapes come in, one shape goes out:
 - a Supabase Realtime `postgres_changes` payload (`{"ids": [...], "data": {"type", "record",
   "old_record", "commit_timestamp", ...}}`; in the Python callback `data["type"]` is an enum);
 - a Postgres NOTIFY payload of channel `callflow_invitations` (`{"op", "id", "status",
-  "room_name", "updated_at"}`, sent by the `call_invitations_notify` trigger);
+  "room_name", "updated_at", "status_by"}`, sent by the `call_invitations_notify` trigger);
 - a `call_invitations` row read by the catch-up query.
 
 The change (see docs/INTERNALS.md) is keyed by the contract's dedupe key
 `realtime:<invitation id>:<status>`: one key per transition, whichever source saw it first.
-No I/O here.
+
+A change that is the echo of a transition callflow's lifecycle worker made itself (`status_by`
+is 'worker' in the row, the Realtime record or the notification, and the status is one only the
+workers make: ringing, missed, busy, failed) is marked `worker_echo`: its effects were committed
+with it, and the ingest sink drops it instead of handing it on.
+
+`Change.to_wire()` / `Change.from_wire()` are the one codec of a change on its way to the workers:
+the sink lists `to_wire()` (as JSON) on the changes backlog, a failed batch sends each on alone as
+`callflow.invitation_changed` args `[to_wire()]`, the sweeps hand theirs on the same way, and the
+tasks decode with `from_wire()` before the use case sees them. No I/O here.
 """
 
 from __future__ import annotations
@@ -22,11 +31,16 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from orchestration import names
+from orchestration.domain.model import WORKER_ONLY
 
 TASK_NAME = names.INVITATIONS_CHANGED
 TASK_QUEUE = names.Q_EVENTS
 STATUSES = frozenset({"pending", "ringing", "accepted", "declined", "cancelled", "missed", "busy", "failed"})
 SOURCES = frozenset({"realtime", "postgres"})
+# Who makes changes: the ingest sources above, and the sweeps (handed on through the same codec).
+WIRE_SOURCES = SOURCES | {"sweep"}
+# `status_by` of a transition the lifecycle worker made (the database writes it: 20_invitations.sql).
+BY_WORKER = "worker"
 # Record columns copied into the change payload (small, no free-form metadata).
 _PAYLOAD_COLUMNS = ("caller_id", "callee_id", "call_type", "created_at", "updated_at")
 
@@ -37,28 +51,76 @@ class MalformedChange(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Change:
+    """"Look at this invitation now", as it travels from the listener, a catch-up or a sweep to the
+    workers. `event_id` and `type` default to the transition's (`realtime:<id>:<status>`,
+    `invitation_<status>`); a sweep names its own. `by_worker`: the status was made by the
+    lifecycle worker (the row's `status_by`)."""
+
     invitation_id: str
     status: str
     source: str
     room_name: str | None
     occurred_at: str | None
     payload: dict[str, Any]
+    event_id: str = ""
+    type: str = ""
+    by_worker: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.event_id:
+            object.__setattr__(self, "event_id", event_id(self.invitation_id, self.status))
+        if not self.type:
+            object.__setattr__(self, "type", f"invitation_{self.status}")
 
     @property
-    def event_id(self) -> str:
-        return event_id(self.invitation_id, self.status)
+    def worker_echo(self) -> bool:
+        return is_worker_echo(self.status, BY_WORKER if self.by_worker else None)
 
-    def as_task_arg(self) -> dict[str, Any]:
-        return {
+    def to_wire(self) -> dict[str, Any]:
+        """The change as a JSON-able dict: the changes backlog's item and `invitation_changed`'s argument."""
+        wire = {
             "event_id": self.event_id,
             "source": self.source,
-            "type": f"invitation_{self.status}",
+            "type": self.type,
             "invitation_id": self.invitation_id,
             "status": self.status,
             "room_name": self.room_name,
             "occurred_at": self.occurred_at,
             "payload": self.payload,
         }
+        if self.by_worker:  # absent: not the worker's (an echo is dropped before it is listed anyway)
+            wire["status_by"] = BY_WORKER
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> "Change":
+        """`to_wire()`'s dict back (after JSON). Lenient as the use case always was with what it
+        was handed (a task kept for `callflow tasks retry` may be older than this code): a missing
+        event id or type is the transition's, an unknown source is `realtime`; the invitation is
+        re-read anyway, and one that does not exist is recorded as such."""
+        if not isinstance(wire, Mapping):
+            raise MalformedChange("a change is not an object")
+        source = wire.get("source")
+        payload = wire.get("payload")
+        occurred_at = wire.get("occurred_at")
+        return cls(
+            invitation_id=str(wire.get("invitation_id") or ""),
+            status=str(wire.get("status") or ""),
+            source=source if source in WIRE_SOURCES else "realtime",
+            room_name=wire.get("room_name"),
+            occurred_at=str(occurred_at) if occurred_at else None,
+            payload=dict(payload) if isinstance(payload, Mapping) else {},
+            event_id=str(wire.get("event_id") or ""),
+            type=str(wire.get("type") or ""),
+            by_worker=wire.get("status_by") == BY_WORKER,
+        )
+
+
+def is_worker_echo(status: str, status_by: str | None) -> bool:
+    """The echo of a transition only workers make (ringing, missed, busy, failed), made by the
+    lifecycle worker itself: its effects were committed with it, nothing to hand on. (A worker's
+    accepted or cancelled is handed on as before: the sweep looks for those it never saw.)"""
+    return status_by == BY_WORKER and status in WORKER_ONLY
 
 
 def event_id(invitation_id: str, status: str) -> str:
@@ -157,7 +219,8 @@ def from_realtime(message: Mapping[str, Any]) -> Change | None:
     updated_at = iso(record.get("updated_at")) if record.get("updated_at") else None
     payload = {"op": kind, "commit_timestamp": commit_ts}
     payload.update({c: _jsonable(record.get(c)) for c in _PAYLOAD_COLUMNS if c in record})
-    return Change(invitation_id, status, "realtime", _room(record.get("room_name")), updated_at or commit_ts, payload)
+    return Change(invitation_id, status, "realtime", _room(record.get("room_name")), updated_at or commit_ts, payload,
+                  by_worker=record.get("status_by") == BY_WORKER)
 
 
 def from_notify(raw: str | bytes | Mapping[str, Any]) -> Change:
@@ -176,7 +239,7 @@ def from_notify(raw: str | bytes | Mapping[str, Any]) -> Change:
         raise MalformedChange(f"unknown op {op[:20]!r}")
     updated_at = iso(data.get("updated_at"))
     return Change(_uuid(data.get("id")), _status(data.get("status")), "postgres", _room(data.get("room_name")),
-                  updated_at, {"op": op, "updated_at": updated_at})
+                  updated_at, {"op": op, "updated_at": updated_at}, by_worker=data.get("status_by") == BY_WORKER)
 
 
 def from_row(row: Mapping[str, Any], source: str = "postgres") -> Change:
@@ -187,4 +250,4 @@ def from_row(row: Mapping[str, Any], source: str = "postgres") -> Change:
     payload = {"op": "CATCH_UP"}
     payload.update({c: _jsonable(row.get(c)) for c in _PAYLOAD_COLUMNS if c in row})
     return Change(_uuid(row.get("id")), _status(row.get("status")), source, _room(row.get("room_name")),
-                  updated_at, payload)
+                  updated_at, payload, by_worker=row.get("status_by") == BY_WORKER)

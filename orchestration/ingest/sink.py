@@ -6,7 +6,10 @@ callflow:ingest:seen:realtime:<invitation id>:<status> NX EX ttl` and, only if t
 `LPUSH` the change (the task argument, as JSON) onto the list `callflow:ingest:changes`.
 Mark and change go in together or not at all, so two listeners, a reconnect and the catch-ups
 list each transition exactly once, and a crash never leaves a mark without its change. (The
-lifecycle is idempotent on `call_events.event_id` anyway.)
+lifecycle is idempotent on `call_events.event_id` anyway.) The echo of a transition the
+lifecycle worker made itself (`Change.worker_echo`: the row's `status_by`, written by the
+database in the worker's transaction) is dropped before, neither marked nor listed; the
+catch-up skips such rows too.
 
 Workers are nudged, not handed one task per change: the list is a backlog
 (`orchestration.ingest.backlog`) whose nudge is one `callflow.invitations_changed` message (no
@@ -39,7 +42,9 @@ from redis.exceptions import ResponseError as RedisResponseError
 
 from orchestration import names
 from orchestration.ingest.backlog import CHANGES, LIST_ONCE_LUA, TAKE_AT_MOST, Backlog
-from orchestration.ingest.mapping import TASK_NAME, TASK_QUEUE, Change, MalformedChange, dedupe_key, from_row
+from orchestration.ingest.mapping import (
+    TASK_NAME, TASK_QUEUE, Change, MalformedChange, dedupe_key, from_row, is_worker_echo,
+)
 
 WATERMARK_KEY = names.INGEST_WATERMARK
 DEDUPE_TTL_SECONDS = names.INGEST_SEEN_TTL_SECONDS
@@ -60,6 +65,7 @@ return cur
 class SubmitResult:
     enqueued: list[Change] = field(default_factory=list)
     duplicates: int = 0
+    echoes: int = 0  # dropped: the echo of a transition the lifecycle worker made itself
 
 
 class IngestSink:
@@ -77,29 +83,36 @@ class IngestSink:
         self._enqueue = redis.register_script(LIST_ONCE_LUA)
 
     def submit(self, changes: Iterable[Change]) -> SubmitResult:
-        """List each change whose transition was not listed before; raises if Redis fails."""
+        """List each change whose transition was not listed before; raises if Redis fails.
+
+        The echo of a transition the lifecycle worker made itself is dropped here, unlisted and
+        unmarked: its effects were committed with it (the worker's guard in
+        `invitation_changed` would only record it)."""
         unique: dict[str, Change] = {}
-        duplicates = 0
+        duplicates = echoes = 0
         for change in changes:
+            if change.worker_echo:
+                echoes += 1
+                continue
             key = dedupe_key(change.invitation_id, change.status)
             if key in unique:
                 duplicates += 1
             else:
                 unique[key] = change
         if not unique:
-            return SubmitResult(duplicates=duplicates)
+            return SubmitResult(duplicates=duplicates, echoes=echoes)
         keys = list(unique)
         batch = [unique[k] for k in keys]
         nudge = self.backlog.nudge()
         listed = self._enqueue(keys=keys + [CHANGES_KEY, NUDGE_KEY, self.queue],
                                args=[self.ttl, self.backlog.sent_channel, nudge.message, nudge.sent_event,
-                                     *(json.dumps(c.as_task_arg()) for c in batch)])
+                                     *(json.dumps(c.to_wire()) for c in batch)])
         failed = [r for r in listed if not isinstance(r, int)]
         if failed:  # the script kept no mark for these: the listener's retry lists them
             text = failed[0].decode(errors="replace") if isinstance(failed[0], bytes) else str(failed[0])
             raise RedisResponseError(f"listing changes failed: {text}")
         enqueued = [c for c, t in zip(batch, listed) if t == 1]
-        return SubmitResult(enqueued=enqueued, duplicates=duplicates + len(batch) - len(enqueued))
+        return SubmitResult(enqueued=enqueued, duplicates=duplicates + len(batch) - len(enqueued), echoes=echoes)
 
     # ---- the workers' side ---------------------------------------------------------------------
     def take(self, task_id: str, first: bool = True, at_most: int = TAKE_AT_MOST) -> list[dict]:
@@ -140,21 +153,25 @@ class CatchUpResult:
     scanned: int = 0
     enqueued: list[Change] = field(default_factory=list)
     duplicates: int = 0
+    echoes: int = 0
     malformed: int = 0
     watermark: datetime | None = None
     started_from: datetime | None = None
 
 
-# A page of (id, status, updated_at): most rows were listed already (by a listener, or the last
-# catch-up's overlap), and one MGET of their marks tells which; only the others are read whole.
+# A page of (id, status, updated_at, status_by): most rows were listed already (by a listener, or
+# the last catch-up's overlap), and one MGET of their marks tells which; only the others are read
+# whole. A row whose status the lifecycle worker made (ringing, missed, busy, failed with
+# status_by 'worker') is skipped before: its transition was the worker's own, nothing to hand on.
 _PAGE_SQL = """
-select id::text, status, updated_at
+select id::text, status, updated_at, status_by
   from public.call_invitations
  where (updated_at, id) > (%s, %s::uuid)
  order by updated_at, id
  limit %s
 """
-_COLUMNS = ("id", "status", "room_name", "caller_id", "callee_id", "call_type", "created_at", "updated_at")
+_COLUMNS = ("id", "status", "room_name", "caller_id", "callee_id", "call_type", "created_at", "updated_at",
+            "status_by")
 _ROWS_SQL = f"select {', '.join(_COLUMNS)} from public.call_invitations where id = any(%s::uuid[]) order by updated_at, id"
 
 
@@ -182,10 +199,12 @@ def catch_up(conn: Any, sink: IngestSink, *, source: str = "postgres", overlap_s
         page = cur.execute(_PAGE_SQL, (cursor_ts, cursor_id, page_size)).fetchall()
         if not page:
             break
-        cursor_id, _, cursor_ts = page[-1]
-        marked = redis.mget([dedupe_key(i, status) for i, status, _ in page])
-        unmarked = [i for (i, _, _), m in zip(page, marked) if m is None]
-        result.duplicates += len(page) - len(unmarked)
+        cursor_id, _, cursor_ts, _ = page[-1]
+        ours = [(i, status) for i, status, _, by in page if not is_worker_echo(status, by)]
+        result.echoes += len(page) - len(ours)
+        marked = redis.mget([dedupe_key(i, status) for i, status in ours]) if ours else []
+        unmarked = [i for (i, _), m in zip(ours, marked) if m is None]
+        result.duplicates += len(ours) - len(unmarked)
         changes: list[Change] = []
         if unmarked:
             for row in cur.execute(_ROWS_SQL, (unmarked,)).fetchall():
@@ -195,9 +214,10 @@ def catch_up(conn: Any, sink: IngestSink, *, source: str = "postgres", overlap_s
                     result.malformed += 1
                     if on_malformed:
                         on_malformed(str(exc))
-        submitted = sink.submit(changes)
+        submitted = sink.submit(changes)  # drops an echo too: the row may have moved since its page
         result.enqueued.extend(submitted.enqueued)
         result.duplicates += submitted.duplicates
+        result.echoes += submitted.echoes
         result.scanned += len(page)
         if len(page) < page_size:
             break

@@ -9,7 +9,6 @@ from typing import Callable, Iterable
 import structlog
 
 from orchestration.domain.decision import ROOM_ACTIONS, ScheduleGrace, ScheduleRingTimeout, SendNotification, SendPushes
-from orchestration.domain.model import WORKER_ONLY
 from orchestration.lifecycle import room_actions
 from orchestration.lifecycle.context import Ports
 
@@ -19,13 +18,10 @@ log = structlog.get_logger("callflow.lifecycle")
 def apply_decision(uow, decision, ports: Ports) -> list:
     """Write the decision in the open transaction; returns every effect to run after commit.
 
-    Before the commit, the listener is told to expect the echo of each worker-only transition
-    (its dedupe mark is set): the change would come back as a task that only records itself. Set
-    early, a mark of a transaction that then rolls back suppresses an echo with no work in it.
+    The store writes the decision's transitions as the worker's (the row's `status_by`, in this
+    same transaction), so the listener drops their echoes where they arrive; nothing is said to
+    the listener beforehand.
     """
-    echoes = [(inv.id, str(inv.status)) for inv in decision.invitations if inv.status in WORKER_ONLY]
-    if echoes:
-        ports.scheduler.expect_echoes(echoes)
     return decision.effects + uow.apply(decision)
 
 

@@ -25,6 +25,7 @@ from orchestration.domain.model import (
     order_key,
 )
 from orchestration.ingest.livekit import parse_time
+from orchestration.ingest.mapping import Change
 from orchestration.lifecycle import rules
 from orchestration.lifecycle.context import LifecycleConfig, Outcome, Ports
 from orchestration.lifecycle.effects import apply_decision, run_effects
@@ -40,16 +41,16 @@ STALE_ROOM = "stale_room"
 ROOM_LATER = RoomInfo(name="", sid="")
 
 
-def change_event(change: dict) -> EventRecord:
-    invitation_id = str(change.get("invitation_id") or "")
+def change_event(change: Change) -> EventRecord:
+    """The event a change records: its own id (the transition's, or the sweep's), never rebuilt."""
     return EventRecord(
-        event_id=str(change.get("event_id") or f"realtime:{invitation_id}:{change.get('status')}"),
-        source=change.get("source") if change.get("source") in ("realtime", "postgres", "sweep") else "realtime",
-        type=str(change.get("type") or f"invitation_{change.get('status')}"),
-        room_name=change.get("room_name"),
-        invitation_id=invitation_id or None,
-        occurred_at=parse_time(change.get("occurred_at")),
-        payload=dict(change.get("payload") or {}),
+        event_id=change.event_id,
+        source=change.source,
+        type=change.type,
+        room_name=change.room_name,
+        invitation_id=change.invitation_id or None,
+        occurred_at=parse_time(change.occurred_at),
+        payload=dict(change.payload),
     )
 
 
@@ -169,7 +170,7 @@ class _Item:
     """A change to decide, with what its first look found."""
 
     index: int
-    change: dict
+    change: Change
     event: EventRecord
     inv: Invitation
     counters: list[Invitation] = field(default_factory=list)
@@ -191,11 +192,11 @@ class _Item:
                 *(f"room:{r}" for r in self.rooms)}
 
 
-def handle_invitation_changed(change: dict, ports: Ports) -> Outcome:
+def handle_invitation_changed(change: Change, ports: Ports) -> Outcome:
     return handle_invitations_changed([change], ports)[0]
 
 
-def handle_invitations_changed(changes: list[dict], ports: Ports,
+def handle_invitations_changed(changes: list[Change], ports: Ports,
                                parallel_map: Callable = map) -> list[Outcome]:
     """Changes that arrived together, decided together: one first look for all of them, their
     rooms made side by side, then one locked transaction for each round of changes that share no
@@ -217,8 +218,10 @@ def handle_invitations_changed(changes: list[dict], ports: Ports,
                 event.payload = {**event.payload, "note": "no such invitation"}
                 recorded.append(event)
                 outcomes[index] = Outcome("unknown_invitation")
-            elif inv.status == change.get("status") and inv.status in WORKER_ONLY and inv.call_id:
-                # The echo of a transition a worker made: its effects were committed with it.
+            elif inv.status == change.status and inv.status in WORKER_ONLY and inv.call_id:
+                # The echo of a transition a worker made: its effects were committed with it. (The
+                # listener drops the lifecycle's own echoes by the row's `status_by`: this is the
+                # safety net for one handed on all the same.)
                 event.room_name = inv.room_name
                 recorded.append(event)
                 outcomes[index] = Outcome(f"seen_{inv.status}", [], inv.id, inv.call_id, inv.room_name)

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from orchestration.ingest.mapping import Change
 from orchestration.lifecycle import room_actions
 from orchestration.lifecycle.context import Ports
 from orchestration.lifecycle.grace_expired import handle_grace_expired
@@ -65,12 +66,18 @@ class SweepReport:
         return any(self.as_dict().values())
 
 
-def recovery_change(row: dict) -> dict:
+def recovery_change(row: dict) -> Change:
+    """A client's transition whose change was never taken, re-read once."""
     invitation_id, status = str(row["id"]), row["status"]
-    return {"event_id": f"transition_recovered:{invitation_id}:{status}", "source": "sweep",
-            "type": "transition_recovered", "invitation_id": invitation_id, "status": status,
-            "room_name": row["room_name"], "occurred_at": row["updated_at"].isoformat(),
-            "payload": {"reason": f"no change of {status} was taken"}}
+    return Change(invitation_id, status, "sweep", row["room_name"], row["updated_at"].isoformat(),
+                  {"reason": f"no change of {status} was taken"},
+                  event_id=f"transition_recovered:{invitation_id}:{status}", type="transition_recovered")
+
+
+def stale_pending_change(row: dict) -> Change:
+    """A pending invitation whose change never came: handed on as its pending change."""
+    return Change(str(row["id"]), "pending", "sweep", row["room_name"], row["updated_at"].isoformat(),
+                  {"reason": "stale pending"})
 
 
 def run_sweep(ports: Ports, throttle: Throttle, *, interval: float, parallel_map: Callable = map,
@@ -100,11 +107,7 @@ def run_sweep(ports: Ports, throttle: Throttle, *, interval: float, parallel_map
     for row in stale:
         invitation_id = str(row["id"])
         if throttle.once(f"pending:{invitation_id}", 30):
-            ports.scheduler.invitation_changed({
-                "event_id": f"realtime:{invitation_id}:pending", "source": "sweep", "type": "invitation_pending",
-                "invitation_id": invitation_id, "status": "pending", "room_name": row["room_name"],
-                "occurred_at": row["updated_at"].isoformat(), "payload": {"reason": "stale pending"},
-            })
+            ports.scheduler.invitation_changed(stale_pending_change(row))
             report.pending += 1
 
     lost = [row for row in lost if throttle.once(f"recover:{row['id']}:{row['status']}", hold)]

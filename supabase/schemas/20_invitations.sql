@@ -18,6 +18,9 @@ create table public.call_invitations (
   ended_at       timestamptz,
   end_reason     text,
   metadata       jsonb not null default '{}'::jsonb,
+  -- Who made the last status change: 'worker' (callflow's lifecycle) or 'client' (anyone else).
+  -- Written by the database only (call_invitations_status_by below).
+  status_by      text not null default 'client',
   constraint call_invitations_caller_is_not_callee check (caller_id <> callee_id),
   constraint call_invitations_room_name_not_blank check (length(btrim(room_name)) between 1 and 256),
   constraint call_invitations_call_type_known check (call_type in ('audio', 'video')),
@@ -26,11 +29,14 @@ create table public.call_invitations (
   -- `glare`: the later of two invitations between the same users, each the other's callee.
   constraint call_invitations_end_reason_known check (
     end_reason is null or end_reason in ('answered', 'declined', 'caller_cancelled', 'timeout', 'callee_busy',
-                                         'room_closed', 'connection_aborted', 'glare', 'error'))
+                                         'room_closed', 'connection_aborted', 'glare', 'error')),
+  constraint call_invitations_status_by_known check (status_by in ('client', 'worker'))
 );
 
 comment on table public.call_invitations is
   'One ringing of one callee. Inserted by the caller (pending); status moved by clients and callflow workers.';
+comment on column public.call_invitations.status_by is
+  'Who made the last status change: worker (callflow''s lifecycle, in a transaction that set callflow.actor) or client (anyone else). Written by the database only.';
 
 -- Hot paths of the workers.
 create index call_invitations_ringing_deadline
@@ -178,8 +184,37 @@ create trigger call_invitations_guard_update
   for each row execute function public.call_invitations_guard_update();
 
 -- ---------------------------------------------------------------------------------------------
+-- Who made the last status change (`status_by`): 'worker' when the transaction declared itself
+-- callflow's lifecycle worker (`set_config('callflow.actor', 'worker', true)`, in the store's
+-- transaction that applies a decision) and is not a client role, else 'client'. So the listener
+-- drops the Realtime/LISTEN echo of the worker's own transitions where it arrives, and a client
+-- can never forge it: the guard (which fires first: BEFORE triggers fire in name order) refuses a
+-- client touching the column, the setting is ignored for client roles, and whatever was written
+-- to it is overwritten here.
+-- ---------------------------------------------------------------------------------------------
+create or replace function public.call_invitations_status_by() returns trigger
+language plpgsql
+as $$
+begin
+  if tg_op = 'INSERT' or new.status is distinct from old.status then
+    new.status_by := case
+      when not public.callflow_is_client() and current_setting('callflow.actor', true) = 'worker' then 'worker'
+      else 'client'
+    end;
+  else
+    new.status_by := old.status_by;
+  end if;
+  return new;
+end
+$$;
+
+create trigger call_invitations_status_by
+  before insert or update on public.call_invitations
+  for each row execute function public.call_invitations_status_by();
+
+-- ---------------------------------------------------------------------------------------------
 -- The Postgres LISTEN source of the listener (local and self-hosted): one notification per
--- insert and per status change, small enough for NOTIFY's 8000-byte limit.
+-- insert and per status change (with who made it), small enough for NOTIFY's 8000-byte limit.
 -- ---------------------------------------------------------------------------------------------
 create or replace function public.call_invitations_notify() returns trigger
 language plpgsql
@@ -188,7 +223,7 @@ begin
   if tg_op = 'INSERT' or new.status is distinct from old.status then
     perform pg_notify('callflow_invitations', json_build_object(
       'op', tg_op, 'id', new.id, 'status', new.status, 'room_name', new.room_name,
-      'updated_at', new.updated_at)::text);
+      'updated_at', new.updated_at, 'status_by', new.status_by)::text);
   end if;
   return null;
 end

@@ -19,6 +19,7 @@ from orchestration.adapters.celery_scheduler import CeleryScheduler
 from orchestration.adapters.livekit_rooms import LiveKitRooms
 from orchestration.adapters.postgres_store import PostgresStore
 from orchestration.lifecycle.context import LifecycleConfig, Ports
+from orchestration.ingest.mapping import Change
 from orchestration.lifecycle.invitation_changed import handle_invitation_changed
 from orchestration.lifecycle.livekit_event import handle_livekit_event
 from orchestration.lifecycle.reconcile import reconcile_live_calls
@@ -47,9 +48,9 @@ def answered_call(ports, database_url, make_user):
     """An invitation rung and accepted through the use cases; returns (invitation, call row, events)."""
     caller, callee = make_user(), make_user()
     inv = insert_invitation(database_url, caller, callee)
-    handle_invitation_changed(change_event(inv["id"], "pending"), ports)
+    handle_invitation_changed(Change.from_wire(change_event(inv["id"], "pending")), ports)
     client_set_status(database_url, callee, inv["id"], "accepted")
-    handle_invitation_changed(change_event(inv["id"], "accepted"), ports)
+    handle_invitation_changed(Change.from_wire(change_event(inv["id"], "accepted")), ports)
     with ports.store.transaction() as tx:
         call = tx.conn.execute("select * from public.calls where id = %s",
                                (tx.live_call_ids([inv["room_name"]])[inv["room_name"]],)).fetchone()

@@ -184,6 +184,40 @@ def test_inserts_and_client_updates_are_enqueued_once(rig, users):
     assert beat["received"] >= 6 and beat["lag_seconds"] is not None and beat["lag_seconds"] < 5
 
 
+def test_the_workers_own_transitions_are_dropped_where_they_arrive(rig, users):
+    """The lifecycle worker rings an invitation (in-process: its real store, and its real scheduler
+    on the listener's Redis): the listener drops the echo of `ringing` by the row's `status_by`
+    (counted as an echo, neither marked nor listed), and the worker wrote no mark of the
+    listener's; the callee's answer is handed on as before."""
+    from celery import Celery
+
+    from orchestration.adapters.celery_scheduler import CeleryScheduler
+    from orchestration.adapters.postgres_store import PostgresStore
+    from orchestration.ingest.mapping import Change, dedupe_key
+    from orchestration.lifecycle.context import LifecycleConfig, Ports
+    from orchestration.lifecycle.invitation_changed import handle_invitation_changed
+    from tests.support.fakes import FakeRooms
+
+    caller, callee = users
+    proc = rig.start()
+    (inv,) = insert_invitations(rig.database_url, caller, callee, 1)
+    wait_events(rig.redis, pending_events([inv]), {inv})
+    rooms = FakeRooms()
+    rooms.new_sid = lambda prefix: f"{prefix}_{uuid.uuid4().hex}"  # unique in this module's database
+    ports = Ports(store=PostgresStore(rig.database_url), rooms=rooms,
+                  scheduler=CeleryScheduler(Celery("worker-echoes", broker=rig.redis_url)),
+                  config=LifecycleConfig(ring_timeout=30, grace=5))
+    assert handle_invitation_changed(Change(inv, "pending", rig.source, None, None, {}), ports).result == "ringing"
+    assert rig.redis.get(dedupe_key(inv, "ringing")) is None, "the worker wrote no mark of the listener's"
+    wait_for(lambda: proc.heartbeat(rig.redis)["echoes"] >= 1, timeout=10, what="the echo of ringing dropped")
+    set_status(rig.database_url, callee, inv, "accepted")
+    wait_events(rig.redis, {f"realtime:{inv}:accepted"}, {inv})
+    time.sleep(0.3)
+    assert event_counts(rig.redis, {inv}) == {f"realtime:{inv}:pending": 1, f"realtime:{inv}:accepted": 1}
+    assert rig.redis.get(dedupe_key(inv, "ringing")) is None
+    assert proc.heartbeat(rig.redis)["echoes"] == 1
+
+
 def test_socket_dropped_during_a_burst_of_500_inserts_loses_none(rig, users):
     caller, callee = users
     proc = rig.start()

@@ -12,7 +12,7 @@ from realtime.types import RealtimePostgresChangesListenEvent
 
 from config.settings import ConfigurationError
 from orchestration.ingest.mapping import (
-    MalformedChange, dedupe_key, event_id, from_notify, from_realtime, from_row, iso,
+    Change, MalformedChange, dedupe_key, event_id, from_notify, from_realtime, from_row, iso,
 )
 from workers.listener.core import backoff_delay
 from workers.listener.tokens import TokenProvider
@@ -35,7 +35,7 @@ def realtime_payload(kind="INSERT", **record):
 
 
 def test_realtime_insert_maps_to_the_contract_change():
-    change = from_realtime(realtime_payload()).as_task_arg()
+    change = from_realtime(realtime_payload()).to_wire()
     assert change["event_id"] == f"realtime:{INV}:pending"
     assert change["source"] == "realtime" and change["type"] == "invitation_pending"
     assert change["invitation_id"] == INV and change["status"] == "pending" and change["room_name"] == "room-1"
@@ -79,7 +79,7 @@ def test_realtime_malformed(mutate):
 def test_notify_payload_as_the_trigger_sends_it():
     raw = json.dumps({"op": "UPDATE", "id": INV, "status": "declined", "room_name": "r",
                       "updated_at": "2026-11-25T10:00:00.5+00:00"})
-    change = from_notify(raw).as_task_arg()
+    change = from_notify(raw).to_wire()
     assert change["event_id"] == f"realtime:{INV}:declined" and change["source"] == "postgres"
     assert change["occurred_at"] == "2026-11-25T10:00:00.500000+00:00"
 
@@ -96,7 +96,7 @@ def test_row_for_catch_up():
     row = {"id": uuid.UUID(INV), "status": "ringing", "room_name": "r", "caller_id": uuid.uuid4(),
            "callee_id": uuid.uuid4(), "call_type": "audio", "created_at": datetime(2026, 11, 25, tzinfo=timezone.utc),
            "updated_at": datetime(2026, 11, 25, 0, 0, 1, tzinfo=timezone.utc)}
-    change = from_row(row).as_task_arg()
+    change = from_row(row).to_wire()
     assert change["event_id"] == f"realtime:{INV}:ringing" and change["payload"]["op"] == "CATCH_UP"
     json.dumps(change)
 
@@ -158,3 +158,91 @@ def test_key_used_as_is_without_its_secret():
 def test_expired_key_is_a_configuration_error_that_names_the_variable():
     with pytest.raises(ConfigurationError, match="SUPABASE_SERVICE_ROLE_KEY"):
         TokenProvider(_key(-10, secret="another-secret-another-secret-another-secret"), SECRET)
+
+
+# ---- the one codec of a change, and the worker's own echoes (issue 24) ----------------------------
+def _catch_up_row(**row):
+    base = {"id": uuid.UUID(INV), "status": "ringing", "room_name": "r", "caller_id": uuid.uuid4(),
+            "callee_id": uuid.uuid4(), "call_type": "audio", "created_at": datetime(2026, 11, 25, tzinfo=timezone.utc),
+            "updated_at": datetime(2026, 11, 25, 0, 0, 1, tzinfo=timezone.utc), "status_by": "client"}
+    base.update(row)
+    return base
+
+
+def _all_kinds_of_change():
+    notify = {"op": "UPDATE", "id": INV, "status": "missed", "room_name": "r",
+              "updated_at": "2026-11-25T10:00:00.5+00:00", "status_by": "worker"}
+    return [
+        from_realtime(realtime_payload()),
+        from_realtime(realtime_payload("UPDATE", status="ringing", status_by="worker")),
+        from_notify(json.dumps(notify)),
+        from_notify(json.dumps({**notify, "status": "accepted", "status_by": "client"})),
+        from_row(_catch_up_row()),
+        Change(INV, "pending", "sweep", "r", "2026-11-25T10:00:00+00:00", {"reason": "stale pending"}),
+        Change(INV, "accepted", "sweep", "r", "2026-11-25T10:00:00+00:00", {"reason": "no change of accepted was taken"},
+               event_id=f"transition_recovered:{INV}:accepted", type="transition_recovered"),
+    ]
+
+
+@pytest.mark.parametrize("change", _all_kinds_of_change(), ids=lambda c: f"{c.source}-{c.status}-{c.by_worker}")
+def test_a_change_crosses_redis_and_comes_back_the_same(change):
+    wire = json.loads(json.dumps(change.to_wire()))  # the backlog's JSON, or Celery's
+    assert Change.from_wire(wire) == change
+    assert Change.from_wire(wire).to_wire() == wire
+
+
+def test_the_wire_keeps_the_shape_the_workers_were_always_sent():
+    wire = from_realtime(realtime_payload("UPDATE", status="accepted")).to_wire()
+    assert set(wire) == {"event_id", "source", "type", "invitation_id", "status", "room_name", "occurred_at", "payload"}
+    recovered = Change(INV, "declined", "sweep", "r", None, {}, event_id=f"transition_recovered:{INV}:declined",
+                       type="transition_recovered").to_wire()
+    assert recovered["event_id"] == f"transition_recovered:{INV}:declined" and recovered["type"] == "transition_recovered"
+    assert recovered["source"] == "sweep"
+
+
+def test_a_wire_dict_of_an_older_sender_is_read_as_the_use_case_always_read_it():
+    change = Change.from_wire({"invitation_id": INV, "status": "pending", "source": "elsewhere"})
+    assert change.event_id == f"realtime:{INV}:pending" and change.type == "invitation_pending"
+    assert change.source == "realtime" and change.payload == {} and not change.by_worker
+
+
+def test_the_event_a_change_records_keeps_its_own_id():
+    from orchestration.lifecycle.invitation_changed import change_event
+
+    change = Change(INV, "cancelled", "sweep", "r", "2026-11-25T10:00:00+00:00", {"reason": "x"},
+                    event_id=f"transition_recovered:{INV}:cancelled", type="transition_recovered")
+    event = change_event(Change.from_wire(json.loads(json.dumps(change.to_wire()))))
+    assert (event.event_id, event.type, event.source) == (f"transition_recovered:{INV}:cancelled",
+                                                          "transition_recovered", "sweep")
+    assert event.invitation_id == INV and event.occurred_at == datetime(2026, 11, 25, 10, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize("status,status_by,echo", [
+    ("ringing", "worker", True), ("missed", "worker", True), ("busy", "worker", True), ("failed", "worker", True),
+    ("ringing", "client", False), ("missed", None, False),
+    # a worker's accepted or cancelled still reaches the workers: the sweep looks for those never seen
+    ("accepted", "worker", False), ("cancelled", "worker", False), ("pending", "worker", False),
+])
+def test_only_the_echo_of_the_workers_own_transition_is_marked(status, status_by, echo):
+    record = {"status": status, **({"status_by": status_by} if status_by else {})}
+    assert from_realtime(realtime_payload("UPDATE", **record)).worker_echo is echo
+    notify = {"op": "UPDATE", "id": INV, "status": status, "room_name": "r", "updated_at": None}
+    assert from_notify(json.dumps({**notify, **({"status_by": status_by} if status_by else {})})).worker_echo is echo
+    assert from_row(_catch_up_row(status=status, status_by=status_by)).worker_echo is echo
+
+
+def test_the_sink_drops_the_workers_echo_without_touching_redis():
+    from orchestration.ingest.sink import IngestSink
+
+    class NoRedis:
+        connection_kwargs = {"db": 0}
+
+        def register_script(self, script):
+            def call(*args, **kwargs):
+                raise AssertionError("an echo must not reach Redis")
+            return call
+
+    sink = IngestSink(NoRedis())
+    echo = from_realtime(realtime_payload("UPDATE", status="missed", status_by="worker"))
+    result = sink.submit([echo, echo])
+    assert result.echoes == 2 and not result.enqueued and result.duplicates == 0

@@ -32,6 +32,7 @@ from orchestration.domain.model import (
 )
 from orchestration.lifecycle.context import LifecycleConfig, Ports
 from orchestration.lifecycle.grace_expired import handle_grace_expired
+from orchestration.ingest.mapping import Change
 from orchestration.lifecycle.invitation_changed import handle_invitation_changed, handle_invitations_changed
 from orchestration.lifecycle.livekit_event import handle_livekit_event, handle_livekit_events
 from orchestration.lifecycle.ring_timeout import handle_ring_timeout
@@ -130,7 +131,7 @@ class LifecycleModel(RuleBasedStateMachine):
         self.dropped_rooms: set[str] = set()  # rooms some webhook of which was lost
         self.timers: list[tuple] = []         # (due, kind, args)
         self.inserted: list[str] = []         # invitation ids, in insert order
-        self.held: list[dict] = []            # changes the listener has not handed on yet (sent as one batch)
+        self.held: list[Change] = []            # changes the listener has not handed on yet (sent as one batch)
         self.last_sweep = None
         self.just_swept = False
         self.silent_until = None  # when LiveKit's API last gave no answer (None: it always answered)
@@ -175,8 +176,7 @@ class LifecycleModel(RuleBasedStateMachine):
         self.just_swept = False  # the sweep step sets it again after this
 
     def _change(self, invitation_id: str, status: str, held: bool = False) -> None:
-        change = {"event_id": f"realtime:{invitation_id}:{status}", "source": "realtime",
-                  "invitation_id": invitation_id, "status": status}
+        change = Change(invitation_id, str(status), "realtime", None, None, {})
         if held:  # arrives later, together with others
             self.held.append(change)
             return

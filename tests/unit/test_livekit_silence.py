@@ -14,6 +14,7 @@ from orchestration.domain.model import CallStatus, InvitationStatus as S
 from orchestration.lifecycle import room_actions
 from orchestration.lifecycle.context import LifecycleConfig, Ports
 from orchestration.lifecycle.grace_expired import handle_grace_expired
+from orchestration.ingest.mapping import Change
 from orchestration.lifecycle.invitation_changed import handle_invitation_changed
 from orchestration.lifecycle.livekit_event import handle_livekit_event
 from orchestration.lifecycle.ring_timeout import handle_ring_timeout
@@ -34,8 +35,7 @@ class World:
 
     def ring(self, caller="ana", callee="bo", room="r1"):
         inv = self.store.insert_invitation(caller, callee, room)
-        handle_invitation_changed({"event_id": f"realtime:{inv.id}:pending", "source": "realtime",
-                                   "invitation_id": inv.id, "status": "pending"}, self.ports)
+        handle_invitation_changed(Change(inv.id, "pending", "realtime", None, None, {}), self.ports)
         return self.store.invitations[inv.id]
 
     def webhooks(self) -> None:
@@ -127,8 +127,7 @@ def test_the_room_of_an_ended_call_is_deleted_with_everyone_out_once_livekit_ans
     w.webhooks()
     w.livekit.answer = "unanswered"
     w.store.client_update("ana", inv.id, S.CANCELLED)
-    handle_invitation_changed({"event_id": f"realtime:{inv.id}:cancelled", "source": "realtime",
-                               "invitation_id": inv.id, "status": "cancelled"}, w.ports)
+    handle_invitation_changed(Change(inv.id, "cancelled", "realtime", None, None, {}), w.ports)
     key = f"release:{inv.call_id}"
     assert w.store.room_actions[key][1] == 1, "tried once, and written down for later"
     assert "ana" in w.livekit.rooms["r1"].participants

@@ -1,6 +1,7 @@
 """The listener's supervision: one source session at a time, reconnected forever.
 
-    source session --(Change)--> asyncio queue --(batches)--> IngestSink (Redis dedupe + enqueue)
+    source session --(Change)--> asyncio queue --(batches)--> IngestSink (drops the worker's own
+    echoes; Redis dedupe + enqueue)
     catch-up (on every (re)subscribe, every `catch_up_interval` s) --------^
 
 A session is one connection + subscription of a source (`RealtimeSource`, `PostgresSource`). It
@@ -76,7 +77,7 @@ class Listener:
             "id": self.id, "host": socket.gethostname(), "pid": os.getpid(), "source": source.name,
             "state": "starting", "connected": False, "since": time.time(), "last_event_at": None,
             "lag_seconds": None, "last_catch_up_at": None, "error": None, "received": 0, "enqueued": 0,
-            "duplicates": 0, "malformed": 0, "reconnects": 0, "catch_up_enqueued": 0,
+            "duplicates": 0, "echoes": 0, "malformed": 0, "reconnects": 0, "catch_up_enqueued": 0,
         }
         self._redis_ok = True
 
@@ -222,6 +223,7 @@ class Listener:
     def _count(self, result, batch: list[Change]) -> None:
         self.state["enqueued"] += len(result.enqueued)
         self.state["duplicates"] += result.duplicates
+        self.state["echoes"] += result.echoes
         occurred = batch[-1].occurred_at
         if occurred:
             try:

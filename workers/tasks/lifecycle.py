@@ -17,6 +17,7 @@ from celery.exceptions import Reject, Retry
 from orchestration import names
 from orchestration.adapters.celery_scheduler import RedisThrottle
 from orchestration.ingest.livekit import parse_room_event
+from orchestration.ingest.mapping import Change
 from orchestration.lifecycle.context import Ports
 from orchestration.lifecycle.grace_expired import handle_grace_expired
 from orchestration.lifecycle.invitation_changed import handle_invitation_changed, handle_invitations_changed
@@ -83,9 +84,10 @@ def _run(task, fn, *args, **context):
 
 @app.task(name=names.INVITATION_CHANGED, **_TASK)
 def invitation_changed(self, change: dict) -> str:
-    return _run(self, lambda: handle_invitation_changed(change, ports()),
-                invitation_id=change.get("invitation_id"), room_name=change.get("room_name"),
-                event_id=change.get("event_id"))
+    """One change (`Change.to_wire()`): a failed batch's, or a sweep's, sent on alone."""
+    typed = Change.from_wire(change)
+    return _run(self, lambda: handle_invitation_changed(typed, ports()),
+                invitation_id=typed.invitation_id, room_name=typed.room_name, event_id=typed.event_id)
 
 
 @app.task(name=names.INVITATIONS_CHANGED, **_TASK)
@@ -98,9 +100,9 @@ def invitations_changed(self, changes: list | None = None) -> list:
 
 
 def _run_changes(task, changes: list) -> list:
-    each = [{"invitation_id": c.get("invitation_id"), "room_name": c.get("room_name"), "event_id": c.get("event_id")}
-            for c in changes]
-    return _run(task, lambda: handle_invitations_changed(changes, ports(), _parallel_map), step="invitation_changed",
+    typed = [Change.from_wire(c) for c in changes]  # the backlog's items, as the sink listed them
+    each = [{"invitation_id": c.invitation_id, "room_name": c.room_name, "event_id": c.event_id} for c in typed]
+    return _run(task, lambda: handle_invitations_changed(typed, ports(), _parallel_map), step="invitation_changed",
                 each=each)
 
 
