@@ -113,7 +113,9 @@ INVITATION_SCHEMA: dict[str, Any] = {
         "id", "room_name", "caller_id", "callee_id", "call_type", "status", "created_at", "updated_at")}
     | {name: _MAYBE_TEXT for name in ("call_id", "ringing_at", "ring_deadline", "answered_at", "ended_at",
                                       "end_reason")}
-    | {"metadata": {"type": "object"}},
+    | {"metadata": {"type": "object"},
+       "status_by": {"type": "string", "enum": ["client", "worker"],
+                     "description": "Who made the last status change (written by the database)."}},
 }
 
 CALL_SCHEMA: dict[str, Any] = {
