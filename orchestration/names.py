@@ -26,17 +26,20 @@ RING_TIMEOUTS_DUE = "callflow.ring_timeouts_due"  # a 50 ms bucket of ring deadl
 GRACE_EXPIRED = "callflow.grace_expired"  # a participant's grace period after leaving
 SWEEP = "callflow.sweep"  # beat: the lifecycle's sweep
 CATCH_UP_INVITATIONS = "callflow.catch_up_invitations"  # beat: the listener's safety net
-SEND_NOTIFICATION = "callflow.send_notification"  # one missed-call email
-SWEEP_NOTIFICATIONS = "callflow.sweep_notifications"  # beat: emails whose task was lost
-SEND_PUSHES = "callflow.send_pushes"  # a batch of Expo pushes
-SWEEP_PUSHES = "callflow.sweep_pushes"  # beat: pushes whose task was lost
+DELIVER = "callflow.deliver"  # [channel, ids]: a batch of one channel's outbox rows (emails, pushes, alerts)
+SWEEP_OUTBOX = "callflow.sweep_outbox"  # beat [channel]: its outbox rows whose task was lost
 PING = "callflow.ping"  # health: a worker answers by writing ping_key
 CHECK_USAGE = "callflow.check_usage"  # beat: usage rollup and alerts
-SEND_USAGE_ALERT = "callflow.send_usage_alert"  # one usage alert email to ops
 
 TASKS = (INVITATION_CHANGED, INVITATIONS_CHANGED, LIVEKIT_EVENT, LIVEKIT_EVENTS, RING_TIMEOUT,
-         RING_TIMEOUTS_DUE, GRACE_EXPIRED, SWEEP, CATCH_UP_INVITATIONS, SEND_NOTIFICATION,
-         SWEEP_NOTIFICATIONS, SEND_PUSHES, SWEEP_PUSHES, PING, CHECK_USAGE, SEND_USAGE_ALERT)
+         RING_TIMEOUTS_DUE, GRACE_EXPIRED, SWEEP, CATCH_UP_INVITATIONS, DELIVER, SWEEP_OUTBOX, PING,
+         CHECK_USAGE)
+
+# The outbound channels the lifecycle hands rows to (orchestration/channels), and their queues.
+CHANNEL_EMAIL = "email"
+CHANNEL_EXPO = "expo"
+CHANNEL_USAGE_ALERT = "usage_alert"
+CHANNEL_QUEUES = {CHANNEL_EMAIL: Q_NOTIFICATIONS, CHANNEL_USAGE_ALERT: Q_NOTIFICATIONS, CHANNEL_EXPO: Q_PUSH}
 
 # --- Redis keys -----------------------------------------------------------------------------------
 # Ingest backlog of invitation changes: the listener/catch-up LPUSH changes, the worker takes them.
@@ -118,19 +121,9 @@ OPS_TASK_OUTCOMES = "callflow:ops:task_outcomes"
 OPS_OLDEST_SEEN = "callflow:ops:oldest_seen"
 
 
-def notification_scheduled_key(notification_id: str) -> str:
-    """Set by whoever books an email's countdown: the sweep leaves a booked email alone."""
-    return f"callflow:notifications:scheduled:{notification_id}"
-
-
-def notification_swept_key(notification_id: str) -> str:
-    """Set NX by the notifications sweep when it re-sends an email: at most one re-send per period."""
-    return f"callflow:notifications:swept:{notification_id}"
-
-
-# Resend's token bucket (the mailer, shared by all workers).
+# Resend's rate (every email channel, shared by all workers).
 RATELIMIT_RESEND = "callflow:ratelimit:resend"
-# Expo's token bucket (the push delivery, shared by all workers).
+# Expo's rate (the push channel, shared by all workers).
 RATELIMIT_EXPO = "callflow:ratelimit:expo"
 # Per-user rate limit's default prefix (+ ":" + user, see orchestration.rate_limit).
 RATELIMIT_PREFIX = "callflow:ratelimit"
@@ -143,22 +136,14 @@ def backoff_key(name: str) -> str:
     return f"callflow:backoff:{name}"
 
 
-def push_waiting_key(message_id: str) -> str:
-    """Set by the push delivery when a push waits to come back: the sweep leaves it alone."""
-    return f"callflow:push:waiting:{message_id}"
+def delivery_waiting_key(channel: str, row_id: str) -> str:
+    """Set while a task waits to come back for an outbox row: first tries and the sweep leave it alone."""
+    return f"callflow:delivery:{channel}:waiting:{row_id}"
 
 
-def push_lease_key(message_id: str) -> str:
-    """Set NX by the push delivery while it sends a push: one worker per push."""
-    return f"callflow:push:lease:{message_id}"
-
-
-PUSH_LEASE_TTL_SECONDS = 60
-
-
-def push_resend_key(message_id: str) -> str:
-    """Set NX by the push sweep when it re-sends a push: at most one re-send per period."""
-    return f"callflow:push:resend:{message_id}"
+def delivery_resent_key(channel: str, row_id: str) -> str:
+    """Set NX by the outbox sweep when it re-sends a row: at most one re-send per period."""
+    return f"callflow:delivery:{channel}:resent:{row_id}"
 
 
 # Prefix of a user's open SSE streams (sorted set `callflow:streams:<user id>`), held by `web`.

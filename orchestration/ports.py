@@ -72,10 +72,8 @@ class Scheduler(Protocol):
 
     def grace_expiry(self, room_name: str, participant_sid: str, identity: str, aborted: bool | None, delay: float) -> None: ...
 
-    def send_notification(self, notification_id: str) -> None: ...
-
-    def send_pushes(self, message_ids: list[str]) -> None:
-        """Deliver these push outbox rows (batched, rate limited, after commit)."""
+    def deliver(self, channel: str, ids: list[str]) -> None:
+        """Deliver these outbox rows of `channel` (orchestration/channels; batched, rate limited)."""
 
     def invitation_changed(self, change) -> None:
         """Hand this change (an `orchestration.ingest.mapping.Change`) on to a worker, alone, as

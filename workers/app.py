@@ -30,7 +30,7 @@ from kombu import Queue
 
 from config.logging import configure_logging, register_secret
 from config.settings import load_settings_or_exit
-from orchestration import names
+from orchestration import channels, names
 from orchestration.adapters.celery_messages import TASK_SENT_EVENTS
 from workers import task_outcomes  # noqa: F401 - its signal handlers: task outcomes and failed tasks, for /metrics and `callflow tasks`
 from workers.queues import QUEUES
@@ -53,6 +53,7 @@ for secret in (settings.livekit_api_secret, settings.supabase_service_role_key, 
 VISIBILITY_TIMEOUT = int(max(300, settings.callflow_ring_timeout_seconds * 2 + 60))
 # The beat lock's lifetime; the lock holder renews it at every tick (at most BEAT_MAX_INTERVAL apart).
 REDBEAT_LOCK_SECONDS = 5
+
 BEAT_MAX_INTERVAL = 1
 
 app = Celery("callflow", broker=settings.redis_url, include=["workers.tasks"])
@@ -69,12 +70,10 @@ app.conf.update(
         names.GRACE_EXPIRED: {"queue": names.Q_TIMERS},
         names.SWEEP: {"queue": names.Q_SWEEPS},
         names.CATCH_UP_INVITATIONS: {"queue": names.Q_SWEEPS},
-        names.SEND_NOTIFICATION: {"queue": names.Q_NOTIFICATIONS},
-        names.SEND_PUSHES: {"queue": names.Q_PUSH},
-        names.SWEEP_PUSHES: {"queue": names.Q_SWEEPS},
+        # callflow.deliver goes on its channel's queue (push, notifications), named as it is sent.
+        names.SWEEP_OUTBOX: {"queue": names.Q_SWEEPS},
         names.PING: {"queue": names.Q_EVENTS},
         names.CHECK_USAGE: {"queue": names.Q_SWEEPS},
-        names.SEND_USAGE_ALERT: {"queue": names.Q_NOTIFICATIONS},
     },
     task_serializer="json",
     accept_content=["json"],
@@ -117,18 +116,14 @@ app.conf.update(
             "schedule": timedelta(seconds=settings.callflow_sweep_interval_seconds),
             "options": {"queue": names.Q_SWEEPS, "expires": max(settings.callflow_sweep_interval_seconds * 5, 5)},
         },
-        # Re-sends `pending` email outbox rows whose task got lost (orchestration.notifications).
-        "sweep-notifications": {
-            "task": names.SWEEP_NOTIFICATIONS,
-            "schedule": timedelta(seconds=max(5.0, settings.callflow_sweep_interval_seconds)),
-            "options": {"queue": names.Q_SWEEPS, "expires": 30},
-        },
-        # Push outbox rows whose task got lost, and Expo's receipts of sent ones (workers/tasks/push.py).
-        "sweep-pushes": {
-            "task": names.SWEEP_PUSHES,
-            "schedule": timedelta(seconds=5),
-            "options": {"queue": names.Q_SWEEPS, "expires": 10},
-        },
+        # Each channel's outbox rows whose task got lost, again (orchestration/delivery/sweep.py);
+        # for pushes also Expo's receipts of sent ones.
+        **{f"sweep-outbox-{kind.name}": {
+            "task": names.SWEEP_OUTBOX,
+            "args": [kind.name],
+            "schedule": timedelta(seconds=kind.sweep_every),
+            "options": {"queue": names.Q_SWEEPS, "expires": kind.sweep_every * 2},
+        } for kind in channels.TYPES},
         # Enqueues invitation changes the listener missed, and nudges for either backlog whose
         # nudge was lost (workers/tasks/ingest.py).
         "catch-up-invitations": {

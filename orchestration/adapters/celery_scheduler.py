@@ -84,11 +84,8 @@ class CeleryScheduler:
         self.app.send_task(names.GRACE_EXPIRED, args=[room_name, participant_sid, identity, aborted],
                            countdown=delay, queue=names.Q_TIMERS)
 
-    def send_notification(self, notification_id: str) -> None:
-        self.app.send_task(names.SEND_NOTIFICATION, args=[notification_id], queue=names.Q_NOTIFICATIONS)
-
-    def send_pushes(self, message_ids: list[str]) -> None:
-        self.app.send_task(names.SEND_PUSHES, args=[message_ids], queue=names.Q_PUSH)
+    def deliver(self, channel: str, ids: list[str]) -> None:
+        self.app.send_task(names.DELIVER, args=[channel, ids], queue=names.CHANNEL_QUEUES[channel])
 
     def invitation_changed(self, change: Change) -> None:
         self.app.send_task(names.INVITATION_CHANGED, args=[change.to_wire()], queue=names.Q_EVENTS)

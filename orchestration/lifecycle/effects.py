@@ -8,6 +8,7 @@ from typing import Callable, Iterable
 
 import structlog
 
+from orchestration import names
 from orchestration.domain.decision import ROOM_ACTIONS, ScheduleGrace, ScheduleRingTimeout, SendNotification, SendPushes
 from orchestration.lifecycle import room_actions
 from orchestration.lifecycle.context import Ports
@@ -41,8 +42,8 @@ def run_effects(effects: Iterable, ports: Ports, parallel_map: Callable = map) -
             ports.scheduler.grace_expiry(effect.room_name, effect.participant_sid, effect.identity,
                                          effect.aborted, ports.config.grace)
         elif isinstance(effect, SendNotification):
-            ports.scheduler.send_notification(effect.notification_id)
+            ports.scheduler.deliver(names.CHANNEL_EMAIL, [effect.notification_id])
         elif isinstance(effect, SendPushes):
-            ports.scheduler.send_pushes(list(effect.message_ids))
+            ports.scheduler.deliver(names.CHANNEL_EXPO, list(effect.message_ids))
         elif not isinstance(effect, (ScheduleRingTimeout, *ROOM_ACTIONS)):  # pragma: no cover - a bug
             raise TypeError(f"unknown effect {effect!r}")

@@ -23,6 +23,9 @@ import resend
 from resend.exceptions import ResendError
 from resend.http_client_requests import RequestsClient
 
+from orchestration import names
+from orchestration.delivery.channel import Provider, Refused, Sent, Unavailable
+
 DEFAULT_RESEND_API_URL = "https://api.resend.com"
 # A request Resend has not answered by then is no answer (tried again with the same Idempotency-Key).
 RESEND_TIMEOUT_SECONDS = 15
@@ -220,3 +223,31 @@ class OutboxMailer:
         except OSError as exc:
             raise RetryableSendError(f"cannot write the outbox: {exc.strerror or exc}", None, "outbox_error") from None
         return f"outbox:{target.name}"
+
+
+# ---- Resend as a delivery provider (orchestration/delivery) ---------------------------------------
+
+# Resend's loop asks once per step whatever the backlog waiting: a probe every 10 s at worst is
+# nothing to a 2-requests-a-second account, and the emails go at most that long after Resend is back.
+RETRY_BASE_SECONDS = 1.0
+RETRY_MAX_SECONDS = 10.0
+
+
+def resend_provider(settings):
+    """One Resend account: one rate (CALLFLOW_EMAIL_RATE_PER_SECOND, every request spaced, with 0.1 s
+    of margin a request) and one retry loop, for every channel that sends email."""
+    return Provider(name="resend", rate_key=names.RATELIMIT_RESEND,
+                    rate_per_second=settings.callflow_email_rate_per_second,
+                    retry_base_seconds=RETRY_BASE_SECONDS, retry_max_seconds=RETRY_MAX_SECONDS,
+                    probe_seconds=RESEND_TIMEOUT_SECONDS + 2, margin=0.1, spacing=True)
+
+
+def send_email(mailer, message: OutgoingEmail):
+    """One email through a mailer, as the delivery loop hears it: `Sent`, `Refused`, or
+    `Unavailable` raised (no answer: 429, 5xx, a timeout — the email stays pending)."""
+    try:
+        return [Sent(mailer.send(message))]
+    except PermanentSendError as exc:
+        return [Refused(exc.describe())]
+    except RetryableSendError as exc:
+        raise Unavailable(exc.describe(), exc.retry_after, rate_limited=exc.status == 429) from None

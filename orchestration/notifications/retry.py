@@ -1,7 +1,7 @@
 """`callflow notifications retry [--id ID]`: failed emails that Resend never accepted go again.
 
 A `failed` row without a `provider_message_id` was never accepted by Resend (a 4xx, or retries
-that ran out); it goes back to `pending` and a `callflow.send_notification` task is queued for
+that ran out); it goes back to `pending` and a `callflow.deliver` task of the email channel is queued for
 it. Its Idempotency-Key is the row's, as before: if Resend did accept an earlier request after all
 (a timeout that hid the answer), it answers with that first message instead of a second email.
 Anything else (sent, skipped, pending, failed with a message id, older than 23 hours) is left alone.
@@ -86,6 +86,7 @@ def _celery_enqueue(settings: Settings):
                          task_serializer="json")
 
     def enqueue(notification_id: str) -> None:
-        producer.send_task(names.SEND_NOTIFICATION, args=[notification_id], queue=names.Q_NOTIFICATIONS)
+        producer.send_task(names.DELIVER, args=[names.CHANNEL_EMAIL, [notification_id]],
+                           queue=names.CHANNEL_QUEUES[names.CHANNEL_EMAIL])
 
     return enqueue

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 
 from orchestration.db import get_pool
 from orchestration.usage import store
-from orchestration.usage.alerts import lost_pending, record_crossings
+from orchestration.usage.alerts import record_crossings
 from orchestration.usage.figures import month_of
 from orchestration.usage.plans import Plan
 from orchestration.usage.report import MonthUsage, month_usage
@@ -19,8 +19,5 @@ def check_usage(database_url: str, plan: Plan, ops_email: str | None,
     with get_pool(database_url).connection() as conn:
         usage = month_usage(conn, plan, month_of(now), now)
         store.save_snapshot(conn, usage)
-        to_send = record_crossings(conn, usage, ops_email)
-        # Pending alerts whose task got lost (a killed worker): again; the row lock and the
-        # Idempotency-Key make a duplicate harmless.
-        to_send += [alert_id for alert_id in lost_pending(conn) if alert_id not in to_send]
+        to_send = record_crossings(conn, usage, ops_email)  # a lost one: the outbox sweep's
     return usage, to_send

@@ -25,8 +25,10 @@ from devstack.services import wait_for
 from devstack.standins.expo_server import ExpoStandin
 from devstack.standins.resend_server import ResendStandIn
 from orchestration.backoff import backoff_delay
-from orchestration.notifications.service import BACKOFF_BASE_SECONDS, RESEND_BACKOFF_MAX_SECONDS, resend_backoff
-from orchestration.push.delivery import RETRY_BASE_SECONDS, RETRY_MAX_SECONDS, expo_backoff
+from orchestration.channels.expo_push import RETRY_BASE_SECONDS, RETRY_MAX_SECONDS
+from orchestration.notifications.mailers import RETRY_BASE_SECONDS as BACKOFF_BASE_SECONDS
+from orchestration.notifications.mailers import RETRY_MAX_SECONDS as RESEND_BACKOFF_MAX_SECONDS
+from orchestration.shared_backoff import SharedBackoff
 from orchestration.push.expo import TIMEOUT_SECONDS as EXPO_TIMEOUT
 from tests.faults.load import report
 from tests.support.calls import insert_invitation
@@ -309,7 +311,7 @@ def loop_steps(faults) -> dict[str, int]:
     """How far up its backoff each dependency's shared retry loop is (0: it answered last)."""
     client = redis.Redis.from_url(faults.redis.url)
     try:
-        return {"resend": resend_backoff(client).failures, "expo": expo_backoff(client).failures}
+        return {name: SharedBackoff(client, name, 1.0, 10.0, probe_seconds=1).failures for name in ("resend", "expo")}
     finally:
         client.close()
 

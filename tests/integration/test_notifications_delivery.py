@@ -1,4 +1,4 @@
-"""Missed-call emails end to end below the lifecycle: outbox row -> `callflow.send_notification`
+"""Missed-call emails end to end below the lifecycle: outbox row -> `callflow.deliver ["email", ids]`
 on a real Celery worker -> the real `resend` SDK -> the Resend stand-in; and the retry command.
 
 The lifecycle is driven by hand here: each test writes a terminal invitation and its outbox row
@@ -74,10 +74,10 @@ class Producer:
         self.app = Celery("notifications-test", broker=broker_url)
 
     def send(self, notification_id: str) -> None:
-        self.app.send_task(names.SEND_NOTIFICATION, args=[notification_id], queue="notifications")
+        self.app.send_task(names.DELIVER, args=[names.CHANNEL_EMAIL, [notification_id]], queue="notifications")
 
     def sweep(self, min_age_seconds: float = 0.0) -> None:
-        self.app.send_task(names.SWEEP_NOTIFICATIONS, args=[min_age_seconds], queue="sweeps")
+        self.app.send_task(names.SWEEP_OUTBOX, args=[names.CHANNEL_EMAIL, min_age_seconds], queue="sweeps")
 
 
 def ended_invitation(db, caller: str, callee: str, status: str = "missed", rang: float | None = 30.0,
@@ -377,10 +377,11 @@ def test_beat_runs_the_notification_sweep_on_the_sweeps_queue():
     import workers.tasks  # noqa: F401 - registers the tasks, as the worker does
     from workers.app import app
 
-    entry = next(e for e in app.conf.beat_schedule.values() if e["task"] == names.SWEEP_NOTIFICATIONS)
+    entry = next(e for e in app.conf.beat_schedule.values()
+                 if e["task"] == names.SWEEP_OUTBOX and e["args"] == [names.CHANNEL_EMAIL])
     assert entry["options"]["queue"] == "sweeps"
-    assert app.conf.task_routes[names.SEND_NOTIFICATION]["queue"] == "notifications"
-    task = app.tasks[names.SEND_NOTIFICATION]
+    assert names.CHANNEL_QUEUES[names.CHANNEL_EMAIL] == "notifications"
+    task = app.tasks[names.DELIVER]
     assert task.acks_late and task.reject_on_worker_lost
 
 
@@ -477,7 +478,7 @@ def test_two_workers_never_exceed_the_configured_rate(db, make_user, standin, re
         worst = max(sum(1 for t in times[i:] if t < t0 + 1.0) for i, t0 in enumerate(times))
         assert worst <= rate, f"{worst} requests within one second"
         # Both workers did send (the limit is global, not per worker).
-        assert all("notification sent" in w.log() for w in workers)
+        assert all("delivery: sent" in w.log() for w in workers)
     finally:
         for w in workers:
             w.stop()

@@ -1,5 +1,5 @@
 """Missed-call emails through the real lifecycle: invitation changes on the queue -> the lifecycle
-worker ends the invitation and writes the outbox row -> `callflow.send_notification` -> Resend
+worker ends the invitation and writes the outbox row -> `callflow.deliver ["email", ids]` -> Resend
 stand-in (or, in development without RESEND_API_KEY, the `.eml` outbox)."""
 
 from __future__ import annotations
@@ -100,5 +100,5 @@ def test_development_without_resend_key_writes_the_eml_outbox(db, database_url, 
     assert "(Europe/Lisbon)" in parsed.get_body(("plain",)).get_content()
     assert "Call back" in parsed.get_body(("html",)).get_content()
     # One log line for it, with the address redacted.
-    lines = [ln for ln in worker.log().splitlines() if "email written to outbox" in ln and str(note["id"]) in ln]
+    lines = [ln for ln in worker.log().splitlines() if "delivery: sent" in ln and str(note["id"]) in ln and ".eml" in ln]
     assert len(lines) == 1 and email_of(db, callee) not in lines[0] and "[redacted]" in lines[0]

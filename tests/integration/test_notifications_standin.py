@@ -17,7 +17,7 @@ from orchestration.notifications.mailers import (
     RetryableSendError,
     idempotency_key,
 )
-from orchestration.notifications.ratelimit import TokenBucket
+from orchestration.delivery.rate import Rate
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def bucket_redis(redis_server):
 
 def test_bucket_spaces_grants_on_redis_clock(bucket_redis):
     key = f"test:bucket:{uuid.uuid4().hex}"
-    bucket = TokenBucket(bucket_redis, rate_per_second=10, key=key)
+    bucket = Rate(bucket_redis, rate_per_second=10, margin=0.1, key=key)
     assert bucket.try_acquire() == 0.0
     wait = bucket.try_acquire()
     assert 0.09 <= wait <= 0.111  # (1 + margin) / rate
@@ -134,7 +134,7 @@ def test_bucket_shared_by_threads_with_their_own_connections_never_bursts(redis_
 
     def work():
         client = redis.Redis.from_url(redis_server.url)
-        bucket = TokenBucket(client, rate_per_second=20, key=key)
+        bucket = Rate(client, rate_per_second=20, margin=0.1, key=key)
         for _ in range(4):
             while bucket.acquire(max_wait=0.2) > 0:
                 pass
@@ -157,7 +157,7 @@ def test_bucket_shared_by_threads_with_their_own_connections_never_bursts(redis_
 
 def test_acquire_says_when_to_come_back_instead_of_waiting_long(bucket_redis):
     key = f"test:bucket:{uuid.uuid4().hex}"
-    bucket = TokenBucket(bucket_redis, rate_per_second=0.5, key=key)  # one per 2.2 s
+    bucket = Rate(bucket_redis, rate_per_second=0.5, margin=0.1, key=key)  # one per 2.2 s
     assert bucket.acquire(max_wait=0.1) == 0.0
     started = time.monotonic()
     come_back = bucket.acquire(max_wait=0.1)
@@ -167,7 +167,7 @@ def test_acquire_says_when_to_come_back_instead_of_waiting_long(bucket_redis):
 
 def test_hold_off_stops_everybody(bucket_redis):
     key = f"test:bucket:{uuid.uuid4().hex}"
-    bucket = TokenBucket(bucket_redis, rate_per_second=100, key=key)
+    bucket = Rate(bucket_redis, rate_per_second=100, margin=0.1, key=key)
     bucket.hold_off(1.0)
     assert 0.9 <= bucket.try_acquire() <= 1.0
 

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from devstack import services
 from devstack.services import ROOT, VENV_BIN, Process, free_port, wait_for
 from orchestration import names
-from orchestration.notifications.ratelimit import TokenBucket
+from orchestration.delivery.rate import Rate
 from orchestration.ops.queues import OperationsCollector
 from tests.conftest import subprocess_env
 
@@ -241,7 +241,7 @@ def test_queue_depth_and_oldest_age_come_from_redis(redis_server):
     import workers.task_outcomes  # noqa: F401 - stamps published_at on every message this process sends
 
     for n in range(3):
-        app.send_task(names.SEND_NOTIFICATION, args=[str(uuid.uuid4())], queue="notifications")
+        app.send_task(names.DELIVER, args=[names.CHANNEL_EMAIL, [str(uuid.uuid4())]], queue="notifications")
     time.sleep(1.2)
     registry = CollectorRegistry()
     registry.register(OperationsCollector(url, ["events", "notifications"]))
@@ -257,10 +257,10 @@ def test_queue_depth_and_oldest_age_come_from_redis(redis_server):
 
 def test_bookings_are_spaced_by_the_rate_and_stop_at_the_horizon(redis_server):
     client = redis.Redis.from_url(redis_db(redis_server, 15))
-    bucket = TokenBucket(client, rate_per_second=10, key=f"test:bucket:{uuid.uuid4().hex}")  # one per 110 ms
-    first_wait, first_slot = bucket.reserve(horizon=1.0)
+    bucket = Rate(client, rate_per_second=10, margin=0.1, key=f"test:bucket:{uuid.uuid4().hex}")  # one per 110 ms
+    first_wait, first_slot = bucket.book(horizon=1.0)
     assert first_wait == 0.0 and first_slot is not None
-    waits = [bucket.reserve(horizon=1.0) for _ in range(12)]
+    waits = [bucket.book(horizon=1.0) for _ in range(12)]
     booked = [w for w in waits if w[1] is not None]
     assert len(booked) == 9  # 110 ms apart: 9 more fit within one second
     slots = [first_slot] + [slot for _, slot in booked]
@@ -271,11 +271,11 @@ def test_bookings_are_spaced_by_the_rate_and_stop_at_the_horizon(redis_server):
     assert bucket.until_slot(first_slot - 1.0) == 0.0
     # One booking per email: a second task for the same row gets the same slot back (while it is
     # still ahead: one a second apart, after a first booking that is due now).
-    later = TokenBucket(client, rate_per_second=1, key=f"test:bucket:{uuid.uuid4().hex}")
-    later.reserve(horizon=10.0, holder="row-0")
-    _, mine = later.reserve(horizon=10.0, holder="row-1")
-    later.reserve(horizon=10.0, holder="row-2")
-    assert later.reserve(horizon=10.0, holder="row-1")[1] == mine
+    later = Rate(client, rate_per_second=1, margin=0.1, key=f"test:bucket:{uuid.uuid4().hex}")
+    later.book(horizon=10.0, holder="row-0")
+    _, mine = later.book(horizon=10.0, holder="row-1")
+    later.book(horizon=10.0, holder="row-2")
+    assert later.book(horizon=10.0, holder="row-1")[1] == mine
     # The gate spaces the requests themselves, whatever the bookings say.
     assert bucket.pass_gate() == 0.0
     assert 0.05 < bucket.pass_gate() <= 0.11

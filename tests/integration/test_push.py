@@ -21,10 +21,10 @@ from celery import Celery
 from devstack import services
 from devstack.standins.expo_server import ExpoStandin
 from orchestration import names
-from orchestration.push.delivery import RETRY_BASE_SECONDS, RETRY_MAX_SECONDS, PushDelivery
+from orchestration.channels.expo_push import RETRY_BASE_SECONDS, RETRY_MAX_SECONDS, ExpoPushChannel, expo_provider
+from orchestration.delivery.loop import Attempt, Deliverer
+from orchestration.delivery.rate import Rate
 from orchestration.push.expo import TIMEOUT_SECONDS, ExpoClient, OutboxClient
-from orchestration.push.rate import PushRate
-from orchestration.push.store import PushStore
 from orchestration.shared_backoff import SharedBackoff
 from tests.conftest import subprocess_env
 from tests.integration.test_notifications_delivery import redis_db_url, start_worker, user_maker
@@ -371,15 +371,31 @@ def one_users_rings(ddb, calls: int, devices: int) -> tuple[list[str], list[str]
     return ids, to
 
 
-def delivery_for(database_url: str, redis_server, base_url: str, rate: float, loop: str | None = None) -> PushDelivery:
+class PushDelivery(Deliverer):
+    """The push channel's real deliverer, with the task's arguments and the sweep's receipts."""
+
+    def deliver(self, ids: list[str], **attempt):
+        return self.run(ids, Attempt(**attempt))
+
+    def check_receipts(self, older_than: float) -> int:
+        return self.channel.check_receipts(self.loop, older_than=older_than)
+
+
+class _Settings:
+    def __init__(self, rate: float) -> None:
+        self.callflow_push_rate_per_second = rate
+
+
+def delivery_for(database_url: str, redis_server, base_url: str, rate: float, loop: str | None = None,
+                 client=None) -> PushDelivery:
     """A delivery with a rate and an Expo retry loop of its own (`loop`: a name deliveries share),
     so no other test's outage or booking is in its way."""
-    client = redis_lib.Redis.from_url(redis_db_url(redis_server, 10))
+    redis_client = redis_lib.Redis.from_url(redis_db_url(redis_server, 10))
     key = f"callflow:test:rate:{uuid.uuid4().hex[:6]}"
-    backoff = SharedBackoff(client, f"expo-test-{loop or uuid.uuid4().hex[:6]}", RETRY_BASE_SECONDS,
+    backoff = SharedBackoff(redis_client, f"expo-test-{loop or uuid.uuid4().hex[:6]}", RETRY_BASE_SECONDS,
                             RETRY_MAX_SECONDS, probe_seconds=TIMEOUT_SECONDS + 2)
-    return PushDelivery(PushStore(database_url), ExpoClient(base_url), client, PushRate(client, rate, key=key),
-                        backoff=backoff)
+    channel = ExpoPushChannel(client or ExpoClient(base_url), expo_provider(_Settings(rate)), database_url)
+    return PushDelivery(channel, database_url, redis_client, rate=Rate(redis_client, rate, key=key), loop=backoff)
 
 
 def only_these_await_receipts(ddb, ids: list[str]) -> None:
@@ -391,21 +407,21 @@ def only_these_await_receipts(ddb, ids: list[str]) -> None:
 
 
 def run_like_the_task(delivery: PushDelivery, ids: list[str]) -> None:
-    """What `send_pushes` does, with its re-queues played in-process (a countdown is a sleep here)."""
-    queue = [(0.0, ids, False, 0, False)]
+    """What `callflow.deliver` does, with its re-queues played in-process (a countdown is a sleep here)."""
+    queue = [(0.0, ids, Attempt())]
     start = time.monotonic()
     while queue:
         queue.sort(key=lambda q: q[0])
-        at, batch, booked, failures, shared = queue.pop(0)
+        at, batch, attempt = queue.pop(0)
         time.sleep(max(0.0, at - (time.monotonic() - start)))
-        out = delivery.deliver(batch, booked=booked, failures=failures, shared=shared)
+        out = delivery.run(batch, attempt)
         if out.others:
-            queue.append((time.monotonic() - start, out.others, False, 0, False))
+            queue.append((time.monotonic() - start, out.others, Attempt()))
         for deferral in out.deferred:
-            queue.append((time.monotonic() - start + deferral.seconds, deferral.message_ids, False, 0, deferral.shared))
-        if out.come_back_in is not None and out.message_ids:
-            queue.append((time.monotonic() - start + out.come_back_in, out.message_ids, out.booked,
-                          failures if out.booked else failures + 1, True))
+            queue.append((time.monotonic() - start + deferral.seconds, deferral.ids,
+                          Attempt(shared=deferral.shared, back=True)))
+        if out.come_back_in is not None and out.ids:
+            queue.append((time.monotonic() - start + out.come_back_in, out.ids, out.again))
 
 
 def test_250_ringing_at_once_go_in_batches_of_at_most_100_within_the_rate(ddb, delivery_database_url, expo,
@@ -437,7 +453,7 @@ def test_one_callees_pushes_beyond_its_share_wait_and_another_callees_go_now(ddb
     flooded, flooded_tokens = one_users_rings(ddb, calls=6, devices=10)
     other, other_tokens = ringing_rows(ddb, 1)
     delivery = delivery_for(delivery_database_url, redis_server, expo.url, rate=500)
-    assert (delivery.share.rate_per_second, delivery.share.burst) == (10, 40)
+    assert (delivery.shares.rate_per_second, delivery.shares.burst) == (10, 40)
     first = len(expo.sends)
     run_like_the_task(delivery, flooded + other)
     sends = [r for r in expo.sends[first:] if r.status == 200]
@@ -497,9 +513,7 @@ def test_receipts_are_read_later_and_an_unregistered_device_is_turned_off(ddb, d
 
 def test_development_writes_pushes_as_json_files(ddb, delivery_database_url, redis_server, tmp_path):
     ids, tokens = ringing_rows(ddb, 1)
-    client = redis_lib.Redis.from_url(redis_db_url(redis_server, 10))
-    delivery = PushDelivery(PushStore(delivery_database_url), OutboxClient(tmp_path / "push"), client,
-                            PushRate(client, 500, key=f"callflow:test:rate:{uuid.uuid4().hex[:6]}"))
+    delivery = delivery_for(delivery_database_url, redis_server, "", rate=500, client=OutboxClient(tmp_path / "push"))
     assert delivery.deliver(ids).sent == 1
     files = list((tmp_path / "push").glob("incoming_call-*.json"))
     assert len(files) == 1
@@ -530,7 +544,7 @@ def test_receipts_while_expo_gives_no_answer_are_asked_later(ddb, delivery_datab
     unreachable = f"http://127.0.0.1:{services.free_port()}"
     nobody = delivery_for(delivery_database_url, redis_server, unreachable, rate=500, loop=loop)
     assert nobody.check_receipts(older_than=15) == 0
-    assert nobody.backoff.failures == 1  # it asked, and got no answer
+    assert nobody.loop.failures == 1  # it asked, and got no answer
     # Expo's loop now waits a first step before anyone asks again; then the receipts are read.
     answering = delivery_for(delivery_database_url, redis_server, expo.url, rate=500, loop=loop)
     services.wait_for(lambda: answering.check_receipts(older_than=15) == 1, timeout=5, what="the receipt read")

@@ -35,8 +35,7 @@ from orchestration.adapters.postgres_store import PostgresUnitOfWork
 from orchestration.domain.decision import MissedCallEmail, Push
 from orchestration.domain.model import Call, CallStatus, Invitation, InvitationStatus, room_parties
 from orchestration.domain.notices import EarlierNotice, notice_skip_reason
-from orchestration.notifications import store as notification_store
-from orchestration.notifications.service import skip_reason
+from orchestration.channels.missed_call_email import MissedCallEmailChannel, skip_reason
 
 EXAMPLES = int(os.environ.get("CALLFLOW_RULES_EXAMPLES", "100"))
 NOW = datetime(2026, 12, 6, 12, 0, 0, 123456, tzinfo=timezone.utc)
@@ -239,7 +238,7 @@ def test_the_email_outbox_skips_as_the_domain_does(db, users):
             assert (row["status"], row["last_error"]) == (("skipped", why) if why else ("pending", None)), example
 
             # The delivery asks again (opt-out, address) before it sends: the same answer as the birth's.
-            at_delivery = skip_reason(notification_store.lock_for_delivery(db, str(row["id"])))
+            at_delivery = skip_reason(MissedCallEmailChannel.load(db, [str(row["id"])])[0])
             if row["status"] == "pending" or "within" in (row["last_error"] or ""):
                 assert at_delivery is None, example
             else:

@@ -24,7 +24,11 @@ from orchestration import names
 from orchestration.db import connect
 from orchestration.notifications.mailers import OutboxMailer, ResendMailer
 from orchestration.usage import store
-from orchestration.usage.alerts import deliver
+from orchestration.channels.usage_alert_email import UsageAlertEmailChannel
+from orchestration.delivery.loop import Deliverer
+from orchestration.delivery.rate import Rate
+from orchestration.notifications.mailers import resend_provider
+from orchestration.shared_backoff import SharedBackoff
 from orchestration.usage.check import check_usage
 from orchestration.usage.figures import Session, month_bounds, participant_minutes, peak_concurrency
 from orchestration.usage.metrics import UsageCollector
@@ -190,10 +194,26 @@ def test_known_answers(usage_db):
         assert as_json["bandwidth"] is None and "not measurable" in as_json["bandwidth_note"]
 
 
-def test_alert_thresholds_fire_once_each_and_email_ops(usage_db, tmp_path):
+class _Settings:
+    callflow_email_rate_per_second = 100.0
+
+
+def alert_delivery(usage_db: str, redis_server, mailer, sender: str, app_url: str) -> Deliverer:
+    """The usage alert channel's real deliverer, with a rate and a Resend loop of its own."""
+    import redis as redis_lib
+
+    client = redis_lib.Redis.from_url(redis_server.url)
+    mine = uuid.uuid4().hex[:8]
+    channel = UsageAlertEmailChannel(mailer, resend_provider(_Settings()), sender, app_url)
+    return Deliverer(channel, usage_db, client, rate=Rate(client, 100, key=f"callflow:test:rate:{mine}", margin=0.1),
+                     loop=SharedBackoff(client, f"resend-test-{mine}", 1.0, 10.0, probe_seconds=17))
+
+
+def test_alert_thresholds_fire_once_each_and_email_ops(usage_db, tmp_path, redis_server):
     now = datetime(2026, 12, 10, 12, tzinfo=UTC)
     build = PLANS["build"]  # 5,000 minutes, 100 concurrent
     outbox = OutboxMailer(tmp_path)
+    delivery = alert_delivery(usage_db, redis_server, outbox, "C <c@example.test>", "https://app")
     with connect(usage_db, autocommit=True) as conn:
         h = History(conn)
         base = datetime(2026, 12, 2, tzinfo=UTC)
@@ -208,8 +228,7 @@ def test_alert_thresholds_fire_once_each_and_email_ops(usage_db, tmp_path):
                 usage, to_send = check_usage(usage_db, build, "ops@example.test", now)
             warned = [(e["measure"], e["threshold_percent"]) for e in logs if e["log_level"] == "warning"]
             for alert_id in to_send:
-                assert deliver(alert_id, database_url=usage_db, mailer=outbox, bucket=None, sender="C <c@example.test>",
-                               app_url="https://app").kind == "sent"
+                assert delivery.run([alert_id]).sent == 1
             return warned
 
         assert check() == []
@@ -255,7 +274,7 @@ def test_without_an_ops_address_alerts_are_logged_and_kept_skipped(usage_db):
         assert check_usage(usage_db, PLANS["self-hosted"], "ops@example.test", now)[1] == []
 
 
-def test_alert_email_through_resend_once(usage_db):
+def test_alert_email_through_resend_once(usage_db, redis_server):
     api = ResendStandIn().start()
     try:
         with connect(usage_db, autocommit=True) as conn:
@@ -265,10 +284,10 @@ def test_alert_email_through_resend_once(usage_db):
                    values ('2026-12-01', 'participant_minutes', 80, 'ship', 120000, 150000, 'ops@example.test')
                    returning id""").fetchone()["id"]
         mailer = ResendMailer("re_test_standin_key_0001", api.url)
-        kwargs = dict(database_url=usage_db, mailer=mailer, bucket=None, sender="Calls <c@example.test>",
-                      app_url="https://app.example.test")
-        assert deliver(str(alert_id), **kwargs).kind == "sent"
-        assert deliver(str(alert_id), **kwargs).kind == "done"
+        delivery = alert_delivery(usage_db, redis_server, mailer, "Calls <c@example.test>", "https://app.example.test")
+        assert delivery.run([str(alert_id)]).sent == 1
+        again = delivery.run([str(alert_id)])  # sent already: nothing to do
+        assert (again.sent, again.failed, again.skipped, again.come_back_in) == (0, 0, 0, None)
         [email] = api.emails_to("ops@example.test")
         assert email.idempotency_key == f"callflow-usage-alert-{alert_id}"
         assert "120,000 of 150,000" in email.body["text"]

@@ -433,8 +433,7 @@ class FakeScheduler:
         self.timeouts: list[tuple[str, datetime]] = []
         self.buckets: list[float] = []
         self.graces: list[tuple[str, str, str, bool | None, float]] = []
-        self.notifications: list[str] = []
-        self.pushes: list[list[str]] = []
+        self.deliveries: list[tuple[str, list[str]]] = []
         self.changes: list = []  # Change objects, as the use cases hand them on
 
     def ring_timeouts(self, deadlines):
@@ -449,11 +448,8 @@ class FakeScheduler:
     def grace_expiry(self, room_name, participant_sid, identity, aborted, delay):
         self.graces.append((room_name, participant_sid, identity, aborted, delay))
 
-    def send_notification(self, notification_id):
-        self.notifications.append(notification_id)
-
-    def send_pushes(self, message_ids):
-        self.pushes.append(list(message_ids))
+    def deliver(self, channel, ids):
+        self.deliveries.append((channel, list(ids)))
 
     def invitation_changed(self, change):
         self.changes.append(change)

@@ -5,7 +5,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from orchestration.domain.model import deserves_missed_call_email
-from orchestration.notifications.service import backoff, skip_reason
+from orchestration.channels.missed_call_email import skip_reason
 
 T0 = datetime(2026, 11, 25, 10, 0, tzinfo=timezone.utc)
 
@@ -51,9 +51,3 @@ def test_an_email_goes_out_for_a_missed_call():
 ])
 def test_skip_reasons(changes, why):
     assert why in skip_reason(row(**changes))
-
-
-def test_backoff_grows_and_is_capped():
-    assert 0.5 <= backoff(0) <= 1
-    assert 4 <= backoff(3) <= 8
-    assert 30 <= backoff(30) <= 60

@@ -10,7 +10,7 @@ import pytest
 
 from config.settings import ConfigurationError, Settings, build_settings
 from orchestration.usage import figures
-from orchestration.usage.alerts import compose
+from orchestration.channels.usage_alert_email import compose
 from orchestration.usage.figures import Session, participant_minutes, peak_concurrency, thresholds_crossed
 from orchestration.usage.plans import PLAN_NAMES, PLANS, PLANS_AS_OF
 
