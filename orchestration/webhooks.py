@@ -16,7 +16,7 @@ Parsing: the body is protojson of `livekit.WebhookEvent`; we keep it as the dict
 unknown event names are accepted: the worker records every event.
 
 The Celery message the backlog's nudge is pushed as, and its `task-sent` event, are built by
-`orchestration.adapters.celery_messages` (re-exported here for older importers).
+`orchestration.adapters.celery_messages`.
 """
 
 from __future__ import annotations
@@ -30,17 +30,6 @@ import time
 from typing import Any, Mapping
 
 import orjson
-
-# The Celery message builder lives in `orchestration.adapters.celery_messages`; its names are
-# re-exported here for the modules that still import them from this one.
-from orchestration.adapters.celery_messages import (  # noqa: F401
-    PUSH_TASK_LUA,
-    TASK_SENT_EVENTS,
-    CeleryMessageBuilder,
-    PreBuiltTask,
-    task_sent_channel,
-    task_sent_channel_of,
-)
 
 MAX_BODY_BYTES = 1024 * 1024
 # LiveKit's tokens live 5 minutes; the SDKs' verifiers allow a minute of clock skew.

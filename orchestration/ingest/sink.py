@@ -73,7 +73,7 @@ class IngestSink:
     consume), nudging a worker; and, on the workers' side, take them."""
 
     def __init__(self, redis: Any, *, queue: str = TASK_QUEUE, ttl_seconds: int = DEDUPE_TTL_SECONDS) -> None:
-        from orchestration.webhooks import CeleryMessageBuilder
+        from orchestration.adapters.celery_messages import CeleryMessageBuilder
 
         self.redis = redis
         self.queue = queue
