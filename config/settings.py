@@ -95,6 +95,18 @@ class Settings(BaseSettings):
     expo_push_url: str | None = None
     callflow_push_rate_per_second: float = Field(default=500.0, gt=0, le=600, allow_inf_nan=False)
 
+    # Ringing like a phone (orchestration/channels/apns_voip.py, fcm.py): unset means no such pushes
+    # (in development, JSON files in the outbox folder).
+    apns_key_id: str | None = None
+    apns_team_id: str | None = None
+    apns_private_key: SecretStr | None = None  # the .p8 key's PEM text (ES256)
+    apns_topic: str | None = None              # the iOS app's bundle id (VoIP topic: <topic>.voip)
+    apns_url: str = "https://api.push.apple.com"
+    fcm_project_id: str | None = None
+    fcm_service_account_json: SecretStr | None = None  # the key's JSON text, or a path to it
+    fcm_url: str = "https://fcm.googleapis.com"
+    fcm_token_url: str | None = None  # wins over the key file's token_uri
+
     # LiveKit usage (orchestration/usage): the plan's names are those of orchestration.usage.plans.PLANS.
     callflow_livekit_plan: Literal["build", "ship", "scale", "self-hosted"] = "build"
     callflow_ops_email: str | None = None
@@ -134,7 +146,8 @@ class Settings(BaseSettings):
             raise ValueError("must be a ws(s):// or http(s):// URL")
         return v
 
-    @field_validator("supabase_url", "resend_api_url", "callflow_app_url", "expo_push_url")
+    @field_validator("supabase_url", "resend_api_url", "callflow_app_url", "expo_push_url", "apns_url", "fcm_url",
+                     "fcm_token_url")
     @classmethod
     def _http_url(cls, v: str | None) -> str | None:
         if v is not None and urlsplit(v).scheme not in ("http", "https"):
@@ -210,6 +223,14 @@ class Settings(BaseSettings):
         if self.listener_source == "realtime" and (self.supabase_url is None or self.supabase_service_role_key is None):
             raise ConfigurationError("SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY are required for the realtime listener")
         self.livekit_public_url = self.livekit_public_url or self.livekit_url
+        apns = {"APNS_KEY_ID": self.apns_key_id, "APNS_TEAM_ID": self.apns_team_id,
+                "APNS_PRIVATE_KEY": self.apns_private_key, "APNS_TOPIC": self.apns_topic}
+        if any(v is not None for v in apns.values()) and any(v is None for v in apns.values()):
+            missing = ", ".join(k for k, v in apns.items() if v is None)
+            raise ConfigurationError(f"{missing} required with the other APNS_* variables (VoIP pushes)")
+        if (self.fcm_project_id is None) != (self.fcm_service_account_json is None):
+            missing = "FCM_PROJECT_ID" if self.fcm_project_id is None else "FCM_SERVICE_ACCOUNT_JSON"
+            raise ConfigurationError(f"{missing} is required with the other FCM_* variable (FCM pushes)")
         return self
 
     def __repr_args__(self):
@@ -250,6 +271,15 @@ class Settings(BaseSettings):
     def expo_push_configured(self) -> bool:
         """Pushes go to Expo (production, or a token or URL given); else to the outbox folder."""
         return self.is_production or self.expo_access_token is not None or self.expo_push_url is not None
+
+    @property
+    def apns_configured(self) -> bool:
+        """VoIP pushes go to APNs (all four APNS_* set); else, in development, to the outbox folder."""
+        return self.apns_key_id is not None
+
+    @property
+    def fcm_configured(self) -> bool:
+        return self.fcm_project_id is not None
 
     @property
     def expo_push_base_url(self) -> str:

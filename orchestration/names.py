@@ -39,7 +39,12 @@ TASKS = (INVITATION_CHANGED, INVITATIONS_CHANGED, LIVEKIT_EVENT, LIVEKIT_EVENTS,
 CHANNEL_EMAIL = "email"
 CHANNEL_EXPO = "expo"
 CHANNEL_USAGE_ALERT = "usage_alert"
-CHANNEL_QUEUES = {CHANNEL_EMAIL: Q_NOTIFICATIONS, CHANNEL_USAGE_ALERT: Q_NOTIFICATIONS, CHANNEL_EXPO: Q_PUSH}
+CHANNEL_APNS_VOIP = "apns_voip"
+CHANNEL_FCM = "fcm"
+CHANNEL_QUEUES = {CHANNEL_EMAIL: Q_NOTIFICATIONS, CHANNEL_USAGE_ALERT: Q_NOTIFICATIONS, CHANNEL_EXPO: Q_PUSH,
+                  CHANNEL_APNS_VOIP: Q_PUSH, CHANNEL_FCM: Q_PUSH}
+# push_tokens.provider -> the channel that sends to it (the same names).
+PUSH_CHANNELS = {"expo": CHANNEL_EXPO, "apns_voip": CHANNEL_APNS_VOIP, "fcm": CHANNEL_FCM}
 
 # --- Redis keys -----------------------------------------------------------------------------------
 # Ingest backlog of invitation changes: the listener/catch-up LPUSH changes, the worker takes them.

@@ -43,7 +43,8 @@ if "flower" in sys.argv[1:] and settings.is_production and settings.flower_basic
     raise SystemExit(2)
 
 for secret in (settings.livekit_api_secret, settings.supabase_service_role_key, settings.supabase_jwt_secret,
-               settings.resend_api_key, settings.flower_basic_auth, settings.expo_access_token):
+               settings.resend_api_key, settings.flower_basic_auth, settings.expo_access_token,
+               settings.apns_private_key, settings.fcm_service_account_json):
     if secret is not None:
         register_secret(secret.get_secret_value())
 

@@ -1,27 +1,24 @@
-"""The Expo push channel: `push_messages` rows (one per device of the callee) through Expo's push API
-(or JSON files in development), in batches of up to 100.
+"""The Expo push channel: `push_messages` rows of Expo devices (`provider` `expo`) through Expo's push
+API (or JSON files in development), in batches of up to 100. The rules of every push (deadline,
+shares, disabled devices) are `orchestration.push.channel.PushChannel`'s.
 
-What is its own: an `incoming_call` goes only while its call rings and before its ring deadline (a
-push that would arrive later is `skipped`, never sent late); a disabled device gets nothing; each
-callee gets a share of the push rate (`Shares`: one account's flood never books the line ahead of
-another user's ring), the kind that stops being of use soonest first; Expo's `DeviceNotRegistered`
-turns the device off (in the ticket, or later in the receipt the sweep reads); a
-`MessageRateExceeded` ticket is no answer for that message. A send cut off by a crash before its
+What is Expo's own: `DeviceNotRegistered` turns the device off (in the ticket, or later in the
+receipt the sweep reads); a `MessageRateExceeded` ticket is no answer for that message. A send cut off by a crash before its
 tickets were stored is sent again; the app drops the duplicate by `kind` + `invitation_id`.
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import structlog
 
 from orchestration import names
 from orchestration.db import get_pool
-from orchestration.delivery.channel import Channel, NoAnswer, Provider, Record, Refused, Rejected, Sent, Unavailable
-from orchestration.delivery.rate import Shares
+from orchestration.delivery.channel import NoAnswer, Provider, Record, Refused, Rejected, Sent, Unavailable
+from orchestration.push.channel import PushChannel
 from orchestration.push.expo import MAX_BATCH, client_for, MAX_RECEIPTS, TIMEOUT_SECONDS, ExpoRejected, ExpoUnavailable
-from orchestration.push.messages import CALL_ENDED_TTL, PushRow, expo_message
+from orchestration.push.messages import expo_message
 from orchestration.shared_backoff import SharedBackoff
 
 log = structlog.get_logger("callflow.push")
@@ -33,28 +30,7 @@ RATE_EXCEEDED = "MessageRateExceeded"  # a ticket that is Expo's 429 for one mes
 # long once Expo is back).
 RETRY_BASE_SECONDS = 0.5
 RETRY_MAX_SECONDS = 10.0
-SHARE_STEP_SECONDS = 0.5
-KIND_ORDER = {"incoming_call": 0, "call_ended": 1, "missed_call": 2}
 RECEIPTS_AFTER = 15.0  # Expo's receipts are usually ready within seconds
-PER_USER = 10          # a top-up takes at most this many rows to one user's devices (one ring of 10)...
-LOOK_FACTOR = 5        # ...from the oldest `limit` x this many pending rows
-STALE_PER_USER = 100   # the sweep's pick: at most this many rows to one user's devices
-
-_ROWS = """
-select m.id::text as id, m.kind, m.status, m.attempts, m.created_at, t.token, t.user_id::text as user_id,
-       t.disabled_at is not null as token_disabled,
-       i.id::text as invitation_id, i.room_name, i.call_type, i.caller_id::text as caller_id,
-       i.status as invitation_status, i.end_reason, i.ring_deadline,
-       coalesce(nullif(btrim(u.raw_user_meta_data->>'full_name'), ''), nullif(btrim(u.raw_user_meta_data->>'name'), ''),
-                split_part(u.email, '@', 1), 'Someone') as caller_name
-  from public.push_messages m
-  join public.push_tokens t on t.id = m.push_token_id
-  join public.call_invitations i on i.id = m.invitation_id
-  left join auth.users u on u.id = i.caller_id
- where m.id = any(%s::uuid[])
- order by m.created_at, m.id
-"""
-
 
 def expo_provider(settings) -> Provider:
     return Provider(name="expo", rate_key=names.RATELIMIT_EXPO, rate_per_second=settings.callflow_push_rate_per_second,
@@ -62,28 +38,11 @@ def expo_provider(settings) -> Provider:
                     probe_seconds=TIMEOUT_SECONDS + 2)
 
 
-def skip_reason(row: PushRow, at: datetime) -> str | None:
-    if row.token_disabled:
-        return "the device was unregistered"
-    if row.kind == "incoming_call":
-        if row.invitation_status != "ringing":
-            return f"the call stopped ringing ({row.invitation_status}) before the push could go"
-        if row.ring_deadline is not None and at >= row.ring_deadline:
-            return "the ring deadline passed before the push could go"
-    return None
-
-
-class ExpoPushChannel(Channel):
+class ExpoPushChannel(PushChannel):
     name = names.CHANNEL_EXPO
     queue = names.CHANNEL_QUEUES[name]
-    table = "push_messages"
-    provider_id_column = "ticket_id"
-    rows_sql, rows_alias = _ROWS, "m"
+    provider_name = "expo"
     batch_size = MAX_BATCH
-    booking_horizon = None  # a batch books however far the line reaches (600/s: never far)
-    stale_after = 10.0
-    resend_every = 30
-    shares = True
 
     def __init__(self, client, provider: Provider, database_url: str) -> None:
         self.client, self.provider, self.database_url = client, provider, database_url
@@ -91,32 +50,6 @@ class ExpoPushChannel(Channel):
     @classmethod
     def from_settings(cls, settings) -> "ExpoPushChannel":
         return cls(client_for(settings), expo_provider(settings), settings.database_url)
-
-    def skip_reason(self, row: Record, now: datetime, at: datetime) -> str | None:
-        return skip_reason(row, at)
-
-    def share_of(self, row: Record, now: datetime) -> tuple[str, float | None]:
-        """The callee's share; an incoming call must go before its ring deadline, a call_ended
-        within its time to live (a step early)."""
-        if row.kind == "incoming_call" and row.ring_deadline is not None:
-            limit = row.ring_deadline
-        elif row.kind == "call_ended" and row.created_at is not None:
-            limit = row.created_at + timedelta(seconds=CALL_ENDED_TTL)
-        else:
-            return row.user_id, None
-        return row.user_id, (limit - now).total_seconds() - SHARE_STEP_SECONDS
-
-    def share_skip_reason(self, row: Record) -> str:
-        what = ("until after the ring deadline" if row.kind == "incoming_call"
-                else f"for longer than a {row.kind} lives ({CALL_ENDED_TTL} s)")
-        rate = self.provider.rate_per_second
-        share = max(Shares.MIN_PER_SECOND, rate / Shares.SHARE_OF_RATE)
-        burst = max(Shares.BURST, Shares.BURST_SECONDS * share)
-        return (f"its callee's share of the push rate ({share:g}/s after a burst of {burst:g}) was taken "
-                f"{what}: more pushes to this user's devices than their share")
-
-    def order(self, row: Record):
-        return KIND_ORDER.get(row.kind, len(KIND_ORDER))
 
     def compose(self, row: Record, now: datetime) -> dict:
         return expo_message(row, now)
@@ -138,39 +71,6 @@ class ExpoPushChannel(Channel):
                 out.append(Refused((ticket.error or "error") + ": " + (ticket.message or ""),
                                    gone=message["to"] if ticket.error == DEVICE_GONE else None))
         return out
-
-    def forget(self, conn, gone: list[str]) -> None:
-        if gone:
-            conn.execute("update public.push_tokens set disabled_at = now() where token = any(%s)"
-                         " and disabled_at is null", (gone,))
-
-    def more_pending(self, conn, limit: int, exclude: list[str]) -> list[str]:
-        """Other pending rows, oldest first (recent ones only: older ones are the sweep's), at most
-        PER_USER to one user's devices, from a bounded look at the oldest: one account's backlog
-        (waiting for its share of the rate) never fills a batch, and costs the look no more."""
-        return [str(r["id"]) for r in conn.execute(
-            """select id from (
-                 select m.id, m.created_at,
-                        row_number() over (partition by t.user_id order by m.created_at, m.id) as nth
-                   from (select id, push_token_id, created_at from public.push_messages
-                          where status = 'pending' and created_at > now() - interval '5 minutes'
-                            and id <> all(%(exclude)s::uuid[])
-                          order by created_at limit %(look)s) m
-                   join public.push_tokens t on t.id = m.push_token_id) r
-                where nth <= %(per_user)s order by created_at, id limit %(limit)s""",
-            {"exclude": exclude, "look": limit * LOOK_FACTOR, "per_user": PER_USER, "limit": limit}).fetchall()]
-
-    def stale_pending(self, conn, older_than: float, limit: int) -> list[str]:
-        """At most STALE_PER_USER to one user's devices: a flooded account's rows waiting for its
-        share never crowd out another user's lost row."""
-        return [str(r["id"]) for r in conn.execute(
-            """select id from (
-                 select m.id, m.created_at,
-                        row_number() over (partition by t.user_id order by m.created_at, m.id) as nth
-                   from public.push_messages m join public.push_tokens t on t.id = m.push_token_id
-                  where m.status = 'pending' and m.created_at < now() - make_interval(secs => %s)) r
-                where nth <= %s order by created_at, id limit %s""",
-            (older_than, STALE_PER_USER, limit)).fetchall()]
 
     def after_sweep(self, loop: SharedBackoff) -> dict:
         return {"receipts": self.check_receipts(loop)}
