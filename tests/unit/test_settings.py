@@ -287,3 +287,22 @@ def test_secrets_are_secretstr_and_never_in_repr_or_str(clean_env):
     # The URLs themselves stay usable.
     assert DB_PASSWORD in s.database_url
     assert "db.example.supabase.co" in repr(s)
+
+
+def test_apns_variables_are_required_together(clean_env):
+    assert not build_settings().apns_configured and not build_settings().fcm_configured
+    with pytest.raises(ConfigurationError, match="APNS_TEAM_ID, APNS_PRIVATE_KEY, APNS_TOPIC required"):
+        build_settings(apns_key_id="KEY123")
+    s = build_settings(apns_key_id="KEY123", apns_team_id="TEAM123", apns_private_key="-----BEGIN PRIVATE KEY-----",
+                       apns_topic="app.example.calls", apns_url="http://127.0.0.1:9/")
+    assert s.apns_configured and s.apns_url == "http://127.0.0.1:9"
+    with pytest.raises(ConfigurationError, match="APNS_URL"):
+        build_settings(apns_url="ftp://apns.example")
+
+
+def test_fcm_variables_are_required_together(clean_env):
+    with pytest.raises(ConfigurationError, match="FCM_SERVICE_ACCOUNT_JSON is required"):
+        build_settings(fcm_project_id="proj")
+    with pytest.raises(ConfigurationError, match="FCM_PROJECT_ID is required"):
+        build_settings(fcm_service_account_json="{}")
+    assert build_settings(fcm_project_id="proj", fcm_service_account_json="{}").fcm_configured
