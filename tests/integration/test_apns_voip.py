@@ -180,6 +180,23 @@ def test_many_pushes_reuse_one_provider_token_and_one_connection(ddb, voip_datab
     assert {r["status"] for r in rows(ddb, ids).values()} == {"sent"}
 
 
+def test_a_batchs_requests_go_at_once_over_the_one_connection(ddb, voip_database_url, apns, client, redis_server):
+    ids, tokens = voip_rows(ddb, 20)  # one batch
+    first = len(apns.requests)
+    apns.delay = 0.5  # each answer half a second late: 20 in turn would take 10 s
+    try:
+        started = time.monotonic()
+        run_like_the_task(delivery_for(voip_database_url, redis_server, client), ids)
+        took = time.monotonic() - started
+    finally:
+        apns.delay = 0.0
+    mine = apns.requests[first:]
+    assert sorted(r.token for r in mine if r.status == 200) == sorted(tokens)
+    assert len({r.connection for r in mine}) == 1
+    assert max(r.at for r in mine) - min(r.at for r in mine) < 0.5  # all in flight before the first answer
+    assert took < 4, took
+
+
 # ---- the device is gone ------------------------------------------------------------------------
 
 def test_unregistered_and_bad_device_token_turn_the_device_off(ddb, voip_database_url, apns, client, redis_server):
@@ -302,6 +319,37 @@ def test_a_provider_token_is_reused_for_30_minutes(key_pem, monkeypatch):
 
     assert jwt.get_unverified_header(third) == {"alg": "ES256", "kid": KEY_ID}
     assert jwt.decode(third, options={"verify_signature": False}) == {"iss": TEAM_ID, "iat": int(now[0])}
+
+
+def test_a_token_apns_cannot_verify_is_made_again_once_then_the_push_fails(ddb, voip_database_url, apns,
+                                                                            redis_server):
+    other_key = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+    wrong = ApnsClient(apns.url, TOPIC, ProviderTokens.of(KEY_ID, TEAM_ID, other_key))
+    ids, tokens = voip_rows(ddb, 1)
+    try:
+        run_like_the_task(delivery_for(voip_database_url, redis_server, wrong), ids)
+    finally:
+        wrong.close()
+    requests = apns.to(tokens[0])
+    assert [(r.status, r.reason) for r in requests] == [(403, "InvalidProviderToken")] * 2
+    assert requests[0].jwt != requests[1].jwt  # made again once, then no more
+    got = rows(ddb, ids)[ids[0]]
+    assert got["status"] == "failed" and "InvalidProviderToken" in got["last_error"] and got["disabled_at"] is None
+
+
+def test_the_payload_stays_within_5_kb(ddb):
+    from datetime import datetime, timedelta, timezone
+
+    from orchestration.delivery.channel import Record
+
+    now = datetime.now(timezone.utc)
+    row = Record(kind="incoming_call", token=voip_token(), invitation_id=str(uuid.uuid4()), room_name="r" * 256,
+                 call_type="video", caller_id=str(uuid.uuid4()), caller_name="Ü" * 10000,
+                 ring_deadline=now + timedelta(seconds=30))
+    message = apns_voip.voip_message(row, now)
+    assert len(json.dumps(message["payload"]).encode()) <= 5120 and message["payload"]["caller_name"].startswith("Ü")
+    assert message["expiration"] == int(row.ring_deadline.timestamp()) and message["collapse_id"] == row.invitation_id
 
 
 # ---- only rings; development -------------------------------------------------------------------

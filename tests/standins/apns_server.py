@@ -24,7 +24,9 @@ requests to APNs"):
   `InternalServerError`, 503 `ServiceUnavailable`, or any (status, reason) pair. Checks of the
   request come first, then the script (as APNs checks the token before anything else);
 - records every request (arrival time, connection number, stream, token, headers, payload, the
-  JWT used, the answer), the distinct JWTs and the TCP connections it saw.
+  JWT used, the answer and when), the distinct JWTs and the TCP connections it saw;
+- `delay`: every answer that many seconds late, each stream answered on its own (so requests sent
+  at once over one connection are answered together, as APNs multiplexes them).
 
 Does not cover: TLS and ALPN (callflow's client speaks h2c to an `http://` URL; the production
 host is https), delivery to devices, `TooManyProviderTokenUpdates` (how often new tokens are
@@ -71,6 +73,7 @@ class ApnsRequest:
     status: int = 0
     reason: str | None = None
     apns_id: str | None = None
+    answered_at: float = 0.0  # time.monotonic() of its answer
 
     @property
     def payload(self) -> dict | None:
@@ -86,6 +89,7 @@ class ApnsStandin:
     key_id: str
     team_id: str
     topic: str | None = None              # the app's bundle id: the topic must be `<topic>.voip`
+    delay: float = 0.0                    # each answer this late (streams answered at once, not in turn)
     requests: list[ApnsRequest] = field(default_factory=list)
     jwts: list[str] = field(default_factory=list)   # distinct JWTs, in the order first seen
 
@@ -185,13 +189,27 @@ class ApnsStandin:
         conn = H2Connection(H2Configuration(client_side=False, header_encoding="utf-8"))
         conn.initiate_connection()
         streams: dict[int, tuple[dict, bytearray]] = {}
+        wire = threading.Lock()  # the connection's state and socket: the reader's and the late answers'
+
+        def answer_late(stream: int, headers: dict, body: bytes, arrived: float) -> None:
+            time.sleep(self.delay)
+            try:
+                with wire:
+                    self._respond(conn, number, stream, headers, body, arrived)
+                    sock.sendall(conn.data_to_send())
+            except Exception:  # noqa: BLE001 - the connection went meanwhile
+                pass
+
         try:
-            sock.sendall(conn.data_to_send())
+            with wire:
+                sock.sendall(conn.data_to_send())
             while True:
                 data = sock.recv(65535)
                 if not data:
                     return
-                for event in conn.receive_data(data):
+                with wire:
+                    events = conn.receive_data(data)
+                for event in events:
                     if isinstance(event, RequestReceived):
                         streams[event.stream_id] = ({k: v for k, v in event.headers}, bytearray())
                     elif isinstance(event, DataReceived):
@@ -201,15 +219,22 @@ class ApnsStandin:
                     elif isinstance(event, StreamEnded):
                         if event.stream_id in streams:
                             headers, body = streams.pop(event.stream_id)
-                            self._respond(conn, number, event.stream_id, headers, bytes(body))
+                            if self.delay > 0:
+                                threading.Thread(target=answer_late, daemon=True,
+                                                 args=(event.stream_id, headers, bytes(body), time.monotonic())).start()
+                            else:
+                                with wire:
+                                    self._respond(conn, number, event.stream_id, headers, bytes(body), time.monotonic())
                     elif isinstance(event, StreamReset):
                         streams.pop(event.stream_id, None)
                     elif isinstance(event, ConnectionTerminated):
-                        sock.sendall(conn.data_to_send())
+                        with wire:
+                            sock.sendall(conn.data_to_send())
                         return
-                out = conn.data_to_send()
-                if out:
-                    sock.sendall(out)
+                with wire:
+                    out = conn.data_to_send()
+                    if out:
+                        sock.sendall(out)
         except OSError:
             return
         finally:
@@ -217,12 +242,13 @@ class ApnsStandin:
                 self._sockets.discard(sock)
             sock.close()
 
-    def _respond(self, conn: H2Connection, number: int, stream: int, headers: dict, body: bytes) -> None:
+    def _respond(self, conn: H2Connection, number: int, stream: int, headers: dict, body: bytes,
+                 arrived: float) -> None:
         path = headers.get(":path", "")
         token = path[len("/3/device/"):] if path.startswith("/3/device/") else None
         auth = headers.get("authorization", "")
         provider_jwt = auth[len("bearer "):].strip() if auth.lower().startswith("bearer ") else None
-        record = ApnsRequest(time.monotonic(), number, stream, headers.get(":method", ""), path, token,
+        record = ApnsRequest(arrived, number, stream, headers.get(":method", ""), path, token,
                              {k: v for k, v in headers.items() if not k.startswith(":")}, body, provider_jwt)
         status, reason = self._check(record)
         with self._lock:
@@ -235,6 +261,7 @@ class ApnsStandin:
                 elif self._script:
                     status, reason = self._script.popleft()
             record.status, record.reason = status, (reason if status != 200 else None)
+            record.answered_at = time.monotonic()
             if status == 200:
                 record.apns_id = headers.get("apns-id") or str(uuid.uuid4())
             self.requests.append(record)
