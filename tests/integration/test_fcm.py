@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
@@ -146,7 +147,7 @@ def test_an_incoming_call_is_one_high_priority_data_message_that_lives_until_the
     assert "notification" not in message and message["token"] == tokens[0]
     android = message["android"]
     assert android["priority"] == "HIGH" and android["collapse_key"] == invs[0]
-    assert android["ttl"].endswith("s") and 15 <= int(android["ttl"][:-1]) <= 20  # to the ring deadline
+    assert android["ttl"].endswith("s") and 10 <= int(android["ttl"][:-1]) <= 20  # to the ring deadline
     assert fcm.answered(tokens[0]) == [200]  # exactly once
     row = rows(fdb, ids)[ids[0]]
     assert row["status"] == "sent" and row["attempts"] == 1
@@ -214,6 +215,33 @@ def test_a_401_refreshes_the_access_token_once_and_sends_the_message(fdb, fcm_da
     assert first_try != second_try == fcm.tokens_issued[-1]
     assert all(len(fcm.delivered(token=t)) == 1 for t in tokens)
     assert {(r["status"], r["attempts"]) for r in rows(fdb, ids).values()} == {("sent", 1)}
+
+
+def test_an_access_token_near_its_expiry_is_refreshed_before_a_send(fdb, fcm_database_url, fcm, service_account,
+                                                                   redis_server):
+    from google.auth import _helpers
+
+    client = client_for(fcm, service_account)
+    first, tokens, _ = pushes(fdb, 1)
+    run_like_the_task(delivery(fcm_database_url, redis_server, client), first)
+    assert client.refreshes == 1
+    client.credentials.expiry = _helpers.utcnow() + timedelta(seconds=60)  # within google-auth's margin
+    more, more_tokens, _ = pushes(fdb, 2)
+    run_like_the_task(delivery(fcm_database_url, redis_server, client), more)
+    assert client.refreshes == 2
+    assert [r.status for r in fcm.sends if r.token in more_tokens] == [200, 200]  # no 401 first
+    assert {r.access_token for r in fcm.sends if r.token in more_tokens} == {fcm.tokens_issued[-1]}
+
+
+def test_a_service_account_the_token_url_refuses_fails_the_batch(fdb, fcm_database_url, fcm, service_account,
+                                                                redis_server):
+    ids, tokens, _ = pushes(fdb, 2)
+    fcm.fail_token(400)  # invalid_grant: a revoked key
+    run_like_the_task(delivery(fcm_database_url, redis_server, client_for(fcm, service_account)), ids)
+    got = rows(fdb, ids)
+    assert {r["status"] for r in got.values()} == {"failed"}
+    assert all("refused the service account" in r["last_error"] for r in got.values())
+    assert fcm.token_requests[-1].status == 400 and all(fcm.answered(t) == [] for t in tokens)
 
 
 # ---- FCM's answers -------------------------------------------------------------------------------
