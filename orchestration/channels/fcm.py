@@ -8,7 +8,7 @@ What is FCM's own:
   BATCH_SIZE rows goes as that many requests at once (CONCURRENCY at a time) over one kept-alive
   HTTP client per process (HTTP/2 when the server speaks it).
 - The OAuth access token: the service account signs a JWT (RS256, `aud` the token URL) and trades
-  it at the token URL (`google-auth`); one token serves every message until it is near its expiry
+  it at the token URL (`google-auth`, over the same httpx client: no `requests`); one token serves every message until it is near its expiry
   (google-auth's margin, 3 min 45 s), then one refresh, under a lock, for all threads. An answer 401
   refreshes it once (only if nobody refreshed it meanwhile) and sends that message once more.
 - The message: `data` only (no `notification`: the app draws its own full-screen call screen),
@@ -161,6 +161,31 @@ def service_account_info(value: str) -> dict:
     return json.loads(text)
 
 
+class TokenRequest:
+    """google-auth's transport (`google.auth.transport.Request`) over this process's httpx client,
+    with the client's timeout (google-auth's own default is 120 s)."""
+
+    def __init__(self, http: httpx.Client, timeout: float) -> None:
+        self.http, self.timeout = http, timeout
+
+    def __call__(self, url, method="GET", body=None, headers=None, timeout=None, **kwargs):
+        from google.auth import exceptions as auth_exceptions
+
+        try:
+            response = self.http.request(method, url, content=body, headers=headers,
+                                         timeout=min(timeout or self.timeout, self.timeout))
+        except httpx.HTTPError as exc:
+            raise auth_exceptions.TransportError(f"{exc.__class__.__name__}: {exc}") from exc
+        return TokenResponse(response)
+
+
+class TokenResponse:
+    """An httpx answer as google-auth reads one (`status`, `headers`, `data`)."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.status, self.headers, self.data = response.status_code, response.headers, response.content
+
+
 class FcmClient:
     """FCM HTTP v1 for one project, with one service account's access token (thread-safe)."""
 
@@ -194,24 +219,12 @@ class FcmClient:
         with self._lock:
             if self._pid == os.getpid():
                 return
-            import google.auth.transport.requests as google_requests
-            import requests
-
             try:
-                http = httpx.Client(http2=True, timeout=self.timeout, headers={"Content-Type": "application/json"})
+                http = httpx.Client(http2=True, timeout=self.timeout)
             except ImportError:  # no h2: HTTP/1.1 (FCM speaks both)
-                http = httpx.Client(timeout=self.timeout, headers={"Content-Type": "application/json"})
-            limit = self.timeout
-
-            class TokenRequest(google_requests.Request):
-                """google-auth's transport, with this client's timeout (its own is 120 s)."""
-
-                def __call__(self, url, method="GET", body=None, headers=None, timeout=None, **kwargs):
-                    return super().__call__(url, method=method, body=body, headers=headers,
-                                            timeout=min(timeout or limit, limit), **kwargs)
-
+                http = httpx.Client(timeout=self.timeout)
             self._http = http
-            self._auth_request = TokenRequest(requests.Session())
+            self._auth_request = TokenRequest(http, self.timeout)
             self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="fcm") if self.concurrency > 1 else None
             self._pid = os.getpid()
 
