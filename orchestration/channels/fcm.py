@@ -8,8 +8,9 @@ What is FCM's own:
   BATCH_SIZE rows goes as that many requests at once (CONCURRENCY at a time) over one kept-alive
   HTTP client per process (HTTP/2 when the server speaks it).
 - The OAuth access token: the service account signs a JWT (RS256, `aud` the token URL) and trades
-  it at the token URL (`google-auth`, over the same httpx client: no `requests`); one token serves every message until it is near its expiry
-  (google-auth's margin, 3 min 45 s), then one refresh, under a lock, for all threads. An answer 401
+  it at the token URL (`google-auth`, over the same httpx client: no `requests`); one token serves
+  every message until it is near its expiry (google-auth's margin, 3 min 45 s), then one refresh,
+  under a lock, for all threads. An answer 401
   refreshes it once (only if nobody refreshed it meanwhile) and sends that message once more.
 - The message: `data` only (no `notification`: the app draws its own full-screen call screen),
   every value a string (a missing one is left out), `android.priority` HIGH, `android.ttl` the time
