@@ -10,8 +10,8 @@ What is FCM's own:
 - The OAuth access token: the service account signs a JWT (RS256, `aud` the token URL) and trades
   it at the token URL (`google-auth`, over the same httpx client: no `requests`); one token serves
   every message until it is near its expiry (google-auth's margin, 3 min 45 s), then one refresh,
-  under a lock, for all threads. An answer 401
-  refreshes it once (only if nobody refreshed it meanwhile) and sends that message once more.
+  under a lock, for all threads. An answer 401 refreshes it once (only if nobody refreshed it
+  meanwhile) and sends that message once more.
 - The message: `data` only (no `notification`: the app draws its own full-screen call screen),
   every value a string (a missing one is left out), `android.priority` HIGH, `android.ttl` the time
   to the ring deadline for `incoming_call` (at least 1 s), CALL_ENDED_TTL for `call_ended`,
