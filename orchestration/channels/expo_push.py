@@ -82,7 +82,8 @@ class ExpoPushChannel(PushChannel):
             pending = [(str(r["id"]), r["ticket_id"], r["token"]) for r in conn.execute(
                 """select m.id, m.ticket_id, t.token from public.push_messages m
                      join public.push_tokens t on t.id = m.push_token_id
-                    where m.status = 'sent' and m.receipt_status is null and m.ticket_id is not null
+                    where t.provider = 'expo' and m.status = 'sent' and m.receipt_status is null
+                      and m.ticket_id is not null
                       and m.sent_at < now() - make_interval(secs => %s)
                       and m.sent_at > now() - interval '1 day'
                     order by m.sent_at limit %s""", (older_than, limit)).fetchall()]
