@@ -1,5 +1,5 @@
 """Ringing like a phone: the APNs VoIP channel (orchestration/channels/apns_voip.py) through the real
-delivery loop, against the APNs stand-in (tests/standins/apns_server.py: real HTTP/2, h2c).
+delivery loop, against the APNs stand-in (devstack/standins/apns_server.py: real HTTP/2, h2c).
 
 `push_messages` rows of `apns_voip` devices on a database of this module's own; the loop's
 re-queues are played in-process (`run_like_the_task`, as tests/integration/test_push.py does); each
@@ -30,7 +30,7 @@ from orchestration.delivery.rate import Rate
 from orchestration.shared_backoff import SharedBackoff
 from tests.integration.test_notifications_delivery import redis_db_url, user_maker
 from tests.integration.test_push import PushDelivery, run_like_the_task
-from tests.standins.apns_server import ApnsStandin
+from devstack.standins.apns_server import ApnsStandin
 
 KEY_ID = "ABC123DEFG"
 TEAM_ID = "TEAM456789"

@@ -1,5 +1,5 @@
 """Pushes to Android devices through FCM HTTP v1 (issue 25), against the FCM stand-in
-(tests/standins/fcm_server.py): the real channel (orchestration/channels/fcm.py) with its real
+(devstack/standins/fcm_server.py): the real channel (orchestration/channels/fcm.py) with its real
 google-auth service account, through the real delivery loop, on a database of this module's own.
 
 A test service account (an RSA key made here) signs its JWTs; the stand-in checks them, issues
@@ -31,7 +31,7 @@ from orchestration.push.messages import CALL_ENDED_TTL
 from orchestration.shared_backoff import SharedBackoff
 from tests.integration.test_notifications_delivery import redis_db_url, user_maker
 from tests.integration.test_push import run_like_the_task
-from tests.standins.fcm_server import FcmStandin
+from devstack.standins.fcm_server import FcmStandin
 
 PROJECT = "callflow-fcm-test"
 EMAIL = "callflow-push@callflow-fcm-test.iam.gserviceaccount.com"
