@@ -216,14 +216,17 @@ class PostgresUnitOfWork:
             follow_ups += [SendNotification(n) for n in self.add_missed_call_notifications(mails)]
         pushes = [i for i in decision.outbox if isinstance(i, Push)]
         if pushes:
-            pending = self.add_pushes(pushes)
-            if pending:
-                follow_ups.append(SendPushes(tuple(pending)))
+            send = SendPushes.of(self.add_pushes(pushes))
+            if send:
+                follow_ups.append(send)
         return follow_ups
 
-    def add_pushes(self, pushes: list[Push]) -> list[str]:
-        """One push outbox row per enabled device of each push's callee (one statement for all);
-        returns the `pending` ones.
+    def add_pushes(self, pushes: list[Push]) -> list[tuple[str, str]]:
+        """One push outbox row per enabled device of each push's callee that gets its kind (one
+        statement for all); returns the `pending` ones as (id, provider of its device).
+
+        An `apns_voip` device gets `incoming_call` only; `expo` and `fcm` devices every kind (the
+        domain's `push_goes_to`, held equal by tests/integration/test_rules_match_sql.py).
 
         A `missed_call` follows the missed-call email's rules: born `skipped` (with why) when the
         callee turned missed-call notices off or had one from the same caller within the repeat
@@ -244,20 +247,25 @@ class PostgresUnitOfWork:
                    from unnest(%(kinds)s::text[], %(invs)s::uuid[], %(callers)s::uuid[], %(callees)s::uuid[])
                           as r(kind, inv, caller, callee)
                    join auth.users u on u.id = r.callee
+               ),
+               born as (
+                 insert into public.push_messages (kind, invitation_id, push_token_id, status, last_error, created_at)
+                 select r.kind, r.inv, t.id,
+                        case when r.opted_out or r.repeat then 'skipped' else 'pending' end,
+                        case when r.opted_out then %(opted_out_why)s when r.repeat then %(repeat_why)s end,
+                        %(now)s
+                   from public.push_tokens t join recipient r on r.id = t.user_id
+                  where t.disabled_at is null
+                    and (t.provider <> 'apns_voip' or r.kind = 'incoming_call')  -- ringing like a phone
+                 on conflict (kind, invitation_id, push_token_id) do nothing returning id, status, push_token_id
                )
-               insert into public.push_messages (kind, invitation_id, push_token_id, status, last_error, created_at)
-               select r.kind, r.inv, t.id,
-                      case when r.opted_out or r.repeat then 'skipped' else 'pending' end,
-                      case when r.opted_out then %(opted_out_why)s when r.repeat then %(repeat_why)s end,
-                      %(now)s
-                 from public.push_tokens t join recipient r on r.id = t.user_id
-                where t.disabled_at is null
-               on conflict (kind, invitation_id, push_token_id) do nothing returning id, status""",
+               select b.id, t.provider from born b join public.push_tokens t on t.id = b.push_token_id
+                where b.status = 'pending'""",
             {"kinds": [p.kind for p in pushes], "invs": [p.invitation_id for p in pushes],
              "callers": [p.caller_id for p in pushes], "callees": [p.callee_id for p in pushes],
              "now": self.now(), "window": self.email_repeat_window, "opted_out_why": notices.OPTED_OUT["push"],
              "repeat_why": notices.repeat_reason("push", self.email_repeat_window)})
-        return [str(r["id"]) for r in rows if r["status"] == "pending"]
+        return [(str(r["id"]), r["provider"]) for r in rows]
 
     def add_missed_call_notifications(self, mails: list[MissedCallEmail]) -> list[str]:
         """The outbox rows (one statement for all), in the transaction of the transitions that call

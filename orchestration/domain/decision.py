@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import ClassVar
+from typing import ClassVar, Iterable
 
 from orchestration.domain.model import Call, Invitation, Participant
 
@@ -159,9 +159,39 @@ class Push:
     deadline: datetime | None = None
 
 
+# Ringing like a phone (the contract): an `apns_voip` device (a PushKit VoIP token) gets the
+# incoming call only, which the app reports to CallKit; `expo` and `fcm` devices get every kind.
+# The push outbox's insert (`PostgresUnitOfWork.add_pushes`) says the same in SQL
+# (tests/integration/test_rules_match_sql.py holds them equal); the fakes ask this.
+INCOMING_CALL_ONLY_PROVIDERS = frozenset({"apns_voip"})
+
+
+def push_goes_to(provider: str, kind: str) -> bool:
+    """Does a device of this provider (`push_tokens.provider`) get a push of this kind?"""
+    return provider not in INCOMING_CALL_ONLY_PROVIDERS or kind == "incoming_call"
+
+
 @dataclass(frozen=True)
 class SendPushes:
-    message_ids: tuple[str, ...]
+    """Queue the delivery of a decision's `pending` push messages, grouped by their device's
+    provider (each provider's are sent by its own channel: `names.PUSH_CHANNELS`).
+
+    `by_provider`: ((provider, (message id, ...)), ...), each provider once, none without ids.
+    """
+
+    by_provider: tuple[tuple[str, tuple[str, ...]], ...]
+
+    @classmethod
+    def of(cls, rows: Iterable[tuple[str, str]]) -> SendPushes | None:
+        """From (message id, provider) pairs, providers in the order first met; None for none."""
+        groups: dict[str, list[str]] = {}
+        for message_id, provider in rows:
+            groups.setdefault(provider, []).append(message_id)
+        return cls(tuple((p, tuple(ids)) for p, ids in groups.items())) if groups else None
+
+    @property
+    def message_ids(self) -> tuple[str, ...]:
+        return tuple(m for _, ids in self.by_provider for m in ids)
 
 
 @dataclass

@@ -44,6 +44,7 @@ def run_effects(effects: Iterable, ports: Ports, parallel_map: Callable = map) -
         elif isinstance(effect, SendNotification):
             ports.scheduler.deliver(names.CHANNEL_EMAIL, [effect.notification_id])
         elif isinstance(effect, SendPushes):
-            ports.scheduler.deliver(names.CHANNEL_EXPO, list(effect.message_ids))
+            for provider, ids in effect.by_provider:  # each provider's rows to its own channel
+                ports.scheduler.deliver(names.PUSH_CHANNELS[provider], list(ids))
         elif not isinstance(effect, (ScheduleRingTimeout, *ROOM_ACTIONS)):  # pragma: no cover - a bug
             raise TypeError(f"unknown effect {effect!r}")

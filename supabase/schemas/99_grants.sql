@@ -47,7 +47,7 @@ revoke all on function
     public.call_invitations_status_by(), public.call_invitations_notify(), public.calls_notify(),
     public.callflow_setting(text, text),
     public.callflow_room_parties(text, uuid), public.call_invitations_admit(),
-    public.register_push_token(text, text, text), public.callflow_push_tokens_cap(),
+    public.register_push_token(text, text, text, text), public.callflow_push_tokens_cap(),
     public.callflow_usage_mark_participants(), public.callflow_usage_mark_calls(),
     public.callflow_usage_forget_all(), public.callflow_usage_refresh(),
     public.callflow_usage_minutes(timestamptz, timestamptz, timestamptz),
@@ -63,7 +63,7 @@ grant execute on function
     public.call_invitations_status_by(), public.call_invitations_notify(), public.calls_notify(),
     public.callflow_setting(text, text),
     public.callflow_room_parties(text, uuid), public.call_invitations_admit(),
-    public.register_push_token(text, text, text),
+    public.register_push_token(text, text, text, text),
     public.callflow_usage_mark_participants(), public.callflow_usage_mark_calls(),
     public.callflow_usage_forget_all(), public.callflow_usage_refresh(),
     public.callflow_usage_minutes(timestamptz, timestamptz, timestamptz),
@@ -75,7 +75,7 @@ grant execute on function
 
 -- The client's function, and the helpers the invitation guard runs as the client.
 grant execute on function
-    public.register_push_token(text, text, text),
+    public.register_push_token(text, text, text, text),
     public.callflow_is_client(), public.callflow_is_terminal(text),
     public.callflow_transition_allowed(text, text), public.callflow_default_end_reason(text)
   to authenticated;

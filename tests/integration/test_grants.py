@@ -35,7 +35,7 @@ FUNCTIONS = {
     "anon": SUPABASE_AUTH_FUNCTIONS,
     "authenticated": SUPABASE_AUTH_FUNCTIONS | {
         # the contract's client function
-        "public.register_push_token(text, text, text)",
+        "public.register_push_token(text, text, text, text)",
         # called by call_invitations_guard_insert/_update, which run as the client
         "public.callflow_is_client()",
         "public.callflow_is_terminal(text)",

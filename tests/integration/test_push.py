@@ -79,10 +79,16 @@ def producer(broker_url):
     return Celery("push-test", broker=broker_url)
 
 
-def register(database_url: str, user: str, token: str, platform: str = "ios", device: str | None = None) -> dict:
+def register(database_url: str, user: str, token: str, platform: str = "ios", device: str | None = None,
+             provider: str | None = None) -> dict:
+    """As the app: `register_push_token(token, platform, device_name)` for Expo, or with `provider`."""
     with psycopg.connect(database_url, row_factory=psycopg.rows.dict_row) as conn:
         as_client(conn, user)
-        return conn.execute("select * from public.register_push_token(%s, %s, %s)", (token, platform, device)).fetchone()
+        if provider is None:
+            return conn.execute("select * from public.register_push_token(%s, %s, %s)",
+                                (token, platform, device)).fetchone()
+        return conn.execute("select * from public.register_push_token(%s, %s, %s, %s)",
+                            (token, platform, device, provider)).fetchone()
 
 
 def token() -> str:
@@ -311,6 +317,118 @@ def test_registrations_at_the_same_time_leave_at_most_10(db, push_database_url, 
         assert not errors, errors
         assert len(enabled_tokens(db, user)) == MAX_DEVICES
     assert db.execute("select count(*) as n from public.push_tokens where user_id = %s", (user,)).fetchone()["n"] == 28
+
+
+# ---- providers: Expo, APNs VoIP (PushKit), FCM ----------------------------------------------------
+
+def apns_token() -> str:
+    return uuid.uuid4().hex + uuid.uuid4().hex  # 64 hex characters
+
+
+def fcm_token() -> str:
+    return f"fcm-{uuid.uuid4().hex}:APA91b{uuid.uuid4().hex}"
+
+
+def test_a_device_registers_with_its_provider(db, push_database_url, make_user):
+    user = make_user()
+    expo_row = register(push_database_url, user, token())  # three arguments: Expo
+    assert expo_row["provider"] == "expo"
+    voip = apns_token()
+    voip_row = register(push_database_url, user, voip.upper(), "ios", "Bo's iPhone", provider="apns_voip")
+    assert (voip_row["provider"], voip_row["token"], voip_row["device_name"]) == ("apns_voip", voip, "Bo's iPhone")
+    fcm = fcm_token()
+    fcm_row = register(push_database_url, user, fcm, "android", provider="fcm")
+    assert (fcm_row["provider"], fcm_row["token"], fcm_row["platform"]) == ("fcm", fcm, "android")
+    expo_again = register(push_database_url, user, expo_row["token"], provider="expo")  # the default, said
+    assert expo_again["id"] == expo_row["id"]
+    # Registering again (either case for APNs) refreshes the same device and turns it back on.
+    db.execute("update public.push_tokens set disabled_at = now() where id = %s", (voip_row["id"],))
+    again = register(push_database_url, user, voip, "ios", None, provider="apns_voip")
+    assert again["id"] == voip_row["id"] and again["disabled_at"] is None and again["device_name"] == "Bo's iPhone"
+    assert again["last_seen_at"] > voip_row["last_seen_at"]
+    rows = db.execute("select provider, count(*) as n from public.push_tokens where user_id = %s group by provider",
+                      (user,)).fetchall()
+    assert {r["provider"]: r["n"] for r in rows} == {"expo": 1, "apns_voip": 1, "fcm": 1}
+
+
+@pytest.mark.parametrize("provider, bad", [
+    ("expo", "not-a-token"),
+    ("expo", "a" * 64),                                   # an APNs token is not an Expo one
+    ("apns_voip", "ExponentPushToken[abc]"),
+    ("apns_voip", "ab" * 31),                             # 62 characters
+    ("apns_voip", "ab" * 33),                             # 66
+    ("apns_voip", "g" * 64),                              # not hex
+    ("apns_voip", " " + "a" * 63),
+    ("fcm", ""),
+    ("fcm", "has whitespace"),
+    ("fcm", "line\nbreak"),
+    ("fcm", "x" * 4097),
+])
+def test_a_malformed_token_is_refused_saying_so(push_database_url, make_user, provider, bad):
+    with pytest.raises(psycopg.errors.CheckViolation, match=f"not a well-formed {provider} token") as refused:
+        register(push_database_url, make_user(), bad, provider=None if provider == "expo" else provider)
+    assert refused.value.diag.constraint_name == "push_tokens_token_shape"
+    assert refused.value.diag.message_hint
+
+
+def test_the_longest_fcm_token_is_taken(push_database_url, make_user):
+    assert register(push_database_url, make_user(), "x" * 4096, provider="fcm")["provider"] == "fcm"
+
+
+@pytest.mark.parametrize("provider", ["gcm", "APNS_VOIP", "", None])
+def test_an_unknown_provider_is_refused_saying_so(push_database_url, make_user, provider):
+    with psycopg.connect(push_database_url) as conn:
+        as_client(conn, make_user())
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="unknown provider") as refused:
+            conn.execute("select public.register_push_token(%s, 'ios', null, %s)", (apns_token(), provider))
+    assert "apns_voip" in refused.value.diag.message_hint
+
+
+def test_an_unknown_platform_is_refused_saying_so(push_database_url, make_user):
+    with pytest.raises(psycopg.errors.CheckViolation, match="unknown platform 'windows'"):
+        register(push_database_url, make_user(), token(), "windows")
+
+
+def test_the_same_token_under_two_providers_is_two_devices(db, push_database_url, make_user):
+    user, other = make_user(), make_user()
+    shared = apns_token()  # 64 hex characters: well formed for APNs and for FCM
+    voip = register(push_database_url, user, shared, provider="apns_voip")
+    fcm = register(push_database_url, other, shared, "android", provider="fcm")
+    assert voip["id"] != fcm["id"]
+    rows = db.execute("select provider, user_id from public.push_tokens where token = %s", (shared,)).fetchall()
+    assert sorted((r["provider"], str(r["user_id"])) for r in rows) == sorted([("apns_voip", user), ("fcm", other)])
+    # The account switch moves one provider's device only.
+    moved = register(push_database_url, other, shared, provider="apns_voip")
+    assert moved["id"] == voip["id"] and str(moved["user_id"]) == other
+    assert db.execute("select count(*) as n from public.push_tokens where token = %s", (shared,)).fetchone()["n"] == 2
+
+
+def test_the_cap_holds_across_providers(db, push_database_url, make_user):
+    user = make_user()
+    theirs = [register(push_database_url, user, tok, provider=provider)["token"] for tok, provider in
+              [(token(), None) for _ in range(4)]
+              + [(apns_token(), "apns_voip") for _ in range(3)] + [(fcm_token(), "fcm") for _ in range(3)]]
+    for i, tok in enumerate(theirs):  # the first APNs device is the least recently seen
+        seen_minutes_ago(db, tok, 60 if i == 4 else i + 1)
+    eleventh = fcm_token()
+    register(push_database_url, user, eleventh, "android", provider="fcm")
+    assert enabled_tokens(db, user) == set(theirs) - {theirs[4]} | {eleventh}
+
+
+def test_anon_cannot_register_a_device(push_database_url):
+    for call in ("select public.register_push_token(%s, 'ios', null)",
+                 "select public.register_push_token(%s, 'ios', null, 'apns_voip')"):
+        with psycopg.connect(push_database_url) as conn:
+            conn.execute("set local role anon")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(call, (apns_token(),))
+
+
+def test_a_signed_out_caller_is_refused_by_the_function_itself(push_database_url):
+    with psycopg.connect(push_database_url) as conn:  # authenticated, but no user in the claims
+        conn.execute("set local role authenticated")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="sign in first"):
+            conn.execute("select public.register_push_token(%s, 'ios', null, 'apns_voip')", (apns_token(),))
 
 
 # ---- delivery in-process: batches, rate, outages, receipts ---------------------------------------

@@ -12,7 +12,9 @@ transaction is rolled back:
 - the missed-call notices' opt-out and repeat window: the outbox's inserts
   (`add_missed_call_notifications`, `add_pushes`: the row born `pending` or `skipped`, and why)
   and `domain.notices.notice_skip_reason` (the fakes); and the email's delivery (`skip_reason`)
-  agreeing with the birth on the opt-out and the address.
+  agreeing with the birth on the opt-out and the address;
+- which devices get which push (an `apns_voip` device the incoming call only): `add_pushes` and
+  `domain.decision.push_goes_to` (the fakes).
 
 The rows are written as they stand (`session_replication_role = replica`: no triggers), since the
 state machine's guards are not what is under test here and any state rows can be in is fair.
@@ -30,12 +32,15 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from orchestration import join_tokens
+from orchestration import join_tokens, names
 from orchestration.adapters.postgres_store import PostgresUnitOfWork
-from orchestration.domain.decision import MissedCallEmail, Push
+from orchestration.domain.decision import Decision, MissedCallEmail, Push, SendPushes, push_goes_to
 from orchestration.domain.model import Call, CallStatus, Invitation, InvitationStatus, room_parties
 from orchestration.domain.notices import EarlierNotice, notice_skip_reason
 from orchestration.channels.missed_call_email import MissedCallEmailChannel, skip_reason
+from orchestration.lifecycle.context import Ports
+from orchestration.lifecycle.effects import run_effects
+from tests.support.fakes import FakeScheduler
 
 EXAMPLES = int(os.environ.get("CALLFLOW_RULES_EXAMPLES", "100"))
 NOW = datetime(2026, 12, 6, 12, 0, 0, 123456, tzinfo=timezone.utc)
@@ -249,50 +254,93 @@ def test_the_email_outbox_skips_as_the_domain_does(db, users):
     check()
 
 
-def test_the_push_outbox_skips_missed_call_pushes_as_the_domain_does(db, users):
-    caller, other_caller, recipient, other_recipient = users
-    token = iter(range(10**9))
+PROVIDERS = ("expo", "apns_voip", "fcm")
 
-    def device(user: str, disabled: bool = False) -> str:
-        return str(db.execute(
-            """insert into public.push_tokens (user_id, token, platform, disabled_at)
-               values (%s, %s, 'ios', %s) returning id""",
-            (user, f"ExponentPushToken[rules-{uuid.uuid4().hex[:12]}-{next(token)}]",
-             NOW if disabled else None)).fetchone()["id"])
+
+def _device(db, user: str, provider: str = "expo", disabled: bool = False) -> str:
+    """A push token of this provider, well formed for it; returns its id."""
+    mark = uuid.uuid4().hex
+    tok = {"expo": f"ExponentPushToken[rules-{mark[:12]}]", "apns_voip": mark + mark,
+           "fcm": f"fcm:{mark}-rules"}[provider]
+    return str(db.execute(
+        """insert into public.push_tokens (user_id, provider, token, platform, disabled_at)
+           values (%s, %s, %s, 'ios', %s) returning id""",
+        (user, provider, tok, NOW if disabled else None)).fetchone()["id"])
+
+
+def test_the_push_outbox_skips_missed_call_pushes_as_the_domain_does(db, users):
+    """And gives each device the kinds its provider gets (`push_goes_to`: ringing like a phone)."""
+    caller, other_caller, recipient, other_recipient = users
 
     @SETTINGS
     @given(histories(kinds=("missed_call", "missed_call", "incoming_call", "call_ended")),
            st.sampled_from(["missed_call", "missed_call", "incoming_call", "call_ended"]),
-           st.integers(1, 3), st.booleans())
-    def check(example, kind, devices, one_disabled):
+           st.lists(st.sampled_from(PROVIDERS), min_size=1, max_size=3), st.booleans())
+    def check(example, kind, providers, one_disabled):
         window, meta, email, earlier_spec = example
 
         def body():
             _set_recipient(db, recipient, meta, email)
-            mine = [device(recipient) for _ in range(devices)]
+            mine = {_device(db, recipient, provider): provider for provider in providers}
             if one_disabled:
-                device(recipient, disabled=True)
-            theirs = device(other_recipient)
+                _device(db, recipient, providers[0], disabled=True)
+            theirs = _device(db, other_recipient)
             earlier = []
             for n, (old_kind, same_caller, same_recipient, status, age) in enumerate(earlier_spec):
                 inv = _missed(db, caller if same_caller else other_caller,
                               recipient if same_recipient else other_recipient, n)
                 db.execute("""insert into public.push_messages (kind, invitation_id, push_token_id, status, created_at)
                               values (%s, %s, %s, %s, %s)""",
-                           (old_kind, inv.id, mine[0] if same_recipient else theirs, status, NOW - age))
+                           (old_kind, inv.id, next(iter(mine)) if same_recipient else theirs, status, NOW - age))
                 earlier.append(EarlierNotice(inv.caller_id, inv.callee_id, status, NOW - age, kind=old_kind))
             new = _missed(db, caller, recipient, len(earlier_spec))
             db.execute("set local session_replication_role = origin")
 
-            PostgresUnitOfWork(db, lambda: NOW, window).add_pushes([Push(kind, new.id, caller, recipient)])
-            rows = db.execute("select status, last_error from public.push_messages where invitation_id = %s",
-                              (new.id,)).fetchall()
+            pending = PostgresUnitOfWork(db, lambda: NOW, window).add_pushes([Push(kind, new.id, caller, recipient)])
+            rows = db.execute("""select id, push_token_id, status, last_error from public.push_messages
+                                  where invitation_id = %s""", (new.id,)).fetchall()
             why = notice_skip_reason("push", caller_id=caller, recipient_id=recipient, recipient_meta=meta,
                                      recipient_email=email, earlier=earlier, now=NOW,
                                      window=timedelta(seconds=window)) if kind == "missed_call" else None
             expected = ("skipped", why) if why else ("pending", None)
-            assert [(r["status"], r["last_error"]) for r in rows] == [expected] * devices, example
+            assert sorted(str(r["push_token_id"]) for r in rows) == sorted(
+                d for d, provider in mine.items() if push_goes_to(provider, kind)), example
+            assert [(r["status"], r["last_error"]) for r in rows] == [expected] * len(rows), example
+            assert sorted(pending) == sorted((str(r["id"]), mine[str(r["push_token_id"])])
+                                             for r in rows if r["status"] == "pending"), example
 
         in_rolled_back_transaction(db, body)
 
     check()
+
+
+def test_a_missed_call_rings_every_device_and_tells_all_but_the_voip_one(db, users):
+    """The contract's example: an apns_voip, an fcm and an expo device; a missed call's three pushes,
+    written by the store's `apply` and queued by its effect, one delivery per provider."""
+    caller, _, recipient, _ = users
+
+    def body():
+        devices = {provider: _device(db, recipient, provider) for provider in PROVIDERS}
+        inv = _missed(db, caller, recipient, 0)
+        db.execute("set local session_replication_role = origin")
+        follow = PostgresUnitOfWork(db, lambda: NOW, 900).apply(Decision("test", outbox=[
+            Push(kind, inv.id, caller, recipient) for kind in ("incoming_call", "call_ended", "missed_call")]))
+        rows = db.execute("""select m.id, m.kind, t.provider, m.status from public.push_messages m
+                               join public.push_tokens t on t.id = m.push_token_id
+                              where m.invitation_id = %s""", (inv.id,)).fetchall()
+        assert sorted((r["kind"], r["provider"]) for r in rows) == sorted([
+            ("incoming_call", "apns_voip"), ("incoming_call", "fcm"), ("incoming_call", "expo"),
+            ("call_ended", "fcm"), ("call_ended", "expo"), ("missed_call", "fcm"), ("missed_call", "expo")])
+        assert {r["status"] for r in rows} == {"pending"}
+        # One SendPushes, its ids grouped by provider; one delivery per provider, to its channel.
+        [send] = [f for f in follow if isinstance(f, SendPushes)]
+        scheduler = FakeScheduler()
+        run_effects(follow, Ports(None, None, scheduler, None))
+        by_channel = {channel: sorted(ids) for channel, ids in scheduler.deliveries}
+        assert len(scheduler.deliveries) == len(by_channel) == len(devices)
+        assert by_channel == {names.PUSH_CHANNELS[provider]: sorted(str(r["id"]) for r in rows
+                                                                    if r["provider"] == provider)
+                              for provider in devices}
+        assert sorted(send.message_ids) == sorted(str(r["id"]) for r in rows)
+
+    in_rolled_back_transaction(db, body)

@@ -4,8 +4,9 @@
 keeps (the transition table, terminal statuses, what a client may do, one live call per room and
 per sid, one outbox row per invitation), so a decision the database would refuse fails here too.
 Its `load` follows the Postgres adapter's query for query. The rules the database writes in SQL are
-the domain's own code here, never a copy: the parties of a room (`domain.model.room_parties`), and
-the missed-call notices' opt-out and repeat window (`domain.notices`);
+the domain's own code here, never a copy: the parties of a room (`domain.model.room_parties`),
+the missed-call notices' opt-out and repeat window (`domain.notices`), and which devices get which
+push (`domain.decision.push_goes_to`);
 `tests/integration/test_rules_match_sql.py` holds the SQL equal to them.
 """
 
@@ -26,6 +27,7 @@ from orchestration.domain.decision import (
     SendPushes,
     Snapshot,
     Want,
+    push_goes_to,
 )
 from orchestration.domain.notices import MISSED_CALL, EarlierNotice, notice_skip_reason
 from orchestration.domain.model import (
@@ -83,6 +85,7 @@ class FakeStore:
         self.user_meta: dict[str, object] = {}
         self.user_emails: dict[str, str | None] = {}
         self.push_tokens: dict[str, list[str]] = {}   # user -> device tokens
+        self.push_providers: dict[str, str] = {}  # device token -> push_tokens.provider (missing: expo)
         self.push_messages: dict[tuple[str, str, str], str] = {}  # (kind, invitation, token) -> status
         self.push_created: dict[tuple[str, str, str], datetime] = {}  # (kind, invitation, token) -> created_at
         self.history: dict[str, list[Invitation]] = {}  # every version of each invitation
@@ -220,14 +223,18 @@ class FakeUnitOfWork:
                     earlier=earlier_pushes, now=now, window=s.email_repeat_window,
                 ) if item.kind == MISSED_CALL else None
                 for token in s.push_tokens.get(item.callee_id, ()):
+                    provider = s.push_providers.get(token, "expo")
+                    if not push_goes_to(provider, item.kind):
+                        continue
                     key = (item.kind, item.invitation_id, token)
                     if key not in s.push_messages:
                         s.push_messages[key] = "skipped" if why else "pending"
                         s.push_created[key] = now
                         if not why:
-                            pushes.append(f"push-{len(s.push_messages)}")
-        if pushes:
-            follow.append(SendPushes(tuple(pushes)))
+                            pushes.append((f"push-{len(s.push_messages)}", provider))
+        send = SendPushes.of(pushes)
+        if send:
+            follow.append(send)
         for mail in (m for m in decision.outbox if not isinstance(m, Push)):
             if mail.invitation_id in s.notifications:
                 continue
