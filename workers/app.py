@@ -5,11 +5,14 @@ Queues (every one consumed by the Procfile's worker, which takes no -Q and so co
   timers         ring timeouts and grace periods (countdown tasks: fetched at once and held until
                  due, so they take no process before then; first, so that a busy `events` never
                  keeps a deadline unfetched: at saturation they were fetched seconds late)
+  push           pushes to phones, Expo, APNs VoIP and FCM (an incoming call's push is part of
+                 the ringing: behind `events` it waited for every burst of lifecycle work, +64–79
+                 ms p99 at 50 calls/s, bench.voip; one account's flood cannot fill it: each callee's
+                 share of the rate defers the rest to countdown tasks, bench.push_flood)
   events         lifecycle events: nudges to take the backlogs of LiveKit's webhook events (listed
                  by `web`) and of invitation changes (listed by the listener); see
                  orchestration/ingest/backlog.py
   sweeps         beat's sweeps and reconciliation
-  push           pushes to phones (an incoming call's push must not wait behind emails)
   notifications  missed-call emails (rate limited globally, so kept off the other queues)
 
 Ringing never waits behind emails: the worker asks Redis for the queues in that fixed order (BRPOP

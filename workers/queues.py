@@ -3,4 +3,4 @@ first: see `workers.app`). Kept apart from the app so `web` can read them withou
 
 from orchestration import names
 
-QUEUES = (names.Q_TIMERS, names.Q_EVENTS, names.Q_SWEEPS, names.Q_PUSH, names.Q_NOTIFICATIONS)
+QUEUES = (names.Q_TIMERS, names.Q_PUSH, names.Q_EVENTS, names.Q_SWEEPS, names.Q_NOTIFICATIONS)
