@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import time
 import uuid
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool
 
+from bench.driver import ClientDriver
 from bench.isolation import _users
 from bench.stack import cpu_by_process, cpu_delta, machine, percentile, stack, table
 from devstack.standins.expo_server import ExpoStandin
@@ -67,43 +66,13 @@ class Expo(ExpoStandin):
                     self.loop.call_soon_threadsafe(lambda f=fut, t=at: f.done() or f.set_result(t))
 
 
-class Driver:
+class Driver(ClientDriver):
     def __init__(self, database_url: str, expo: Expo) -> None:
-        self.database_url, self.expo = database_url, expo
-        self.ringing: dict[str, asyncio.Future] = {}
+        super().__init__(database_url, min_size=4, max_size=16)
+        self.expo = expo
 
-    async def __aenter__(self) -> "Driver":
-        self.listen = await psycopg.AsyncConnection.connect(self.database_url, autocommit=True)
-        await self.listen.execute("listen callflow_invitations")
-        self.reader = asyncio.create_task(self._read())
-        self.pool = AsyncConnectionPool(self.database_url, min_size=4, max_size=16, open=False)
-        await self.pool.open()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self.reader.cancel()
-        await self.listen.close()
-        await self.pool.close()
-
-    async def _read(self) -> None:
-        async for note in self.listen.notifies():
-            data = json.loads(note.payload)
-            fut = self.ringing.get(data["id"])
-            if data["status"] == "ringing" and fut is not None and not fut.done():
-                fut.set_result(time.perf_counter())
-
-    async def as_client(self, user: str, sql: str, params: tuple, watch: bool = False):
-        async with self.pool.connection() as c:
-            async with c.transaction():
-                await c.execute("set local role authenticated")
-                await c.execute("select set_config('request.jwt.claims', %s, true)",
-                                (json.dumps({"sub": user, "role": "authenticated"}),))
-                row = await (await c.execute(sql, params)).fetchone()
-                if watch:  # before the commit: the worker may ring it at once
-                    loop = asyncio.get_running_loop()
-                    self.ringing[str(row[0])] = loop.create_future()
-                    self.expo.waiting[(str(row[0]), "incoming_call")] = loop.create_future()
-        return row
+    def watching(self, invitation_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.expo.waiting[(invitation_id, "incoming_call")] = loop.create_future()
 
     async def invite(self, caller: str, callee: str, watch: bool = False) -> tuple[str, float]:
         row = await self.as_client(caller, "insert into public.call_invitations (room_name, caller_id, callee_id)"

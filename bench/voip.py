@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import secrets
 import time
@@ -28,8 +27,8 @@ import uuid
 import psycopg
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from psycopg_pool import AsyncConnectionPool
 
+from bench.driver import ClientDriver
 from bench.isolation import _users
 from bench.stack import cpu_by_process, cpu_delta, machine, percentile, stack, table
 from devstack.standins.apns_server import ApnsStandin
@@ -60,44 +59,15 @@ class Apns(ApnsStandin):
             self.loop.call_soon_threadsafe(lambda f=fut, t=record.at: f.done() or f.set_result(t))
 
 
-class Driver:
+class Driver(ClientDriver):
+    clock = staticmethod(time.monotonic)  # the APNs stand-in records arrivals on it
+
     def __init__(self, database_url: str, apns: Apns) -> None:
-        self.database_url, self.apns = database_url, apns
-        self.ringing: dict[str, asyncio.Future] = {}
+        super().__init__(database_url, min_size=8, max_size=24)
+        self.apns = apns
 
-    async def __aenter__(self) -> "Driver":
-        self.listen = await psycopg.AsyncConnection.connect(self.database_url, autocommit=True)
-        await self.listen.execute("listen callflow_invitations")
-        self.reader = asyncio.create_task(self._read())
-        self.pool = AsyncConnectionPool(self.database_url, min_size=8, max_size=24, open=False)
-        await self.pool.open()
-        await self.pool.wait()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self.reader.cancel()
-        await self.listen.close()
-        await self.pool.close()
-
-    async def _read(self) -> None:
-        async for note in self.listen.notifies():
-            data = json.loads(note.payload)
-            fut = self.ringing.get(data["id"])
-            if data["status"] == "ringing" and fut is not None and not fut.done():
-                fut.set_result(time.monotonic())
-
-    async def as_client(self, user: str, sql: str, params: tuple, watch: bool = False):
-        async with self.pool.connection() as c:
-            async with c.transaction():
-                await c.execute("set local role authenticated")
-                await c.execute("select set_config('request.jwt.claims', %s, true)",
-                                (json.dumps({"sub": user, "role": "authenticated"}),))
-                row = await (await c.execute(sql, params)).fetchone()
-                if watch:  # before the commit: the worker may ring it at once
-                    loop = asyncio.get_running_loop()
-                    self.ringing[str(row[0])] = loop.create_future()
-                    self.apns.waiting[str(row[0])] = loop.create_future()
-        return row
+    def watching(self, invitation_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.apns.waiting[invitation_id] = loop.create_future()
 
     async def call(self, caller: str, callee: str, timeout: float) -> tuple[float | None, float | None]:
         """One call: (insert → ringing, insert → VoIP push) in seconds (None: not within `timeout`)."""
