@@ -12,56 +12,23 @@ from __future__ import annotations
 import json
 import secrets
 import time
-import uuid
 
 import psycopg
 import pytest
 import redis as redis_lib
 from celery import Celery
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from devstack import services
-from devstack.standins.apns_server import ApnsStandin
 from devstack.standins.expo_server import ExpoStandin
-from devstack.standins.fcm_server import FcmStandin
 from tests.conftest import subprocess_env
+# The test APNs key and FCM service account, and their stand-ins: those of the channels' own tests.
+from tests.integration.test_apns_voip import KEY_ID, TEAM_ID, TOPIC, apns, key, key_pem  # noqa: F401 - fixtures
+from tests.integration.test_fcm import PROJECT, fcm, service_account  # noqa: F401 - fixtures
 from tests.integration.test_notifications_delivery import redis_db_url, start_worker, user_maker
 from tests.integration.test_push import changed, invite, pushes_to, register, token, wait
 from tests.support.calls import as_client
 
 RING_TIMEOUT = 12
-KEY_ID, TEAM_ID, TOPIC = "RINGKEY123", "RINGTEAM45", "com.example.callflow"
-PROJECT, EMAIL = "callflow-ring", "push@callflow-ring.iam.gserviceaccount.com"
-
-
-@pytest.fixture(scope="module")
-def apns_key():
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-@pytest.fixture(scope="module")
-def apns(apns_key):
-    with ApnsStandin(apns_key.public_key(), KEY_ID, TEAM_ID, topic=TOPIC) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def service_account():
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption()).decode()
-    info = {"type": "service_account", "project_id": PROJECT, "private_key_id": uuid.uuid4().hex,
-            "private_key": pem, "client_email": EMAIL, "client_id": "1234567890",
-            "token_uri": "https://oauth2.googleapis.com/token"}
-    return info, key.public_key()
-
-
-@pytest.fixture(scope="module")
-def fcm(service_account):
-    with FcmStandin(project_id=PROJECT) as server:
-        server.add_account(EMAIL, service_account[1])
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +59,9 @@ def broker_url(redis_server):
 
 
 @pytest.fixture(scope="module")
-def ring_worker(ring_database_url, broker_url, apns, apns_key, fcm, service_account, expo, livekit, log_dir):
-    pem = apns_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption()).decode()
+def ring_worker(ring_database_url, broker_url, apns, key_pem, fcm, service_account, expo, livekit, log_dir):
     env = subprocess_env(DATABASE_URL=ring_database_url, REDIS_URL=broker_url, EXPO_PUSH_URL=expo.url,
-                         APNS_KEY_ID=KEY_ID, APNS_TEAM_ID=TEAM_ID, APNS_PRIVATE_KEY=pem, APNS_TOPIC=TOPIC,
+                         APNS_KEY_ID=KEY_ID, APNS_TEAM_ID=TEAM_ID, APNS_PRIVATE_KEY=key_pem, APNS_TOPIC=TOPIC,
                          APNS_URL=apns.url, FCM_PROJECT_ID=PROJECT,
                          FCM_SERVICE_ACCOUNT_JSON=json.dumps(service_account[0]), FCM_URL=fcm.url,
                          FCM_TOKEN_URL=fcm.token_url, CALLFLOW_RING_TIMEOUT_SECONDS=str(RING_TIMEOUT))
