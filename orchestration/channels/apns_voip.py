@@ -17,7 +17,7 @@ phone"):
 - 200: sent (the `apns-id`); 410 `Unregistered` or 400 `BadDeviceToken`: the device is turned off;
   other 4xx: failed; 429, 5xx or no answer for a message: it goes again (`NoAnswer`), and when no
   message of the batch was answered at all (the connection failed, or every answer was a 429/5xx),
-  APNs is `Unavailable` and its retry loop (shared by every worker) says when to try again.
+  the delivery loop takes it as APNs giving no answer: its retry loop (every worker's) says when.
 
 Without the APNS_* settings: in development each push is a JSON file in `$CALLFLOW_OUTBOX_DIR/push/`
 (`apns_voip-<invitation id>-<8 hex>.json`); in production nothing is sent (the rows fail, saying why).
@@ -43,7 +43,7 @@ import httpx
 import structlog
 
 from orchestration import names
-from orchestration.delivery.channel import NoAnswer, Provider, Record, Refused, Rejected, Sent, Unavailable
+from orchestration.delivery.channel import NoAnswer, Provider, Record, Refused, Rejected, Sent
 from orchestration.push.channel import PushChannel
 
 log = structlog.get_logger("callflow.push")
@@ -317,20 +317,16 @@ class ApnsVoipChannel(PushChannel):
                 results[i] = Refused(message["refuse"])
             else:
                 todo.append(i)
+        # Not one message answered: the loop takes it as APNs giving no answer (its retry loop).
         answers = self.client.send([messages[i] for i in todo]) if todo else []
-        if answers and all(_is_no_answer(a) for a in answers):
-            # Not one message answered: APNs gave no answer (its retry loop, every worker's, says
-            # when to ask again).
-            first = answers[0]
-            raise Unavailable(f"APNs gave no answer: {first.reason or first.status}"
-                              + (f" (HTTP {first.status})" if first.status else ""),
-                              rate_limited=all(a.status == 429 for a in answers))
         for i, answer in zip(todo, answers):
             token = messages[i]["token"]
             if answer.status == 200:
                 results[i] = Sent(answer.apns_id)
             elif _is_no_answer(answer):
-                results[i] = NoAnswer(f"APNs: {answer.reason}" + (f" (HTTP {answer.status})" if answer.status else ""))
+                results[i] = NoAnswer(f"APNs gave no answer: {answer.reason or answer.status}"
+                                      + (f" (HTTP {answer.status})" if answer.status else ""),
+                                      rate_limited=answer.status == 429)
             else:
                 error = f"APNs {answer.status} {answer.reason}"
                 if answer.timestamp is not None:

@@ -43,7 +43,6 @@ import os
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -95,16 +94,7 @@ def compose(row, now: datetime) -> dict:
     }}
 
 
-@dataclass(frozen=True)
-class Unanswered:
-    """No answer for one message (429, 5xx, a timeout, a connection error)."""
-
-    error: str
-    retry_after: float | None = None
-    rate_limited: bool = False
-
-
-Outcome = Sent | Refused | Unanswered
+Outcome = Sent | Refused | NoAnswer
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -143,7 +133,7 @@ def outcome_of(token: str, response: httpx.Response) -> Outcome:
     code = code or error.get("status") or "error"
     text = f"FCM answered {response.status_code} {code}: {str(error.get('message') or response.text)[:300]}"
     if response.status_code in (408, 429) or response.status_code >= 500:
-        return Unanswered(text, retry_after_seconds(response.headers.get("retry-after")),
+        return NoAnswer(text, retry_after_seconds(response.headers.get("retry-after")),
                           rate_limited=response.status_code == 429)
     return Refused(text, gone=token if code == UNREGISTERED else None)
 
@@ -265,12 +255,12 @@ class FcmClient:
                 try:
                     token = self.access_token(stale=token)
                 except TokenUnavailable as exc:
-                    return Unanswered(str(exc))
+                    return NoAnswer(str(exc))
                 except TokenRefused as exc:
                     return Refused(str(exc))
                 response = self._post(body, token)
         except httpx.HTTPError as exc:
-            return Unanswered(f"FCM gave no answer: {exc.__class__.__name__}: {exc}")
+            return NoAnswer(f"FCM gave no answer: {exc.__class__.__name__}: {exc}")
         return outcome_of(device, response)
 
     def send(self, messages: list[dict]) -> list[Outcome]:
@@ -349,19 +339,11 @@ class FcmChannel(PushChannel):
 
     def send(self, messages: list[dict]):
         try:
-            outcomes = self.client.send(messages)
+            return self.client.send(messages)  # nothing of a batch answered: the loop's to say
         except TokenUnavailable as exc:
             raise Unavailable(str(exc)) from None
         except TokenRefused as exc:
             raise Rejected(str(exc)) from None
-        unanswered = [o for o in outcomes if isinstance(o, Unanswered)]
-        if unanswered and len(unanswered) == len(outcomes):
-            # Nothing of the batch was answered: FCM as a whole is away, or asks everyone to slow down.
-            waits = [o.retry_after for o in unanswered if o.retry_after is not None]
-            more = f" (and {len(unanswered) - 1} more)" if len(unanswered) > 1 else ""
-            raise Unavailable(unanswered[0].error + more,
-                              max(waits) if waits else None, rate_limited=all(o.rate_limited for o in unanswered))
-        return [NoAnswer(o.error) if isinstance(o, Unanswered) else o for o in outcomes]
 
     def describe_sent(self, row: Record, message: dict, result: Sent) -> dict:
         if self.limited or not hasattr(self.client, "path_for"):

@@ -47,10 +47,14 @@ class Refused:
 
 @dataclass(frozen=True)
 class NoAnswer:
-    """The request was answered but this message was not taken (Expo's MessageRateExceeded): it
-    goes again, like a request that got no answer."""
+    """No answer for this message (Expo's MessageRateExceeded ticket; a 429, a 5xx or a timeout of a
+    provider that takes one request per message): it goes again. `retry_after`: what the provider
+    asked; `rate_limited`: it was a 429. When not one message of a batch was answered, the loop takes
+    it as the provider giving no answer (`none_answered`)."""
 
     error: str
+    retry_after: float | None = None
+    rate_limited: bool = False
 
 
 Result = Sent | Refused | NoAnswer
@@ -64,6 +68,15 @@ class Unavailable(Exception):
         super().__init__(message)
         self.retry_after = retry_after
         self.rate_limited = rate_limited  # a 429: everybody holds off for retry_after
+
+
+def none_answered(answers: list[NoAnswer]) -> Unavailable:
+    """Not one message of a batch answered: the provider as a whole gave no answer (or asks every
+    sender to slow down), which its shared retry loop, every worker's, waits out."""
+    waits = [a.retry_after for a in answers if a.retry_after is not None]
+    more = f" (and {len(answers) - 1} more)" if len(answers) > 1 else ""
+    return Unavailable(answers[0].error + more, max(waits) if waits else None,
+                       rate_limited=all(a.rate_limited for a in answers))
 
 
 class Rejected(Exception):

@@ -36,7 +36,8 @@ from orchestration import names
 from orchestration.backoff import backoff_delay
 from orchestration.db import get_pool
 from orchestration.delivery import outbox
-from orchestration.delivery.channel import Channel, NoAnswer, Record, Refused, Rejected, Sent, Unavailable
+from orchestration.delivery.channel import (Channel, NoAnswer, Record, Refused, Rejected, Sent, Unavailable,
+                                            none_answered)
 from orchestration.delivery.rate import BEYOND_HORIZON, TOO_LATE, Rate, Shares
 from orchestration.shared_backoff import SharedBackoff
 
@@ -284,6 +285,8 @@ class Deliverer:
         outbox.attempted(conn, channel, ids)  # uncounted if this process dies in the request
         try:
             answers = channel.send(messages)
+            if answers and all(isinstance(a, NoAnswer) for a in answers):
+                raise none_answered(answers)
         except Unavailable as exc:
             outbox.note_error(conn, channel, ids, str(exc))
             if exc.rate_limited and exc.retry_after and channel.limited:
