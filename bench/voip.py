@@ -69,12 +69,13 @@ class Driver(ClientDriver):
     def watching(self, invitation_id: str, loop: asyncio.AbstractEventLoop) -> None:
         self.apns.waiting[invitation_id] = loop.create_future()
 
-    async def call(self, caller: str, callee: str, timeout: float) -> tuple[float | None, float | None]:
-        """One call: (insert → ringing, insert → VoIP push) in seconds (None: not within `timeout`)."""
+    async def call(self, caller: str, callee: str, timeout: float) -> tuple[float | None, float | None, str, float]:
+        """One call: (insert → ringing, insert → VoIP push) in seconds (None: not within `timeout`),
+        with its invitation id and the insert's commit on the wall clock (the database's)."""
         row = await self.as_client(caller, "insert into public.call_invitations (room_name, caller_id, callee_id)"
                                            " values (%s, %s, %s) returning id",
                                    (f"voip-{uuid.uuid4().hex[:12]}", caller, callee), watch=True)
-        at = time.monotonic()
+        at, wall = time.monotonic(), time.time()
         inv = str(row[0])
         ring = push = None
         deadline = at + timeout
@@ -91,7 +92,7 @@ class Driver(ClientDriver):
                                          " and status in ('pending', 'ringing') returning id", (inv,))
         except psycopg.Error:
             pass  # it ended otherwise meanwhile
-        return ring, push
+        return ring, push, inv, wall
 
 
 async def _register(driver: Driver, callees: list[str]) -> list[str]:
@@ -129,13 +130,23 @@ async def run(database_url: str, apns: Apns, args) -> dict:
         elapsed = time.monotonic() - t0
         out["cpu"] = {k: v / elapsed for k, v in cpu_delta(cpu0, cpu_by_process()).items()}
         out["offered_rate"] = (n - 1) / offered if offered > 0 else float("nan")
-        out["ring"] = [r for r, _ in results if r is not None]
-        out["push"] = [p for _, p in results if p is not None]
-        out["diff"] = [p - r for r, p in results if r is not None and p is not None]
+        out["ring"] = [r for r, _, _, _ in results if r is not None]
+        out["push"] = [p for _, p, _, _ in results if p is not None]
+        out["diff"] = [p - r for r, p, _, _ in results if r is not None and p is not None]
         out["calls"] = n
-        out["no_ring"] = sum(1 for r, _ in results if r is None)
-        out["no_push"] = sum(1 for _, p in results if p is None)
+        out["no_ring"] = sum(1 for r, _, _, _ in results if r is None)
+        out["no_push"] = sum(1 for _, p, _, _ in results if p is None)
         async with d.pool.connection() as c:
+            # Where the push's time goes: the delivery run's transaction starts at its first statement
+            # (`sent_at` is its now()), so ringing → run start is the publish, the queue and the
+            # task's start; run start → APNs is the run's own work and the request.
+            started = {str(inv): sent_at.timestamp() for inv, sent_at in await (await c.execute(
+                """select m.invitation_id, m.sent_at from public.push_messages m where m.sent_at is not null
+                     and m.invitation_id = any(%s::uuid[])""", ([inv for _, _, inv, _ in results],))).fetchall()}
+            out["to_run"] = [started[inv] - wall - r for r, p, inv, wall in results
+                             if r is not None and p is not None and inv in started]
+            out["run"] = [p - (started[inv] - wall) for r, p, inv, wall in results
+                          if r is not None and p is not None and inv in started]
             out["rows"] = dict(await (await c.execute(
                 """select m.status, count(*) from public.push_messages m join public.push_tokens t
                      on t.id = m.push_token_id where t.provider = 'apns_voip' group by m.status""")).fetchall())
@@ -173,7 +184,9 @@ def main() -> None:
 
     rows = [[name, str(len(r[k])), ms(r[k], 50), ms(r[k], 99), ms(r[k], 100)]
             for name, k in (("insert → ringing (NOTIFY)", "ring"), ("insert → VoIP push at APNs", "push"),
-                            ("push − ringing (per call)", "diff"))]
+                            ("push − ringing (per call)", "diff"),
+                            ("  ringing → the delivery run starts", "to_run"),
+                            ("  the run's start → at APNs", "run"))]
     print(f"machine: {machine()}; load average (1 min) at the end: {os.getloadavg()[0]:.1f}")
     print(f"worker: the Procfile's command, concurrency {os.cpu_count()}; {r['calls']} calls offered at "
           f"{r['offered_rate']:.1f}/s (asked {args.rate:g}/s for {args.seconds:g} s), each to a distinct callee "
