@@ -22,7 +22,9 @@ may take any of them):
                   connections, dict rows, autocommit off); a property: the pool is opened on first use
   store           the lifecycle's `PostgresStore` (its own pool of 10, generic plans, opened on first use)
   rooms           `LiveKitRooms` (LiveKit's RoomService over Twirp; a kept-alive connection per thread)
-  scheduler       `CeleryScheduler` on `app`, its Redis calls through `redis`
+  scheduler       `CeleryScheduler` on `app`, its Redis calls through `redis`; the push channels' first
+                  tries run in this process (`first_try_here`), right after the decision's commit
+  deliverers      each registered channel (`orchestration.channels`) with its `Deliverer` on `redis`
   ports           the lifecycle's `Ports` (store, rooms, scheduler and the lifecycle's settings)
   ingest_sink     `IngestSink` on `redis_text`: the invitation changes' backlog (`.backlog`)
   webhook_backlog `Backlog` of LiveKit's webhook events on `redis`
@@ -46,7 +48,9 @@ from orchestration.adapters.celery_messages import CeleryMessageBuilder
 from orchestration.adapters.celery_scheduler import CeleryScheduler
 from orchestration.adapters.livekit_rooms import LiveKitRooms
 from orchestration.adapters.postgres_store import PostgresStore
+from orchestration.channels import build as build_channels
 from orchestration.db import get_pool
+from orchestration.delivery.loop import Deliverer
 from orchestration.ingest.backlog import WEBHOOK_EVENTS, Backlog
 from orchestration.ingest.sink import IngestSink
 from orchestration.lifecycle.context import LifecycleConfig, Ports
@@ -77,6 +81,7 @@ class Clients:
     rooms: LiveKitRooms = field(repr=False)
     scheduler: CeleryScheduler = field(repr=False)
     ports: Ports = field(repr=False)
+    deliverers: dict[str, Deliverer] = field(repr=False)
     ingest_sink: IngestSink = field(repr=False)
     webhook_backlog: Backlog = field(repr=False)
 
@@ -97,14 +102,20 @@ class Clients:
                               email_repeat_window=settings.callflow_email_repeat_window_seconds)
         rooms = LiveKitRooms(settings.livekit_http_url, settings.livekit_api_key,
                              settings.livekit_api_secret.get_secret_value())
-        scheduler = CeleryScheduler(app, redis_client=redis_bytes)
+        deliverers = {name: Deliverer(channel, settings.database_url, redis_bytes)
+                      for name, channel in build_channels(settings).items()}
+        # Pushes make their first try in the process that decided them (a ring's, right after its
+        # commit); every other channel's first try is a task.
+        scheduler = CeleryScheduler(app, redis_client=redis_bytes,
+                                    first_try_here={name: deliverers[name] for name in names.PUSH_CHANNELS.values()
+                                                    if name in deliverers})
         ports = Ports(store=store, rooms=rooms, scheduler=scheduler,
                       config=LifecycleConfig(ring_timeout=settings.callflow_ring_timeout_seconds,
                                              grace=settings.callflow_grace_seconds))
         nudge = CeleryMessageBuilder.for_task(names.LIVEKIT_EVENTS, names.Q_EVENTS)
         return cls(
             pid=os.getpid(), settings=settings, app=app, redis=redis_bytes, redis_text=redis_text,
-            store=store, rooms=rooms, scheduler=scheduler, ports=ports,
+            store=store, rooms=rooms, scheduler=scheduler, ports=ports, deliverers=deliverers,
             ingest_sink=IngestSink(redis_text),
             webhook_backlog=Backlog(redis_bytes, WEBHOOK_EVENTS, names.Q_EVENTS, nudge.prebuilt),
         )

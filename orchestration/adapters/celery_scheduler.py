@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import math
 from datetime import datetime, timezone
+from typing import Mapping
 
 import redis
+import structlog
 from celery import Celery
 
 
 from orchestration import names
 from orchestration.ingest.mapping import Change
 from orchestration.adapters.celery_messages import PUSH_TASK_LUA, CeleryMessageBuilder, task_sent_channel_of
+from orchestration.delivery.loop import Deliverer, report
 from orchestration.names import TIMER_BUCKET_SECONDS
+
+log = structlog.get_logger("callflow.delivery")
 
 BUCKET_TASK = names.RING_TIMEOUTS_DUE
 BUCKET_TTL_SECONDS = names.TIMER_BUCKET_TTL_SECONDS
@@ -39,10 +44,13 @@ def bucket_end(at: datetime) -> float:
 
 
 class CeleryScheduler:
-    def __init__(self, app: Celery, redis_client: redis.Redis | None = None) -> None:
+    def __init__(self, app: Celery, redis_client: redis.Redis | None = None,
+                 first_try_here: Mapping[str, Deliverer] | None = None) -> None:
         """`redis_client`: the broker's Redis (the worker process's shared client, `workers.clients`);
-        without one, a client on the app's `broker_url` is made on first use."""
+        without one, a client on the app's `broker_url` is made on first use. `first_try_here`: the
+        channels whose first try runs in this process, with their deliverers (a worker's pushes)."""
         self.app = app
+        self.first_try_here = dict(first_try_here or {})
         self._redis: redis.Redis | None = redis_client
         self._buckets = None
         self._builder: CeleryMessageBuilder | None = None
@@ -85,7 +93,32 @@ class CeleryScheduler:
                            countdown=delay, queue=names.Q_TIMERS)
 
     def deliver(self, channel: str, ids: list[str]) -> None:
-        self.app.send_task(names.DELIVER, args=[channel, ids], queue=names.CHANNEL_QUEUES[channel])
+        """A first try of `channel`'s rows: here and now for a channel in `first_try_here`, else a
+        task on the channel's queue."""
+        here = self.first_try_here.get(channel)
+        if here is None:
+            self.queue_delivery(channel, ids)
+            return
+        # A ring's pushes go from the process that made it ring, right after its commit: no queue
+        # between `ringing` and the phone. The run never sleeps (a booked send time, a provider
+        # giving no answer, a share taken: each is a countdown task, as in the task itself).
+        try:
+            out = here.run(ids)
+        except Exception as exc:  # noqa: BLE001 - the decision is committed: never fail it for a push
+            log.warning("delivery: first try here failed, the task takes it", channel=channel,
+                        error=repr(exc)[:300])
+            self.queue_delivery(channel, ids)
+            return
+        report(channel, out)
+        for follow in out.follow_ups(here.channel.batch_size):
+            self.queue_delivery(channel, follow.ids, follow.countdown, follow.kwargs)
+
+    def queue_delivery(self, channel: str, ids: list[str], countdown: float | None = None,
+                       attempt: dict | None = None) -> None:
+        """A `callflow.deliver` task for `channel`'s rows on its queue (in `countdown` seconds, with
+        the `attempt` a run left: `Delivery.follow_ups`)."""
+        self.app.send_task(names.DELIVER, args=[channel, ids], kwargs=attempt or None, countdown=countdown,
+                           queue=names.CHANNEL_QUEUES[channel])
 
     def invitation_changed(self, change: Change) -> None:
         self.app.send_task(names.INVITATION_CHANGED, args=[change.to_wire()], queue=names.Q_EVENTS)

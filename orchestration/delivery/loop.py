@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 
 import redis
@@ -84,6 +84,22 @@ class Deferral:
     shared: bool  # their share is booked: they come back to book the rate only
 
 
+@dataclass(frozen=True)
+class FollowUp:
+    """A run to come: its rows, in how many seconds (None: now), with what attempt; `again`: the
+    rows of the run that left it (a task comes back as itself)."""
+
+    ids: list[str]
+    countdown: float | None = None
+    attempt: Attempt | None = None
+    again: bool = False
+
+    @property
+    def kwargs(self) -> dict:
+        """The attempt as the task's keyword arguments (none for a first try)."""
+        return asdict(self.attempt) if self.attempt is not None else {}
+
+
 @dataclass
 class Delivery:
     """What one run did, and whether (and when) the task must come back."""
@@ -98,12 +114,31 @@ class Delivery:
     deferred: list[Deferral] = field(default_factory=list)
     cause: str = ""
 
+    def follow_ups(self, batch_size: int) -> list["FollowUp"]:
+        """The runs this one leaves to come: more than a batch in tasks of their own now, rows
+        waiting for their shares when those let them go, and (last) this run's own rows again."""
+        out = [FollowUp(self.others[start:start + batch_size]) for start in range(0, len(self.others), batch_size)]
+        out += [FollowUp(d.ids, d.seconds, Attempt(shared=d.shared, back=True)) for d in self.deferred]
+        if self.come_back_in is not None and self.ids:
+            out.append(FollowUp(self.ids, self.come_back_in, self.again, again=True))
+        return out
+
     @property
     def summary(self) -> str:
         waiting = sum(len(d.ids) for d in self.deferred)
         return f"{self.sent} sent, {self.failed} failed, {self.skipped} skipped" + (
             f", {waiting} waiting for their share" if waiting else "") + (
             f", back in {self.come_back_in:.1f} s ({self.cause})" if self.come_back_in is not None else "")
+
+
+def report(channel: str, out: Delivery) -> None:
+    """A run's lines: what it sent, failed and skipped; how many wait for their shares."""
+    if out.deferred:
+        log.info("deliver: rows wait for their share of the rate", channel=channel,
+                 waiting=sum(len(d.ids) for d in out.deferred),
+                 come_back_in=round(max(d.seconds for d in out.deferred), 2))
+    if out.sent or out.failed or out.skipped:
+        log.info("delivered", channel=channel, sent=out.sent, failed=out.failed, skipped=out.skipped)
 
 
 class Deliverer:
@@ -159,18 +194,22 @@ class Deliverer:
             if wait > EARLY_TOLERANCE_SECONDS:  # not yet: another hop, no database work
                 return self._again(out, ids, hop(wait), attempt, "waiting for its booked send time")
         with get_pool(self.database_url).connection() as conn:
-            if not attempt.back:
-                # A first try leaves alone the rows a task waits to come back for (one task per
-                # row, each at its own step), and tops a batch up with what else is pending.
-                ids = self.not_waiting(ids)
-                if self.channel.batch_size > 1 and len(ids) < self.channel.batch_size:
-                    ids += self.not_waiting(self.channel.more_pending(conn, self.channel.batch_size - len(ids), ids))
-            # The rows locked from the read to their recorded outcome, in one transaction: a second
-            # task for them meanwhile skips them, and a worker killed mid-send loses its
-            # connection and the locks with it (the redelivered task, or the sweep's, sends again).
-            rows = [r for r in self.channel.load(conn, ids, lock=True) if r.status == "pending"] if ids else []
             try:
-                return self._deliver(conn, rows, attempt, out)
+                if not attempt.back:
+                    # A first try tops a batch up with what else is pending, and leaves alone the
+                    # rows a task waits to come back for (one task per row, each at its own step).
+                    if self.channel.batch_size > 1 and len(ids) < self.channel.batch_size:
+                        ids += self.channel.more_pending(conn, self.channel.batch_size - len(ids), ids)
+                    ids = self.not_waiting(ids)
+                # The rows locked from the read to their recorded outcome, in one transaction: a
+                # second task for them meanwhile skips them, and a worker killed mid-send loses its
+                # connection and the locks with it (the redelivered task, or the sweep's, sends
+                # again). The transaction's clock comes in the same round trip.
+                with conn.pipeline():
+                    clock = conn.execute("select now() as now")
+                    rows = self.channel.load(conn, ids, lock=True) if ids else []
+                    now = clock.fetchone()["now"]
+                return self._deliver(conn, [r for r in rows if r.status == "pending"], now, attempt, out)
             except BaseException:
                 conn.rollback()
                 raise
@@ -221,9 +260,8 @@ class Deliverer:
             out.deferred.append(Deferral(self.shares.horizon, beyond, shared=False))
         return [r for r in rows if r.id in go]
 
-    def _deliver(self, conn, rows: list[Record], attempt: Attempt, out: Delivery) -> Delivery:
+    def _deliver(self, conn, rows: list[Record], now: datetime, attempt: Attempt, out: Delivery) -> Delivery:
         channel = self.channel
-        now = outbox.now(conn)
         results: list[tuple[str, str, str | None, str | None]] = []
         sendable = []
         for row in rows:
@@ -282,12 +320,12 @@ class Deliverer:
         channel = self.channel
         ids = [r.id for r in rows]
         messages = [channel.compose(r, now) for r in rows]
-        outbox.attempted(conn, channel, ids)  # uncounted if this process dies in the request
         try:
             answers = channel.send(messages)
             if answers and all(isinstance(a, NoAnswer) for a in answers):
                 raise none_answered(answers)
         except Unavailable as exc:
+            outbox.attempted(conn, channel, ids)
             outbox.note_error(conn, channel, ids, str(exc))
             if exc.rate_limited and exc.retry_after and channel.limited:
                 self.rate.hold_off(exc.retry_after)
@@ -301,11 +339,16 @@ class Deliverer:
                         come_back_in=round(wait, 2))
             return
         except Rejected as exc:
+            outbox.attempted(conn, channel, ids)
             if turn is not None:
                 self.loop.succeeded()  # a refusal is an answer
             results += [(r.id, "failed", None, str(exc)) for r in rows]
             log.warning("delivery: refused", channel=channel.name, error=str(exc)[:300], messages=len(rows))
             return
+        # Counted in the transaction that records the outcome, after the request: nothing but the
+        # request stands between the rows' read and the provider (a process that dies in the
+        # request rolls the count back either way).
+        outbox.attempted(conn, channel, ids)
         if turn is not None:
             self.loop.succeeded()
         gone: list[str] = []

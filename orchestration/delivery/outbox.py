@@ -4,16 +4,11 @@ first outcome recorded for a row is the one that stays, whichever task records i
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Sequence
 
 from orchestration.delivery.channel import Channel
 
 MAX_ERROR = 1000
-
-
-def now(conn) -> datetime:
-    return conn.execute("select now() as now").fetchone()["now"]
 
 
 def expired_reason(channel: Channel) -> str:

@@ -43,8 +43,14 @@ def run_effects(effects: Iterable, ports: Ports, parallel_map: Callable = map) -
                                          effect.aborted, ports.config.grace)
         elif isinstance(effect, SendNotification):
             ports.scheduler.deliver(names.CHANNEL_EMAIL, [effect.notification_id])
-        elif isinstance(effect, SendPushes):
-            for provider, ids in effect.by_provider:  # each provider's rows to its own channel
-                ports.scheduler.deliver(names.PUSH_CHANNELS[provider], list(ids))
-        elif not isinstance(effect, (ScheduleRingTimeout, *ROOM_ACTIONS)):  # pragma: no cover - a bug
+        elif not isinstance(effect, (SendPushes, ScheduleRingTimeout, *ROOM_ACTIONS)):  # pragma: no cover - a bug
             raise TypeError(f"unknown effect {effect!r}")
+    # Pushes last: a worker makes their first try itself (the scheduler's), and a provider's
+    # request must not hold up a deadline, a room or a hand-off behind it. Each provider's rows go
+    # to its own channel, the channels side by side: an Android phone does not wait for APNs.
+    by_channel: dict[str, list[str]] = {}
+    for effect in effects:
+        if isinstance(effect, SendPushes):
+            for provider, ids in effect.by_provider:
+                by_channel.setdefault(names.PUSH_CHANNELS[provider], []).extend(ids)
+    list(parallel_map(lambda item: ports.scheduler.deliver(*item), list(by_channel.items())))

@@ -9,6 +9,7 @@ stand-in checks every provider token's ES256 signature with its public half.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import secrets
@@ -387,3 +388,80 @@ def test_production_without_apns_sends_nothing(ddb, voip_database_url, redis_ser
     assert delivery_for(voip_database_url, redis_server, channel.client).deliver(ids).failed == 1
     assert "not configured" in rows(ddb, ids)[ids[0]]["last_error"]
     assert not (tmp_path / "push").exists()
+
+
+# ---- a first try from the process that decided it (the scheduler's) ----------------------------
+
+def queued_deliveries(broker: redis_lib.Redis, queue: str = "push") -> list[dict]:
+    """The task messages waiting on `queue` (Celery's JSON, its body base64): task, args, kwargs, eta."""
+    out = []
+    for raw in broker.lrange(queue, 0, -1):
+        message = json.loads(raw)
+        args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+        out.append({"task": message["headers"]["task"], "args": args, "kwargs": kwargs,
+                    "eta": message["headers"].get("eta")})
+    return out
+
+
+@pytest.fixture
+def scheduler_for(redis_server):
+    """A Celery scheduler on a broker database of its own, with first tries here for `deliverers`."""
+    from celery import Celery
+
+    from orchestration.adapters.celery_scheduler import CeleryScheduler
+
+    url = redis_db_url(redis_server, 11)
+    broker = redis_lib.Redis.from_url(url)
+    broker.flushdb()
+    apps = []
+
+    def make(**deliverers) -> tuple[CeleryScheduler, redis_lib.Redis]:
+        app = Celery("first-try-test", broker=url)
+        apps.append(app)
+        return CeleryScheduler(app, redis_client=broker, first_try_here=deliverers), broker
+
+    yield make
+    broker.flushdb()
+    broker.close()
+
+
+def test_a_rings_first_try_goes_from_the_deciding_process_without_a_task(ddb, voip_database_url, apns, client,
+                                                                        redis_server, scheduler_for):
+    ids, tokens = voip_rows(ddb, 2)
+    scheduler, broker = scheduler_for(apns_voip=delivery_for(voip_database_url, redis_server, client))
+    scheduler.deliver("apns_voip", ids)
+    assert all(r["status"] == "sent" and r["attempts"] == 1 for r in rows(ddb, ids).values())
+    assert [len(apns.delivered(t)) for t in tokens] == [1, 1]
+    assert queued_deliveries(broker) == []  # nothing went through the queue
+
+
+def test_a_first_try_that_must_wait_leaves_a_countdown_task(ddb, voip_database_url, apns, client, redis_server,
+                                                            scheduler_for):
+    """APNs gives no answer: the first try does not wait for the retry (no sleeping slot); the
+    rows come back in a `callflow.deliver` task with a countdown and the attempt it left."""
+    ids, tokens = voip_rows(ddb, 1)
+    apns.answer_token(tokens[0], 503)
+    scheduler, broker = scheduler_for(apns_voip=delivery_for(voip_database_url, redis_server, client))
+    began = time.monotonic()
+    scheduler.deliver("apns_voip", ids)
+    assert time.monotonic() - began < 2.0
+    queued = queued_deliveries(broker)
+    assert len(queued) == 1 and queued[0]["task"] == "callflow.deliver" and queued[0]["args"] == ["apns_voip", ids]
+    assert queued[0]["kwargs"]["failures"] == 1 and queued[0]["kwargs"]["back"] is True and queued[0]["eta"]
+    got = rows(ddb, ids)[ids[0]]
+    assert got["status"] == "pending" and got["attempts"] == 1 and "503" in got["last_error"]
+
+
+def test_a_first_try_that_cannot_run_here_is_handed_to_a_task(ddb, voip_database_url, apns, client, redis_server,
+                                                              scheduler_for):
+    """Redis does not answer the deciding process (its decision is committed all the same): the
+    rows go to a task as they would have without a first try here, and nothing is raised to the
+    lifecycle."""
+    ids, tokens = voip_rows(ddb, 1)
+    gone = redis_lib.Redis(host="127.0.0.1", port=services.free_port(), socket_connect_timeout=1)
+    channel = ApnsVoipChannel(client, apns_provider(_Settings(500)), voip_database_url)
+    scheduler, broker = scheduler_for(apns_voip=PushDelivery(channel, voip_database_url, gone))
+    scheduler.deliver("apns_voip", ids)
+    queued = queued_deliveries(broker)
+    assert [(q["args"], q["kwargs"], q["eta"]) for q in queued] == [(["apns_voip", ids], {}, None)]
+    assert apns.delivered(tokens[0]) == [] and rows(ddb, ids)[ids[0]]["status"] == "pending"

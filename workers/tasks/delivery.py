@@ -13,37 +13,22 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict
 
 import structlog
 
 from orchestration import names
-from orchestration.channels import build
-from orchestration.delivery.loop import Attempt, Deliverer
+from orchestration.delivery.loop import Attempt, report
 from orchestration.delivery.sweep import sweep
-from workers.app import app, settings
+from workers.app import app
 from workers.base_task import CallflowTask
 from workers.clients import clients
 
 log = structlog.get_logger("callflow.delivery")
 
-_deliverers: dict[int, dict[str, Deliverer]] = {}
 
-
-def deliverers() -> dict[str, Deliverer]:
-    """This process's channels with their deliverers, on the process's shared clients."""
-    shared = clients()
-    if shared.pid not in _deliverers:
-        _deliverers.clear()
-        _deliverers[shared.pid] = {name: Deliverer(channel, settings.database_url, shared.redis)
-                                   for name, channel in build(settings).items()}
-    return _deliverers[shared.pid]
-
-
-def send(channel: str, ids: list[str], countdown: float | None = None, **attempt) -> None:
+def send(channel: str, ids: list[str]) -> None:
     """Queues a run of `channel` for `ids` (on the channel's queue)."""
-    deliver.apply_async(args=[channel, ids], kwargs=attempt or None, countdown=countdown,
-                        queue=deliverers()[channel].channel.queue)
+    clients().scheduler.queue_delivery(channel, ids)
 
 
 def _ids(raw) -> list[str]:
@@ -63,29 +48,24 @@ def _ids(raw) -> list[str]:
 def deliver(self, channel: str, ids, slot: float | None = None, shared: bool = False, failures: int = 0,
             back: bool = False) -> str:
     structlog.contextvars.bind_contextvars(channel=channel)
-    deliverer = deliverers().get(channel)
+    shared_clients = clients()
+    deliverer = shared_clients.deliverers.get(channel)
     if deliverer is None:
         log.warning("deliver: no such channel")
         return "unknown channel"
     ids = _ids(ids)
     if not ids:
         return "nothing to do"
-    queue = deliverer.channel.queue
     out = deliverer.run(ids, Attempt(slot, shared, failures, back))
-    batch = deliverer.channel.batch_size
-    for start in range(0, len(out.others), batch):  # more than one batch: the rest in tasks of their own
-        send(channel, out.others[start:start + batch])
-    for deferral in out.deferred:  # waiting for their recipients' shares: back when they let them go
-        send(channel, deferral.ids, countdown=deferral.seconds, shared=deferral.shared, back=True)
-    if out.deferred:
-        log.info("deliver: rows wait for their share of the rate",
-                 waiting=sum(len(d.ids) for d in out.deferred),
-                 come_back_in=round(max(d.seconds for d in out.deferred), 2))
-    if out.come_back_in is not None and out.ids:
-        raise self.retry(countdown=out.come_back_in, queue=queue, args=[channel, out.ids],
-                         kwargs=asdict(out.again))
-    if out.sent or out.failed or out.skipped:
-        log.info("delivered", sent=out.sent, failed=out.failed, skipped=out.skipped)
+    report(channel, out)
+    follow_ups = out.follow_ups(deliverer.channel.batch_size)
+    for follow in follow_ups:
+        if not follow.again:  # more than a batch, or rows waiting for their shares: tasks of their own
+            shared_clients.scheduler.queue_delivery(channel, follow.ids, follow.countdown, follow.kwargs)
+    for follow in follow_ups:
+        if follow.again:  # this task's own rows: it comes back as itself
+            raise self.retry(countdown=follow.countdown, queue=names.CHANNEL_QUEUES[channel], args=[channel, follow.ids],
+                             kwargs=follow.kwargs)
     return out.summary
 
 
@@ -93,5 +73,5 @@ def deliver(self, channel: str, ids, slot: float | None = None, shared: bool = F
           acks_late=False, ignore_result=True)
 def sweep_outbox(channel: str, older_than: float | None = None) -> dict:
     """Beat: the channel's pending rows whose task was lost go again."""
-    result = sweep(deliverers()[channel], lambda ids: send(channel, ids), older_than)
+    result = sweep(clients().deliverers[channel], lambda ids: send(channel, ids), older_than)
     return {"resent": len(result["resent"]), **{k: v for k, v in result.items() if k != "resent"}}
