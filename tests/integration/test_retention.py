@@ -152,6 +152,56 @@ def test_old_rows_are_pruned_in_small_batches_and_everything_else_is_kept(ret_db
     assert prune(conn, client, 1, now, SMALL).rows["call_events"] == 2
 
 
+def test_the_beat_task_on_a_real_worker_prunes_with_the_configured_retention(ret_db, conn, rds, log_dir):
+    """`callflow.prune` as beat sends it, on a worker of its own (this module's database, its Redis db)."""
+    from celery import Celery
+
+    from tests.conftest import subprocess_env
+
+    url, client = rds
+    fill(ret_db, datetime.now(UTC))
+    env = subprocess_env(DATABASE_URL=ret_db, REDIS_URL=url, CALLFLOW_RETENTION_DAYS="1")
+    worker = services.celery_worker(env, log_dir, name=f"retention-{uuid.uuid4().hex[:4]}")
+    try:
+        services.wait_for(lambda: "ready." in worker.log() or not worker.alive(), timeout=60, what="retention worker")
+        Celery("retention-test", broker=url).send_task(names.PRUNE, queue=names.Q_SWEEPS)
+        services.wait_for(lambda: client.hget(names.RETENTION_PRUNED, "notifications") is not None, timeout=30,
+                          what="the prune")
+    finally:
+        worker.stop()
+    conn.rollback()
+    assert (counts(conn, "call_events"), counts(conn, "push_messages"), counts(conn, "notifications")) == (7, 8, 6)
+    assert {k.decode(): int(v) for k, v in client.hgetall(names.RETENTION_PRUNED).items()} == \
+        {"call_events": 48, "push_messages": 40, "notifications": 30}
+    assert "pruned" in worker.log()
+
+
+def test_an_outbox_bigger_than_a_tick_is_walked_over_several_ticks(ret_db, conn, rds):
+    _, client = rds
+    now = datetime.now(UTC)
+    fill(ret_db, now)
+    with connect(ret_db, autocommit=True) as c:
+        c.execute("set session_replication_role = replica")
+        c.execute("""insert into public.notifications (invitation_id, recipient_id, status, created_at)
+                     select gen_random_uuid(), gen_random_uuid(), 'sent', %s from generate_series(1, 2000) g""",
+                  (now - timedelta(days=30),))
+    blocks = conn.execute("select pg_relation_size('public.notifications') / 8192 as n").fetchone()["n"]
+    conn.commit()
+    assert blocks >= 8
+    tick = Budget(events_per_batch=100, blocks_per_batch=2, blocks_per_tick=4, minutes_per_batch=100, tick_seconds=60)
+    pruned, ticks = 0, 0
+    while counts(conn, "notifications", "status = 'sent' and created_at < now() - interval '1 day'"):
+        assert client.hget(names.RETENTION_OLDEST, "notifications") is None  # no full pass yet
+        out = prune(conn, client, 1, now, tick)
+        assert out.batches <= 2 + 2 + 2 + 1  # events, two outboxes, usage: each within its share
+        pruned, ticks = pruned + out.rows["notifications"], ticks + 1
+        conn.commit()
+    assert pruned == 2030 and ticks == -(-blocks // 4)
+    # The last tick went round the table's end (the 2,000 old rows were its last blocks): the pass
+    # is over and the oldest finished row kept is known.
+    assert 3500 < time.time() - float(client.hget(names.RETENTION_OLDEST, "notifications")) < 3700
+
+
 def test_a_row_someone_holds_is_skipped_not_waited_for(ret_db, conn, rds):
     _, client = rds
     now = datetime.now(UTC)
