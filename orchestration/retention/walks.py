@@ -78,7 +78,9 @@ def horizon(now: datetime, days: int) -> datetime:
 # ---- call_events: along the primary key ---------------------------------------------------------
 # A row is kept while a failed task that `callflow tasks retry` may run again carries its event (a
 # LiveKit event, `[event, received_at]`, or an invitation change, `[change]`): so a retry, however
-# late, finds its event recorded.
+# late, finds its event recorded. The events of a room whose call is still live are kept too: the
+# sweep hands on a left participant's grace period until its `grace:<sid>` event is recorded, however
+# long the call lasts (one probe of the live calls' unique index per row).
 EVENTS_BATCH_SQL = """
 with lo as materialized (select min(id) as id from public.call_events where id >= %(from)s),
 doomed as (
@@ -87,6 +89,8 @@ doomed as (
      and not exists (select 1 from public.callflow_failed_tasks f
                       where f.retried_at is null and f.task_name = any(%(replayable)s)
                         and e.event_id in (f.args -> 0 ->> 'id', f.args -> 0 ->> 'event_id'))
+     and not exists (select 1 from public.calls c
+                      where c.room_name = e.room_name and c.status in ('ringing', 'active'))
    for update of e skip locked
 ), gone as (
   delete from public.call_events e where e.id in (select id from doomed) returning 1

@@ -77,6 +77,10 @@ def fill(ret_db, now: datetime) -> dict:
         c.execute("""insert into public.call_events (event_id, source, type, room_name, received_at)
                      select 'EV_old_' || g, 'livekit', 'room_started', 'r', %s + g * interval '1 second'
                        from generate_series(1, 50) g""", (old,))
+        # An old event of a room whose call is still live (a call longer than the retention).
+        c.execute("""insert into public.call_events (event_id, source, type, room_name, received_at)
+                     values ('grace:PA_live', 'sweep', 'grace_expired', 'room-live', %s)""",
+                  (old + timedelta(seconds=100),))
         c.execute("""insert into public.call_events (event_id, source, type, room_name, received_at)
                      select 'EV_young_' || g, 'livekit', 'room_started', 'r', %s from generate_series(1, 5) g""",
                   (young,))
@@ -104,6 +108,8 @@ def fill(ret_db, now: datetime) -> dict:
         c.execute("""insert into public.calls (id, room_name, status, created_at, ended_at)
                      select gen_random_uuid(), 'room-' || g, 'completed', %s, %s from generate_series(1, 6) g""",
                   (old, old))
+        c.execute("""insert into public.calls (id, room_name, status, created_at)
+                     values (gen_random_uuid(), 'room-live', 'active', %s)""", (old,))
         c.execute("""insert into public.call_participants (id, call_id, identity, participant_sid, joined_at, left_at)
                      select gen_random_uuid(), id, 'u', 'PA_' || id, created_at, ended_at from public.calls""")
         c.execute("""insert into public.call_invitations (id, caller_id, callee_id, room_name, status, created_at, updated_at)
@@ -122,12 +128,12 @@ def test_old_rows_are_pruned_in_small_batches_and_everything_else_is_kept(ret_db
     assert out.rows == {"call_events": 48, "push_messages": 40, "notifications": 30, "callflow_usage_deltas": 0}
     assert out.batches >= 48 // 7 + 2  # several batches for each table, each its own transaction
     kept = {r["event_id"] for r in conn.execute("select event_id from public.call_events").fetchall()}
-    assert kept == {"EV_old_3", "EV_old_5"} | {f"EV_young_{g}" for g in range(1, 6)}
+    assert kept == {"EV_old_3", "EV_old_5", "grace:PA_live"} | {f"EV_young_{g}" for g in range(1, 6)}
     assert counts(conn, "push_messages", "status = 'pending'") == 3 and counts(conn, "push_messages") == 8
     assert counts(conn, "notifications", "status = 'pending'") == 2 and counts(conn, "notifications") == 6
     assert counts(conn, "push_messages", "status <> 'pending' and created_at < now() - interval '1 day'") == 0
     # The product's history is never pruned, however old.
-    assert (counts(conn, "calls"), counts(conn, "call_participants"), counts(conn, "call_invitations")) == (6, 6, 6)
+    assert (counts(conn, "calls"), counts(conn, "call_participants"), counts(conn, "call_invitations")) == (7, 7, 7)
 
     registry = CollectorRegistry()
     registry.register(RetentionCollector(url))
@@ -170,7 +176,7 @@ def test_the_beat_task_on_a_real_worker_prunes_with_the_configured_retention(ret
     finally:
         worker.stop()
     conn.rollback()
-    assert (counts(conn, "call_events"), counts(conn, "push_messages"), counts(conn, "notifications")) == (7, 8, 6)
+    assert (counts(conn, "call_events"), counts(conn, "push_messages"), counts(conn, "notifications")) == (8, 8, 6)
     assert {k.decode(): int(v) for k, v in client.hgetall(names.RETENTION_PRUNED).items()} == \
         {"call_events": 48, "push_messages": 40, "notifications": 30}
     assert "pruned" in worker.log()
@@ -241,6 +247,9 @@ def test_a_livekit_event_a_failed_task_carries_stays_a_duplicate_after_a_prune(r
     """The lifecycle knows an event by its row in call_events: the row of an event whose task failed
     (and may be retried by hand, days later) outlives the retention."""
     _, client = rds
+    conn.execute("delete from public.call_events")
+    conn.execute("delete from public.callflow_failed_tasks")
+    conn.commit()
     ports = Ports(store=PostgresStore(ret_db), rooms=FakeRooms(), scheduler=FakeScheduler(),
                   config=LifecycleConfig(ring_timeout=30, grace=1.5))
     now = datetime.now(UTC)
