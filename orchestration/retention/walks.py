@@ -11,11 +11,11 @@ for its whole length); each table is walked by what it already has:
 
 - `call_events`: along its primary key from its lowest id, `EVENTS_PER_BATCH` ids at a time (ids
   grow with `received_at`: both are the inserting transaction's). The walk stops at the first
-  range still holding a young row, so a tick with nothing to do costs two index probes.
+  range still holding a young row, so a tick with nothing to do costs one batch (~1 ms).
 - `push_messages`, `notifications` (uuid keys, no order): by ranges of heap blocks
-  (`BLOCKS_PER_BATCH` blocks, a TID range scan: never the whole table; ~3,000 rows, ~40 ms), a cursor kept in Redis going
-  round the table; at most `BLOCKS_PER_TICK` blocks a tick, so a pass over a 2 GB table takes an
-  hour or so and reads ~30 MB a minute.
+  (`BLOCKS_PER_BATCH` blocks, a TID range scan: never the whole table; ~3,000 rows, 5-20 ms), a
+  cursor kept in Redis going round the table; at most `BLOCKS_PER_TICK` blocks a tick, so a pass
+  over a 2 GB table takes an hour or so and reads ~30 MB a minute.
 - `callflow_usage_deltas`: minute by minute (`MINUTES_PER_BATCH`), from a watermark kept in Redis,
   under the refresh's own advisory lock (tried, never waited for). A minute's deltas are replaced
   by at most two that sum to the same `net` and reach the same `rise` at the same `rise_at`, so
@@ -32,7 +32,8 @@ Deduplication survives it (the lifecycle counts an event as new when its `event_
 Redis mark of an event lives an hour, the taken lists an hour, the sweeps look back 15 minutes,
 all far inside the minimum retention, a day (`MIN_DAYS`, enforced by the settings too). What can
 bring an event back later is `callflow tasks retry` of a failed task: the rows of the events that
-open failed tasks carry are kept until they are retried.
+open failed tasks carry are kept until they are retried. And the sweep looks for the grace events
+of live calls however old: a live call's room keeps its events.
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ BLOCKS_PER_TICK = 4096
 MINUTES_PER_BATCH = 240
 TICK_SECONDS = 2.0  # per table, so a tick holds one of a worker's processes ~8 s a minute at most
 
-FINISHED = ("sent", "failed", "skipped")
 OUTBOXES = ("push_messages", "notifications")
 TABLES = ("call_events", *OUTBOXES, "callflow_usage_deltas")
 
