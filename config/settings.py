@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     # LiveKit usage (orchestration/usage): the plan's names are those of orchestration.usage.plans.PLANS.
     callflow_livekit_plan: Literal["build", "ship", "scale", "self-hosted"] = "build"
     callflow_ops_email: str | None = None
+    # Retention (orchestration/retention): at least a day, so a pruned call_events row is always
+    # older than anything that deduplicates on it (LiveKit's retries, the Redis marks, the sweeps'
+    # look-backs); at most 100 years.
+    callflow_retention_days: int = Field(default=90, ge=1, le=36500)
 
     # Browser-facing: unset means the environment's default (see cors_origins, demo_enabled).
     callflow_cors_origins: str | None = None

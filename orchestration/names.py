@@ -30,10 +30,11 @@ DELIVER = "callflow.deliver"  # [channel, ids]: a batch of one channel's outbox 
 SWEEP_OUTBOX = "callflow.sweep_outbox"  # beat [channel]: its outbox rows whose task was lost
 PING = "callflow.ping"  # health: a worker answers by writing ping_key
 CHECK_USAGE = "callflow.check_usage"  # beat: usage rollup and alerts
+PRUNE = "callflow.prune"  # beat: retention, a bounded share of the rows older than CALLFLOW_RETENTION_DAYS
 
 TASKS = (INVITATION_CHANGED, INVITATIONS_CHANGED, LIVEKIT_EVENT, LIVEKIT_EVENTS, RING_TIMEOUT,
          RING_TIMEOUTS_DUE, GRACE_EXPIRED, SWEEP, CATCH_UP_INVITATIONS, DELIVER, SWEEP_OUTBOX, PING,
-         CHECK_USAGE)
+         CHECK_USAGE, PRUNE)
 
 # The outbound channels the lifecycle hands rows to (orchestration/channels), and their queues.
 CHANNEL_EMAIL = "email"
@@ -153,3 +154,13 @@ def delivery_resent_key(channel: str, row_id: str) -> str:
 
 # Prefix of a user's open SSE streams (sorted set `callflow:streams:<user id>`), held by `web`.
 STREAMS_PREFIX = "callflow:streams"
+
+# Retention (orchestration/retention), written by the prune task, read by /metrics. No expiry: lost,
+# the counters start again from 0 and each table's walk from its start.
+# Hash table -> rows pruned (a counter for /metrics).
+RETENTION_PRUNED = "callflow:retention:pruned"
+# Hash table -> Unix time of the oldest row kept, as of the last pass over it.
+RETENTION_OLDEST = "callflow:retention:oldest"
+# Hash of where each table's walk goes on: `<table>` -> next heap block or minute, and
+# `<table>:pass_oldest` -> the oldest row kept so far in the pass under way.
+RETENTION_CURSOR = "callflow:retention:cursor"

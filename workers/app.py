@@ -78,6 +78,7 @@ app.conf.update(
         names.SWEEP_OUTBOX: {"queue": names.Q_SWEEPS},
         names.PING: {"queue": names.Q_EVENTS},
         names.CHECK_USAGE: {"queue": names.Q_SWEEPS},
+        names.PRUNE: {"queue": names.Q_SWEEPS},
     },
     task_serializer="json",
     accept_content=["json"],
@@ -139,6 +140,13 @@ app.conf.update(
         # (workers/tasks/usage.py).
         "check-usage": {
             "task": names.CHECK_USAGE,
+            "schedule": timedelta(seconds=60),
+            "options": {"queue": names.Q_SWEEPS, "expires": 50},
+        },
+        # Retention: a bounded share of the rows older than CALLFLOW_RETENTION_DAYS, in small
+        # batches (workers/tasks/retention.py).
+        "prune": {
+            "task": names.PRUNE,
             "schedule": timedelta(seconds=60),
             "options": {"queue": names.Q_SWEEPS, "expires": 50},
         },

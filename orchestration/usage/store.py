@@ -8,6 +8,8 @@ calls/call_participants, the same way: the benchmark and the tests hold the roll
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from datetime import date, datetime
 
 import psycopg
@@ -36,11 +38,41 @@ select coalesce(sum(ceil(extract(epoch from ended - began) / 60)), 0)::bigint as
 """
 
 
+# Change marks one refresh transaction folds: a few hundred milliseconds of work, so a backlog of
+# millions (the first refresh of a big history) never holds the refresh's lock or a snapshot for
+# minutes, and the beat's check stays short.
+MARKS_PER_BATCH = 5000
+
+
+@dataclass(frozen=True)
+class Folded:
+    changed: int  # sessions whose counted interval changed
+    batches: int
+    more: bool  # marks are left for the next run
+
+
+def fold(conn: psycopg.Connection, max_batches: int | None = None, max_seconds: float | None = None,
+         marks_per_batch: int = MARKS_PER_BATCH) -> Folded:
+    """Folds the committed changes of calls/call_participants into the peak rollup, the oldest first,
+    `marks_per_batch` marks per transaction, until none are left or `max_batches` transactions
+    have run or `max_seconds` have passed (None: no such bound)."""
+    changed = batches = 0
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
+    while (max_batches is None or batches < max_batches) and (deadline is None or time.monotonic() < deadline):
+        row = conn.execute("select public.callflow_usage_refresh(%s) as changed", (marks_per_batch,)).fetchone()
+        # (a statement of its own: one beside the refresh would not see the marks it took)
+        more = conn.execute("select exists (select 1 from public.callflow_usage_dirty) as more").fetchone()["more"]
+        conn.commit()
+        changed, batches = changed + int(row["changed"]), batches + 1
+        if not more:
+            return Folded(changed, batches, False)
+    return Folded(changed, batches, True)
+
+
 def refresh(conn: psycopg.Connection) -> int:
-    """Folds the committed changes of calls/call_participants into the peak rollup."""
-    row = conn.execute("select public.callflow_usage_refresh() as changed").fetchone()
-    conn.commit()
-    return int(row["changed"])
+    """Folds every committed change into the rollup (figures exact as of the call); returns how many
+    sessions changed."""
+    return fold(conn).changed
 
 
 def participant_minutes(conn: psycopg.Connection, month: date, now: datetime) -> int:

@@ -155,14 +155,18 @@ create trigger callflow_usage_calls_update after update on public.calls
 
 -- ---- the refresh -------------------------------------------------------------------------------
 
--- Folds the committed change marks into the rollup; returns how many sessions changed.
+-- Folds the oldest `max_marks` committed change marks into the rollup; returns how many sessions
+-- changed (null: every mark, as `callflow_usage_refresh()` always did). Bounded, so a backlog
+-- (after an outage, or the first refresh of a big history) is folded in short transactions, one
+-- after the other, rather than in one that runs for minutes: each session's count is set to what
+-- its rows say now, so marks folded in any order and any number of rounds give the same rollup.
 -- A refresh touches a few rows of big tables through CTEs and arrays whose sizes the planner
 -- cannot know: left to itself it hashes the whole history to find a few hundred sessions. The
 -- lookups are therefore written as LATERAL subqueries fenced with OFFSET 0 (never flattened into a
 -- join), which makes them index lookups per changed session or minute. Those lookups are costed
 -- high enough to trigger JIT compilation, which costs seconds for a refresh of milliseconds: off.
 -- Months and minutes are UTC ones whatever the session's time zone.
-create or replace function public.callflow_usage_refresh() returns integer
+create or replace function public.callflow_usage_refresh(max_marks integer default null) returns integer
 language plpgsql security definer set search_path = public, pg_temp set jit = off set timezone = 'UTC' as $$
 declare
   touched timestamptz[];
@@ -172,7 +176,9 @@ begin
   perform pg_advisory_xact_lock(hashtext('callflow_usage_refresh'));
 
   with taken as (
-    delete from public.callflow_usage_dirty returning participant_id, call_id
+    delete from public.callflow_usage_dirty
+     where id in (select id from public.callflow_usage_dirty order by id limit max_marks)
+    returning participant_id, call_id
   ), affected as (
     select participant_id as id from taken where participant_id is not null
     union

@@ -49,7 +49,7 @@ revoke all on function
     public.callflow_room_parties(text, uuid), public.call_invitations_admit(),
     public.register_push_token(text, text, text, text), public.callflow_push_tokens_cap(),
     public.callflow_usage_mark_participants(), public.callflow_usage_mark_calls(),
-    public.callflow_usage_forget_all(), public.callflow_usage_refresh(),
+    public.callflow_usage_forget_all(), public.callflow_usage_refresh(integer),
     public.callflow_usage_minutes(timestamptz, timestamptz, timestamptz),
     public.callflow_usage_peak(timestamptz, timestamptz),
     public.callflow_call_parties_add(), public.callflow_call_parties_forget(),
@@ -65,7 +65,7 @@ grant execute on function
     public.callflow_room_parties(text, uuid), public.call_invitations_admit(),
     public.register_push_token(text, text, text, text),
     public.callflow_usage_mark_participants(), public.callflow_usage_mark_calls(),
-    public.callflow_usage_forget_all(), public.callflow_usage_refresh(),
+    public.callflow_usage_forget_all(), public.callflow_usage_refresh(integer),
     public.callflow_usage_minutes(timestamptz, timestamptz, timestamptz),
     public.callflow_usage_peak(timestamptz, timestamptz),
     public.callflow_call_parties_backfill()

@@ -4,4 +4,4 @@ Entrypoints only: each task parses its plain arguments (ids, event dicts), calls
 `orchestration` with its ports, and sorts exceptions into retry or fail.
 """
 
-from workers.tasks import delivery, ingest, lifecycle, usage  # noqa: F401
+from workers.tasks import delivery, ingest, lifecycle, retention, usage  # noqa: F401

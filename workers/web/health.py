@@ -17,12 +17,14 @@ from orchestration.ingest import metrics as _listener_metrics  # noqa: F401 - re
 from orchestration.ops import queues as _ops_metrics
 from orchestration.ops import room_actions as _room_actions_metrics
 from orchestration.push import metrics as _push_metrics  # noqa: F401 - registers the push outbox collector
+from orchestration.retention import metrics as _retention_metrics
 from orchestration.usage import metrics as _usage_metrics  # noqa: F401 - registers the LiveKit usage collector
 from workers.queues import QUEUES
 from workers.web import webhook
 
 _ops_metrics.register(QUEUES)  # queue depths, oldest message ages, task outcomes (from Redis)
 _room_actions_metrics.register()  # room actions LiveKit has not answered yet (from Postgres)
+_retention_metrics.register()  # rows pruned, oldest kept (from Redis)
 
 CHECK_TIMEOUT_SECONDS = 2.0
 
