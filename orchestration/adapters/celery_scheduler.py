@@ -103,7 +103,7 @@ class CeleryScheduler:
         # between `ringing` and the phone. The run never sleeps (a booked send time, a provider
         # giving no answer, a share taken: each is a countdown task, as in the task itself).
         try:
-            out = here.run(ids)
+            out = here.run(ids, top_up=False)
         except Exception as exc:  # noqa: BLE001 - the decision is committed: never fail it for a push
             log.warning("delivery: first try here failed, the task takes it", channel=channel,
                         error=repr(exc)[:300])

@@ -4,7 +4,8 @@
 1. A run that comes back for a booked send time that is not there yet goes again (no database work).
 2. A first try leaves alone the rows a retry waits to come back for (one task per row, each at its
    own step of the backoff) and, for a channel with batches, tops the batch up with other pending
-   rows, so a burst goes out in full batches.
+   rows, so a burst goes out in full batches (not a first try made where the rows were decided:
+   the scheduler's, which sends just its rows).
 3. It locks the rows (`for update skip locked`) from the read to their recorded outcome: a second
    task for them meanwhile leaves them alone; a worker killed mid-send loses its connection and
    the locks with it, and the redelivered task (or the sweep's) sends again.
@@ -18,7 +19,7 @@
    provider id. The provider's idempotency (Resend's key; the app's `kind` + `invitation_id`)
    covers the send repeated after a crash before its outcome was stored.
 
-What the run did and when to come back is its `Delivery`; the task turns it into re-queues.
+What the run did and when to come back is its `Delivery`; its `follow_ups` are the tasks to come.
 """
 
 from __future__ import annotations
@@ -186,7 +187,9 @@ class Deliverer:
 
     # ---- one run -------------------------------------------------------------------------------
 
-    def run(self, ids: list[str], attempt: Attempt = Attempt()) -> Delivery:
+    def run(self, ids: list[str], attempt: Attempt = Attempt(), top_up: bool = True) -> Delivery:
+        """`top_up`: a first try fills its batch up with other pending rows (a first try where the
+        rows were decided sends just those: the others have runs of their own under way)."""
         ids = list(dict.fromkeys(str(i) for i in ids))
         out = Delivery()
         if attempt.slot is not None and self.channel.limited:
@@ -198,7 +201,7 @@ class Deliverer:
                 if not attempt.back:
                     # A first try tops a batch up with what else is pending, and leaves alone the
                     # rows a task waits to come back for (one task per row, each at its own step).
-                    if self.channel.batch_size > 1 and len(ids) < self.channel.batch_size:
+                    if top_up and self.channel.batch_size > 1 and len(ids) < self.channel.batch_size:
                         ids += self.channel.more_pending(conn, self.channel.batch_size - len(ids), ids)
                     ids = self.not_waiting(ids)
                 # The rows locked from the read to their recorded outcome, in one transaction: a
