@@ -131,6 +131,9 @@ OPS_OLDEST_SEEN = "callflow:ops:oldest_seen"
 RATELIMIT_RESEND = "callflow:ratelimit:resend"
 # Expo's rate (the push channel, shared by all workers).
 RATELIMIT_EXPO = "callflow:ratelimit:expo"
+# APNs' and FCM's rates (the VoIP and Android push channels, shared by all workers).
+RATELIMIT_APNS = "callflow:ratelimit:apns"
+RATELIMIT_FCM = "callflow:ratelimit:fcm"
 # Per-user rate limit's default prefix (+ ":" + user, see orchestration.rate_limit).
 RATELIMIT_PREFIX = "callflow:ratelimit"
 # The token route's per-user rate limit prefix.

@@ -64,7 +64,7 @@ NO_ANSWER = 0                      # the status of a message whose request got n
 
 
 def apns_provider(settings) -> Provider:
-    return Provider(name="apns", rate_key=names.RATELIMIT_PREFIX + ":apns",
+    return Provider(name="apns", rate_key=names.RATELIMIT_APNS,
                     rate_per_second=settings.callflow_push_rate_per_second,
                     retry_base_seconds=RETRY_BASE_SECONDS, retry_max_seconds=RETRY_MAX_SECONDS,
                     probe_seconds=TIMEOUT_SECONDS + 2)

@@ -69,7 +69,7 @@ RETRY_MAX_SECONDS = 10.0
 
 
 def fcm_provider(settings) -> Provider:
-    return Provider(name="fcm", rate_key=names.RATELIMIT_PREFIX + ":fcm",
+    return Provider(name="fcm", rate_key=names.RATELIMIT_FCM,
                     rate_per_second=settings.callflow_push_rate_per_second,
                     retry_base_seconds=RETRY_BASE_SECONDS, retry_max_seconds=RETRY_MAX_SECONDS,
                     probe_seconds=TIMEOUT_SECONDS + 2)
