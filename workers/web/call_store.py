@@ -300,25 +300,30 @@ class CallStore:
             return [jsonable(r) for r in await cur.fetchall()]
 
     # ---- service reads (the event hub routes rows to their own users) -----------------------------
-    async def invitation(self, invitation_id: str) -> dict | None:
+    async def invitations_by_id(self, invitation_ids: list[str]) -> dict[str, dict]:
+        """The rows found, by id (the event hub's batch of changed rows)."""
         async with self._transaction() as conn:
-            cur = await conn.execute("select * from public.call_invitations where id = %s", (invitation_id,))
-            row = await cur.fetchone()
-        return jsonable(row) if row else None
+            cur = await conn.execute("select * from public.call_invitations where id = any(%s::uuid[])",
+                                     (invitation_ids,))
+            return {str(r["id"]): jsonable(r) for r in await cur.fetchall()}
 
-    async def call_with_parties(self, call_id: str) -> tuple[dict, set[str]] | None:
-        """The `calls` row and everyone RLS lets read it (its invitations' callers and callees)."""
+    async def calls_with_parties(self, call_ids: list[str]) -> dict[str, tuple[dict, set[str]]]:
+        """The `calls` rows found, by id, each with everyone RLS lets read it (its invitations'
+        callers and callees, and its caller)."""
         async with self._transaction() as conn:
-            cur = await conn.execute("select * from public.calls where id = %s", (call_id,))
-            row = await cur.fetchone()
-            if row is None:
-                return None
-            cur = await conn.execute(
-                "select caller_id, callee_id from public.call_invitations where call_id = %s", (call_id,))
-            parties = {str(u) for r in await cur.fetchall() for u in (r["caller_id"], r["callee_id"])}
-        if row.get("caller_id"):
-            parties.add(str(row["caller_id"]))
-        return jsonable(row), parties
+            cur = await conn.execute("select * from public.calls where id = any(%s::uuid[])", (call_ids,))
+            calls = {str(r["id"]): r for r in await cur.fetchall()}
+            if not calls:
+                return {}
+            cur = await conn.execute("select call_id, caller_id, callee_id from public.call_invitations"
+                                     " where call_id = any(%s::uuid[])", (list(calls),))
+            parties: dict[str, set[str]] = {call_id: set() for call_id in calls}
+            for r in await cur.fetchall():
+                parties[str(r["call_id"])].update((str(r["caller_id"]), str(r["callee_id"])))
+        for call_id, row in calls.items():
+            if row.get("caller_id"):
+                parties[call_id].add(str(row["caller_id"]))
+        return {call_id: (jsonable(row), parties[call_id]) for call_id, row in calls.items()}
 
     async def local_users(self) -> list[dict]:
         async with self._transaction() as conn:

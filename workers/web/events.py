@@ -15,11 +15,14 @@ Bounds (issue 23):
   in Redis, `stream_slots`; this process's own count when Redis gives no answer): one more is
   429 `rate_limited`; a process holds at most CALLFLOW_STREAMS_PER_PROCESS: one more is 503
   `unavailable`.
-- the hub reads changed rows side by side (`HUB_READS` at once), one row's reads in the order of
-  its notifications, each bounded in time; a read that cannot be done yet (no connection within
-  the wait, or a statement past its time: the database is slow or a lock holds it) is tried again
-  with backoff, so one stuck row stalls no other stream and loses no event. A row still unreadable
-  after `READ_GIVE_UP_SECONDS` ends every stream (its clients reconnect for a fresh snapshot).
+- the hub reads changed rows in batches (every row of one channel waiting at the time, up to
+  `HUB_BATCH`, in one statement: one read per row could not keep up with 50 calls a second),
+  `HUB_READS` readers side by side, one row's reads in the order of its notifications (a row being
+  read waits for its reader), each bounded in time; a batch that cannot be read yet (no connection
+  within the wait, or a statement past its time: the database is slow or a lock holds it) is tried
+  again with backoff while the other readers go on, so one stuck read stalls no other stream and
+  loses no event. A batch still unreadable after `READ_GIVE_UP_SECONDS` ends every stream (its
+  clients reconnect for a fresh snapshot).
 - the streams' reads have a pool of their own (`store()`), apart from the API's, and the snapshots
   of connecting streams take at most `SNAPSHOT_READS` of its connections, so a burst of
   connections never starves the hub.
@@ -61,7 +64,8 @@ QUEUE_SIZE = 256
 RESYNC = ("resync", None)
 CLOSED = ("closed", None)
 
-HUB_READS = 3  # changed rows the hub reads at once
+HUB_READS = 3  # readers of changed rows at once, each a batch of one channel's rows
+HUB_BATCH = 100  # changed rows one read takes at most
 SNAPSHOT_READS = 3  # connecting (or re-reading) streams' snapshots read at once
 READ_WAIT_SECONDS = 2.0  # a read's wait for a connection, and each statement's time bound
 READ_GIVE_UP_SECONDS = 30.0
@@ -92,8 +96,11 @@ class ChangeHub:
         self._count = 0
         self._task: asyncio.Task | None = None
         self._pending: dict[tuple[str, str], int] = {}  # (channel, row id) -> notifications not yet told
+        self._waiting: dict[str, dict[str, None]] = {channel: {} for channel in CHANNELS}  # rows to read, in order
+        self._reading: set[tuple[str, str]] = set()  # rows in a reader's hands
         self._readers: set[asyncio.Task] = set()
-        self._read_slots = asyncio.Semaphore(HUB_READS)
+        self._wake = asyncio.Event()
+        self._turn = 0
 
     def subscribe(self, user_id: str) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue(QUEUE_SIZE)
@@ -197,8 +204,8 @@ class ChangeHub:
                 await asyncio.sleep(backoff_delay(failures, 0.5, 10.0))
 
     def _changed(self, channel: str, payload: str) -> None:
-        """A notification: its row is read by a reader of its own (one per row at a time, so a
-        row's events keep their order), never by the LISTEN loop itself."""
+        """A notification: its row waits for a reader (in the order rows changed), never read by
+        the LISTEN loop itself."""
         if not self.streams:
             return  # nobody to tell: skip the read
         try:
@@ -206,66 +213,108 @@ class ChangeHub:
         except (ValueError, KeyError, TypeError):
             return
         key = (channel, row_id)
-        waiting = self._pending.get(key)
-        self._pending[key] = (waiting or 0) + 1
-        if waiting is None:
-            task = asyncio.get_running_loop().create_task(self._tell(key))
-            self._readers.add(task)
-            task.add_done_callback(self._readers.discard)
+        self._pending[key] = self._pending.get(key, 0) + 1
+        if key not in self._reading:  # a row in a reader's hands waits for it: its reads keep their order
+            self._waiting[channel][row_id] = None
+        self._start_readers()
+        self._wake.set()
 
-    async def _tell(self, key: tuple[str, str]) -> None:
-        channel, row_id = key
-        failures, failing_since = 0, None
-        try:
-            while self._pending.get(key, 0) > 0:
-                try:
-                    async with self._read_slots:
-                        found = await self._read(channel, row_id)
-                except DatabaseBusy:
-                    # Slow, not gone (no connection within the wait, a statement out of time):
-                    # try again; the row's later notifications wait behind this one.
-                    now = time.monotonic()
-                    failing_since = failing_since or now
-                    failures += 1
-                    if now - failing_since >= READ_GIVE_UP_SECONDS:
-                        log.warning("event hub: a changed row stayed unreadable; streams closed", channel=channel,
-                                    seconds=round(now - failing_since, 1))
-                        self.close_all()
-                        return
-                    if failures == 1:
-                        log.info("event hub: a changed row cannot be read yet; trying again", channel=channel)
-                    await asyncio.sleep(backoff_delay(failures, 0.2, 2.0))
+    def _start_readers(self) -> None:
+        self._readers = {task for task in self._readers if not task.done()}
+        loop = asyncio.get_running_loop()
+        while len(self._readers) < HUB_READS:
+            self._readers.add(loop.create_task(self._read_forever()))
+
+    def _take(self) -> tuple[str, list[str]] | None:
+        """The next batch: up to HUB_BATCH waiting rows of one channel, the channels in turn."""
+        for _ in CHANNELS:
+            channel = CHANNELS[self._turn % len(CHANNELS)]
+            self._turn += 1
+            waiting = self._waiting[channel]
+            if waiting:
+                ids = []
+                for row_id in waiting:
+                    ids.append(row_id)
+                    if len(ids) == HUB_BATCH:
+                        break
+                for row_id in ids:
+                    del waiting[row_id]
+                    self._reading.add((channel, row_id))
+                return channel, ids
+        return None
+
+    async def _read_forever(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            channel, ids = batch
+            told = {row_id: self._pending.get((channel, row_id), 0) for row_id in ids}
+            try:
+                found = await self._read_until_done(channel, ids)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one unreadable batch must not stop the hub
+                log.warning("event hub: cannot read changed rows", channel=channel, error=exc.__class__.__name__)
+                found = {}
+            for row_id in ids:
+                key = (channel, row_id)
+                self._reading.discard(key)
+                if found is None:  # given up: every stream was ended
+                    self._pending.pop(key, None)
                     continue
-                except ApiError as exc:
-                    if exc.status != 503:
-                        raise
-                    # The database is away: this change cannot be told, so every stream is stale and
-                    # ends now (its client reconnects for a fresh snapshot).
-                    log.warning("event hub: the database is away; streams closed", channel=channel)
+                item = found.get(row_id)
+                # One event per change, as the notifications came: each tells the row as it is now.
+                for _ in range(told[row_id] if item is not None else 0):
+                    self._deliver(*item)
+                left = self._pending.get(key, 0) - told[row_id]
+                if left > 0:  # changed again while it was read: read again, after what waits now
+                    self._pending[key] = left
+                    self._waiting[channel][row_id] = None
+                else:
+                    self._pending.pop(key, None)
+
+    async def _read_until_done(self, channel: str, ids: list[str]) -> dict | None:
+        """The batch's rows ({id: (users to tell, (event, row))}, a row gone left out); a batch that
+        cannot be read yet (no connection within the wait, or a statement past its time: the
+        database is slow or a lock holds it) is tried again with backoff while other readers go on;
+        None when it stayed unreadable for READ_GIVE_UP_SECONDS or the database is away (every
+        stream ended: their clients reconnect for a fresh snapshot)."""
+        failures, failing_since = 0, None
+        while True:
+            try:
+                return await self._read(channel, ids)
+            except DatabaseBusy:
+                now = time.monotonic()
+                failing_since = failing_since or now
+                failures += 1
+                if now - failing_since >= READ_GIVE_UP_SECONDS:
+                    log.warning("event hub: changed rows stayed unreadable; streams closed", channel=channel,
+                                seconds=round(now - failing_since, 1))
                     self.close_all()
-                    return
-                except Exception as exc:  # noqa: BLE001 - one unreadable row must not stop the hub
-                    log.warning("event hub: cannot read a changed row", channel=channel,
-                                error=exc.__class__.__name__)
-                    found = None
-                failures, failing_since = 0, None
-                self._pending[key] -= 1
-                if found is not None:
-                    self._deliver(*found)
-        finally:
-            self._pending.pop(key, None)
+                    return None
+                if failures == 1:
+                    log.info("event hub: changed rows cannot be read yet; trying again", channel=channel)
+                await asyncio.sleep(backoff_delay(failures, 0.2, 2.0))
+            except ApiError as exc:
+                if exc.status != 503:
+                    raise
+                # The database is away: these changes cannot be told, so every stream is stale and
+                # ends now (its client reconnects for a fresh snapshot).
+                log.warning("event hub: the database is away; streams closed", channel=channel)
+                self.close_all()
+                return None
 
     @staticmethod
-    async def _read(channel: str, row_id: str):
-        """-> (the users to tell, (event, row)), or None when the row is gone."""
+    async def _read(channel: str, ids: list[str]) -> dict:
+        """{row id: (the users to tell, (event, row))} of the rows still there."""
         if channel == "callflow_invitations":
-            row = await store().invitation(row_id)
-            return None if row is None else ({row["caller_id"], row["callee_id"]}, ("invitation", row))
-        found = await store().call_with_parties(row_id)
-        if found is None:
-            return None
-        row, parties = found
-        return parties, ("call", row)
+            rows = await store().invitations_by_id(ids)
+            return {row_id: ({row["caller_id"], row["callee_id"]}, ("invitation", row)) for row_id, row in rows.items()}
+        calls = await store().calls_with_parties(ids)
+        return {row_id: (parties, ("call", row)) for row_id, (row, parties) in calls.items()}
 
 
 _hub: ChangeHub | None = None
