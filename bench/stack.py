@@ -75,7 +75,7 @@ class Stack:
         self.env.update(self.env_overrides)
         webhook_url = "http://127.0.0.1:9/none"
         if web:
-            web_port = services.free_port()
+            web_port = self.web_port = services.free_port()
             webhook_url = f"http://127.0.0.1:{web_port}/livekit/webhook"
             self.web = services.web_server(self.env, self.log_dir, web_port)
             self.procs.append(self.web)
