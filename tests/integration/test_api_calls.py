@@ -232,6 +232,40 @@ def test_streams_share_one_listen_connection_and_see_only_their_rows(api, db, we
             s.close()
 
 
+def test_a_burst_of_changes_reaches_each_party_once_per_change_each_row_in_order(api, db, web, make_user):
+    """Sixty invitations made and cancelled at once (the hub reads them in batches): the callee's
+    stream gets two events for each (its insert, its cancel), the last one `cancelled`; a caller's
+    stream gets its own invitation's alone."""
+    alice = make_user()
+    callers = [make_user() for _ in range(60)]
+    stream = EventStream(web, alice)
+    theirs = EventStream(web, callers[0])
+    try:
+        ids = [str(db.execute(
+            "insert into call_invitations (room_name, caller_id, callee_id) values (%s, %s, %s) returning id",
+            (f"burst-{uuid.uuid4().hex[:8]}", caller, alice)).fetchone()["id"]) for caller in callers]
+        db.execute("update call_invitations set status = 'cancelled', end_reason = 'caller_cancelled'"
+                   " where id = any(%s::uuid[])", (ids,))
+        seen: dict[str, list[str]] = {i: [] for i in ids}
+        deadline = time.monotonic() + 10
+        while sum(map(len, seen.values())) < 2 * len(ids) and time.monotonic() < deadline:
+            row, _ = stream.next("invitation", lambda r: r["id"] in seen, timeout=max(0.01, deadline - time.monotonic()))
+            seen[row["id"]].append(row["status"])
+        assert all(len(statuses) == 2 and statuses[-1] == "cancelled" for statuses in seen.values()), seen
+        with pytest.raises(queue.Empty):  # nothing more
+            stream.next("invitation", lambda r: r["id"] in seen, timeout=0.5)
+        got: list[str] = []
+        while True:
+            try:
+                got.append(theirs.next("invitation", timeout=0.5)[0]["id"])
+            except queue.Empty:
+                break
+        assert got == [ids[0], ids[0]]
+    finally:
+        stream.close()
+        theirs.close()
+
+
 def test_stream_needs_a_valid_token(api):
     resp = api.get("/api/calls/events")
     assert resp.status_code == 401 and resp.json()["error"]["code"] == "unauthorized"
