@@ -36,6 +36,7 @@ COPY --from=demo /demo/dist ./web/demo/dist
 COPY Procfile ./
 
 RUN pip install . \
+ && rm -rf build callflow.egg-info \
  && useradd --system --uid 10001 --home-dir /app callflow \
  && mkdir -p /app/.local/outbox \
  && chown -R callflow /app/.local

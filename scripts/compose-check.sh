@@ -319,7 +319,18 @@ restart() {
   driver missed --invitation "$RINGING"
 }
 
-down() { quiet down -v --remove-orphans; }
+# The services' logs are kept in $WORK/services.log; a traceback or an ERROR line in them fails the check.
+down() {
+  compose logs --no-color --timestamps > "$WORK/services.log" 2>&1 || true
+  quiet down -v --remove-orphans
+  local bad
+  bad="$(grep -cE 'Traceback|\bERROR\b|\bCRITICAL\b' "$WORK/services.log" || true)"
+  if [ "$bad" != 0 ]; then
+    grep -E 'Traceback|\bERROR\b|\bCRITICAL\b' "$WORK/services.log" | head -20 >&2
+    log "$bad error lines in the services' logs ($WORK/services.log)"
+    return 1
+  fi
+}
 
 STACK_UP=0
 on_exit() {

@@ -128,7 +128,20 @@ def call_status_is(check: Check, inv_id: str, *statuses: str):
     return lambda: (lambda r: r if r and r["status"] in statuses else None)(check.call_of(inv_id))
 
 
+def demo_served(check: Check) -> None:
+    """The Node stage's bundle is in the image: /demo and its script answer 200."""
+    for path in ("/demo", "/demo/demo.js"):
+        with urllib.request.urlopen(check.web + path, timeout=15) as resp:
+            body = resp.read()
+            if resp.status != 200 or len(body) < 200:
+                raise RuntimeError(f"GET {path} answered {resp.status} with {len(body)} bytes")
+
+
 async def scenario(check: Check, ring_timeout: float) -> None:
+    t = time.monotonic()
+    demo_served(check)
+    say("the demo page and its bundle (the Node stage) served by web", t)
+
     t = time.monotonic()
     users = make_users(check, ["alice", "bob", "carol", "dave"])
     say("users and access tokens (callflow dev-user/dev-token in web)", t)
