@@ -291,13 +291,19 @@ calls() { driver calls; }
 # Stopped while an invitation rings (the worker holds its ring-timeout countdown).
 stop() {
   RINGING="$(driver ring)"
+  local t0; t0="$(now)"
   quiet stop
-  # An app process that ignored SIGTERM is killed after the grace period: exit code 137.
-  local s code bad=0
-  for s in web listener worker beat flower; do
-    code="$(docker inspect -f '{{.State.ExitCode}}' "$(compose ps -aq "$s")")"
-    log "$s stopped with exit code $code"
-    case "$code" in 0|143) ;; *) bad=1 ;; esac  # 143: terminated by SIGTERM itself, still clean
+  # An app process that ignored SIGTERM is killed after the grace period (10 s): exit code 137.
+  local s code finished bad=0
+  for s in web listener beat flower worker redis postgres livekit; do
+    read -r code finished < <(docker inspect -f '{{.State.ExitCode}} {{.State.FinishedAt}}' "$(compose ps -aq "$s")")
+    log "$(printf '%-9s exit code %-3s %5.1f s after the stop began' "$s" "$code" \
+      "$(echo "$(date -d "$finished" +%s.%N) - $t0" | bc)")"
+    case "$s:$code" in
+      redis:*|postgres:*|livekit:*) ;;  # not ours; shown for the record
+      *:0|*:143) ;;                     # 143: ended by SIGTERM's default action, still clean
+      *) bad=1 ;;
+    esac
   done
   [ "$bad" = 0 ] || { log "a process did not stop cleanly on SIGTERM"; return 1; }
   # Nothing the stop interrupted may be recorded as a failed task.
