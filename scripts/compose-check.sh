@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Proves the Docker path end to end: `docker compose up --build`, then real calls through the
 # containers, then `docker compose stop` and `down -v`. Meant for a Debian machine without access
-# to a container registry (run as root, or with sudo): the public base images are replaced by local
-# stand-ins built from Debian's packages. Not part of `make test` (a few minutes).
+# to a container registry (run as root, or as a user of the `docker` group who may sudo for apt,
+# debootstrap and dockerd): the public base images are replaced by local stand-ins built from
+# Debian's packages. Not part of `make test` (1½ minutes; 4 or more the first time).
 #
 #   scripts/compose-check.sh            (or: make compose-check)
 #
