@@ -1,15 +1,20 @@
 # One image for every callflow process (web, listener, worker, beat, flower) and `callflow migrate`.
 # docker-compose.yml picks the process with `command:`, exactly as the Procfile runs it.
+#
+# Base images are build arguments (a registry mirror, an air-gapped copy, or the local stand-ins of
+# scripts/compose-check.sh): docker build --build-arg PYTHON_IMAGE=... --build-arg NODE_IMAGE=...
+ARG PYTHON_IMAGE=python:3.11-slim
+ARG NODE_IMAGE=node:20-slim
 
 # The /demo page's script: livekit-client bundled with esbuild (built here, never committed).
-FROM node:20-slim AS demo
+FROM ${NODE_IMAGE} AS demo
 WORKDIR /demo
 COPY web/demo/package.json web/demo/package-lock.json ./
 RUN npm ci --no-audit --no-fund
 COPY web/demo/src ./src
 RUN npm run build
 
-FROM python:3.11-slim
+FROM ${PYTHON_IMAGE}
 
 # PYTHONPATH: the checkout's packages come first, so `callflow migrate` finds
 # /app/supabase/migrations (an installed copy would look beside site-packages instead).
@@ -31,6 +36,7 @@ COPY --from=demo /demo/dist ./web/demo/dist
 COPY Procfile ./
 
 RUN pip install . \
+ && rm -rf build callflow.egg-info \
  && useradd --system --uid 10001 --home-dir /app callflow \
  && mkdir -p /app/.local/outbox \
  && chown -R callflow /app/.local

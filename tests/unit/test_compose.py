@@ -1,5 +1,5 @@
-"""docker-compose.yml checked against the Procfile, the settings and the LiveKit config (Docker
-does not run here, so the file is parsed rather than brought up)."""
+"""docker-compose.yml checked against the Procfile, the settings and the LiveKit config (parsed
+here; `make compose-check` brings it up for real, with Docker)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,11 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict = COMPOSE["services"]
 SETTINGS_VARIABLES = {name.upper() for name in Settings.model_fields}
+
+# Compose-only variables (README "Docker"): base images, and host ports for a machine where the
+# defaults are taken. Never a process's environment.
+COMPOSE_ONLY_VARIABLES = {"PYTHON_IMAGE", "NODE_IMAGE", "REDIS_IMAGE", "POSTGRES_IMAGE", "LIVEKIT_IMAGE",
+                          "WEB_HOST_PORT", "FLOWER_HOST_PORT", "POSTGRES_HOST_PORT", "REDIS_HOST_PORT"}
 
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
 _VARIABLE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
@@ -77,7 +82,7 @@ def _published(service: dict) -> dict[str, str]:
     """container port (with /udp) -> the host side, from short-syntax port strings."""
     out = {}
     for port in service.get("ports", []):
-        port = str(port)
+        port = _resolve(port)
         proto = ""
         if "/" in port:
             port, proto = port.split("/")
@@ -87,8 +92,16 @@ def _published(service: dict) -> dict[str, str]:
     return out
 
 
+def _built() -> tuple[str, dict]:
+    """(image name, build section) of the one service that builds callflow's image."""
+    builders = [svc for svc in SERVICES.values() if "build" in svc]
+    assert len(builders) == 1, "one service builds the image (compose would build it once per service)"
+    return builders[0]["image"], builders[0]["build"]
+
+
 def _app_services() -> dict[str, dict]:
-    return {name: svc for name, svc in SERVICES.items() if "build" in svc}
+    image, _ = _built()
+    return {name: svc for name, svc in SERVICES.items() if svc.get("image") == image}
 
 
 # ---- the processes -------------------------------------------------------------------------------
@@ -102,13 +115,23 @@ def test_the_procfile_has_the_contract_processes():
 def test_each_procfile_process_has_a_service_running_the_same_command(process):
     assert process in SERVICES, f"no compose service for the Procfile's {process}"
     service = SERVICES[process]
-    assert service.get("build") in (".", {"context": "."}), "built from the project's Dockerfile"
+    assert process in _app_services(), "runs the image built from the project's Dockerfile"
     assert _command(service) == _expand_procfile(PROCFILE[process], _environment(service))
 
 
 def test_the_image_is_python_311_slim_with_the_project_installed():
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.11-slim\b", dockerfile, re.M)
+    # Base images are build arguments (a mirror, an air-gapped copy), defaulting to the public ones.
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", dockerfile, re.M)
+    assert re.search(r"^FROM \$\{PYTHON_IMAGE\}$", dockerfile, re.M)
+    assert re.search(r"^ARG NODE_IMAGE=node:\S+$", dockerfile, re.M)
+    assert re.search(r"^FROM \$\{NODE_IMAGE\} AS demo$", dockerfile, re.M)
+    _, build = _built()
+    assert build["context"] == "."
+    assert {k: _resolve(v) for k, v in build["args"].items()} == {
+        "PYTHON_IMAGE": "python:3.11-slim",
+        "NODE_IMAGE": re.search(r"^ARG NODE_IMAGE=(\S+)$", dockerfile, re.M).group(1)}
+    assert re.search(r"^USER callflow$", dockerfile, re.M), "runs as a non-root user"
     assert re.search(r"^RUN pip install \.(\s|$)", dockerfile, re.M)
     for needed in ("pyproject.toml", "config", "orchestration", "workers", "supabase"):
         assert re.search(rf"^COPY .*\b{needed}\b", dockerfile, re.M), needed
@@ -175,7 +198,7 @@ def test_redis_persists_and_postgres_keeps_its_data():
     assert "--appendonly yes" in command
     assert any(str(v).endswith(":/data") for v in redis["volumes"])
     assert any(str(v).endswith(":/var/lib/postgresql/data") for v in SERVICES["postgres"]["volumes"])
-    assert SERVICES["postgres"]["image"].startswith(("postgres:15", "supabase/postgres"))
+    assert _resolve(SERVICES["postgres"]["image"]).startswith(("postgres:15", "supabase/postgres"))
 
 
 # ---- the variables ------------------------------------------------------------------------------
@@ -186,11 +209,14 @@ def test_every_variable_is_a_settings_field():
     for name, service in _app_services().items():
         for key in (service.get("environment") or {}):
             assert key in allowed, f"{name}: {key} is neither a settings field nor a Procfile variable"
-    # Everything compose interpolates from .env is a settings variable too.
+    # Everything compose interpolates from .env is a settings variable too, or one of compose's own.
     lines = (ROOT / "docker-compose.yml").read_text().splitlines()
     text = "\n".join(line for line in lines if not line.lstrip().startswith("#"))
     for m in _INTERPOLATION.finditer(text):
-        assert m.group(1) in SETTINGS_VARIABLES, m.group(1)
+        assert m.group(1) in SETTINGS_VARIABLES | COMPOSE_ONLY_VARIABLES, m.group(1)
+    for name, service in SERVICES.items():
+        for value in (service.get("environment") or {}).values():
+            assert not {m.group(1) for m in _INTERPOLATION.finditer(str(value))} & COMPOSE_ONLY_VARIABLES, name
 
 
 def test_the_contract_variables_are_wired_to_the_compose_services():
@@ -230,7 +256,9 @@ def test_each_app_service_takes_the_optional_env_file():
 
 def _livekit_config() -> dict:
     livekit = SERVICES["livekit"]
-    assert livekit["image"] == "livekit/livekit-server:v1.13.5"
+    # The version the local set-up builds (scripts/stack.sh), by default.
+    version = re.search(r'^LIVEKIT_VERSION="(v[0-9.]+)"$', (ROOT / "scripts/stack.sh").read_text(), re.M).group(1)
+    assert livekit["image"] == "${LIVEKIT_IMAGE:-livekit/livekit-server:%s}" % version
     command = _command(livekit)
     path_in_container = command[command.index("--config") + 1]
     for volume in livekit["volumes"]:
