@@ -177,12 +177,15 @@ def outcomes(conn: psycopg.Connection, load: CallLoad) -> Outcomes:
     """What each call became: wrongly ended (not what its client asked for), not settled yet, and
     the client transitions the lifecycle never recorded (events lost)."""
     ids = [lc.invitation_id for lc in load.lifecycles]
+    # The events first, then the rows: a decision records a client's transition in the transaction
+    # that settles its call, so every transition read as recorded has its call read as settled (the
+    # other order read a call still ringing whose decision committed between the two reads).
+    recorded = {r["event_id"] for r in conn.execute(
+        "select event_id from public.call_events where invitation_id = any(%s::uuid[])", (ids,)).fetchall()}
     rows = {str(r["id"]): r for r in conn.execute(
         """select i.id, i.status, i.end_reason, i.ringing_at, i.created_at, c.status as call_status
              from public.call_invitations i left join public.calls c on c.id = i.call_id
             where i.id = any(%s::uuid[])""", (ids,)).fetchall()}
-    recorded = {r["event_id"] for r in conn.execute(
-        "select event_id from public.call_events where invitation_id = any(%s::uuid[])", (ids,)).fetchall()}
     out = Outcomes(rows)
     for lc in load.lifecycles:
         row = rows[lc.invitation_id]
