@@ -43,7 +43,7 @@ import httpx
 import structlog
 
 from orchestration import names
-from orchestration.delivery.channel import NoAnswer, Provider, Record, Refused, Rejected, Sent
+from orchestration.delivery.channel import HTTP2_LOST_STREAM, NoAnswer, Provider, Record, Refused, Rejected, Sent
 from orchestration.push.channel import PushChannel
 
 log = structlog.get_logger("callflow.push")
@@ -214,7 +214,7 @@ class ApnsClient:
         body = json.dumps(message["payload"], separators=(",", ":")).encode()
         try:
             resp = http.post(f"{self.base_url}/3/device/{message['token']}", headers=headers, content=body)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, *HTTP2_LOST_STREAM) as exc:
             return Answer(NO_ANSWER, f"{exc.__class__.__name__}: {exc}"[:300])
         if resp.status_code == 200:
             return Answer(200, apns_id=resp.headers.get("apns-id") or headers["apns-id"])

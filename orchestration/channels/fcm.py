@@ -50,7 +50,8 @@ from pathlib import Path
 import httpx
 
 from orchestration import names
-from orchestration.delivery.channel import NoAnswer, Provider, Record, Refused, Rejected, Sent, Unavailable
+from orchestration.delivery.channel import (HTTP2_LOST_STREAM, NoAnswer, Provider, Record, Refused, Rejected, Sent,
+                                            Unavailable)
 from orchestration.push.channel import PushChannel
 from orchestration.push.messages import CALL_ENDED_TTL
 
@@ -259,7 +260,7 @@ class FcmClient:
                 except TokenRefused as exc:
                     return Refused(str(exc))
                 response = self._post(body, token)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, *HTTP2_LOST_STREAM) as exc:
             return NoAnswer(f"FCM gave no answer: {exc.__class__.__name__}: {exc}")
         return outcome_of(device, response)
 

@@ -60,6 +60,12 @@ class NoAnswer:
 Result = Sent | Refused | NoAnswer
 
 
+# A request of several over one HTTP/2 connection (httpx, threads) whose connection ends while it
+# waits can raise KeyError (its stream's events gone) instead of the connection's own error
+# (encode/httpx#3072, open upstream): a channel takes it as no answer, like the error it stands for.
+HTTP2_LOST_STREAM: tuple[type[Exception], ...] = (KeyError,)
+
+
 class Unavailable(Exception):
     """The provider gave no answer (connection refused or reset, a timeout, 429, 5xx): the messages
     stay `pending` and go again when its retry loop says. `retry_after`: what the provider asked."""
