@@ -57,11 +57,14 @@ class Stack:
         self.procs: list[services.Process] = []
 
     def start(self, workers: int = 1, concurrency: int = 4, listener: bool = True, beat: bool = False,
-              pool: str = "prefork", web: bool = False) -> "Stack":
+              pool: str = "prefork", web: bool = False, database_url: str | None = None) -> "Stack":
         """`web`: the `web` process runs too and LiveKit's webhooks go to it (as deployed); without
-        it they go to a closed port (LiveKit retries each for ~15 s, then gives up)."""
+        it they go to a closed port (LiveKit retries each for ~15 s, then gives up). `database_url`:
+        an existing, migrated database (kept at the end) instead of a fresh one (dropped)."""
         self.redis = services.RedisServer().start()
-        self.database_url = services.create_database("callflow_bench", invite_rate_per_minute=10_000_000)
+        self.own_database = database_url is None
+        self.database_url = database_url or services.create_database("callflow_bench",
+                                                                     invite_rate_per_minute=10_000_000)
         lk_port = services.free_port()
         self.env = dict(os.environ)
         self.env.update({
@@ -75,7 +78,7 @@ class Stack:
         self.env.update(self.env_overrides)
         webhook_url = "http://127.0.0.1:9/none"
         if web:
-            web_port = services.free_port()
+            web_port = self.web_port = services.free_port()
             webhook_url = f"http://127.0.0.1:{web_port}/livekit/webhook"
             self.web = services.web_server(self.env, self.log_dir, web_port)
             self.procs.append(self.web)
@@ -111,7 +114,8 @@ class Stack:
             p.stop()
         self.livekit.stop()
         self.redis.cleanup()
-        services.drop_database(self.database_url)
+        if self.own_database:
+            services.drop_database(self.database_url)
 
 
 def _answers(port: int) -> bool:

@@ -1,0 +1,518 @@
+"""A year of history (issue 26): callflow on a database holding a year of a busy tenant, side by side
+with an empty one, in one run.
+
+    .venv/bin/python -m bench.history [--scale 1] [--count 1000] [--in-flight 200] [--rate 50] [--rate-seconds 20]
+
+1. The history database (`bench/history_data.py`): built once and cached on the local cluster as
+   `callflow_history_s<scale>_<hash of the migrations and the generator>`, reused while present
+   (`--rebuild` builds it again). Its build time and size are kept in the database's comment. The
+   runs write into it (a few thousand lifecycles a run, like a day's traffic; the sample migration
+   is undone after it). The empty database is a fresh migrated one, dropped at the end.
+2. For each database, a stack with `web` (LiveKit's webhooks to it, as deployed), beat (sweep every
+   1 s) and one worker (prefork 6): bench.lifecycle's warm-up, its offered-load run (`--rate`/s for
+   `--rate-seconds`) and its saturation run (`--count`, `--in-flight` at once; callflow's CPU per
+   lifecycle), all with bench.lifecycle's own `drive`; then `GET /api/calls` (limit 20) timed
+   `--api-requests` times for the heavy user (user 0 of the history, ~0.2 % of all calls) and for
+   a new user with no calls; `callflow usage` timed as a command.
+3. The statements: a second stack on the same database with `auto_explain` loaded into every
+   session of it (`ALTER DATABASE ... SET session_preload_libraries = 'auto_explain'`,
+   `log_min_duration = 0`, `log_analyze`, `log_buffers`, `log_nested_statements`: what the real
+   code runs, including inside the database's functions and triggers), ring timeout 3 s: 30
+   lifecycles (every third never answered: ring timeouts), every `/api/` route and `/metrics`
+   through `web`, beat's usage check, and 12 s of beat (sweep, every channel's outbox sweep, the
+   catch-up). The plans are read back from the server's log (the backends of that database only)
+   and printed, the slowest execution of each distinct statement; flagged: over 5 ms, or a Seq
+   Scan on a table that grows with history.
+4. `callflow migrate` (its `migrate()`) of a sample migration in a temporary copy of the migrations
+   folder (adds a nullable column and an index to `calls`, as one would), while a probe per hot
+   table (`call_invitations`, `calls`, `call_participants`, `call_events`) takes the lock a write
+   needs (ROW EXCLUSIVE) every 10 ms: the longest wait each saw.
+
+The table printed last compares both; its last line is `history/empty lifecycle rate ratio: X`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psycopg
+
+from bench import history_data
+from bench.lifecycle import CALLFLOW_ROLES, drive, ms
+from bench.stack import ROOT, machine, percentile, stack, table
+from devstack import services
+
+SWEEP_INTERVAL_SECONDS = 1
+SLOW_MS = 5.0
+# Tables that grow with history: a sequential scan of one of them is flagged.
+GROWING = ("call_invitations", "calls", "call_participants", "call_events", "push_messages", "notifications",
+           "callflow_call_parties", "callflow_usage_sessions", "callflow_usage_deltas", "callflow_usage_minutes",
+           "callflow_usage_dirty", "users", "push_tokens", "callflow_usage_alerts", "callflow_failed_tasks",
+           "callflow_room_actions")
+HOT_TABLES = ("call_invitations", "calls", "call_participants", "call_events")
+SERVER_LOG = Path(os.environ.get("CALLFLOW_PG_LOG", "/var/tmp/callflow/run/postgres.log"))
+SAMPLE_MIGRATION = """-- bench.history's sample migration (never committed): a nullable column and its index on calls.
+alter table public.calls add column history_probe text;
+create index calls_history_probe on public.calls (history_probe);
+"""
+UNDO_SAMPLE = "alter table public.calls drop column if exists history_probe"
+AUTO_EXPLAIN = {"session_preload_libraries": "auto_explain", "auto_explain.log_min_duration": "0",
+                "auto_explain.log_analyze": "on", "auto_explain.log_buffers": "on",
+                "auto_explain.log_nested_statements": "on", "auto_explain.log_timing": "on"}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ---- the cached history database ----------------------------------------------------------------
+
+def _admin(url: str) -> str:
+    return url.rsplit("/", 1)[0] + "/postgres"
+
+
+def history_name(scale: float) -> str:
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "supabase" / "migrations").glob("*.sql")):
+        digest.update(path.name.encode() + path.read_bytes())
+    digest.update(Path(history_data.__file__).read_bytes())
+    tag = f"{scale:g}".replace(".", "p")
+    return f"callflow_history_s{tag}_{digest.hexdigest()[:10]}"
+
+
+@dataclass
+class History:
+    url: str
+    name: str
+    built_seconds: float
+    size_bytes: int
+    reused: bool
+    heavy_user: str
+
+
+def history_database(scale: float, rebuild: bool = False) -> History:
+    services.ensure_postgres()
+    name = history_name(scale)
+    base = services.ADMIN_URL.rsplit("/", 1)[0]
+    url = f"{base}/{name}"
+    with psycopg.connect(services.ADMIN_URL, autocommit=True) as admin:
+        exists = admin.execute("select 1 from pg_database where datname = %s", (name,)).fetchone()
+        if exists and rebuild:
+            admin.execute(f'drop database "{name}" with (force)')
+            exists = None
+        reused = bool(exists)
+        if not exists:
+            building = f"{name}_building"
+            admin.execute(f'drop database if exists "{building}" with (force)')
+            admin.execute(f'create database "{building}"')
+            log(f"building {name} (scale {scale:g}) ...")
+            t0 = time.perf_counter()
+            from orchestration.migrate import migrate
+
+            migrate(f"{base}/{building}", settings={"CALLFLOW_INVITE_RATE_PER_MINUTE": "10000000"})
+            history_data.build(f"{base}/{building}", scale, log=log)
+            built = time.perf_counter() - t0
+            admin.execute(f'alter database "{building}" rename to "{name}"')
+            admin.execute(f"comment on database \"{name}\" is 'bench.history scale {scale:g}: built in {built:.0f} s'")
+            log(f"built {name} in {built:.0f} s")
+        comment = admin.execute("select shobj_description(oid, 'pg_database') from pg_database where datname = %s",
+                                (name,)).fetchone()[0] or ""
+        built_seconds = float(m.group(1)) if (m := re.search(r"built in (\d+) s", comment)) else float("nan")
+        size = admin.execute("select pg_database_size(%s)", (name,)).fetchone()[0]
+    with psycopg.connect(url) as conn:
+        heavy = history_data.heavy_user_id(conn)
+    return History(url, name, built_seconds, size, reused, heavy)
+
+
+# ---- what is measured on each database ----------------------------------------------------------
+
+@dataclass
+class Figures:
+    label: str
+    rate: float = float("nan")  # lifecycles/s at saturation
+    sat_ringing: list[float] = field(default_factory=list)
+    offered_ringing: list[float] = field(default_factory=list)
+    offered_active: list[float] = field(default_factory=list)
+    cpu_ms: float = float("nan")  # callflow's processes, ms of CPU per lifecycle (saturation)
+    cpu_by_role: dict[str, float] = field(default_factory=dict)
+    api_heavy: list[float] = field(default_factory=list)
+    api_new: list[float] = field(default_factory=list)
+    usage_command: float = float("nan")
+    usage_output: str = ""
+    statements: list["Statement"] = field(default_factory=list)
+    migrate_seconds: float = float("nan")
+    lock_waits: dict[str, float] = field(default_factory=dict)
+
+
+def _user(conn: psycopg.Connection) -> str:
+    uid = str(uuid.uuid4())
+    conn.execute("insert into auth.users (id, email) values (%s, %s)", (uid, f"{uid[:8]}@bench.test"))
+    return uid
+
+
+def _token(user_id: str) -> str:
+    from config.settings import build_settings
+    from orchestration.auth import dev_access_token
+
+    return dev_access_token(build_settings(), user_id, ttl_seconds=3600)
+
+
+def api_latencies(port: int, user_id: str, requests: int) -> list[float]:
+    headers = {"Authorization": f"Bearer {_token(user_id)}"}
+    out: list[float] = []
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=10) as client:
+        for i in range(requests + 5):
+            t = time.perf_counter()
+            r = client.get("/api/calls")
+            r.raise_for_status()
+            if i >= 5:  # the first few warm the process's pool and plans
+                out.append(time.perf_counter() - t)
+    return out
+
+
+def usage_command(env: dict[str, str]) -> tuple[float, str]:
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "workers.cli", "usage"], env=env, capture_output=True, text=True,
+                         cwd=ROOT)
+    elapsed = time.perf_counter() - t
+    if out.returncode:
+        raise RuntimeError(f"callflow usage failed: {out.stderr[-2000:]}")
+    return elapsed, out.stdout.strip()
+
+
+def lifecycle_runs(fig: Figures, url: str, heavy_user: str | None, args) -> None:
+    env = {"CALLFLOW_RING_TIMEOUT_SECONDS": "120", "CALLFLOW_SWEEP_INTERVAL_SECONDS": str(SWEEP_INTERVAL_SECONDS)}
+    with stack(env, workers=1, concurrency=args.concurrency, listener=True, beat=True, web=True, database_url=url) as s:
+        log(f"{fig.label}: warm-up")
+        asyncio.run(drive(url, min(200, args.count), in_flight=args.in_flight))
+        log(f"{fig.label}: {args.rate:g}/s for {args.rate_seconds:g} s")
+        offered = asyncio.run(drive(url, round(args.rate * args.rate_seconds), rate=args.rate, watch_calls=True))
+        log(f"{fig.label}: saturation, {args.count} lifecycles")
+        saturated = asyncio.run(drive(url, args.count, in_flight=args.in_flight, measure=True))
+        fig.rate = args.count / saturated.elapsed
+        fig.sat_ringing = saturated.ringing
+        fig.offered_ringing, fig.offered_active = offered.ringing, offered.active
+        fig.cpu_by_role = {k: v * 1000 / args.count for k, v in saturated.cpu.items()}
+        fig.cpu_ms = sum(v for k, v in fig.cpu_by_role.items() if k in CALLFLOW_ROLES)
+        log(f"{fig.label}: GET /api/calls x {args.api_requests}")
+        with psycopg.connect(url, autocommit=True) as conn:
+            new_user = _user(conn)
+        if heavy_user:
+            fig.api_heavy = api_latencies(s.web_port, heavy_user, args.api_requests)
+        fig.api_new = api_latencies(s.web_port, new_user, args.api_requests)
+        log(f"{fig.label}: callflow usage")
+        fig.usage_command, fig.usage_output = usage_command(s.env)
+
+
+# ---- the statements, as auto_explain saw them ---------------------------------------------------
+
+@dataclass
+class Statement:
+    query: str
+    count: int
+    max_ms: float
+    plan: str  # the slowest execution's
+    flags: list[str]
+
+
+_ENTRY = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[.\d]* \w+ \[(\d+)\] ")
+_DURATION = re.compile(r"LOG:  duration: ([\d.]+) ms  plan:")
+
+
+def read_plans(offset: int, pids: set[int]) -> list[tuple[float, str, str]]:
+    """(duration ms, query text, plan) of each auto_explain entry of `pids` after `offset`."""
+    with SERVER_LOG.open("rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    entries: list[tuple[float, str, str]] = []
+    current: list[str] | None = None
+    duration = 0.0
+
+    def close() -> None:
+        if current:
+            body = "\n".join(current)
+            query = ""
+            if m := re.search(r"Query Text: (.*?)(?=\n\S|\n\s*(?:[A-Z][\w ]+(?:Scan|Join|Loop|Aggregate|Sort|Result|"
+                              r"Insert|Update|Delete|Limit|Append|Hash|Unique|Materialize|Gather|CTE|Subquery|"
+                              r"Function|Values|ProjectSet|LockRows|Group|WindowAgg|SetOp|Merge|Memoize|"
+                              r"Bitmap|Custom|Foreign|Incremental|Nested)))", body, re.S):
+                query = m.group(1).strip()
+            entries.append((duration, query, body))
+
+    for line in text.splitlines():
+        m = _ENTRY.match(line)
+        if m:
+            close()
+            current = None
+            if int(m.group(1)) in pids and (d := _DURATION.search(line)):
+                duration = float(d.group(1))
+                current = []
+        elif current is not None:
+            current.append(line.replace("\t", "  ", 1) if line.startswith("\t") else line)
+    close()
+    return entries
+
+
+def _normal(query: str) -> str:
+    q = re.sub(r"\s+", " ", query).strip()
+    q = re.sub(r"'[^']*'", "'?'", q)
+    q = re.sub(r"\b\d+(\.\d+)?\b", "?", q)
+    q = re.sub(r"\(\?(, \?)+\)", "(?...)", q)
+    return q
+
+
+def summarise(entries: list[tuple[float, str, str]]) -> list[Statement]:
+    groups: dict[str, Statement] = {}
+    for duration, query, plan in entries:
+        key = _normal(query)
+        st = groups.get(key)
+        if st is None:
+            groups[key] = st = Statement(query=query, count=0, max_ms=-1, plan=plan, flags=[])
+        st.count += 1
+        if duration > st.max_ms:
+            st.max_ms, st.plan = duration, plan
+    for st in groups.values():
+        scanned = set(re.findall(r"Seq Scan on (?:\w+\.)?(\w+)", st.plan))
+        st.flags = [f"Seq Scan on {t}" for t in sorted(scanned) if t in GROWING]
+        if st.max_ms > SLOW_MS:
+            st.flags.insert(0, f"{st.max_ms:.1f} ms")
+    return sorted(groups.values(), key=lambda s: (-bool(s.flags), -s.max_ms))
+
+
+class PidWatch(threading.Thread):
+    """The backends of one database, seen every 0.2 s (callflow's pools hold theirs for long)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.pids, self.stopping = url, set(), threading.Event()
+
+    def run(self) -> None:
+        with psycopg.connect(_admin(self.url), autocommit=True) as conn:
+            while not self.stopping.is_set():
+                name = self.url.rsplit("/", 1)[1]
+                self.pids.update(r[0] for r in conn.execute(
+                    "select pid from pg_stat_activity where datname = %s", (name,)).fetchall())
+                time.sleep(0.2)
+
+
+def _set_auto_explain(url: str, on: bool) -> None:
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(_admin(url), autocommit=True) as conn:
+        for key, value in AUTO_EXPLAIN.items():
+            if on:
+                conn.execute(f'alter database "{name}" set {key} = \'{value}\'')
+            else:
+                conn.execute(f'alter database "{name}" reset {key}')
+
+
+def explained_statements(fig: Figures, url: str, heavy_user: str | None) -> None:
+    from celery import Celery
+
+    from orchestration import names
+
+    env = {"CALLFLOW_RING_TIMEOUT_SECONDS": "3", "CALLFLOW_SWEEP_INTERVAL_SECONDS": str(SWEEP_INTERVAL_SECONDS)}
+    _set_auto_explain(url, True)
+    watch = PidWatch(url)
+    try:
+        offset = SERVER_LOG.stat().st_size
+        watch.start()
+        with stack(env, workers=1, concurrency=4, listener=True, beat=True, web=True, database_url=url) as s:
+            log(f"{fig.label}: statements under auto_explain")
+            asyncio.run(drive(url, 30, in_flight=10, unanswered_every=3))
+            with psycopg.connect(url, autocommit=True) as conn:
+                caller, callee = _user(conn), _user(conn)
+            routes(s.web_port, caller, callee, heavy_user)
+            Celery("bench", broker=s.redis.url).send_task(names.CHECK_USAGE, queue=names.Q_SWEEPS)
+            time.sleep(12)  # sweeps (1 s), outbox sweeps and the catch-up (5 s), the usage check
+        watch.stopping.set()
+        watch.join()
+        time.sleep(0.5)
+        fig.statements = summarise(read_plans(offset, watch.pids))
+    finally:
+        watch.stopping.set()
+        _set_auto_explain(url, False)
+
+
+def routes(port: int, caller: str, callee: str, heavy_user: str | None) -> None:
+    """Every `/api/` route and `/metrics` once or twice, as a client would."""
+    def client(user: str) -> httpx.Client:
+        return httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10,
+                            headers={"Authorization": f"Bearer {_token(user)}"})
+
+    with client(caller) as a, client(callee) as b:
+        for _ in range(2):
+            r = a.post("/api/calls", json={"callee_ids": [callee]})
+            r.raise_for_status()
+            inv = r.json()["invitations"][0]["id"]
+            room = r.json()["room_name"]
+            time.sleep(0.5)
+            b.post(f"/api/calls/{inv}/accept").raise_for_status()
+            a.post("/api/livekit/token", json={"room_name": room})
+            b.post("/api/livekit/token", json={"invitation_id": inv})
+        r = a.post("/api/calls", json={"callee_ids": [callee]})
+        a.post(f"/api/calls/{r.json()['invitations'][0]['id']}/cancel")
+        r = a.post("/api/calls", json={"callee_ids": [callee]})
+        b.post(f"/api/calls/{r.json()['invitations'][0]['id']}/decline")
+        for c in (a, b):
+            c.get("/api/calls").raise_for_status()
+            c.get("/api/calls", params={"limit": 100}).raise_for_status()
+            with c.stream("GET", "/api/calls/events", timeout=5) as stream:
+                deadline = time.perf_counter() + 1.5
+                for _line in stream.iter_lines():
+                    if time.perf_counter() > deadline:
+                        break
+        if heavy_user:
+            with client(heavy_user) as h:
+                h.get("/api/calls").raise_for_status()
+                h.get("/api/calls", params={"limit": 100}).raise_for_status()
+        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+        httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10)
+
+
+# ---- callflow migrate of a sample migration -----------------------------------------------------
+
+def migrate_locks(fig: Figures, url: str) -> None:
+    from orchestration.migrate import migrate
+
+    folder = Path(tempfile.mkdtemp(prefix="callflow-history-migrations-"))
+    for path in (ROOT / "supabase" / "migrations").glob("*.sql"):
+        shutil.copy(path, folder / path.name)
+    sample = "29991231000001_history_probe.sql"
+    (folder / sample).write_text(SAMPLE_MIGRATION)
+    done = threading.Event()
+    waits = {t: 0.0 for t in HOT_TABLES}
+
+    def probe(table_name: str) -> None:
+        with psycopg.connect(url, autocommit=True) as conn:
+            while not done.is_set():
+                with conn.transaction():
+                    conn.execute("set local lock_timeout = '60s'")
+                    t = time.perf_counter()
+                    conn.execute(f"lock table public.{table_name} in row exclusive mode")
+                    waits[table_name] = max(waits[table_name], time.perf_counter() - t)
+                time.sleep(0.01)
+
+    probes = [threading.Thread(target=probe, args=(t,), daemon=True) for t in HOT_TABLES]
+    for p in probes:
+        p.start()
+    time.sleep(0.3)
+    try:
+        t = time.perf_counter()
+        migrate(url, directory=folder)
+        fig.migrate_seconds = time.perf_counter() - t
+        time.sleep(0.3)
+    finally:
+        done.set()
+        for p in probes:
+            p.join()
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(UNDO_SAMPLE)
+            conn.execute("delete from public.callflow_migrations where name = %s", (sample,))
+        shutil.rmtree(folder, ignore_errors=True)
+    fig.lock_waits = waits
+
+
+# ---- output -------------------------------------------------------------------------------------
+
+def print_statements(fig: Figures) -> None:
+    flagged = [s for s in fig.statements if s.flags]
+    print(f"\n=== statements on the {fig.label} database: {len(fig.statements)} distinct, {len(flagged)} flagged "
+          f"(over {SLOW_MS:g} ms, or a Seq Scan on a growing table); the slowest execution of each, "
+          f"EXPLAIN (ANALYZE, BUFFERS) by auto_explain ===")
+    for st in fig.statements:
+        print(f"\n--- {st.count} run(s), slowest {st.max_ms:.2f} ms{'  FLAGGED: ' + '; '.join(st.flags) if st.flags else ''}")
+        print(st.plan.rstrip())
+
+
+def fmt_ms(values: list[float], p: float) -> str:
+    return f"{percentile(values, p) * 1000:.1f}" if values else "n/a"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", type=float, default=1.0, help="1 = 5,000,000 calls and 100,000 users")
+    ap.add_argument("--rebuild", action="store_true", help="build the history database again")
+    ap.add_argument("--build-only", action="store_true", help="build (or find) the history database and stop")
+    ap.add_argument("--count", type=int, default=1000, help="lifecycles in the saturation run")
+    ap.add_argument("--in-flight", type=int, default=200)
+    ap.add_argument("--rate", type=float, default=50)
+    ap.add_argument("--rate-seconds", type=float, default=20)
+    ap.add_argument("--concurrency", type=int, default=6)
+    ap.add_argument("--api-requests", type=int, default=200, help="GET /api/calls per user")
+    args = ap.parse_args()
+
+    hist = history_database(args.scale, args.rebuild)
+    print(f"history database: {hist.name}, {hist.size_bytes / 2**30:.2f} GiB, built in {hist.built_seconds:.0f} s"
+          f"{' (cached)' if hist.reused else ''}; heavy user {hist.heavy_user}", flush=True)
+    if args.build_only:
+        return
+    empty_url = services.create_database("callflow_history_empty", invite_rate_per_minute=10_000_000)
+    history, empty = Figures("history"), Figures("empty")
+    try:
+        for fig, url, heavy in ((history, hist.url, hist.heavy_user), (empty, empty_url, None)):
+            lifecycle_runs(fig, url, heavy, args)
+            explained_statements(fig, url, heavy)
+            log(f"{fig.label}: callflow migrate of a sample migration")
+            migrate_locks(fig, url)
+    finally:
+        services.drop_database(empty_url)
+
+    with psycopg.connect(hist.url) as conn:
+        counts = {t: conn.execute(f"select reltuples::bigint from pg_class where oid = 'public.{t}'::regclass").fetchone()[0]
+                  for t in ("calls", "call_invitations", "call_participants", "call_events", "push_messages",
+                            "notifications", "callflow_usage_deltas")}
+    for fig in (history, empty):
+        print_statements(fig)
+    print(f"\nmachine: {machine()}")
+    print(f"history: {hist.name} (scale {args.scale:g}), {hist.size_bytes / 2**30:.2f} GiB, built in "
+          f"{hist.built_seconds:.0f} s; rows (estimates): " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    print(f"`callflow usage` on history:\n  " + history.usage_output.replace("\n", "\n  "))
+    rows = [
+        ["lifecycles/s at saturation", f"{history.rate:.1f}", f"{empty.rate:.1f}",
+         f"{args.count} lifecycles, {args.in_flight} in flight"],
+        ["  insert→ringing p50 / p99 ms", "{} / {}".format(*ms(history.sat_ringing, 50, 99)),
+         "{} / {}".format(*ms(empty.sat_ringing, 50, 99)), "saturation"],
+        [f"{args.rate:g}/s: insert→ringing p50 / p99 ms", "{} / {}".format(*ms(history.offered_ringing, 50, 99)),
+         "{} / {}".format(*ms(empty.offered_ringing, 50, 99)), f"open loop, {args.rate_seconds:g} s"],
+        [f"{args.rate:g}/s: accept→active p50 / p99 ms", "{} / {}".format(*ms(history.offered_active, 50, 99)),
+         "{} / {}".format(*ms(empty.offered_active, 50, 99)), ""],
+        ["callflow CPU ms/lifecycle", f"{history.cpu_ms:.1f}", f"{empty.cpu_ms:.1f}",
+         f"worker+listener+beat+web, saturation; history/empty {history.cpu_ms / empty.cpu_ms:.2f} (bound 1.10)"],
+        ["GET /api/calls heavy user p50 / p99 ms", f"{fmt_ms(history.api_heavy, 50)} / {fmt_ms(history.api_heavy, 99)}",
+         "n/a", f"{args.api_requests} requests, limit 20; bound p99 < 20 ms"],
+        ["GET /api/calls new user p50 / p99 ms", f"{fmt_ms(history.api_new, 50)} / {fmt_ms(history.api_new, 99)}",
+         f"{fmt_ms(empty.api_new, 50)} / {fmt_ms(empty.api_new, 99)}", "no calls"],
+        ["callflow usage s", f"{history.usage_command:.2f}", f"{empty.usage_command:.2f}",
+         "the command, Python start included; bound < 1 s"],
+        ["statements seen / flagged", f"{len(history.statements)} / {sum(bool(s.flags) for s in history.statements)}",
+         f"{len(empty.statements)} / {sum(bool(s.flags) for s in empty.statements)}",
+         f"flagged: > {SLOW_MS:g} ms or Seq Scan on a growing table (plans above)"],
+        ["  slowest statement ms", f"{max((s.max_ms for s in history.statements), default=float('nan')):.1f}",
+         f"{max((s.max_ms for s in empty.statements), default=float('nan')):.1f}", "under auto_explain (ANALYZE, BUFFERS)"],
+        ["callflow migrate (sample) s", f"{history.migrate_seconds:.2f}", f"{empty.migrate_seconds:.2f}",
+         "add a nullable column + an index to calls"],
+        *[[f"  longest lock wait on {t} ms", f"{history.lock_waits.get(t, float('nan')) * 1000:.0f}",
+           f"{empty.lock_waits.get(t, float('nan')) * 1000:.0f}", "ROW EXCLUSIVE probe every 10 ms; bound 1000"]
+          for t in HOT_TABLES],
+    ]
+    print()
+    print(table(rows, ["figure", "history", "empty", "notes"]))
+    print(f"history/empty lifecycle rate ratio: {history.rate / empty.rate:.2f}")
+
+
+if __name__ == "__main__":
+    main()
