@@ -158,6 +158,7 @@ class Figures:
     statements: list["Statement"] = field(default_factory=list)
     migrate_seconds: float = float("nan")
     lock_waits: dict[str, float] = field(default_factory=dict)
+    load: list[float] = field(default_factory=list)  # the machine's 1-min load average around the saturation run
 
 
 def _user(conn: psycopg.Connection) -> str:
@@ -204,8 +205,10 @@ def lifecycle_runs(fig: Figures, url: str, heavy_user: str | None, args) -> None
         log(f"{fig.label}: {args.rate:g}/s for {args.rate_seconds:g} s")
         offered = asyncio.run(drive(url, round(args.rate * args.rate_seconds), rate=args.rate, watch_calls=True))
         log(f"{fig.label}: saturation, {args.count} lifecycles")
+        fig.load.append(os.getloadavg()[0])
         # CPU of this stack's own processes: the machine is shared (another run's workers would count).
         saturated = asyncio.run(drive(url, args.count, in_flight=args.in_flight, measure=True, cpu_of=s.cpu_by_role))
+        fig.load.append(os.getloadavg()[0])
         fig.rate = args.count / saturated.elapsed
         fig.sat_ringing = saturated.ringing
         fig.offered_ringing, fig.offered_active = offered.ringing, offered.active
@@ -459,6 +462,22 @@ def print_statements(fig: Figures) -> None:
         print(st.plan.rstrip())
 
 
+def compare_statements(history: Figures, empty: Figures, top: int = 20) -> None:
+    """The same statements on both databases, the most slowed by history first (medians)."""
+    on_empty = {_normal(s.query): s for s in empty.statements}
+    rows = []
+    for st in history.statements:
+        other = on_empty.get(_normal(st.query))
+        if other is None:
+            continue
+        rows.append((st.p50_ms - other.p50_ms, st, other))
+    rows.sort(key=lambda r: -r[0])
+    print(f"\nstatements on both databases, most slowed by history first (top {top}; medians under auto_explain):")
+    print(table([[f"{st.p50_ms:.2f}", f"{other.p50_ms:.2f}", f"{st.max_ms:.1f}", str(st.count),
+                  re.sub(r"\s+", " ", st.query)[:110]] for _, st, other in rows[:top]],
+                ["hist p50 ms", "empty p50 ms", "hist max ms", "runs", "statement"]))
+
+
 def fmt_ms(values: list[float], p: float) -> str:
     return f"{percentile(values, p) * 1000:.1f}" if values else "n/a"
 
@@ -498,7 +517,9 @@ def main() -> None:
                             "notifications", "callflow_usage_deltas")}
     for fig in (history, empty):
         print_statements(fig)
-    print(f"\nmachine: {machine()}")
+    compare_statements(history, empty)
+    print(f"\nmachine: {machine()}; load average (1 min) at the saturation runs' start and end: history "
+          + " → ".join(f"{x:.1f}" for x in history.load) + ", empty " + " → ".join(f"{x:.1f}" for x in empty.load))
     print(f"history: {hist.name} (scale {args.scale:g}), {hist.size_bytes / 2**30:.2f} GiB, built in "
           f"{hist.built_seconds:.0f} s; rows (estimates): " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     print(f"`callflow usage` on history:\n  " + history.usage_output.replace("\n", "\n  "))
