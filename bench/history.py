@@ -109,6 +109,8 @@ class History:
 def history_database(scale: float, rebuild: bool = False) -> History:
     services.ensure_postgres()
     name = history_name(scale)
+    need = 2.1 * 2**30 * scale / 0.1 * 1.3  # 2.1 GiB measured at 0.1, and room for sorts and WAL
+    data_dir = Path(os.environ.get("CALLFLOW_PG_DATA", "/var/tmp/callflow/postgres"))
     base = services.ADMIN_URL.rsplit("/", 1)[0]
     url = f"{base}/{name}"
     with psycopg.connect(services.ADMIN_URL, autocommit=True) as admin:
@@ -118,6 +120,9 @@ def history_database(scale: float, rebuild: bool = False) -> History:
             exists = None
         reused = bool(exists)
         if not exists:
+            free = shutil.disk_usage(data_dir if data_dir.exists() else "/").free
+            if free < need:
+                raise SystemExit(f"{name} needs ~{need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free: not building it")
             building = f"{name}_building"
             admin.execute(f'drop database if exists "{building}" with (force)')
             admin.execute(f'create database "{building}"')
@@ -529,6 +534,9 @@ def main() -> None:
           + " → ".join(f"{x:.1f}" for x in history.load) + ", empty " + " → ".join(f"{x:.1f}" for x in empty.load))
     print(f"history: {hist.name} (scale {args.scale:g}), {hist.size_bytes / 2**30:.2f} GiB, built in "
           f"{hist.built_seconds:.0f} s; rows (estimates): " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    for fig in (history, empty):
+        print(f"CPU ms per lifecycle at saturation on {fig.label}, by process: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in sorted(fig.cpu_by_role.items(), key=lambda kv: -kv[1])))
     print(f"`callflow usage` on history:\n  " + history.usage_output.replace("\n", "\n  "))
     rows = [
         ["lifecycles/s at saturation", f"{history.rate:.1f}", f"{empty.rate:.1f}",
