@@ -1,7 +1,8 @@
 """A year of history (issue 26): callflow on a database holding a year of a busy tenant, side by side
 with an empty one, in one run.
 
-    .venv/bin/python -m bench.history [--scale 1] [--count 1000] [--in-flight 200] [--rate 50] [--rate-seconds 20]
+    .venv/bin/python -m bench.history [--scale 1] [--rounds 1] [--count 1000] [--in-flight 200] [--rate 50]
+                                      [--rate-seconds 20] [--analyze-after-warmup] [--build-only] [--rebuild]
 
 1. The history database (`bench/history_data.py`): built once and cached on the local cluster as
    `callflow_history_s<scale>_<hash of the migrations and the generator>`, reused while present
@@ -13,7 +14,8 @@ with an empty one, in one run.
    `--rate-seconds`) and its saturation run (`--count`, `--in-flight` at once; callflow's CPU per
    lifecycle), all with bench.lifecycle's own `drive`; then `GET /api/calls` (limit 20) timed
    `--api-requests` times for the heavy user (user 0 of the history, ~0.2 % of all calls) and for
-   a new user with no calls; `callflow usage` timed as a command.
+   a new user with no calls; `callflow usage` timed as a command. `--rounds N`: the lifecycle runs
+   N times, alternating history and empty, and the median rate is compared (the machine is shared).
 3. The statements: a second stack on the same database with `auto_explain` loaded into every
    session of it (`ALTER DATABASE ... SET session_preload_libraries = 'auto_explain'`,
    `log_min_duration = 0`, `log_analyze`, `log_buffers`, `log_nested_statements`: what the real
@@ -150,12 +152,11 @@ def history_database(scale: float, rebuild: bool = False) -> History:
 @dataclass
 class Figures:
     label: str
-    rate: float = float("nan")  # lifecycles/s at saturation
+    rates: list[float] = field(default_factory=list)  # lifecycles/s at saturation, one per round
     sat_ringing: list[float] = field(default_factory=list)
     offered_ringing: list[float] = field(default_factory=list)
     offered_active: list[float] = field(default_factory=list)
-    cpu_ms: float = float("nan")  # callflow's processes, ms of CPU per lifecycle (saturation)
-    cpu_by_role: dict[str, float] = field(default_factory=dict)
+    cpu_runs: list[dict[str, float]] = field(default_factory=list)  # ms of CPU per lifecycle by role, per round
     api_heavy: list[float] = field(default_factory=list)
     api_new: list[float] = field(default_factory=list)
     usage_command: float = float("nan")
@@ -163,7 +164,23 @@ class Figures:
     statements: list["Statement"] = field(default_factory=list)
     migrate_seconds: float = float("nan")
     lock_waits: dict[str, float] = field(default_factory=dict)
-    load: list[float] = field(default_factory=list)  # the machine's 1-min load average around the saturation run
+    load: list[float] = field(default_factory=list)  # the machine's 1-min load average around the saturation runs
+
+    @property
+    def rate(self) -> float:
+        return percentile(self.rates, 50)
+
+    @property
+    def cpu_by_role(self) -> dict[str, float]:  # the round with the median callflow total
+        return sorted(self.cpu_runs, key=_callflow_cpu)[len(self.cpu_runs) // 2] if self.cpu_runs else {}
+
+    @property
+    def cpu_ms(self) -> float:  # callflow's processes, ms of CPU per lifecycle (saturation)
+        return _callflow_cpu(self.cpu_by_role)
+
+
+def _callflow_cpu(by_role: dict[str, float]) -> float:
+    return sum(v for k, v in by_role.items() if k in CALLFLOW_ROLES)
 
 
 def _user(conn: psycopg.Connection) -> str:
@@ -202,7 +219,7 @@ def usage_command(env: dict[str, str]) -> tuple[float, str]:
     return elapsed, out.stdout.strip()
 
 
-def lifecycle_runs(fig: Figures, url: str, heavy_user: str | None, args) -> None:
+def lifecycle_runs(fig: Figures, url: str, heavy_user: str | None, args, first: bool = True) -> None:
     env = {"CALLFLOW_RING_TIMEOUT_SECONDS": "120", "CALLFLOW_SWEEP_INTERVAL_SECONDS": str(SWEEP_INTERVAL_SECONDS)}
     with stack(env, workers=1, concurrency=args.concurrency, listener=True, beat=True, web=True, database_url=url) as s:
         log(f"{fig.label}: warm-up")
@@ -217,11 +234,13 @@ def lifecycle_runs(fig: Figures, url: str, heavy_user: str | None, args) -> None
         # CPU of this stack's own processes: the machine is shared (another run's workers would count).
         saturated = asyncio.run(drive(url, args.count, in_flight=args.in_flight, measure=True, cpu_of=s.cpu_by_role))
         fig.load.append(os.getloadavg()[0])
-        fig.rate = args.count / saturated.elapsed
-        fig.sat_ringing = saturated.ringing
-        fig.offered_ringing, fig.offered_active = offered.ringing, offered.active
-        fig.cpu_by_role = {k: v * 1000 / args.count for k, v in saturated.cpu.items()}
-        fig.cpu_ms = sum(v for k, v in fig.cpu_by_role.items() if k in CALLFLOW_ROLES)
+        fig.rates.append(args.count / saturated.elapsed)
+        fig.sat_ringing += saturated.ringing
+        fig.offered_ringing += offered.ringing
+        fig.offered_active += offered.active
+        fig.cpu_runs.append({k: v * 1000 / args.count for k, v in saturated.cpu.items()})
+        if not first:
+            return
         log(f"{fig.label}: GET /api/calls x {args.api_requests}")
         with psycopg.connect(url, autocommit=True) as conn:
             new_user = _user(conn)
@@ -504,6 +523,8 @@ def main() -> None:
                     help="ANALYZE calls, call_invitations and call_participants after the warm-up (while calls are "
                          "live): without it the history's statistics were taken with no call live, as a quiet "
                          "hour's autoanalyze leaves them on a big table")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="lifecycle rounds, alternating history and empty (the median rate; the machine is shared)")
     ap.add_argument("--api-requests", type=int, default=200, help="GET /api/calls per user")
     args = ap.parse_args()
 
@@ -515,8 +536,11 @@ def main() -> None:
     empty_url = services.create_database("callflow_history_empty", invite_rate_per_minute=10_000_000)
     history, empty = Figures("history"), Figures("empty")
     try:
-        for fig, url, heavy in ((history, hist.url, hist.heavy_user), (empty, empty_url, None)):
-            lifecycle_runs(fig, url, heavy, args)
+        pairs = ((history, hist.url, hist.heavy_user), (empty, empty_url, None))
+        for n in range(args.rounds):
+            for fig, url, heavy in pairs:
+                lifecycle_runs(fig, url, heavy, args, first=n == 0)
+        for fig, url, heavy in pairs:
             explained_statements(fig, url, heavy)
             log(f"{fig.label}: callflow migrate of a sample migration")
             migrate_locks(fig, url)
@@ -540,7 +564,10 @@ def main() -> None:
     print(f"`callflow usage` on history:\n  " + history.usage_output.replace("\n", "\n  "))
     rows = [
         ["lifecycles/s at saturation", f"{history.rate:.1f}", f"{empty.rate:.1f}",
-         f"{args.count} lifecycles, {args.in_flight} in flight"],
+         f"{args.count} lifecycles, {args.in_flight} in flight"
+         + (f"; median of {args.rounds} rounds, alternating: history "
+            + ", ".join(f"{x:.0f}" for x in history.rates) + "; empty " + ", ".join(f"{x:.0f}" for x in empty.rates)
+            if args.rounds > 1 else "")],
         ["  insert→ringing p50 / p99 ms", "{} / {}".format(*ms(history.sat_ringing, 50, 99)),
          "{} / {}".format(*ms(empty.sat_ringing, 50, 99)), "saturation"],
         [f"{args.rate:g}/s: insert→ringing p50 / p99 ms", "{} / {}".format(*ms(history.offered_ringing, 50, 99)),
