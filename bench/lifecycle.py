@@ -45,6 +45,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -74,11 +75,14 @@ class Run:
 
 
 async def drive(database_url: str, count: int, *, in_flight: int = 0, rate: float = 0.0, devices: int = 0,
-                unanswered_every: int = 0, measure: bool = False, watch_calls: bool = False) -> Run:
+                unanswered_every: int = 0, measure: bool = False, watch_calls: bool = False,
+                cpu_of: Callable[[], dict[str, float]] = cpu_by_process) -> Run:
     """`count` lifecycles, `in_flight` at once (closed loop) or one every 1/`rate` s (open loop).
     Every `unanswered_every`-th invitation is inserted and never accepted (and not waited for).
     `watch_calls`: each call's `active` is seen by LISTEN (per-call latency, at two more NOTIFYs per
-    lifecycle for Postgres and the driver); otherwise the calls are polled for once all are accepted."""
+    lifecycle for Postgres and the driver); otherwise the calls are polled for once all are accepted.
+    `cpu_of`: CPU seconds by process role, read before and after a measured run (the whole
+    machine's by default)."""
     # Two fresh users per lifecycle: a callee still in an earlier (active) call would be busy.
     users = [str(uuid.uuid4()) for _ in range(2 * count)]
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
@@ -156,7 +160,7 @@ async def drive(database_url: str, count: int, *, in_flight: int = 0, rate: floa
         await asyncio.sleep(PGSTAT_SETTLE_SECONDS)
         before = await xacts()
         transactions = 1  # that read; the driver's own from here on
-        cpu_before = cpu_by_process()
+        cpu_before = cpu_of()
         machine_before = machine_seconds()
     t0 = time.perf_counter()
 
@@ -207,7 +211,7 @@ async def drive(database_url: str, count: int, *, in_flight: int = 0, rate: floa
                 active_at.setdefault(call_id, seen)
         await asyncio.sleep(0.01)
     finished = max(active_at[k] for k in accepted)
-    cpu = cpu_delta(cpu_before, cpu_by_process()) if measure else {}
+    cpu = cpu_delta(cpu_before, cpu_of()) if measure else {}
     cores = {k: v - machine_before[k] for k, v in machine_seconds().items()} if measure else {}
     unanswered: list[tuple[str, float | None]] = []
     if unanswered_ids:

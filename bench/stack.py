@@ -57,11 +57,14 @@ class Stack:
         self.procs: list[services.Process] = []
 
     def start(self, workers: int = 1, concurrency: int = 4, listener: bool = True, beat: bool = False,
-              pool: str = "prefork", web: bool = False) -> "Stack":
+              pool: str = "prefork", web: bool = False, database_url: str | None = None) -> "Stack":
         """`web`: the `web` process runs too and LiveKit's webhooks go to it (as deployed); without
-        it they go to a closed port (LiveKit retries each for ~15 s, then gives up)."""
+        it they go to a closed port (LiveKit retries each for ~15 s, then gives up). `database_url`:
+        an existing, migrated database (kept at the end) instead of a fresh one (dropped)."""
         self.redis = services.RedisServer().start()
-        self.database_url = services.create_database("callflow_bench", invite_rate_per_minute=10_000_000)
+        self.own_database = database_url is None
+        self.database_url = database_url or services.create_database("callflow_bench",
+                                                                     invite_rate_per_minute=10_000_000)
         lk_port = services.free_port()
         self.env = dict(os.environ)
         self.env.update({
@@ -99,6 +102,10 @@ class Stack:
         time.sleep(1.0)
         return self
 
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds of this stack's own processes (not another run's on the same machine), by role."""
+        return cpu_of_processes([p.proc.pid for p in self.procs if p.alive()])
+
     def worker_pss_mib(self) -> float:
         pids: list[int] = []
         for w in self.workers:
@@ -111,7 +118,8 @@ class Stack:
             p.stop()
         self.livekit.stop()
         self.redis.cleanup()
-        services.drop_database(self.database_url)
+        if self.own_database:
+            services.drop_database(self.database_url)
 
 
 def _answers(port: int) -> bool:
@@ -153,6 +161,21 @@ def table(rows: list[list[str]], headers: list[str]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def cpu_of_processes(pids: list[int]) -> dict[str, float]:
+    """Cumulative CPU seconds (user+system) of these processes and their children, by role."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    groups: dict[str, float] = {}
+    for pid in {p for root in pids for p in process_tree(root)}:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        groups[_role(cmdline)] = groups.get(_role(cmdline), 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return groups
 
 
 def cpu_by_process() -> dict[str, float]:
