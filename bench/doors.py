@@ -32,6 +32,7 @@ import httpx
 
 from bench.driver import ClientDriver
 from bench.isolation import _users
+from bench.sse import open_stream
 from bench.stack import cpu_by_process, cpu_delta, machine, percentile, stack, table
 
 BUDGET_MS = 100  # the issue's: p99 of each hop under 100 ms at 50 calls a second
@@ -51,15 +52,7 @@ class Stream:
         return self.seen.setdefault((invitation_id, status), asyncio.get_running_loop().create_future())
 
     async def open(self) -> "Stream":
-        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-        self.writer.write(f"GET /api/calls/events?access_token={self.token} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                          f"Accept: text/event-stream\r\n\r\n".encode())
-        await self.writer.drain()
-        status = await self.reader.readline()
-        if b" 200 " not in status:
-            raise RuntimeError(f"stream refused: {status!r}")
-        while (await self.reader.readline()) not in (b"\r\n", b""):
-            pass
+        self.reader, self.writer = await open_stream(self.port, self.token)
         self.task = asyncio.create_task(self._read())
         return self
 
