@@ -14,6 +14,7 @@
    go now waits in a task of its own (`Deferral`), or is skipped if it could not go in time.
 6. Nobody asks a provider its retry loop says is away; a send time is booked on the rate (the task
    comes back then: never a sleeping worker slot), and whatever would then be too late is skipped.
+   A run let through as the loop's probe that then waits for its send time hands the probe on.
 7. One request for the batch. No answer is never an answer: the rows stay `pending` and the task
    comes back when the provider's retry loop says; a refusal is `failed`; a sent row keeps its
    provider id. The provider's idempotency (Resend's key; the app's `kind` + `invitation_id`)
@@ -308,6 +309,8 @@ class Deliverer:
                     sendable = []
         if sendable:
             self._send(conn, sendable, now, turn, attempt, results, out)
+        elif turn is not None and turn.wait == 0:
+            self.loop.release(turn)  # a probe that waits for its send time asks nothing: the next one may
         if out.come_back_in is not None:
             self.mark_waiting(out.ids, out.come_back_in)
         for deferral in out.deferred:

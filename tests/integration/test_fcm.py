@@ -10,6 +10,7 @@ HIGH priority, ttl form).
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from datetime import timedelta
 from types import SimpleNamespace
@@ -180,6 +181,26 @@ def test_an_incoming_call_past_its_deadline_is_not_pushed(fdb, fcm_database_url,
     assert fcm.answered(tokens[0]) == []
     row = rows(fdb, ids)[ids[0]]
     assert row["status"] == "skipped" and "deadline" in row["last_error"]
+
+
+def test_a_probe_that_waits_for_its_send_time_hands_the_probe_on(fdb, fcm_database_url, fcm, service_account,
+                                                                 redis_server):
+    """After no answer, FCM's retry loop lets one probe ask. A probe whose rows must first wait for
+    their booked send time asks nothing, so it ends its lease at once: the next probe (its own task,
+    back at its send time) goes then, not a whole lease (the client's timeout) later."""
+    d = delivery(fcm_database_url, redis_server, client_for(fcm, service_account))
+    d.rate = Rate(d.redis, 1.0, key=f"callflow:test:rate:fcm-{uuid.uuid4().hex[:6]}")
+    d.rate.book(3)  # the line is booked ahead: the next request waits for its send time
+    time.sleep(d.loop.failed(d.loop.turn()) + 0.05)  # an outage's first step is over
+    ids, tokens, _ = pushes(fdb, 1, deadline_in=30)
+    out = d.run(ids, Attempt())
+    assert out.sent == 0 and out.come_back_in > 1 and "booked send time" in out.cause, out.summary
+    after = d.loop.turn()
+    assert after.wait == 0 and after.probe is not None  # the probe is free for whoever comes next
+    d.loop.release(after)
+    time.sleep(out.come_back_in)
+    assert d.run(out.ids, out.again).sent == 1  # back at its send time: it probes, and FCM answers
+    assert fcm.answered(tokens[0]) == [200] and d.loop.failures == 0
 
 
 # ---- the access token ----------------------------------------------------------------------------

@@ -61,3 +61,24 @@ def test_a_probe_that_never_reports_hands_over_after_its_lease(loop):
     assert loop.turn().wait == 0  # a probe whose worker then dies
     time.sleep(0.65)
     assert loop.turn().wait == 0  # another one goes
+
+
+def test_a_probe_that_asks_nothing_hands_over_at_once(loop):
+    time.sleep(loop.failed(loop.turn()) + 0.05)
+    probe = loop.turn()
+    assert probe.wait == 0 and probe.probe is not None  # the one probe after the wait
+    assert loop.turn().wait > 0  # its lease holds the others back
+    loop.release(probe)  # it asked nothing (its request waits for its rate)
+    again = loop.turn()
+    assert again.wait == 0 and again.probe is not None  # the next probe goes at once, not a lease later
+    loop.release(probe)  # a stale token does not end another turn's lease
+    assert loop.turn().wait > 0
+    loop.release(loop.turn())  # nor does a turn that was no probe (it waited)
+    assert loop.turn().wait > 0
+
+
+def test_a_go_while_the_dependency_answers_is_no_probe(loop):
+    turn = loop.turn()
+    assert turn.wait == 0 and turn.probe is None
+    loop.release(turn)  # nothing to end
+    assert loop.turn().wait == 0
