@@ -24,7 +24,11 @@ create table public.calls (
   constraint calls_duration_not_negative check (duration_seconds >= 0)
 );
 
--- A room name is reused over time, but at most one call per name is live at once.
+-- A room name is reused over time, but at most one call per name is live at once. Also the one
+-- index of live calls: the sweeps that look at every live call each second (silent answered calls,
+-- grace periods, rooms to compare with LiveKit) walk it, so they cost the live calls, not the
+-- history. A second index with the same predicate was a trap: the statistics of a big history see
+-- no live call, and the planner scanned all of it to find one room's call.
 create unique index calls_one_live_call_per_room
   on public.calls (room_name) where status in ('ringing', 'active');
 create index calls_room_name_created on public.calls (room_name, created_at desc);
@@ -32,9 +36,6 @@ create index calls_created_at on public.calls (created_at desc);
 create index calls_livekit_room_sid on public.calls (livekit_room_sid);
 create unique index calls_one_live_call_per_sid
   on public.calls (livekit_room_sid) where status in ('ringing', 'active') and livekit_room_sid is not null;
--- The sweep looks at live calls every second (silent answered calls, grace periods, rooms to
--- compare with LiveKit): an index of live calls only, so that costs the live calls, not the history.
-create index calls_live_created on public.calls (created_at) where status in ('ringing', 'active');
 
 -- The invitations of a call (set by the worker).
 alter table public.call_invitations
