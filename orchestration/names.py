@@ -125,6 +125,8 @@ BEAT_PREFIX = "callflow:beat"
 OPS_TASK_OUTCOMES = "callflow:ops:task_outcomes"
 # When /metrics first saw each queue's oldest message (its age).
 OPS_OLDEST_SEEN = "callflow:ops:oldest_seen"
+# Outbox rows delivered, by "<channel>:<status>", counted by the delivery loop, read by /metrics.
+DELIVERY_OUTCOMES = "callflow:delivery:outcomes"
 
 
 # Resend's rate (every email channel, shared by all workers).

@@ -37,6 +37,7 @@ import structlog
 from orchestration import names
 from orchestration.backoff import backoff_delay
 from orchestration.db import get_pool
+from orchestration.delivery import metrics as delivery_metrics
 from orchestration.delivery import outbox
 from orchestration.delivery.channel import (Channel, NoAnswer, Record, Refused, Rejected, Sent, Unavailable,
                                             none_answered)
@@ -317,6 +318,7 @@ class Deliverer:
             self.mark_waiting(deferral.ids, deferral.seconds)
         outbox.finish(conn, channel, results)
         conn.commit()
+        delivery_metrics.count(self.redis, channel.name, [status for _, status, _, _ in results])
         for _, status, _, _ in results:
             setattr(out, status, getattr(out, status) + 1)
         return out

@@ -1,7 +1,11 @@
-"""/metrics: pushes by kind and outcome (`callflow_pushes{kind,status}`), for the `web` process.
+"""/metrics: the push outbox's backlog, pending rows by kind (`callflow_pushes{kind,status="pending"}`),
+for the `web` process.
 
-Read from the outbox itself (every worker writes there), at most every CACHE_SECONDS; a database
-that does not answer leaves the family out of the scrape rather than failing it.
+Read from the outbox itself (every worker writes there) through its index of pending rows, at most
+every CACHE_SECONDS; a database that does not answer leaves the family out of the scrape rather
+than failing it. What was sent, failed or skipped is counted as it happens
+(`callflow_deliveries_total`, orchestration/delivery/metrics.py): counting a year of rows by
+status took 1.3 s a scrape.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ class PushCollector:
             with connect(self.database_url, connect_timeout=2, autocommit=True) as conn:
                 conn.execute("set statement_timeout = 2000")
                 return [(r["kind"], r["status"], r["n"]) for r in conn.execute(
-                    "select kind, status, count(*) as n from public.push_messages group by kind, status").fetchall()]
+                    """select kind, status, count(*) as n from public.push_messages
+                        where status = 'pending' group by kind, status""").fetchall()]
         except Exception:  # noqa: BLE001 - a scrape must not fail because of us
             return None
 
@@ -40,8 +45,8 @@ class PushCollector:
             counts = self._counts
         if counts is None:
             return
-        family = GaugeMetricFamily("callflow_pushes", "Push outbox rows by kind and status (pending, sent, failed, "
-                                   "skipped)", labels=["kind", "status"])
+        family = GaugeMetricFamily("callflow_pushes", "Push outbox rows waiting to go, by kind",
+                                   labels=["kind", "status"])
         for kind, status, n in counts:
             family.add_metric([kind, status], n)
         yield family

@@ -203,6 +203,27 @@ def test_a_probe_that_waits_for_its_send_time_hands_the_probe_on(fdb, fcm_databa
     assert fcm.answered(tokens[0]) == [200] and d.loop.failures == 0
 
 
+def test_what_a_run_delivered_is_counted_for_metrics(fdb, fcm_database_url, fcm, service_account, redis_server):
+    from orchestration import names
+    from orchestration.delivery.metrics import DeliveryCollector
+
+    d = delivery(fcm_database_url, redis_server, client_for(fcm, service_account))
+    field = lambda status: f"{d.channel.name}:{status}"  # noqa: E731
+    before = {k.decode(): int(v) for k, v in d.redis.hgetall(names.DELIVERY_OUTCOMES).items()}
+    ids, _, _ = pushes(fdb, 2)
+    late, _, late_invs = pushes(fdb, 1)
+    fdb.execute("update public.call_invitations set ring_deadline = now() - interval '1 second' where id = %s",
+                (late_invs[0],))
+    out = d.run(ids + late, Attempt())
+    assert (out.sent, out.skipped) == (2, 1)
+    after = {k.decode(): int(v) for k, v in d.redis.hgetall(names.DELIVERY_OUTCOMES).items()}
+    assert after[field("sent")] - before.get(field("sent"), 0) == 2
+    assert after[field("skipped")] - before.get(field("skipped"), 0) == 1
+    [family] = DeliveryCollector(redis_db_url(redis_server, 10)).collect()
+    samples = {(s.labels["channel"], s.labels["status"]): s.value for s in family.samples}
+    assert samples[(d.channel.name, "sent")] == after[field("sent")]
+
+
 # ---- the access token ----------------------------------------------------------------------------
 
 def test_one_access_token_serves_many_messages(fdb, fcm_database_url, fcm, service_account, redis_server):

@@ -13,6 +13,7 @@ from starlette.routing import Route
 
 from config.logging import get_logger
 from config.settings import get_settings
+from orchestration.delivery import metrics as _delivery_metrics
 from orchestration.ingest import metrics as _listener_metrics  # noqa: F401 - registers the listener heartbeat collector
 from orchestration.ops import queues as _ops_metrics
 from orchestration.ops import room_actions as _room_actions_metrics
@@ -25,6 +26,7 @@ from workers.web import webhook
 _ops_metrics.register(QUEUES)  # queue depths, oldest message ages, task outcomes (from Redis)
 _room_actions_metrics.register()  # room actions LiveKit has not answered yet (from Postgres)
 _retention_metrics.register()  # rows pruned, oldest kept (from Redis)
+_delivery_metrics.register()  # outbox rows sent, failed, skipped per channel (from Redis)
 
 CHECK_TIMEOUT_SECONDS = 2.0
 
