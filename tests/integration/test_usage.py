@@ -164,6 +164,13 @@ def test_generated_histories_match_the_definitions_through_every_kind_of_write(u
                 s[2] = s[1] + timedelta(seconds=90)
         assert_matches_model(conn, history)
         assert conn.execute("select count(*) as n from public.callflow_usage_dirty").fetchone()["n"] == 0
+        # The peaks above started from the levels kept at each month's start (made at the first
+        # look, then moved by every change of an earlier minute): still the sums they stand for.
+        kept = conn.execute("""select l.month, l.level, (select coalesce(sum(net), 0) from public.callflow_usage_minutes
+                                                          where minute < l.month) as summed
+                                 from public.callflow_usage_month_levels l order by l.month""").fetchall()
+        assert [r["month"] for r in kept] == [datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)]
+        assert all(r["level"] == r["summed"] for r in kept), kept
 
 
 def test_known_answers(usage_db):
