@@ -131,8 +131,11 @@ class UnitOfWork(Protocol):
 
     def stale_pending(self, older_than: float, limit: int) -> list[dict]: ...
 
-    def unrecorded_transitions(self, older_than: float, within: float, limit: int) -> list[dict]:
-        """Client-made terminal invitations whose change was never taken (no event recorded)."""
+    def unrecorded_transitions(self, older_than: float, within: float, limit: int,
+                               since: datetime | None = None) -> list[dict]:
+        """Client-made terminal invitations whose change was never taken (no event recorded),
+        changed more than `older_than` seconds ago, less than `within` ago and not before `since`,
+        oldest change first."""
 
     def due_grace_expiries(self, grace: float, limit: int) -> list[dict]: ...
 
@@ -157,3 +160,9 @@ class Throttle(Protocol):
 
     def forget(self, key: str) -> None:
         """The next `once(key, ...)` is True again (work that found no answer is looked at again soon)."""
+
+    def mark(self, key: str) -> float | None:
+        """How far a walk shared by all workers has got (Unix time); None: not begun, or forgotten."""
+
+    def move_mark(self, key: str, at: float, keep_seconds: float) -> None:
+        """The walk has got to `at` (a mark never moves back); forgotten `keep_seconds` after."""

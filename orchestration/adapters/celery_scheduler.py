@@ -124,15 +124,36 @@ class CeleryScheduler:
         self.app.send_task(names.INVITATION_CHANGED, args=[change.to_wire()], queue=names.Q_EVENTS)
 
 
+# KEYS: the mark. ARGV: where the walk got to, how long the mark is kept (ms). Never moves back.
+_MOVE_MARK = """
+local now = tonumber(redis.call('GET', KEYS[1]) or '-1e300')
+if tonumber(ARGV[1]) > now then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+else
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 1
+"""
+
+
 class RedisThrottle:
-    """`once(key, seconds)` across all workers: a Redis key set only if absent, with an expiry."""
+    """`once(key, seconds)` across all workers: a Redis key set only if absent, with an expiry; and
+    the marks of walks shared by all workers (`mark`, `move_mark`)."""
 
     def __init__(self, client: redis.Redis, prefix: str = names.SWEEP_THROTTLE_PREFIX) -> None:
         self.client = client
         self.prefix = prefix
+        self._move_mark = client.register_script(_MOVE_MARK)
 
     def once(self, key: str, seconds: float) -> bool:
         return bool(self.client.set(self.prefix + key, 1, nx=True, px=max(1, int(seconds * 1000))))
 
     def forget(self, key: str) -> None:
         self.client.delete(self.prefix + key)
+
+    def mark(self, key: str) -> float | None:
+        value = self.client.get(self.prefix + "mark:" + key)
+        return float(value) if value is not None else None
+
+    def move_mark(self, key: str, at: float, keep_seconds: float) -> None:
+        self._move_mark(keys=[self.prefix + "mark:" + key], args=[repr(at), max(1, int(keep_seconds * 1000))])

@@ -334,11 +334,13 @@ class FakeUnitOfWork:
         return [dict(id=i.id, room_name=i.room_name, status=i.status, updated_at=i.created_at)
                 for i in self.s.invitations.values() if i.status == S.PENDING and i.created_at < edge][:limit]
 
-    def unrecorded_transitions(self, older_than, within, limit):
+    def unrecorded_transitions(self, older_than, within, limit, since=None):
         edge = self.now() - timedelta(seconds=older_than)
         out = []
-        for i in self.s.invitations.values():
+        for i in sorted(self.s.invitations.values(), key=lambda i: i.ended_at or i.created_at):
             updated = i.ended_at or i.created_at
+            if since is not None and updated < since:
+                continue
             if i.status in (S.ACCEPTED, S.DECLINED, S.CANCELLED) and updated < edge and not (
                     f"realtime:{i.id}:{i.status}" in self.s.events
                     or f"transition_recovered:{i.id}:{i.status}" in self.s.events):
@@ -463,8 +465,17 @@ class FakeScheduler:
 
 
 class FakeThrottle:
+    def __init__(self) -> None:
+        self.marks: dict[str, float] = {}
+
     def once(self, key: str, seconds: float) -> bool:
         return True
 
     def forget(self, key: str) -> None:
         pass
+
+    def mark(self, key: str) -> float | None:
+        return self.marks.get(key)
+
+    def move_mark(self, key: str, at: float, keep_seconds: float) -> None:
+        self.marks[key] = max(at, self.marks.get(key, at))

@@ -121,6 +121,7 @@ class LifecycleModel(RuleBasedStateMachine):
         self.clock = self.make_clock()
         self.livekit = LiveKitSim(self.clock)
         self.scheduler = FakeScheduler()
+        self.throttle = FakeThrottle()  # one for the whole run: the sweep's marks carry from look to look
         self.world = self.make_world()  # where clients write, and what the invariants read
         self.view = self.world
         self.uid = {name: name for name in USERS}
@@ -336,7 +337,7 @@ class LifecycleModel(RuleBasedStateMachine):
         self.parties_before_sweep = {c.room_name: room_parties(
             [i for i in self.view.invitations.values() if i.room_name == c.room_name], c)
             for c in self.view.calls.values() if c.live}
-        report = run_sweep(self.ports, FakeThrottle(), interval=SWEEP)
+        report = run_sweep(self.ports, self.throttle, interval=SWEEP)
         self.retried_room_actions += report.room_actions
         self._collect()
         self.last_sweep = self.clock.now()

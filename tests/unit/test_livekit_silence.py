@@ -163,6 +163,7 @@ def test_a_room_action_whose_worker_died_before_running_it_is_done_by_the_sweep(
 def test_the_reconciliation_and_stranger_check_are_looked_at_again_at_the_next_sweep_after_no_answer():
     class Remembering(FakeThrottle):
         def __init__(self):
+            super().__init__()
             self.forgotten = []
 
         def forget(self, key):
