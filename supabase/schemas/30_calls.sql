@@ -32,6 +32,12 @@ create table public.calls (
 create unique index calls_one_live_call_per_room
   on public.calls (room_name) where status in ('ringing', 'active');
 create index calls_room_name_created on public.calls (room_name, created_at desc);
+-- When the oldest active call began (its first entry): the callee-busy check reads the user's
+-- calls made since then. `created_at is not null` (always true) keeps it out of every statement
+-- that does not ask for it: the statistics of a big history see no active call, and the planner
+-- would take it for a "free" full scan where a primary key probe is meant.
+create index calls_active_created
+  on public.calls (created_at) where status = 'active' and created_at is not null;
 create index calls_created_at on public.calls (created_at desc);
 create index calls_livekit_room_sid on public.calls (livekit_room_sid);
 create unique index calls_one_live_call_per_sid
