@@ -51,10 +51,12 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import psycopg
+from psycopg.rows import dict_row
 
 from bench import history_data
 from bench.lifecycle import CALLFLOW_ROLES, drive, ms
@@ -171,6 +173,9 @@ class Figures:
     migrate_seconds: float = float("nan")
     lock_waits: dict[str, float] = field(default_factory=dict)
     load: list[float] = field(default_factory=list)  # the machine's 1-min load average around the saturation runs
+    pruning_ringing: list[float] = field(default_factory=list)  # the offered-load run again, while pruning
+    pruned: dict[str, int] = field(default_factory=dict)
+    pruning_seconds: float = float("nan")
 
     @property
     def rate(self) -> float:
@@ -235,6 +240,9 @@ def lifecycle_runs(fig: Figures, url: str, heavy_user: str | None, args, first: 
                 conn.execute("analyze public.calls, public.call_invitations, public.call_participants")
         log(f"{fig.label}: {args.rate:g}/s for {args.rate_seconds:g} s")
         offered = asyncio.run(drive(url, round(args.rate * args.rate_seconds), rate=args.rate, watch_calls=True))
+        if first and heavy_user:
+            log(f"{fig.label}: {args.rate:g}/s for {args.rate_seconds:g} s while pruning the oldest day")
+            pruning_run(fig, url, s.env["REDIS_URL"], args)
         log(f"{fig.label}: saturation, {args.count} lifecycles")
         fig.load.append(os.getloadavg()[0])
         # CPU of this stack's own processes: the machine is shared (another run's workers would count).
@@ -255,6 +263,46 @@ def lifecycle_runs(fig: Figures, url: str, heavy_user: str | None, args, first: 
         fig.api_new = api_latencies(s.web_port, new_user, args.api_requests)
         log(f"{fig.label}: callflow usage")
         fig.usage_command, fig.usage_output = usage_command(s.env)
+
+
+def pruning_run(fig: Figures, url: str, redis_url: str, args) -> None:
+    """The offered-load run again while retention prunes the history's oldest day: ticks of the real
+    `orchestration.retention.prune` back to back (beat runs one a minute: this is a minute's worth
+    of ticks every tick's length), its horizon one day past the oldest row, until that day is gone
+    or the run ends. The ringing latency beside the plain run's is the cost pruning puts on it."""
+    import redis as redis_lib
+
+    from orchestration.retention import prune
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        oldest = conn.execute("select min(received_at) from public.call_events").fetchone()[0]
+    if oldest is None:
+        return
+    done = threading.Event()
+    pruned: dict[str, int] = {}
+
+    def pruning() -> None:
+        client = redis_lib.Redis.from_url(redis_url)
+        started = time.perf_counter()
+        with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+            while not done.is_set():
+                out = prune(conn, client, days=1, now=oldest + timedelta(days=2))
+                for table, n in out.rows.items():
+                    pruned[table] = pruned.get(table, 0) + n
+                if not any(out.rows.values()) and out.batches:
+                    break  # the day is gone
+        fig.pruning_seconds = time.perf_counter() - started
+        client.close()
+
+    worker = threading.Thread(target=pruning, daemon=True)
+    worker.start()
+    try:
+        run = asyncio.run(drive(url, round(args.rate * args.rate_seconds), rate=args.rate, watch_calls=True))
+    finally:
+        done.set()
+        worker.join()
+    fig.pruning_ringing = run.ringing
+    fig.pruned = pruned
 
 
 # ---- the statements, as auto_explain saw them ---------------------------------------------------
@@ -582,6 +630,10 @@ def main() -> None:
          "{} / {}".format(*ms(empty.sat_ringing, 50, 99)), "saturation"],
         [f"{args.rate:g}/s: insert→ringing p50 / p99 ms", "{} / {}".format(*ms(history.offered_ringing, 50, 99)),
          "{} / {}".format(*ms(empty.offered_ringing, 50, 99)), f"open loop, {args.rate_seconds:g} s"],
+        [f"{args.rate:g}/s while pruning: insert→ringing p50 / p99 ms",
+         "{} / {}".format(*ms(history.pruning_ringing, 50, 99)) if history.pruning_ringing else "n/a", "n/a",
+         "the oldest day: " + ", ".join(f"{k} {v:,}" for k, v in history.pruned.items() if v)
+         + f" rows in {history.pruning_seconds:.0f} s; bound: p99 within 20 ms of the plain run's"],
         [f"{args.rate:g}/s: accept→active p50 / p99 ms", "{} / {}".format(*ms(history.offered_active, 50, 99)),
          "{} / {}".format(*ms(empty.offered_active, 50, 99)), ""],
         ["callflow CPU ms/lifecycle", f"{history.cpu_ms:.1f}", f"{empty.cpu_ms:.1f}",
