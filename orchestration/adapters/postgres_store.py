@@ -432,6 +432,11 @@ class PostgresUnitOfWork:
 
     def unrecorded_transitions(self, older_than: float, within: float, limit: int,
                                since: datetime | None = None) -> list[dict]:
+        # A look covers the seconds since the last (`since`), but the session's generic plan does
+        # not know it: planned for a default share of a big table, it was a parallel scan whose
+        # workers took 10 ms to start for a few hundred rows. Never parallel in the sweep's
+        # transaction (its statements are all small).
+        self.conn.execute("set local max_parallel_workers_per_gather = 0")
         return self._all(
             """select i.id, i.room_name, i.status, i.updated_at from public.call_invitations i
                 where i.status in ('accepted', 'declined', 'cancelled')
