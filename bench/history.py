@@ -269,6 +269,17 @@ def lifecycle_runs(fig: Figures, url: str, heavy_user: str | None, args, first: 
 PRUNING_RUN_SECONDS = 60
 
 
+def hang_up_live_calls(url: str, settle_seconds: float = 5.0) -> None:
+    """The bench's calls still live (answered, nobody in the room: the sweep would end them after
+    the ring timeout) ended at once, as their callers hanging up would."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        n = conn.execute("""update public.calls set status = 'completed', end_reason = 'hangup',
+                              ended_at = greatest(now(), created_at)
+                             where status = 'active'""").rowcount
+    log(f"hung up {n} calls earlier runs left live")
+    time.sleep(settle_seconds)
+
+
 def pruning_run(fig: Figures, url: str, redis_url: str, args) -> None:
     """The offered-load run again while retention prunes the history's oldest day: ticks of the real
     `orchestration.retention.prune` back to back (beat runs one a minute: this is a minute's worth
@@ -298,10 +309,13 @@ def pruning_run(fig: Figures, url: str, redis_url: str, args) -> None:
         fig.pruning_seconds = time.perf_counter() - started
         client.close()
 
-    # The control: the same run without pruning, right before (a longer run than the plain one
-    # above sees more of the machine's moods).
+    # The control: the same run without pruning, right before. Each run starts with no call of an
+    # earlier run live: the sweep ends the calls a run leaves answered and silent 120 s later, and
+    # the control's 3,000 would otherwise be ended during the pruning run only.
+    hang_up_live_calls(url)
     fig.unpruned_ringing = asyncio.run(drive(url, round(args.rate * PRUNING_RUN_SECONDS), rate=args.rate,
                                              watch_calls=True)).ringing
+    hang_up_live_calls(url)
     worker = threading.Thread(target=pruning, daemon=True)
     worker.start()
     try:
