@@ -51,7 +51,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -280,35 +280,39 @@ def hang_up_live_calls(url: str, settle_seconds: float = 5.0) -> None:
     time.sleep(settle_seconds)
 
 
+def _prune_until_stopped(url: str, redis_url: str, now: datetime, stop, results) -> None:
+    """The pruning process: ticks of the real `orchestration.retention.prune` back to back until
+    `stop` is set or a tick prunes nothing; what it pruned, and for how long, into `results`."""
+    import redis as redis_lib
+
+    from orchestration.retention import prune
+
+    client = redis_lib.Redis.from_url(redis_url)
+    started = time.perf_counter()
+    pruned: dict[str, int] = {}
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        while not stop.is_set():
+            out = prune(conn, client, days=1, now=now)
+            for table, n in out.rows.items():
+                pruned[table] = pruned.get(table, 0) + n
+            if not any(out.rows.values()) and out.batches:
+                break  # the day is gone
+    results.put((pruned, time.perf_counter() - started))
+
+
 def pruning_run(fig: Figures, url: str, redis_url: str, args) -> None:
     """The offered-load run again while retention prunes the history's oldest day: ticks of the real
     `orchestration.retention.prune` back to back (beat runs one a minute: this is a minute's worth
     of ticks every tick's length), its horizon one day past the oldest row, until that day is gone
-    or the run ends. The ringing latency beside the plain run's is the cost pruning puts on it."""
-    import redis as redis_lib
-
-    from orchestration.retention import prune
+    or the run ends, in a process of its own (as a worker runs it: a thread of this one would share
+    the driver's interpreter lock and stretch what the driver measures). The ringing latency beside
+    the control run's is the cost pruning puts on it."""
+    import multiprocessing
 
     with psycopg.connect(url, autocommit=True) as conn:
         oldest = conn.execute("select min(received_at) from public.call_events").fetchone()[0]
     if oldest is None:
         return
-    done = threading.Event()
-    pruned: dict[str, int] = {}
-
-    def pruning() -> None:
-        client = redis_lib.Redis.from_url(redis_url)
-        started = time.perf_counter()
-        with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
-            while not done.is_set():
-                out = prune(conn, client, days=1, now=oldest + timedelta(days=2))
-                for table, n in out.rows.items():
-                    pruned[table] = pruned.get(table, 0) + n
-                if not any(out.rows.values()) and out.batches:
-                    break  # the day is gone
-        fig.pruning_seconds = time.perf_counter() - started
-        client.close()
-
     # The control: the same run without pruning, right before. Each run starts with no call of an
     # earlier run live: the sweep ends the calls a run leaves answered and silent 120 s later, and
     # the control's 3,000 would otherwise be ended during the pruning run only.
@@ -316,16 +320,19 @@ def pruning_run(fig: Figures, url: str, redis_url: str, args) -> None:
     fig.unpruned_ringing = asyncio.run(drive(url, round(args.rate * PRUNING_RUN_SECONDS), rate=args.rate,
                                              watch_calls=True)).ringing
     hang_up_live_calls(url)
-    worker = threading.Thread(target=pruning, daemon=True)
-    worker.start()
+    context = multiprocessing.get_context("spawn")
+    stop, results = context.Event(), context.Queue()
+    pruner = context.Process(target=_prune_until_stopped, args=(url, redis_url, oldest + timedelta(days=2), stop, results),
+                             daemon=True)
+    pruner.start()
     try:
         # Long enough for the day to go at the pace a tick keeps (it rests between batches).
         run = asyncio.run(drive(url, round(args.rate * PRUNING_RUN_SECONDS), rate=args.rate, watch_calls=True))
     finally:
-        done.set()
-        worker.join()
+        stop.set()
+        fig.pruned, fig.pruning_seconds = results.get(timeout=120)
+        pruner.join(30)
     fig.pruning_ringing = run.ringing
-    fig.pruned = pruned
 
 
 # ---- the statements, as auto_explain saw them ---------------------------------------------------
