@@ -113,7 +113,7 @@ def test_metrics_show_the_whole_deployment(web):
 
     text = httpx.get(f"{web}/metrics", timeout=10).text
     for family in ("callflow_queue_depth", "callflow_queue_oldest_age_seconds", "callflow_pushes",
-                   "callflow_deliveries", "callflow_usage_plan_concurrency_cap"):
+                   "callflow_deliveries_total", "callflow_usage_plan_concurrency_cap"):
         assert f"# TYPE {family} " in text, family
     assert 'callflow_queue_depth{queue="events"}' in text and 'callflow_queue_depth{queue="push"}' in text
 
