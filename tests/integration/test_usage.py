@@ -58,6 +58,7 @@ class History:
     def __init__(self, conn) -> None:
         self.conn = conn
         self.calls: dict[str, datetime | None] = {}  # id -> ended_at
+        self.created: dict[str, datetime] = {}  # id -> created_at
         self.sessions: dict[str, list] = {}  # id -> [call_id, joined_at, left_at]
 
     def add_call(self, created_at: datetime, ended_at: datetime | None = None) -> str:
@@ -67,6 +68,7 @@ class History:
                values (%s, %s, %s, %s, %s, %s)""",
             (cid, f"room-{cid}", "active" if ended_at is None else "completed", created_at, created_at, ended_at))
         self.calls[cid] = ended_at
+        self.created[cid] = created_at
         return cid
 
     def add_session(self, call_id: str, joined_at: datetime, left_at: datetime | None = None) -> str:
@@ -92,8 +94,14 @@ class History:
     def delete_call(self, cid: str) -> None:
         self.conn.execute("delete from public.calls where id = %s", (cid,))  # cascades to its sessions
         del self.calls[cid]
+        del self.created[cid]
         for pid in [p for p, s in self.sessions.items() if s[0] == cid]:
             del self.sessions[pid]
+
+    def month_calls(self, month: date) -> tuple[int, int]:
+        start, end = month_bounds(month)
+        made = [cid for cid, at in self.created.items() if start <= at < end]
+        return len(made), sum(1 for cid in made if self.calls[cid] is not None)
 
     def model(self) -> list[Session]:
         return [Session(joined, left if left is not None else self.calls[cid])
@@ -107,6 +115,31 @@ def assert_matches_model(conn, history: History, months=(NOV, DEC), now=NOW) -> 
         want_peak = peak_concurrency(history.model(), month, now)
         assert (got.participant_minutes, got.peak_concurrent_participants, got.peak_at) == (want_minutes, *want_peak), month
         assert store.participant_minutes_direct(conn, month, now) == want_minutes
+        assert (got.calls, got.completed_calls) == history.month_calls(month) == store.calls_direct(conn, month), month
+    assert_kept_summaries_stand_for_their_rows(conn)
+
+
+def assert_kept_summaries_stand_for_their_rows(conn) -> None:
+    """The levels, days and hours the usage figures keep are still what their rows sum to."""
+    levels = conn.execute("""select l.month, l.level, (select coalesce(sum(net), 0) from public.callflow_usage_minutes
+                                                        where minute < l.month) as summed
+                               from public.callflow_usage_month_levels l order by l.month""").fetchall()
+    assert all(r["level"] == r["summed"] for r in levels), levels
+    hours = conn.execute("""select k.hour, (k.calls, k.completed_calls) as kept,
+                                   (select (count(*), count(*) filter (where c.status = 'completed')) from public.calls c
+                                     where c.created_at >= k.hour and c.created_at < k.hour + interval '1 hour') as counted
+                              from public.callflow_usage_call_hours k""").fetchall()
+    assert all(r["kept"] == r["counted"] for r in hours), hours
+    for day in conn.execute("select day, net, rise, rise_at from public.callflow_usage_day_peaks").fetchall():
+        minutes = conn.execute("""select net, rise, rise_at from public.callflow_usage_minutes
+                                   where minute >= %s and minute < %s order by minute""",
+                               (day["day"], day["day"] + timedelta(days=1))).fetchall()
+        level, best = 0, (None, None)
+        for m in minutes:  # the day's highest level above its start, first reached when
+            if m["rise"] > 0 and (best[0] is None or level + m["rise"] > best[0]):
+                best = (level + m["rise"], m["rise_at"])
+            level += m["net"]
+        assert (day["net"], day["rise"], day["rise_at"]) == (level, *best), day
 
 
 def random_moment(rng: random.Random) -> datetime:
@@ -164,13 +197,12 @@ def test_generated_histories_match_the_definitions_through_every_kind_of_write(u
                 s[2] = s[1] + timedelta(seconds=90)
         assert_matches_model(conn, history)
         assert conn.execute("select count(*) as n from public.callflow_usage_dirty").fetchone()["n"] == 0
-        # The peaks above started from the levels kept at each month's start (made at the first
-        # look, then moved by every change of an earlier minute): still the sums they stand for.
-        kept = conn.execute("""select l.month, l.level, (select coalesce(sum(net), 0) from public.callflow_usage_minutes
-                                                          where minute < l.month) as summed
-                                 from public.callflow_usage_month_levels l order by l.month""").fetchall()
-        assert [r["month"] for r in kept] == [datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)]
-        assert all(r["level"] == r["summed"] for r in kept), kept
+        # The peaks above started from the levels (and days) kept at the first look, then moved
+        # or forgotten by every change: assert_matches_model held them to their sums each time.
+        months = [r["month"] for r in conn.execute("select month from public.callflow_usage_month_levels order by month")]
+        assert months == [datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)]
+        assert conn.execute("select count(*) as n from public.callflow_usage_day_peaks").fetchone()["n"] > 0
+        assert conn.execute("select count(*) as n from public.callflow_usage_call_hours").fetchone()["n"] > 0
 
 
 def test_known_answers(usage_db):
@@ -454,3 +486,42 @@ def test_truncating_the_history_empties_the_rollup(usage_db):
         conn.execute("truncate public.calls cascade")
         got = month_usage(conn, PLANS["build"], DEC, NOW)
         assert (got.participant_minutes, got.peak_concurrent_participants, got.peak_at) == (0, 0, None)
+
+
+def test_the_month_count_of_calls_keeps_settled_hours_and_forgets_them_on_rewrites(usage_db):
+    with connect(usage_db, autocommit=True) as conn:
+        h = History(conn)
+        month = date.today().replace(day=1)
+        two_hours_ago = datetime.now(UTC) - timedelta(hours=2)
+        if two_hours_ago < datetime(month.year, month.month, 1, tzinfo=UTC):
+            month = (month - timedelta(days=1)).replace(day=1)  # (the first two hours of a month)
+        live = h.add_call(two_hours_ago)  # still active: its hour is counted, not kept
+        h.add_call(two_hours_ago, two_hours_ago + timedelta(minutes=5))
+        h.add_call(datetime.now(UTC))  # the hour in progress: counted every time
+
+        def count() -> tuple[int, int]:
+            got = store.calls(conn, month)
+            assert got == h.month_calls(month) == store.calls_direct(conn, month)
+            assert_kept_summaries_stand_for_their_rows(conn)
+            return got
+
+        def kept() -> list[datetime]:
+            return [r["hour"] for r in conn.execute("select hour from public.callflow_usage_call_hours where calls > 0")]
+
+        assert count() == (3, 1) and kept() == []
+        h.end_call(live, two_hours_ago + timedelta(minutes=9))
+        assert count() == (3, 2) and kept() == [two_hours_ago.replace(minute=0, second=0, microsecond=0)]
+        # Writes that change a settled hour's count: each forgets it, and the next count is right.
+        backdated = h.add_call(two_hours_ago + timedelta(seconds=1), two_hours_ago + timedelta(minutes=1))
+        assert kept() == []
+        assert count() == (4, 3)
+        conn.execute("update public.calls set status = 'failed' where id = %s", (backdated,))
+        h.calls[backdated] = None  # (not completed any more)
+        assert count() == (4, 2)
+        conn.execute("update public.calls set created_at = created_at - interval '1 hour' where id = %s", (backdated,))
+        h.created[backdated] -= timedelta(hours=1)
+        assert count() == (4, 2)
+        h.delete_call(backdated)
+        assert count() == (3, 2)
+        conn.execute("truncate public.calls cascade")
+        assert conn.execute("select count(*) as n from public.callflow_usage_call_hours").fetchone()["n"] == 0
