@@ -357,8 +357,8 @@ class FakeUnitOfWork:
     def silent_active_calls(self, ring_timeout, grace, limit):
         now = self.now()
         out = []
-        for c in self.s.calls.values():
-            if c.status != "active":
+        for c in sorted(self.s.calls.values(), key=lambda c: c.created_at):  # oldest first
+            if c.status != "active" or c.created_at >= now - timedelta(seconds=ring_timeout):
                 continue
             sessions = [p for p in self.s.participants.values() if p.call_id == c.id]
             if any(p.left_at is None for p in sessions):
