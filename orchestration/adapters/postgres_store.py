@@ -34,6 +34,12 @@ from orchestration.domain import notices
 from orchestration.domain.model import Call, Invitation, Participant
 
 _LIVE = "('ringing', 'active')"
+# Every live call, through calls_one_live_call_per_room, before any order or filter of time: once
+# ANALYZE has seen a few hundred live calls among millions, "live calls by created_at, limit N"
+# was planned as a backward walk of calls_created_at, the whole history, filtered by status
+# (1,711,373 rows removed per parallel worker, 1,032 ms, on a year of history).
+_LIVE_CALLS = f"""with live as materialized (
+  select id, room_name, created_at from public.calls where status in {_LIVE})"""
 # For this transaction only (`set local`): its status changes are the lifecycle worker's.
 DECLARE_WORKER = "select set_config('callflow.actor', 'worker', true)"
 
@@ -457,7 +463,7 @@ class PostgresUnitOfWork:
         return self._all(
             # From the live calls (few) to their sessions, not from every session ever recorded
             # (the planner scanned all of call_participants every sweep).
-            f"""with live as materialized (select id, room_name from public.calls where status in {_LIVE})
+            f"""{_LIVE_CALLS}
                select p.participant_sid, p.identity, l.room_name from live l
                  join public.call_participants p on p.call_id = l.id
                 where p.left_at is not null
@@ -494,16 +500,18 @@ class PostgresUnitOfWork:
     def live_calls_older_than(self, seconds: float, limit: int) -> list[dict]:
         return self._all(
             # A call whose room is still to be made (LiveKit gave no answer) has no room to miss yet.
-            f"""select c.id, c.room_name from public.calls c where c.status in {_LIVE}
-                 and c.created_at < %s::timestamptz - make_interval(secs => %s)
-                 and not exists (select 1 from public.callflow_room_actions a where a.key = 'make:' || c.id)
-               order by c.created_at limit %s""",
+            # The live calls first, then their order (_LIVE_CALLS).
+            f"""{_LIVE_CALLS}
+               select c.id, c.room_name from live c
+                where c.created_at < %s::timestamptz - make_interval(secs => %s)
+                  and not exists (select 1 from public.callflow_room_actions a where a.key = 'make:' || c.id)
+                order by c.created_at limit %s""",
             (self.now(), seconds, limit),
         )
 
     def live_rooms(self, limit: int) -> list[str]:
         return [r["room_name"] for r in self._all(
-            f"select room_name from public.calls where status in {_LIVE} order by created_at limit %s", (limit,))]
+            f"{_LIVE_CALLS} select room_name from live order by created_at limit %s", (limit,))]
 
 
 
