@@ -30,7 +30,7 @@ from orchestration.delivery.rate import Rate
 from orchestration.notifications.mailers import resend_provider
 from orchestration.shared_backoff import SharedBackoff
 from orchestration.usage.check import check_usage
-from orchestration.usage.figures import Session, month_bounds, participant_minutes, peak_concurrency
+from orchestration.usage.figures import Session, month_bounds, month_of, participant_minutes, peak_concurrency
 from orchestration.usage.metrics import UsageCollector
 from orchestration.usage.plans import PLANS
 from orchestration.usage.report import month_usage
@@ -489,15 +489,14 @@ def test_truncating_the_history_empties_the_rollup(usage_db):
 
 
 def test_the_month_count_of_calls_keeps_settled_hours_and_forgets_them_on_rewrites(usage_db):
+    now = datetime.now(UTC)
+    this_month = month_of(now)
+    month = month_of(datetime(this_month.year, this_month.month, 1, tzinfo=UTC) - timedelta(days=1))
+    noon = datetime(month.year, month.month, 15, 12, tzinfo=UTC)  # an hour long settled, whatever the clock
     with connect(usage_db, autocommit=True) as conn:
         h = History(conn)
-        month = date.today().replace(day=1)
-        two_hours_ago = datetime.now(UTC) - timedelta(hours=2)
-        if two_hours_ago < datetime(month.year, month.month, 1, tzinfo=UTC):
-            month = (month - timedelta(days=1)).replace(day=1)  # (the first two hours of a month)
-        live = h.add_call(two_hours_ago)  # still active: its hour is counted, not kept
-        h.add_call(two_hours_ago, two_hours_ago + timedelta(minutes=5))
-        h.add_call(datetime.now(UTC))  # the hour in progress: counted every time
+        live = h.add_call(noon)  # still active: its hour is counted, not kept
+        h.add_call(noon, noon + timedelta(minutes=5))
 
         def count() -> tuple[int, int]:
             got = store.calls(conn, month)
@@ -508,20 +507,24 @@ def test_the_month_count_of_calls_keeps_settled_hours_and_forgets_them_on_rewrit
         def kept() -> list[datetime]:
             return [r["hour"] for r in conn.execute("select hour from public.callflow_usage_call_hours where calls > 0")]
 
-        assert count() == (3, 1) and kept() == []
-        h.end_call(live, two_hours_ago + timedelta(minutes=9))
-        assert count() == (3, 2) and kept() == [two_hours_ago.replace(minute=0, second=0, microsecond=0)]
+        assert count() == (2, 1) and kept() == []
+        h.end_call(live, noon + timedelta(minutes=9))
+        assert count() == (2, 2) and kept() == [noon]
         # Writes that change a settled hour's count: each forgets it, and the next count is right.
-        backdated = h.add_call(two_hours_ago + timedelta(seconds=1), two_hours_ago + timedelta(minutes=1))
+        backdated = h.add_call(noon + timedelta(seconds=1), noon + timedelta(minutes=1))
         assert kept() == []
-        assert count() == (4, 3)
+        assert count() == (3, 3)
         conn.execute("update public.calls set status = 'failed' where id = %s", (backdated,))
         h.calls[backdated] = None  # (not completed any more)
-        assert count() == (4, 2)
+        assert count() == (3, 2)
         conn.execute("update public.calls set created_at = created_at - interval '1 hour' where id = %s", (backdated,))
         h.created[backdated] -= timedelta(hours=1)
-        assert count() == (4, 2)
-        h.delete_call(backdated)
         assert count() == (3, 2)
+        h.delete_call(backdated)
+        assert count() == (2, 2)
+        # The hour in progress is counted every time, never kept.
+        h.add_call(now)
+        assert store.calls(conn, this_month) == h.month_calls(this_month) == (1, 0)
+        assert now.replace(minute=0, second=0, microsecond=0) not in kept()
         conn.execute("truncate public.calls cascade")
         assert conn.execute("select count(*) as n from public.callflow_usage_call_hours").fetchone()["n"] == 0
