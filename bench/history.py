@@ -64,6 +64,8 @@ from bench.stack import ROOT, machine, percentile, stack, table
 from devstack import services
 
 SWEEP_INTERVAL_SECONDS = 1
+# The lifecycle runs' stack (the saturation runs' silent calls are ended by the sweep 120 s later).
+LIFECYCLE_ENV = {"CALLFLOW_RING_TIMEOUT_SECONDS": "120", "CALLFLOW_SWEEP_INTERVAL_SECONDS": str(SWEEP_INTERVAL_SECONDS)}
 SLOW_MS = 5.0
 # Tables that grow with history: a sequential scan of one of them is flagged.
 # (Not callflow_room_actions nor callflow_usage_dirty: their rows go once done.)
@@ -229,7 +231,7 @@ def usage_command(env: dict[str, str]) -> tuple[float, str]:
 
 
 def lifecycle_runs(fig: Figures, url: str, heavy_user: str | None, args, first: bool = True) -> None:
-    env = {"CALLFLOW_RING_TIMEOUT_SECONDS": "120", "CALLFLOW_SWEEP_INTERVAL_SECONDS": str(SWEEP_INTERVAL_SECONDS)}
+    env = LIFECYCLE_ENV
     with stack(env, workers=1, concurrency=args.concurrency, listener=True, beat=True, web=True, database_url=url) as s:
         log(f"{fig.label}: warm-up")
         asyncio.run(drive(url, min(200, args.count), in_flight=args.in_flight))
@@ -308,6 +310,10 @@ class PruningPair:
     pruning_ringing: list[float]  # the same run right after, while pruning
     pruned: dict[str, int]
     pruning_seconds: float
+
+    @staticmethod
+    def median_moved_ms(pairs: list["PruningPair"]) -> float:
+        return percentile([p.p99_moved_ms for p in pairs], 50)
 
     @property
     def p99_moved_ms(self) -> float:
@@ -629,7 +635,7 @@ def compare_statements(history: Figures, empty: Figures, top: int = 20) -> None:
 
 def pruning_only(hist, args) -> None:
     fig = Figures("history")
-    env = {"CALLFLOW_RING_TIMEOUT_SECONDS": "120", "CALLFLOW_SWEEP_INTERVAL_SECONDS": str(SWEEP_INTERVAL_SECONDS)}
+    env = LIFECYCLE_ENV
     with stack(env, workers=1, concurrency=args.concurrency, listener=True, beat=True, web=True,
                database_url=hist.url) as s:
         log(f"{fig.label}: warm-up")
@@ -639,7 +645,7 @@ def pruning_only(hist, args) -> None:
                 ["pair", f"{args.rate:g}/s insert→ringing p50 / p99 ms: control → while pruning (pruned)", "p99 moved ms"]))
     print(f"machine: {machine()}")
     print(f"pruning moved ringing p99 by (median of {len(fig.pruning_pairs)} pairs): "
-          f"{percentile([p.p99_moved_ms for p in fig.pruning_pairs], 50):+.0f} ms")
+          f"{PruningPair.median_moved_ms(fig.pruning_pairs):+.0f} ms")
 
 
 def fmt_ms(values: list[float], p: float) -> str:
@@ -723,7 +729,7 @@ def main() -> None:
         [f"{args.rate:g}/s for {PRUNING_RUN_SECONDS} s, then again while pruning: insert→ringing p50 / p99 ms",
          "; ".join(p.describe() for p in history.pruning_pairs) or "n/a", "n/a",
          (f"p99 moved by (median of {len(history.pruning_pairs)}) "
-          f"{percentile([p.p99_moved_ms for p in history.pruning_pairs], 50):+.0f} ms; " if history.pruning_pairs else "")
+          f"{PruningPair.median_moved_ms(history.pruning_pairs):+.0f} ms; " if history.pruning_pairs else "")
          + "the oldest day each time; bound: p99 moved by at most 20 ms"],
         [f"{args.rate:g}/s: accept→active p50 / p99 ms", "{} / {}".format(*ms(history.offered_active, 50, 99)),
          "{} / {}".format(*ms(empty.offered_active, 50, 99)), ""],
