@@ -478,17 +478,16 @@ class PostgresUnitOfWork:
             # Each live call's sessions by its call id (one probe of call_participants_call_left):
             # `p.left_at is null` in a subquery's own condition let the planner read all of
             # call_participants_identity_open (believed empty on a big history) once per live call.
-            # Active calls oldest first (calls_active_created), only those made a ring timeout ago
-            # (a call is made before it is answered; one made at its answer, its ringing lost, is
-            # looked at that much later): the walk stops at `limit` silent calls and never visits
-            # the young ones, rather than probing every active call each second (3,000 of them:
-            # 26 ms on a year of history).
+            # Active calls oldest first (calls_active_created; `created_at is not null` lets the
+            # planner use it): the walk stops at `limit` silent calls. Not only the calls made a
+            # ring timeout ago: a call made when its lost ringing was recovered can be answered
+            # before it was made, and must end a ring timeout after that answer all the same.
             """select c.id, c.room_name from public.calls c
                 cross join lateral (
                   select count(*) filter (where p.left_at is null) as open, max(p.left_at) as last_left
                     from public.call_participants p where p.call_id = c.id) s
                 where c.status = 'active'
-                  and c.created_at < %(now)s::timestamptz - make_interval(secs => %(ring)s)
+                  and c.created_at is not null
                   and s.open = 0
                   and (s.last_left is null or s.last_left <= %(now)s::timestamptz - make_interval(secs => %(grace)s))
                   and (select min(i.answered_at) from public.call_invitations i where i.call_id = c.id)

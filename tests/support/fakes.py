@@ -358,7 +358,7 @@ class FakeUnitOfWork:
         now = self.now()
         out = []
         for c in sorted(self.s.calls.values(), key=lambda c: c.created_at):  # oldest first
-            if c.status != "active" or c.created_at >= now - timedelta(seconds=ring_timeout):
+            if c.status != "active":
                 continue
             sessions = [p for p in self.s.participants.values() if p.call_id == c.id]
             if any(p.left_at is None for p in sessions):
