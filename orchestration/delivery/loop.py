@@ -187,6 +187,21 @@ class Deliverer:
             pipe.set(names.delivery_resent_key(self.channel.name, i), 1, nx=True, ex=self.channel.resend_every)
         return [i for i, first in zip(ids, pipe.execute()) if first]
 
+    def _recorded(self, results: list) -> None:
+        """After the outcomes' commit, one round trip: their rows are waited for no more (a waiting
+        mark outlives its come-back by WAITING_SLACK_SECONDS: left, it would turn away the first try
+        of `callflow notifications retry` for the row that just failed), and the outcomes counted. A
+        Redis that does not answer loses neither (the rows hold the truth; a mark expires)."""
+        if not results:
+            return
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.delete(*[names.delivery_waiting_key(self.channel.name, row_id) for row_id, _, _, _ in results])
+            delivery_metrics.add_counts(pipe, self.channel.name, [status for _, status, _, _ in results])
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("deliver: outcomes not counted", channel=self.channel.name, error=str(exc)[:200])
+
     # ---- one run -------------------------------------------------------------------------------
 
     def run(self, ids: list[str], attempt: Attempt = Attempt(), top_up: bool = True) -> Delivery:
@@ -318,7 +333,7 @@ class Deliverer:
             self.mark_waiting(deferral.ids, deferral.seconds)
         outbox.finish(conn, channel, results)
         conn.commit()
-        delivery_metrics.count(self.redis, channel.name, [status for _, status, _, _ in results])
+        self._recorded(results)
         for _, status, _, _ in results:
             setattr(out, status, getattr(out, status) + 1)
         return out

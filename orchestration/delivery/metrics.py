@@ -12,27 +12,17 @@ from __future__ import annotations
 from collections import Counter
 
 import redis
-import structlog
 from prometheus_client import REGISTRY
 from prometheus_client.core import CounterMetricFamily
 
 from orchestration import names
 
-log = structlog.get_logger("callflow.delivery")
 
-
-def count(client: redis.Redis, channel: str, statuses: list[str]) -> None:
-    """After the outcome's commit: one increment per (channel, status). A Redis that does not
-    answer loses these counts, never the run (the rows hold the truth)."""
-    if not statuses:
-        return
-    try:
-        pipe = client.pipeline(transaction=False)
-        for status, n in Counter(statuses).items():
-            pipe.hincrby(names.DELIVERY_OUTCOMES, f"{channel}:{status}", n)
-        pipe.execute()
-    except redis.RedisError as exc:
-        log.warning("deliver: outcomes not counted", channel=channel, error=str(exc)[:200])
+def add_counts(pipe, channel: str, statuses: list[str]) -> None:
+    """Queues on `pipe` (run after the outcome's commit, with the run's other marks) one increment per
+    (channel, status). A Redis that does not answer loses these counts, never the run."""
+    for status, n in Counter(statuses).items():
+        pipe.hincrby(names.DELIVERY_OUTCOMES, f"{channel}:{status}", n)
 
 
 class DeliveryCollector:

@@ -364,6 +364,26 @@ def test_retry_command_resends_only_failed_rows_resend_never_accepted(db, make_u
     assert again.returncode != 0 and "is sent" in again.stderr
 
 
+def test_retry_right_after_a_refusal_that_followed_a_wait_sends_at_once(db, people, standin, mail_worker, producer,
+                                                                         broker_url, mail_database_url):
+    """A row that waited for its send time carries a waiting mark (its task is coming back); once
+    its outcome is recorded nothing waits for it, so the retry command's first try must not be
+    turned away by the mark (it used to be, for the mark's 30 s of slack: found by a CI run)."""
+    from orchestration.delivery.rate import Rate
+
+    caller, callee = people
+    standin.fail_recipient(email_of(db, callee), 422)
+    Rate(redis_lib.Redis.from_url(broker_url), 50, names.RATELIMIT_RESEND).hold_off(1.0)  # a 429's retry-after
+    nid = outbox_row(db, ended_invitation(db, caller, callee), callee)
+    producer.send(nid)
+    assert wait_status(db, nid)["status"] == "failed"
+    standin.reset()
+    done = callflow_cli(mail_database_url, broker_url, "notifications", "retry", "--id", nid)
+    assert done.returncode == 0 and nid in done.stdout, done.stderr
+    row = wait_status(db, nid, statuses=("sent",), timeout=10)
+    assert row["attempts"] == 2 and len(standin.emails_to(email_of(db, callee))) == 1
+
+
 def test_sweep_resends_a_pending_row_whose_task_got_lost(db, people, standin, mail_worker, producer):
     caller, callee = people
     nid = outbox_row(db, ended_invitation(db, caller, callee), callee, created_ago=30)
