@@ -148,7 +148,8 @@ def backoff_key(name: str) -> str:
 
 
 def delivery_waiting_key(channel: str, row_id: str) -> str:
-    """Set while a task waits to come back for an outbox row: first tries and the sweep leave it alone."""
+    """Set while a task waits to come back for an outbox row: first tries and the sweep leave it alone.
+    Deleted when the row's outcome is recorded."""
     return f"callflow:delivery:{channel}:waiting:{row_id}"
 
 
