@@ -159,6 +159,50 @@ def history_database(scale: float, rebuild: bool = False) -> History:
 
 # ---- what is measured on each database ----------------------------------------------------------
 
+def postgres_cpu_seconds() -> float:
+    """CPU seconds of the whole Postgres cluster so far: the postmaster's own and its exited
+    children's (reaped: cutime/cstime), plus its live children's."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    pid = int(subprocess.run(["pgrep", "-o", "-u", "postgres", "-x", "postgres"], capture_output=True,
+                             text=True).stdout.split()[0])
+
+    def fields(p: int) -> list[str]:
+        return Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+
+    own = fields(pid)
+    total = sum(int(own[i]) for i in (11, 12, 13, 14))
+    for child in subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split():
+        try:
+            f = fields(int(child))
+        except OSError:
+            continue
+        total += int(f[11]) + int(f[12])
+    return total / ticks
+
+
+# The cluster's counters around a run (the other database is idle meanwhile): what the run cost
+# Postgres besides its statements' plans: CPU, pages read from outside shared_buffers, WAL and its
+# full-page images (the first change of a page after a checkpoint writes the whole page), dirty
+# pages a backend had to write itself, checkpoints.
+_DB_COUNTERS = """
+select d.blks_read, d.blks_hit, w.wal_records, w.wal_fpi, w.wal_bytes::bigint,
+       b.buffers_backend, b.checkpoints_timed + b.checkpoints_req as checkpoints
+  from pg_stat_database d, pg_stat_wal w, pg_stat_bgwriter b
+ where d.datname = current_database()
+"""
+
+
+def database_counters(url: str) -> dict[str, float]:
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        conn.execute("select pg_stat_clear_snapshot()")
+        row = conn.execute(_DB_COUNTERS).fetchone()
+    return {**{k: float(v) for k, v in row.items()}, "cpu_s": postgres_cpu_seconds()}
+
+
+def per_lifecycle(before: dict[str, float], after: dict[str, float], count: int) -> dict[str, float]:
+    return {k: (after[k] - before[k]) / count for k in after}
+
+
 @dataclass
 class Figures:
     label: str
@@ -176,6 +220,12 @@ class Figures:
     lock_waits: dict[str, float] = field(default_factory=dict)
     load: list[float] = field(default_factory=list)  # the machine's 1-min load average around the saturation runs
     pruning_pairs: list["PruningPair"] = field(default_factory=list)
+    database_runs: list[dict[str, float]] = field(default_factory=list)  # Postgres per lifecycle, per round
+    offered_waits: list[list[str]] = field(default_factory=list)  # WaitSampler.top() of each offered-load run
+
+    @property
+    def database_side(self) -> dict[str, float]:  # the round with the median Postgres CPU
+        return sorted(self.database_runs, key=lambda d: d["cpu_s"])[len(self.database_runs) // 2] if self.database_runs else {}
 
     @property
     def rate(self) -> float:
@@ -239,11 +289,15 @@ def lifecycle_runs(fig: Figures, url: str, heavy_user: str | None, args, first: 
             with psycopg.connect(url, autocommit=True) as conn:
                 conn.execute("analyze public.calls, public.call_invitations, public.call_participants")
         log(f"{fig.label}: {args.rate:g}/s for {args.rate_seconds:g} s")
-        offered = asyncio.run(drive(url, round(args.rate * args.rate_seconds), rate=args.rate, watch_calls=True))
+        with WaitSampler(url) as waits:
+            offered = asyncio.run(drive(url, round(args.rate * args.rate_seconds), rate=args.rate, watch_calls=True))
+        fig.offered_waits.append(waits.top())
         log(f"{fig.label}: saturation, {args.count} lifecycles")
         fig.load.append(os.getloadavg()[0])
         # CPU of this stack's own processes: the machine is shared (another run's workers would count).
+        db_before = database_counters(url)
         saturated = asyncio.run(drive(url, args.count, in_flight=args.in_flight, measure=True, cpu_of=s.cpu_by_role))
+        fig.database_runs.append(per_lifecycle(db_before, database_counters(url), args.count))
         fig.load.append(os.getloadavg()[0])
         fig.rates.append(args.count / saturated.elapsed)
         fig.sat_ringing += saturated.ringing
@@ -456,6 +510,57 @@ def summarise(entries: list[tuple[float, str, str]]) -> list[Statement]:
             st.flags.insert(0, f"max {st.max_ms:.1f} ms, p50 {st.p50_ms:.2f} ms"
                                + (" (waits on advisory locks)" if "pg_advisory" in st.query else ""))
     return sorted(groups.values(), key=lambda s: (-bool(s.flags), -s.max_ms))
+
+
+class WaitSampler(threading.Thread):
+    """What the database's busy backends were doing, every 50 ms during a run: (wait event, the
+    statement's first words) counted, to say where a stalled second went. A sample with nobody
+    waiting counts nothing; `CPU` is an active backend with no wait event."""
+
+    INTERVAL = 0.05
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.stopping = url, threading.Event()
+        self.counts: dict[tuple[str, str], int] = {}
+        self.by_second: dict[int, dict[tuple[str, str], int]] = {}  # the same, per second of the run
+        self.samples = 0
+
+    def run(self) -> None:
+        dbname = psycopg.conninfo.conninfo_to_dict(self.url)["dbname"]
+        with psycopg.connect(_admin(self.url), autocommit=True) as conn:
+            while not self.stopping.wait(self.INTERVAL):
+                rows = conn.execute(
+                    """select coalesce(wait_event_type || ':' || wait_event, 'CPU'), left(regexp_replace(query, '\s+', ' ', 'g'), 70)
+                         from pg_stat_activity
+                        where datname = %s and state = 'active' and pid <> pg_backend_pid()""", (dbname,)).fetchall()
+                self.samples += 1
+                second = self.by_second.setdefault(int(self.samples * self.INTERVAL), {})
+                for wait, query in rows:
+                    self.counts[(wait, query)] = self.counts.get((wait, query), 0) + 1
+                    second[(wait, query)] = second.get((wait, query), 0) + 1
+
+    def __enter__(self) -> "WaitSampler":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        self.join(5)
+
+    def top(self, n: int = 8, busiest: int = 3) -> list[str]:
+        """The most sampled (wait, statement) as backend-seconds; then the run's busiest seconds
+        (most backend-samples) and what filled each."""
+
+        def lines(counts: dict, k: int, indent: str = "") -> list[str]:
+            ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:k]
+            return [f"{indent}{c * self.INTERVAL:6.2f} s  {wait:<28} {query}" for (wait, query), c in ranked]
+
+        out = lines(self.counts, n)
+        for second, counts in sorted(self.by_second.items(), key=lambda kv: -sum(kv[1].values()))[:busiest]:
+            out.append(f"second {second}: {sum(counts.values()) * self.INTERVAL:.2f} backend-seconds")
+            out += lines(counts, 3, "  ")
+        return out
 
 
 class PidWatch(threading.Thread):
@@ -713,6 +818,11 @@ def main() -> None:
     print(f"history: {hist.name} (scale {args.scale:g}), {hist.size_bytes / 2**30:.2f} GiB, built in "
           f"{hist.built_seconds:.0f} s; rows (estimates): " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     for fig in (history, empty):
+        for n, top in enumerate(fig.offered_waits):
+            print(f"{fig.label}, {args.rate:g}/s run {n + 1}: backend-seconds by wait and statement")
+            for line in top:
+                print("  " + line)
+    for fig in (history, empty):
         print(f"CPU ms per lifecycle at saturation on {fig.label}, by process: "
               + ", ".join(f"{k} {v:.1f}" for k, v in sorted(fig.cpu_by_role.items(), key=lambda kv: -kv[1])))
     print(f"`callflow usage` on history:\n  " + history.usage_output.replace("\n", "\n  "))
@@ -735,6 +845,18 @@ def main() -> None:
          "{} / {}".format(*ms(empty.offered_active, 50, 99)), ""],
         ["callflow CPU ms/lifecycle", f"{history.cpu_ms:.1f}", f"{empty.cpu_ms:.1f}",
          f"worker+listener+beat+web, saturation; history/empty {history.cpu_ms / empty.cpu_ms:.2f} (bound 1.10)"],
+        ["Postgres CPU ms/lifecycle", *(f"{f.database_side.get('cpu_s', float('nan')) * 1000:.1f}" for f in (history, empty)),
+         "the whole cluster (autovacuum included), saturation"],
+        ["  pages read / hit in shared_buffers", *("{:.1f} / {:.0f}".format(f.database_side.get("blks_read", float("nan")),
+                                                                            f.database_side.get("blks_hit", float("nan")))
+                                                   for f in (history, empty)), "per lifecycle; a read is from the OS cache or disk"],
+        ["  WAL kB / full-page images", *("{:.1f} / {:.1f}".format(f.database_side.get("wal_bytes", float("nan")) / 1024,
+                                                                   f.database_side.get("wal_fpi", float("nan")))
+                                          for f in (history, empty)), "per lifecycle"],
+        ["  pages written by backends / checkpoints", *("{:.2f} / {:.0f}".format(
+            f.database_side.get("buffers_backend", float("nan")),
+            f.database_side.get("checkpoints", float("nan")) * args.count) for f in (history, empty)),
+         "per lifecycle / in the run"],
         ["GET /api/calls heavy user p50 / p99 ms", f"{fmt_ms(history.api_heavy, 50)} / {fmt_ms(history.api_heavy, 99)}",
          "n/a", f"{args.api_requests} requests, limit 20; bound p99 < 20 ms"],
         ["GET /api/calls new user p50 / p99 ms", f"{fmt_ms(history.api_new, 50)} / {fmt_ms(history.api_new, 99)}",
