@@ -57,9 +57,9 @@ create table public.call_participants (
   duration_seconds  integer not null default 0,
   constraint call_participants_duration_not_negative check (duration_seconds >= 0)
 );
-create index call_participants_call on public.call_participants (call_id);
 create index call_participants_identity_open on public.call_participants (identity) where left_at is null;
--- Who left a live call and when (grace periods, silent calls).
+-- Who left a live call and when (grace periods, silent calls); also every lookup by call (and the
+-- cascade from calls): no index of its own on call_id (migration 20261208000006).
 create index call_participants_call_left on public.call_participants (call_id, left_at);
 
 -- The `web` process's event stream (GET /api/calls/events) tells a user when one of their calls

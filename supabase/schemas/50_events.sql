@@ -13,7 +13,8 @@ create table public.call_events (
   payload        jsonb not null default '{}'::jsonb,
   constraint call_events_source_known check (source in ('livekit', 'realtime', 'postgres', 'timer', 'sweep'))
 );
-create index call_events_room on public.call_events (room_name, received_at);
+-- The operators' lookup (docs/OPERATIONS.md). No index by room: nothing reads one, and on a year of
+-- history it cost every lifecycle a random leaf page (migration 20261208000006).
 create index call_events_invitation on public.call_events (invitation_id) where invitation_id is not null;
 
 alter table public.call_events enable row level security;
