@@ -12,6 +12,8 @@
 # Idempotent and fast when already done. Data lives under $CALLFLOW_STATE_DIR (default
 # /var/tmp/callflow), a folder the `postgres` user can reach even when the checkout sits under a
 # home folder only root can enter. Debian's own cluster on 5432 (if any) is left alone.
+# The local Postgres's shared_buffers: $CALLFLOW_PG_SHARED_BUFFERS (default 256MB), read when it
+# starts (`scripts/stack.sh stop` first); bench/RESULTS.md ("A year of history") says why one would.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -124,7 +126,7 @@ start_postgres() {
   log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
   STARTED_HERE+=(postgres)
   as_root runuser -u postgres -- "$bindir/pg_ctl" -D "$data" -l "$sock/postgres.log" -w -t 60 \
-    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $sock -c max_connections=300 -c fsync=${CALLFLOW_PG_FSYNC:-on} -c shared_buffers=256MB" \
+    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $sock -c max_connections=300 -c fsync=${CALLFLOW_PG_FSYNC:-on} -c shared_buffers=${CALLFLOW_PG_SHARED_BUFFERS:-256MB}" \
     start >/dev/null
 }
 
