@@ -103,3 +103,7 @@ create trigger call_invitations_admit
 create index call_invitations_caller_created on public.call_invitations (caller_id, created_at);
 create index call_invitations_room_callee_open
   on public.call_invitations (room_name, callee_id) where status in ('pending', 'ringing');
+-- A client's answer, decline or cancel by id: the update policies add the same status condition,
+-- and on a big table the planner read the whole index above (filtering on id) rather than probe
+-- the primary key (migration 20261208000007).
+create index call_invitations_open_id on public.call_invitations (id) where status in ('pending', 'ringing');

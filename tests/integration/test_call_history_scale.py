@@ -239,3 +239,31 @@ def test_the_participation_index_follows_invitations_and_calls(million):
         conn.execute("delete from calls where id = %s", (call["id"],))
         assert conn.execute("select count(*) n from callflow_call_parties where call_id = %s",
                             (call["id"],)).fetchone()["n"] == 0
+
+
+def test_an_answer_reads_its_own_invitation_not_every_open_one(million):
+    """A client's answer (`update ... set status = 'accepted' where id = $1`, as the callee, under
+    RLS): the policy adds `status in ('pending', 'ringing')`, which matched the partial index of open
+    invitations by room (call_invitations_room_callee_open): on a big table the planner read that
+    whole index, filtering on id, for each answer, decline and cancel (every open invitation's
+    entries, dead ones too: 236 buffers an answer at saturation on a year of history, 32 on an empty
+    database). It must find the row by its id. (Here, on a million invitations, the planner takes the
+    primary key even without call_invitations_open_id; on the 7,700,000 of bench.history it did not.)"""
+    with psycopg.connect(million, row_factory=dict_row) as conn:  # one transaction, rolled back
+        conn.execute("set local session_replication_role = replica")  # 300 open invitations, as under load
+        conn.execute(f"""insert into public.call_invitations (id, room_name, caller_id, callee_id, status)
+                           select {_id('a3000000', 'g')}, 'open-' || g, {_user('1 + g')}, {_user('2 + g')}, 'ringing'
+                             from generate_series(1, 300) g""")
+        conn.execute("set local session_replication_role = origin")
+        callee = conn.execute(f"select {_user('2 + 150')}::text as id").fetchone()["id"]
+        conn.execute("set local role authenticated")
+        conn.execute("select set_config('request.jwt.claims', %s, true)",
+                     (json.dumps({"sub": callee, "role": "authenticated"}),))
+        plan = _explain(conn, f"update public.call_invitations set status = 'accepted' where id = {_id('a3000000', '150')}"
+                              " returning call_id::text", {})
+        conn.rollback()
+    [scan] = [n for n in _nodes(plan["Plan"]) if n.get("Relation Name") == "call_invitations" and "Index Name" in n
+              or n.get("Node Type") == "Seq Scan"]
+    assert "id" in scan.get("Index Cond", ""), f"the answer read {scan.get('Index Name', scan['Node Type'])} " \
+                                               f"filtering on id: {scan.get('Filter')}"
+    assert scan["Actual Rows"] == 1 and scan.get("Rows Removed by Filter", 0) == 0, scan
