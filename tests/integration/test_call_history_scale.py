@@ -243,12 +243,12 @@ def test_the_participation_index_follows_invitations_and_calls(million):
 
 def test_an_answer_reads_its_own_invitation_not_every_open_one(million):
     """A client's answer (`update ... set status = 'accepted' where id = $1`, as the callee, under
-    RLS): the policy adds `status in ('pending', 'ringing')`, which matched the partial index of open
-    invitations by room (call_invitations_room_callee_open): on a big table the planner read that
-    whole index, filtering on id, for each answer, decline and cancel (every open invitation's
-    entries, dead ones too: 236 buffers an answer at saturation on a year of history, 32 on an empty
-    database). It must find the row by its id. (Here, on a million invitations, the planner takes the
-    primary key even without call_invitations_open_id; on the 7,700,000 of bench.history it did not.)"""
+    RLS): the policy adds `status in ('pending', 'ringing')`, which matched the predicate of the
+    partial index of open invitations by room: on a big table the planner read that whole index,
+    filtering on id, for each answer, decline and cancel (every open invitation's entries, dead ones
+    too: 236 buffers an answer at saturation on a year of history, 32 on an empty database). It must
+    find the row by its id. (Here, on a million invitations, the planner took the primary key even
+    before migration 20261208000007; on the 7,700,000 of bench.history it did not.)"""
     with psycopg.connect(million, row_factory=dict_row) as conn:  # one transaction, rolled back
         conn.execute("set local session_replication_role = replica")  # 300 open invitations, as under load
         conn.execute(f"""insert into public.call_invitations (id, room_name, caller_id, callee_id, status)
