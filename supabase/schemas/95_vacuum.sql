@@ -10,3 +10,7 @@ alter table public.call_invitations set (autovacuum_vacuum_scale_factor = 0, aut
                                          vacuum_index_cleanup = on);
 alter table public.call_participants set (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 10000,
                                           vacuum_index_cleanup = on);
+-- call_events (append-only) every 100,000 inserted rows (migration 20261208000009): a vacuum marks
+-- its new pages all-visible, and only then are the lookups by event_id answered from the index alone.
+alter table public.call_events set (autovacuum_vacuum_insert_scale_factor = 0,
+                                    autovacuum_vacuum_insert_threshold = 100000);
