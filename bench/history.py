@@ -60,7 +60,7 @@ from psycopg.rows import dict_row
 
 from bench import history_data
 from bench.lifecycle import CALLFLOW_ROLES, drive, ms
-from bench.stack import ROOT, machine, percentile, stack, table
+from bench.stack import ROOT, cpu_of_processes, machine, percentile, stack, table
 from devstack import services
 
 SWEEP_INTERVAL_SECONDS = 1
@@ -160,24 +160,12 @@ def history_database(scale: float, rebuild: bool = False) -> History:
 # ---- what is measured on each database ----------------------------------------------------------
 
 def postgres_cpu_seconds() -> float:
-    """CPU seconds of the whole Postgres cluster so far: the postmaster's own and its exited
-    children's (reaped: cutime/cstime), plus its live children's."""
-    ticks = os.sysconf("SC_CLK_TCK")
+    """CPU seconds of the whole Postgres cluster so far: the postmaster and its live children, plus
+    the children it has reaped (the postmaster's cutime and cstime: backends that have exited)."""
     pid = int(subprocess.run(["pgrep", "-o", "-u", "postgres", "-x", "postgres"], capture_output=True,
                              text=True).stdout.split()[0])
-
-    def fields(p: int) -> list[str]:
-        return Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-
-    own = fields(pid)
-    total = sum(int(own[i]) for i in (11, 12, 13, 14))
-    for child in subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split():
-        try:
-            f = fields(int(child))
-        except OSError:
-            continue
-        total += int(f[11]) + int(f[12])
-    return total / ticks
+    reaped = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[13:15]
+    return sum(cpu_of_processes([pid]).values()) + sum(int(v) for v in reaped) / os.sysconf("SC_CLK_TCK")
 
 
 # The cluster's counters around a run (the other database is idle meanwhile): what the run cost
@@ -223,9 +211,11 @@ class Figures:
     database_runs: list[dict[str, float]] = field(default_factory=list)  # Postgres per lifecycle, per round
     offered_waits: list[list[str]] = field(default_factory=list)  # WaitSampler.top() of each offered-load run
 
-    @property
-    def database_side(self) -> dict[str, float]:  # the round with the median Postgres CPU
-        return sorted(self.database_runs, key=lambda d: d["cpu_s"])[len(self.database_runs) // 2] if self.database_runs else {}
+    def database(self, counter: str) -> float:
+        """A Postgres counter per lifecycle, from the round with the median Postgres CPU (nan: none)."""
+        if not self.database_runs:
+            return float("nan")
+        return sorted(self.database_runs, key=lambda d: d["cpu_s"])[len(self.database_runs) // 2][counter]
 
     @property
     def rate(self) -> float:
@@ -845,17 +835,15 @@ def main() -> None:
          "{} / {}".format(*ms(empty.offered_active, 50, 99)), ""],
         ["callflow CPU ms/lifecycle", f"{history.cpu_ms:.1f}", f"{empty.cpu_ms:.1f}",
          f"worker+listener+beat+web, saturation; history/empty {history.cpu_ms / empty.cpu_ms:.2f} (bound 1.10)"],
-        ["Postgres CPU ms/lifecycle", *(f"{f.database_side.get('cpu_s', float('nan')) * 1000:.1f}" for f in (history, empty)),
+        ["Postgres CPU ms/lifecycle", *(f"{f.database('cpu_s') * 1000:.1f}" for f in (history, empty)),
          "the whole cluster (autovacuum included), saturation"],
-        ["  pages read / hit in shared_buffers", *("{:.1f} / {:.0f}".format(f.database_side.get("blks_read", float("nan")),
-                                                                            f.database_side.get("blks_hit", float("nan")))
-                                                   for f in (history, empty)), "per lifecycle; a read is from the OS cache or disk"],
-        ["  WAL kB / full-page images", *("{:.1f} / {:.1f}".format(f.database_side.get("wal_bytes", float("nan")) / 1024,
-                                                                   f.database_side.get("wal_fpi", float("nan")))
-                                          for f in (history, empty)), "per lifecycle"],
-        ["  pages written by backends / checkpoints", *("{:.2f} / {:.0f}".format(
-            f.database_side.get("buffers_backend", float("nan")),
-            f.database_side.get("checkpoints", float("nan")) * args.count) for f in (history, empty)),
+        ["  pages read / hit in shared_buffers",
+         *(f"{f.database('blks_read'):.1f} / {f.database('blks_hit'):.0f}" for f in (history, empty)),
+         "per lifecycle; a read is from the OS cache or disk"],
+        ["  WAL kB / full-page images",
+         *(f"{f.database('wal_bytes') / 1024:.1f} / {f.database('wal_fpi'):.1f}" for f in (history, empty)), "per lifecycle"],
+        ["  pages written by backends / checkpoints",
+         *(f"{f.database('buffers_backend'):.2f} / {f.database('checkpoints') * args.count:.0f}" for f in (history, empty)),
          "per lifecycle / in the run"],
         ["GET /api/calls heavy user p50 / p99 ms", f"{fmt_ms(history.api_heavy, 50)} / {fmt_ms(history.api_heavy, 99)}",
          "n/a", f"{args.api_requests} requests, limit 20; bound p99 < 20 ms"],

@@ -262,8 +262,8 @@ def test_an_answer_reads_its_own_invitation_not_every_open_one(million):
         plan = _explain(conn, f"update public.call_invitations set status = 'accepted' where id = {_id('a3000000', '150')}"
                               " returning call_id::text", {})
         conn.rollback()
-    [scan] = [n for n in _nodes(plan["Plan"]) if n.get("Relation Name") == "call_invitations" and "Index Name" in n
-              or n.get("Node Type") == "Seq Scan"]
+    [scan] = [n for n in _nodes(plan["Plan"]) if n.get("Relation Name") == "call_invitations"
+              and ("Index Name" in n or n["Node Type"] == "Seq Scan")]
     assert "id" in scan.get("Index Cond", ""), f"the answer read {scan.get('Index Name', scan['Node Type'])} " \
                                                f"filtering on id: {scan.get('Filter')}"
     assert scan["Actual Rows"] == 1 and scan.get("Rows Removed by Filter", 0) == 0, scan
