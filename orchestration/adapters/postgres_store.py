@@ -40,6 +40,11 @@ _LIVE = "('ringing', 'active')"
 # (1,711,373 rows removed per parallel worker, 1,032 ms, on a year of history).
 _LIVE_CALLS = f"""with live as materialized (
   select id, room_name, created_at from public.calls where status in {_LIVE})"""
+# Which of a room's left sessions LiveKit said aborted (the grace sweep does not know the event's
+# id): through call_events_aborted_in_room, those events alone (migration 20261208000011).
+ABORTED_SESSIONS_SQL = """select payload->'participant'->>'sid' as sid from public.call_events
+                           where room_name = %s and type = 'participant_connection_aborted'
+                             and payload->'participant'->>'sid' = any(%s)"""
 # For this transaction only (`set local`): its status changes are the lifecycle worker's.
 DECLARE_WORKER = "select set_config('callflow.actor', 'worker', true)"
 
@@ -136,10 +141,7 @@ class PostgresUnitOfWork:
         aborted: frozenset[str] = frozenset()
         if want.aborted_sids:
             aborted = frozenset(r["sid"] for r in self._all(
-                """select payload->'participant'->>'sid' as sid from public.call_events
-                    where room_name = %s and type = 'participant_connection_aborted'
-                      and payload->'participant'->>'sid' = any(%s)""",
-                (want.room_name, list(want.aborted_sids))))
+                ABORTED_SESSIONS_SQL, (want.room_name, list(want.aborted_sids))))
         return Snapshot(now=now, room_name=want.room_name, invitations=invitations, calls=calls,
                         participants=participants, seen_events=seen, busy_users=busy,
                         counter_invitations=counters, aborted_sids=aborted)

@@ -15,7 +15,6 @@ are the domain's (`orchestration.domain.decision`): the store port and its adapt
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import replace
 from typing import Callable
 
@@ -30,6 +29,7 @@ from orchestration.domain.model import (
     order_key,
     room_parties,
 )
+from orchestration.ids import time_ordered_id
 
 
 def in_rounds(items: list, keys_of: Callable[[object], set[str]]) -> list[list]:
@@ -74,7 +74,7 @@ class Working:
         self.invitations = dict(snap.invitations)
         self.calls = dict(snap.calls)
         self.participants = dict(snap.participants)
-        self._new_id = new_id or (lambda: str(uuid.uuid4()))
+        self._new_id = new_id or time_ordered_id
         self._changed_inv: list[str] = []
         self._changed_calls: list[str] = []
         self._changed_parts: list[str] = []

@@ -3,7 +3,7 @@
 -- Who may insert into which room (the parties of a room, rate, anonymous users): 40_room_parties.sql.
 
 create table public.call_invitations (
-  id             uuid primary key default gen_random_uuid(),
+  id             uuid primary key default public.callflow_uuid_v7(),
   room_name      text not null,
   caller_id      uuid not null references auth.users (id) on delete cascade,
   callee_id      uuid not null references auth.users (id) on delete cascade,

@@ -2,7 +2,7 @@
 -- session. Written by callflow's workers; clients read the calls they are a party of.
 
 create table public.calls (
-  id                uuid primary key default gen_random_uuid(),
+  id                uuid primary key default public.callflow_uuid_v7(),
   room_name         text not null,
   -- Not unique over time: LiveKit keeps an empty room, and its sid, until its empty timeout, so a
   -- redial in the same room name can be served the sid of an ended call. At most one live call per sid.
@@ -48,7 +48,7 @@ alter table public.call_invitations
   add constraint call_invitations_call_id_fkey foreign key (call_id) references public.calls (id) on delete set null;
 
 create table public.call_participants (
-  id                uuid primary key default gen_random_uuid(),
+  id                uuid primary key default public.callflow_uuid_v7(),
   call_id           uuid not null references public.calls (id) on delete cascade,
   identity          text not null,
   participant_sid   text not null unique,

@@ -13,8 +13,11 @@ create table public.call_events (
   payload        jsonb not null default '{}'::jsonb,
   constraint call_events_source_known check (source in ('livekit', 'realtime', 'postgres', 'timer', 'sweep'))
 );
--- The operators' lookup (docs/OPERATIONS.md). No index by room: nothing reads one, and on a year of
--- history it cost every lifecycle a random leaf page (migration 20261208000006).
+-- The operators' lookup (docs/OPERATIONS.md). No index of every event by room: on a year of history
+-- it cost every lifecycle a random leaf page (migration 20261208000006).
 create index call_events_invitation on public.call_events (invitation_id) where invitation_id is not null;
+-- The grace sweep's look for a left session's abort (it does not know the event's id): those events
+-- alone, by room (migration 20261208000011).
+create index call_events_aborted_in_room on public.call_events (room_name) where type = 'participant_connection_aborted';
 
 alter table public.call_events enable row level security;

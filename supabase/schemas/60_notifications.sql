@@ -1,7 +1,7 @@
 -- notifications: the email outbox (missed-call emails). callflow's own, nothing for clients.
 
 create table public.notifications (
-  id                   uuid primary key default gen_random_uuid(),
+  id                   uuid primary key default public.callflow_uuid_v7(),
   kind                 text not null default 'missed_call',
   invitation_id        uuid not null references public.call_invitations (id) on delete cascade,
   recipient_id         uuid not null references auth.users (id) on delete cascade,

@@ -4,7 +4,7 @@
 -- push outbox's rule (PostgresUnitOfWork.add_pushes), not the table's.
 
 create table public.push_tokens (
-  id            uuid primary key default gen_random_uuid(),
+  id            uuid primary key default public.callflow_uuid_v7(),
   user_id       uuid not null references auth.users (id) on delete cascade,
   token         text not null,
   platform      text not null,
@@ -24,7 +24,7 @@ create table public.push_tokens (
 create index push_tokens_user_enabled on public.push_tokens (user_id) where disabled_at is null;
 
 create table public.push_messages (
-  id              uuid primary key default gen_random_uuid(),
+  id              uuid primary key default public.callflow_uuid_v7(),
   kind            text not null,
   invitation_id   uuid not null references public.call_invitations (id) on delete cascade,
   push_token_id   uuid not null references public.push_tokens (id) on delete cascade,

@@ -77,7 +77,7 @@ create table public.callflow_usage_months (
 -- One usage alert per month, measure and threshold (at most once each), and its email's state,
 -- as for missed-call emails: pending -> sent | failed | skipped.
 create table public.callflow_usage_alerts (
-  id                   uuid primary key default gen_random_uuid(),
+  id                   uuid primary key default public.callflow_uuid_v7(),
   month                date not null,
   measure              text not null,
   threshold_percent    integer not null,

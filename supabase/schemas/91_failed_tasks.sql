@@ -1,7 +1,7 @@
 -- Tasks that ran out of retries (or were refused as malformed), kept for `callflow tasks failed`
 -- and re-run by `callflow tasks retry`. Internal state: clients get no grants (99_grants.sql).
 create table public.callflow_failed_tasks (
-  id          uuid primary key default gen_random_uuid(),
+  id          uuid primary key default public.callflow_uuid_v7(),
   task_id     text not null,
   task_name   text not null,
   queue       text,

@@ -57,7 +57,7 @@ revoke all on function
     public.callflow_usage_day_peak(timestamptz), public.callflow_usage_calls(timestamptz, timestamptz),
     public.callflow_usage_call_hours_forget(),
     public.callflow_call_parties_add(), public.callflow_call_parties_forget(),
-    public.callflow_call_parties_backfill()
+    public.callflow_call_parties_backfill(), public.callflow_uuid_v7()
   from public, anon, authenticated;
 
 grant execute on function
@@ -73,15 +73,17 @@ grant execute on function
     public.callflow_usage_minutes(timestamptz, timestamptz, timestamptz),
     public.callflow_usage_peak(timestamptz, timestamptz), public.callflow_usage_level_at(timestamptz),
     public.callflow_usage_day_peak(timestamptz), public.callflow_usage_calls(timestamptz, timestamptz),
-    public.callflow_call_parties_backfill()
+    public.callflow_call_parties_backfill(), public.callflow_uuid_v7()
   to service_role;
 -- (callflow_push_tokens_cap, callflow_call_parties_add and _forget, callflow_usage_call_hours_forget
 -- are trigger functions: their
 -- migrations gave service_role nothing, a Supabase project's default privileges do.)
 
--- The client's function, and the helpers the invitation guard runs as the client.
+-- The client's function, the helpers the invitation guard runs as the client, and the default of
+-- an invitation's id (a default runs with the inserting role's rights).
 grant execute on function
     public.register_push_token(text, text, text, text),
     public.callflow_is_client(), public.callflow_is_terminal(text),
-    public.callflow_transition_allowed(text, text), public.callflow_default_end_reason(text)
+    public.callflow_transition_allowed(text, text), public.callflow_default_end_reason(text),
+    public.callflow_uuid_v7()
   to authenticated;

@@ -267,3 +267,26 @@ def test_an_answer_reads_its_own_invitation_not_every_open_one(million):
     assert "id" in scan.get("Index Cond", ""), f"the answer read {scan.get('Index Name', scan['Node Type'])} " \
                                                f"filtering on id: {scan.get('Filter')}"
     assert scan["Actual Rows"] == 1 and scan.get("Rows Removed by Filter", 0) == 0, scan
+
+
+def test_the_grace_sweeps_look_for_an_abort_reads_aborted_events_only(million):
+    """The grace sweep asks whether a left session aborted, by room (it does not know the event's
+    id). Migration 20261208000006 dropped the only index of events by room, and on bench.history's
+    20,000,000 events that look became a sequential scan of them all; it must read the aborted
+    events of the room alone (call_events_aborted_in_room, migration 20261208000011)."""
+    from orchestration.adapters.postgres_store import ABORTED_SESSIONS_SQL
+    with psycopg.connect(million, row_factory=dict_row) as conn:  # one transaction, rolled back
+        conn.execute("""insert into public.call_events (event_id, source, type, room_name, payload)
+                          select 'EV_bulk_' || g, 'livekit', 'participant_left', 'bulk-' || g % 50000,
+                                 jsonb_build_object('participant', jsonb_build_object('sid', 'PA_' || g))
+                            from generate_series(1, 200000) g""")
+        conn.execute("""insert into public.call_events (event_id, source, type, room_name, payload)
+                          values ('EV_aborted', 'livekit', 'participant_connection_aborted', 'bulk-7',
+                                  '{"participant": {"sid": "PA_7"}}')""")
+        conn.execute("analyze public.call_events")
+        plan = conn.execute("explain (analyze, format json) " + ABORTED_SESSIONS_SQL,
+                            ("bulk-7", ["PA_7", "PA_50007"])).fetchone()["QUERY PLAN"][0]
+        conn.rollback()
+    [scan] = [n for n in _nodes(plan["Plan"]) if n.get("Relation Name") == "call_events"]
+    assert scan.get("Index Name") == "call_events_aborted_in_room", scan
+    assert scan["Actual Rows"] == 1, scan

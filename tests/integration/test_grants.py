@@ -41,6 +41,8 @@ FUNCTIONS = {
         "public.callflow_is_terminal(text)",
         "public.callflow_transition_allowed(text, text)",
         "public.callflow_default_end_reason(text)",
+        # the default of call_invitations.id, which runs as the inserting client
+        "public.callflow_uuid_v7()",
     },
 }
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import uuid
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -98,6 +99,29 @@ def test_the_default_call_type_is_video(database_url, users):
         row = conn.execute("insert into call_invitations (room_name, caller_id, callee_id) values ('r', %s, %s) "
                            "returning call_type, status", (users["caller"], users["callee"])).fetchone()
     assert row == {"call_type": "video", "status": "pending"}
+
+
+def test_new_rows_get_time_ordered_ids(database_url, svc, users):
+    """A row's default id is a version 7 UUID (migration 20261208000010): its first 48 bits are the
+    insert's Unix milliseconds, so later rows sort after earlier ones in every index keyed by id."""
+    before = int(time.time() * 1000)
+    first = _invite(svc, users["caller"], users["callee"])["id"]
+    time.sleep(0.002)
+    with acting_as(database_url, users["caller"]) as conn:  # a client leaving the id out
+        second = conn.execute("insert into call_invitations (room_name, caller_id, callee_id) values (%s, %s, %s) "
+                              "returning id", (f"room-{uuid.uuid4().hex[:8]}", users["caller"], users["callee"])
+                              ).fetchone()["id"]
+    after = int(time.time() * 1000)
+    for made in (first, second):
+        assert made.version == 7 and made.variant == uuid.RFC_4122
+        assert before - 5 <= made.int >> 80 <= after + 5
+    assert first < second
+    defaults = svc.execute("""select c.table_name from information_schema.columns c
+                                join information_schema.tables t using (table_schema, table_name)
+                               where c.table_schema = 'public' and t.table_type = 'BASE TABLE'
+                                 and c.column_name = 'id' and c.data_type = 'uuid'
+                                 and c.column_default is distinct from 'callflow_uuid_v7()'""").fetchall()
+    assert defaults == [], f"tables whose ids are not time-ordered: {defaults}"
 
 
 def test_a_client_cannot_insert_for_someone_else(database_url, users):
