@@ -36,7 +36,7 @@ TABLES = ("auth.users", "public.push_tokens", "public.calls", "public.call_invit
           "public.callflow_usage_sessions", "public.callflow_usage_deltas", "public.callflow_usage_minutes",
           "public.callflow_usage_month_minutes")
 # Bump when the generated data changes (part of the cached database's name).
-VERSION = 1
+VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,14 @@ create function history_gen.u(i bigint, seed bigint) returns float8 language sql
 as $$ select ((hashint8extended(i, seed) & 281474976710655)::float8 / 281474976710656.0) $$;
 create function history_gen.uid(k bigint) returns uuid language sql immutable parallel safe
 as $$ select md5('hu' || k)::uuid $$;
+-- A version 7 id made at `at` (its first 48 bits the Unix milliseconds, the rest from md5(k)): the
+-- rows of a year of callflow carry time-ordered ids (public.callflow_uuid_v7(), migration
+-- 20261208000010), so a call's rows lie together in each index keyed by id, as in production.
+create function history_gen.tid(k text, at timestamptz) returns uuid language sql immutable parallel safe
+as $$ select encode(set_bit(set_bit(set_bit(set_bit(set_bit(set_bit(
+           overlay(decode(md5(k), 'hex')
+                   placing substring(int8send(floor(extract(epoch from at) * 1000)::bigint) from 3) from 1 for 6),
+           55, 0), 54, 1), 53, 1), 52, 1), 71, 1), 70, 0), 'hex')::uuid $$;
 create function history_gen.skewed(i bigint, seed bigint, n bigint) returns bigint language sql immutable parallel safe
 as $$ select least(n - 1, floor(n * power(history_gen.u(i, seed), 5.0 / 3.0)))::bigint $$;
 """
@@ -69,7 +77,7 @@ as $$ select least(n - 1, floor(n * power(history_gen.u(i, seed), 5.0 / 3.0)))::
 # One row per call with everything the tables are made of (a temporary table: no WAL).
 PLAN = """
 create temporary table hist_calls as
-select i, md5('hc' || i)::uuid as id, 'call-hist-' || i as room,
+select i, history_gen.tid('hc' || i, t) as id, 'call-hist-' || i as room,
        ca as caller_k, ce as callee_k,
        case when i %% 2 = 0 then c2 end as callee2_k,
        case when o < 0.45 then 'completed' when o < 0.85 then 'missed' when o < 0.92 then 'declined'
@@ -92,7 +100,7 @@ analyze hist_calls;
 
 -- Every invitation: n = 1 the first callee, n = 2 the second (every other call).
 create temporary table hist_invitations as
-select c.i, n, md5('hi' || c.i || '.' || n)::uuid as id, c.id as call_id, c.room, c.caller_k,
+select c.i, n, history_gen.tid('hi' || c.i || '.' || n, c.created_at) as id, c.id as call_id, c.room, c.caller_k,
        case n when 1 then c.callee_k else c.callee2_k end as callee_k, c.call_type, c.created_at,
        case when n = 1 and c.outcome = 'completed' then 'accepted'
             when n = 1 then (case c.outcome when 'declined' then 'declined' when 'cancelled' then 'cancelled'
@@ -114,7 +122,7 @@ select history_gen.uid(k), 'user' || k || '@history.test', '{}'::jsonb,
   from generate_series(0, %(users)s - 1) k"""),
     ("push_tokens", """
 insert into public.push_tokens (id, user_id, token, platform, device_name, created_at, last_seen_at, provider)
-select md5('ht' || k)::uuid, history_gen.uid(k), 'ExponentPushToken[history-' || k || ']',
+select history_gen.tid('ht' || k, %(start)s::timestamptz), history_gen.uid(k), 'ExponentPushToken[history-' || k || ']',
        case when k %% 2 = 0 then 'ios' else 'android' end, 'phone ' || k,
        %(start)s::timestamptz, %(end)s::timestamptz - (k %% 1000) * interval '1 minute', 'expo'
   from generate_series(0, %(users)s - 1) k"""),
@@ -150,7 +158,7 @@ select id, room, history_gen.uid(caller_k), history_gen.uid(callee_k), call_type
  order by i, n"""),
     ("call_participants", """
 insert into public.call_participants (id, call_id, identity, participant_sid, joined_at, left_at, duration_seconds)
-select md5('hp' || i || '.' || n)::uuid, id, history_gen.uid(case n when 1 then caller_k else callee_k end)::text,
+select history_gen.tid('hp' || i || '.' || n, answered_at), id, history_gen.uid(case n when 1 then caller_k else callee_k end)::text,
        'PA_hist' || i || '_' || n,
        answered_at - (2 - n) * interval '1 second',
        answered_at + duration * interval '1 second',
@@ -185,16 +193,16 @@ select case k when 0 then 'realtime:' || v.inv || ':pending'
        end
   from hist_calls c
   cross join generate_series(0, %(events_per_call)s - 1) k
-  cross join lateral (select md5('hi' || c.i || '.1')::uuid as inv,
+  cross join lateral (select history_gen.tid('hi' || c.i || '.1', c.created_at) as inv,
                              case when c.outcome = 'completed' then 'accepted' else c.outcome end as st,
                              c.created_at + k * interval '7 seconds' as at) v
  order by c.i, k"""),
     ("push_messages", """
 insert into public.push_messages (id, kind, invitation_id, push_token_id, status, attempts, ticket_id, receipt_status,
                                   last_error, created_at, sent_at)
-select md5('hm' || c.i || '.' || k)::uuid,
+select history_gen.tid('hm' || c.i || '.' || k, c.created_at + k * interval '30 seconds'),
        case when k = 0 then 'incoming_call' when c.outcome = 'missed' then 'missed_call' else 'call_ended' end,
-       md5('hi' || c.i || '.1')::uuid, md5('ht' || c.callee_k)::uuid,
+       history_gen.tid('hi' || c.i || '.1', c.created_at), history_gen.tid('ht' || c.callee_k, %(start)s::timestamptz),
        case when c.i %% 97 = 0 then 'skipped' when c.i %% 211 = 0 then 'failed' else 'sent' end, 1,
        case when c.i %% 97 <> 0 and c.i %% 211 <> 0 then 'TK_hist' || c.i || '_' || k end,
        case when c.i %% 97 <> 0 and c.i %% 211 <> 0 then 'ok' end,
@@ -206,7 +214,7 @@ select md5('hm' || c.i || '.' || k)::uuid,
     ("notifications", """
 insert into public.notifications (id, kind, invitation_id, recipient_id, recipient_email, status, attempts,
                                   provider_message_id, created_at, sent_at)
-select md5('hn' || i || '.' || n)::uuid, 'missed_call', id, history_gen.uid(callee_k),
+select history_gen.tid('hn' || i || '.' || n, created_at + interval '31 seconds'), 'missed_call', id, history_gen.uid(callee_k),
        'user' || callee_k || '@history.test',
        case when history_gen.u(i * 2 + n, 10) < 0.9 then 'sent' else 'skipped' end, 1,
        case when history_gen.u(i * 2 + n, 10) < 0.9 then 'RS_hist' || i || '_' || n end,

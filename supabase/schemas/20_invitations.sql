@@ -48,7 +48,12 @@ create index call_invitations_room_live
 create index call_invitations_call on public.call_invitations (call_id);
 create index call_invitations_updated on public.call_invitations (updated_at, id);
 create index call_invitations_callee on public.call_invitations (callee_id, status);
-create index call_invitations_caller on public.call_invitations (caller_id, status);
+-- A caller's open invitations (a user's live invitations, glare's counter invitations); every other
+-- look by caller reads call_invitations_caller_created (migration 20261208000012). `caller_id is not
+-- null` (always true) keeps a client's answer, whose policy adds the same status condition, on the
+-- primary key (as call_invitations_open_in_room, 40_room_parties.sql).
+create index call_invitations_caller_open
+  on public.call_invitations (caller_id) where status in ('pending', 'ringing') and caller_id is not null;
 -- The sweep's look for client transitions whose change was never taken.
 create index call_invitations_client_ended_updated
   on public.call_invitations (updated_at) where status in ('accepted', 'declined', 'cancelled');

@@ -290,3 +290,29 @@ def test_the_grace_sweeps_look_for_an_abort_reads_aborted_events_only(million):
     [scan] = [n for n in _nodes(plan["Plan"]) if n.get("Relation Name") == "call_events"]
     assert scan.get("Index Name") == "call_events_aborted_in_room", scan
     assert scan["Actual Rows"] == 1, scan
+
+
+def test_a_users_live_invitations_read_open_ones_not_the_callers_history(million):
+    """A user's live invitations (the event stream's snapshot, as the user, under RLS): read through the
+    index of open invitations by caller (migration 20261208000012, which replaced the (caller_id,
+    status) index) and the callee's index, never a walk of every invitation the user ever made."""
+    from workers.web.call_store import LIVE_INVITATIONS_SQL
+    caller = f"{_user('2 + 150')}"
+    with psycopg.connect(million, row_factory=dict_row) as conn:  # one transaction, rolled back
+        conn.execute("set local session_replication_role = replica")  # open invitations, as under load
+        conn.execute(f"""insert into public.call_invitations (id, room_name, caller_id, callee_id, status)
+                           select {_id('a4000000', 'g')}, 'live-' || g, {_user('1 + g')}, {_user('2 + g')}, 'ringing'
+                             from generate_series(1, 300) g""")
+        conn.execute("set local session_replication_role = origin")
+        user = conn.execute(f"select {caller}::text as id").fetchone()["id"]
+        conn.execute("set local role authenticated")
+        conn.execute("select set_config('request.jwt.claims', %s, true)",
+                     (json.dumps({"sub": user, "role": "authenticated"}),))
+        plan = conn.execute("explain (analyze, buffers, format json) " + LIVE_INVITATIONS_SQL,
+                            (user, user)).fetchone()["QUERY PLAN"][0]
+        conn.rollback()
+    scans = [n for n in _nodes(plan["Plan"]) if n.get("Relation Name") == "call_invitations" or "Index Name" in n]
+    used = {n.get("Index Name", n["Node Type"]) for n in scans}
+    assert used <= {"call_invitations_caller_open", "call_invitations_callee", "Bitmap Heap Scan"}, used
+    assert "call_invitations_caller_open" in used, used
+    assert plan["Plan"]["Actual Rows"] == 2, plan["Plan"]  # one as caller, one as callee

@@ -64,6 +64,11 @@ HISTORY_MORE_IDS = """select call_id, call_created_at from public.callflow_call_
                        order by call_created_at desc, call_id limit %(n)s"""
 HISTORY_INVITATIONS = "select * from public.call_invitations where call_id = any(%(ids)s) order by created_at, id"
 HISTORY_CALLS = "select * from public.calls where id = any(%(ids)s) order by created_at desc, id"
+# A user's open invitations, either side: through the indexes of open invitations by caller and by
+# callee (migration 20261208000012), never a walk of the user's history.
+LIVE_INVITATIONS_SQL = """select * from public.call_invitations
+                           where status in ('pending', 'ringing') and (caller_id = %s or callee_id = %s)
+                           order by created_at, id"""
 HISTORY_ROUNDS = 5  # pages of ids read at most (a stale party row is rare: one page nearly always)
 
 
@@ -293,10 +298,7 @@ class CallStore:
 
     async def live_invitations(self, user: User) -> list[dict]:
         async with self._transaction(user) as conn:
-            cur = await conn.execute(
-                """select * from public.call_invitations
-                    where status in ('pending', 'ringing') and (caller_id = %s or callee_id = %s)
-                    order by created_at, id""", (user.id, user.id))
+            cur = await conn.execute(LIVE_INVITATIONS_SQL, (user.id, user.id))
             return [jsonable(r) for r in await cur.fetchall()]
 
     # ---- service reads (the event hub routes rows to their own users) -----------------------------
