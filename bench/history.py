@@ -360,6 +360,7 @@ class PruningPair:
     pruning_ringing: list[float]  # the same run right after, while pruning
     pruned: dict[str, int]
     pruning_seconds: float
+    pruning_waits: list[str] = field(default_factory=list)  # WaitSampler.top() of the pruning run
 
     @staticmethod
     def median_moved_ms(pairs: list["PruningPair"]) -> float:
@@ -372,6 +373,14 @@ class PruningPair:
     def describe(self) -> str:
         return ("{} / {}".format(*ms(self.unpruned_ringing, 50, 99)) + " → " + "{} / {}".format(*ms(self.pruning_ringing, 50, 99))
                 + f" ({', '.join(f'{k} {v:,}' for k, v in self.pruned.items() if v) or 'nothing'} in {self.pruning_seconds:.0f} s)")
+
+
+def print_pruning_waits(fig: Figures) -> None:
+    """What the database's busy backends did in each pruning run (the pruner's own statements among them)."""
+    for n, pair in enumerate(fig.pruning_pairs):
+        print(f"{fig.label}, pruning pair {n + 1}, the run while pruning: backend-seconds by wait and statement")
+        for line in pair.pruning_waits:
+            print("  " + line)
 
 
 def pruning_run(fig: Figures, url: str, redis_url: str, args) -> None:
@@ -392,7 +401,7 @@ def pruning_run(fig: Figures, url: str, redis_url: str, args) -> None:
         return asyncio.run(drive(url, round(args.rate * PRUNING_RUN_SECONDS), rate=args.rate,
                                  watch_calls=True)).ringing
 
-    def pruned_run(oldest: datetime) -> tuple[list[float], dict[str, int], float]:
+    def pruned_run(oldest: datetime) -> tuple[list[float], dict[str, int], float, list[str]]:
         context = multiprocessing.get_context("spawn")
         ready, go, stop, results = context.Event(), context.Event(), context.Event(), context.Queue()
         pruner = context.Process(target=_prune_until_stopped,
@@ -405,12 +414,13 @@ def pruning_run(fig: Figures, url: str, redis_url: str, args) -> None:
         threading.Timer(1.0, go.set).start()
         try:
             # Long enough for the day to go at the pace a tick keeps (it rests between batches).
-            ringing = offered_run()
+            with WaitSampler(url) as waits:
+                ringing = offered_run()
         finally:
             stop.set()
             pruned, seconds = results.get(timeout=120)
             pruner.join(30)
-        return ringing, pruned, seconds
+        return ringing, pruned, seconds, waits.top()
 
     for n in range(args.pruning_rounds):
         with psycopg.connect(url, autocommit=True) as conn:
@@ -421,11 +431,11 @@ def pruning_run(fig: Figures, url: str, redis_url: str, args) -> None:
         # is slower by itself (a pair that pruned nothing moved p99 by +73 ms).
         if n % 2 == 0:
             unpruned = offered_run()
-            ringing, pruned, seconds = pruned_run(oldest)
+            ringing, pruned, seconds, waits = pruned_run(oldest)
         else:
-            ringing, pruned, seconds = pruned_run(oldest)
+            ringing, pruned, seconds, waits = pruned_run(oldest)
             unpruned = offered_run()
-        fig.pruning_pairs.append(PruningPair(unpruned, ringing, pruned, seconds))
+        fig.pruning_pairs.append(PruningPair(unpruned, ringing, pruned, seconds, waits))
         log(f"{fig.label}: pruning pair{' (pruning first)' if n % 2 else ''}: {fig.pruning_pairs[-1].describe()}")
 
 
@@ -745,6 +755,7 @@ def pruning_only(hist, args) -> None:
         pruning_run(fig, hist.url, s.env["REDIS_URL"], args)
     print(table([[str(n + 1), p.describe(), f"{p.p99_moved_ms:+.0f}"] for n, p in enumerate(fig.pruning_pairs)],
                 ["pair", f"{args.rate:g}/s insert→ringing p50 / p99 ms: control → while pruning (pruned)", "p99 moved ms"]))
+    print_pruning_waits(fig)
     print(f"machine: {machine()}")
     print(f"pruning moved ringing p99 by (median of {len(fig.pruning_pairs)} pairs): "
           f"{PruningPair.median_moved_ms(fig.pruning_pairs):+.0f} ms")
@@ -819,6 +830,7 @@ def main() -> None:
             print(f"{fig.label}, {args.rate:g}/s run {n + 1}: backend-seconds by wait and statement")
             for line in top:
                 print("  " + line)
+    print_pruning_waits(history)
     for fig in (history, empty):
         print(f"CPU ms per lifecycle at saturation on {fig.label}, by process: "
               + ", ".join(f"{k} {v:.1f}" for k, v in sorted(fig.cpu_by_role.items(), key=lambda kv: -kv[1])))
