@@ -176,7 +176,7 @@ def _nodes(plan: dict):
         yield from _nodes(child)
 
 
-def _explain(conn, sql: str, params: dict) -> dict:
+def _explain(conn, sql: str, params) -> dict:
     return conn.execute("explain (analyze, buffers, format json) " + sql, params).fetchone()["QUERY PLAN"][0]
 
 
@@ -241,6 +241,21 @@ def test_the_participation_index_follows_invitations_and_calls(million):
                             (call["id"],)).fetchone()["n"] == 0
 
 
+def _as_a_party_of_open_invitations(conn, id_prefix: str, room_prefix: str) -> str:
+    """In `conn`'s transaction: 300 ringing invitations (user 1 + g calls user 2 + g, as under
+    load), then act as user 152 (`authenticated`, under RLS), callee of the 150th and caller of the
+    151st; returns that user's id."""
+    conn.execute("set local session_replication_role = replica")
+    conn.execute(f"""insert into public.call_invitations (id, room_name, caller_id, callee_id, status)
+                       select {_id(id_prefix, 'g')}, '{room_prefix}-' || g, {_user('1 + g')}, {_user('2 + g')}, 'ringing'
+                         from generate_series(1, 300) g""")
+    conn.execute("set local session_replication_role = origin")
+    user = conn.execute(f"select {_user('2 + 150')}::text as id").fetchone()["id"]
+    conn.execute("set local role authenticated")
+    conn.execute("select set_config('request.jwt.claims', %s, true)", (json.dumps({"sub": user, "role": "authenticated"}),))
+    return user
+
+
 def test_an_answer_reads_its_own_invitation_not_every_open_one(million):
     """A client's answer (`update ... set status = 'accepted' where id = $1`, as the callee, under
     RLS): the policy adds `status in ('pending', 'ringing')`, which matched the predicate of the
@@ -250,15 +265,7 @@ def test_an_answer_reads_its_own_invitation_not_every_open_one(million):
     find the row by its id. (Here, on a million invitations, the planner took the primary key even
     before migration 20261208000007; on the 7,700,000 of bench.history it did not.)"""
     with psycopg.connect(million, row_factory=dict_row) as conn:  # one transaction, rolled back
-        conn.execute("set local session_replication_role = replica")  # 300 open invitations, as under load
-        conn.execute(f"""insert into public.call_invitations (id, room_name, caller_id, callee_id, status)
-                           select {_id('a3000000', 'g')}, 'open-' || g, {_user('1 + g')}, {_user('2 + g')}, 'ringing'
-                             from generate_series(1, 300) g""")
-        conn.execute("set local session_replication_role = origin")
-        callee = conn.execute(f"select {_user('2 + 150')}::text as id").fetchone()["id"]
-        conn.execute("set local role authenticated")
-        conn.execute("select set_config('request.jwt.claims', %s, true)",
-                     (json.dumps({"sub": callee, "role": "authenticated"}),))
+        _as_a_party_of_open_invitations(conn, "a3000000", "open")  # the callee of open-150
         plan = _explain(conn, f"update public.call_invitations set status = 'accepted' where id = {_id('a3000000', '150')}"
                               " returning call_id::text", {})
         conn.rollback()
@@ -284,8 +291,7 @@ def test_the_grace_sweeps_look_for_an_abort_reads_aborted_events_only(million):
                           values ('EV_aborted', 'livekit', 'participant_connection_aborted', 'bulk-7',
                                   '{"participant": {"sid": "PA_7"}}')""")
         conn.execute("analyze public.call_events")
-        plan = conn.execute("explain (analyze, format json) " + ABORTED_SESSIONS_SQL,
-                            ("bulk-7", ["PA_7", "PA_50007"])).fetchone()["QUERY PLAN"][0]
+        plan = _explain(conn, ABORTED_SESSIONS_SQL, ("bulk-7", ["PA_7", "PA_50007"]))
         conn.rollback()
     [scan] = [n for n in _nodes(plan["Plan"]) if n.get("Relation Name") == "call_events"]
     assert scan.get("Index Name") == "call_events_aborted_in_room", scan
@@ -297,19 +303,9 @@ def test_a_users_live_invitations_read_open_ones_not_the_callers_history(million
     index of open invitations by caller (migration 20261208000012, which replaced the (caller_id,
     status) index) and the callee's index, never a walk of every invitation the user ever made."""
     from workers.web.call_store import LIVE_INVITATIONS_SQL
-    caller = f"{_user('2 + 150')}"
     with psycopg.connect(million, row_factory=dict_row) as conn:  # one transaction, rolled back
-        conn.execute("set local session_replication_role = replica")  # open invitations, as under load
-        conn.execute(f"""insert into public.call_invitations (id, room_name, caller_id, callee_id, status)
-                           select {_id('a4000000', 'g')}, 'live-' || g, {_user('1 + g')}, {_user('2 + g')}, 'ringing'
-                             from generate_series(1, 300) g""")
-        conn.execute("set local session_replication_role = origin")
-        user = conn.execute(f"select {caller}::text as id").fetchone()["id"]
-        conn.execute("set local role authenticated")
-        conn.execute("select set_config('request.jwt.claims', %s, true)",
-                     (json.dumps({"sub": user, "role": "authenticated"}),))
-        plan = conn.execute("explain (analyze, buffers, format json) " + LIVE_INVITATIONS_SQL,
-                            (user, user)).fetchone()["QUERY PLAN"][0]
+        user = _as_a_party_of_open_invitations(conn, "a4000000", "live")  # callee of live-150, caller of live-151
+        plan = _explain(conn, LIVE_INVITATIONS_SQL, (user, user))
         conn.rollback()
     scans = [n for n in _nodes(plan["Plan"]) if n.get("Relation Name") == "call_invitations" or "Index Name" in n]
     used = {n.get("Index Name", n["Node Type"]) for n in scans}
