@@ -38,6 +38,12 @@ STALE_PENDING_AFTER = 10.0       # seconds a pending invitation may wait for its
 UNRECORDED_AFTER = 2.0           # seconds a client's transition may wait for its change
 UNRECORDED_WITHIN = 900.0        # how far back lost transitions are looked for (a look starts where the last got to)
 UNRECORDED_EVERY = 5.0           # seconds between two looks
+# Each look starts this far before where the last got to. A transition is stamped with its
+# transaction's start (`now()`) but seen only once committed: a client's update that waited on a
+# row lock, or a commit behind slow WAL flushes, becomes visible after a look has walked past its
+# time. Looks overlap by this much (a commit up to UNRECORDED_AFTER + this late is still found);
+# what they found twice is already recorded and left by the look's own condition.
+UNRECORDED_OVERLAP = 10.0
 RECONCILE_EVERY = 30.0
 # Decisions waiting for LiveKit's answer are looked at again this soon (the contract: at most 2 s).
 LOOK_AGAIN_AFTER = 2.0
@@ -94,12 +100,14 @@ def run_sweep(ports: Ports, throttle: Throttle, *, interval: float, parallel_map
         stale = uow.stale_pending(STALE_PENDING_AFTER, limit)
         lost, looked_through = [], None
         if throttle.once("unrecorded", UNRECORDED_EVERY):
-            # From where the last look got to (each change looked at once, not the whole window
-            # every look: 45,000 rows at 50 calls/s), and never further back than the window.
+            # From where the last look got to, less the overlap (each change looked at about
+            # twice, not the whole window every look: 45,000 rows at 50 calls/s), and never
+            # further back than the window.
             since = throttle.mark("unrecorded")
             lost = uow.unrecorded_transitions(
                 UNRECORDED_AFTER, UNRECORDED_WITHIN, limit,
-                since=datetime.fromtimestamp(since, timezone.utc) if since is not None else None)
+                since=(datetime.fromtimestamp(since, timezone.utc) - timedelta(seconds=UNRECORDED_OVERLAP)
+                       if since is not None else None))
             looked_through = (lost[-1]["updated_at"] if len(lost) >= limit
                               else uow.now() - timedelta(seconds=UNRECORDED_AFTER))
     report = SweepReport(room_actions=room_actions_taken)
