@@ -18,6 +18,9 @@ with an empty one, in one run.
    `call_invitations` and `call_participants` are analyzed with (next to) no call live, so the
    plans are those a quiet hour's statistics give (or after the warm-up, `--analyze-after-warmup`). `--rounds N`: the lifecycle runs
    N times, alternating history and empty, and the median rate is compared (the machine is shared).
+   Last, on history: `--pruning-rounds` runs at the offered rate while retention prunes the oldest
+   days in turns of 10 s on, 10 s off; the ringing of the samples that overlapped a tick of the
+   pruner against that of the samples far from any (`pruning_run`).
 3. The statements: a second stack on the same database with `auto_explain` loaded into every
    session of it (`ALTER DATABASE ... SET session_preload_libraries = 'auto_explain'`,
    `log_min_duration = 0`, `log_analyze`, `log_buffers`, `log_nested_statements`: what the real
@@ -67,7 +70,7 @@ SWEEP_INTERVAL_SECONDS = 1
 # Every stack keeps the whole year: with the default retention (90 days) beat's prune deleted nine
 # months of the history, a tick a minute, through every measured run on the history side alone
 # (its deletes wrote full pages of old tables into the WAL), and ate into the cached database.
-# What pruning costs the lifecycle is measured on its own, by the pruning pairs.
+# What pruning costs the lifecycle is measured on its own, by the pruning runs.
 KEEP_THE_YEAR = {"CALLFLOW_RETENTION_DAYS": "400"}
 # The lifecycle runs' stack (the saturation runs' silent calls are ended by the sweep 120 s later).
 LIFECYCLE_ENV = {**KEEP_THE_YEAR, "CALLFLOW_RING_TIMEOUT_SECONDS": "120",
@@ -311,11 +314,21 @@ def lifecycle_runs(fig: Figures, url: str, heavy_user: str | None, args, first: 
         log(f"{fig.label}: callflow usage")
         fig.usage_command, fig.usage_output = usage_command(s.env)
         if heavy_user:  # last: its 6,000 calls stay live for the ring timeout (the sweeps' load)
-            log(f"{fig.label}: {args.rate:g}/s for {PRUNING_RUN_SECONDS} s, then again while pruning the oldest day")
+            log(f"{fig.label}: {args.rate:g}/s for {PRUNING_RUN_SECONDS} s while pruning the oldest days in turns")
             pruning_run(fig, url, s.env["REDIS_URL"], args)
 
 
-PRUNING_RUN_SECONDS = 60
+# One run at the offered rate, the pruner switched on and off in turns of PRUNING_WINDOW_SECONDS:
+# its samples are told apart by whether their insert → ringing overlapped a tick of the pruner.
+# Two runs one after the other (control, then pruning) differed by themselves by up to 100 ms of p99
+# on this database (the live tables' autovacuum, checkpoints: a run has one or not), far more than
+# the bound measured; samples of one run, taken in turns, share those.
+PRUNING_RUN_SECONDS = 120
+PRUNING_WINDOW_SECONDS = 10
+PRUNING_DAYS = 3  # the oldest days pruned in a run: enough for the pruner to be busy in every turn on
+# A sample is a control one when no tick ran within this of its insert → ringing (a tick's WAL is
+# still being flushed after its last batch commits).
+PRUNING_LINGER_SECONDS = 1.0
 
 
 def hang_up_live_calls(url: str, settle_seconds: float = 5.0) -> None:
@@ -329,11 +342,12 @@ def hang_up_live_calls(url: str, settle_seconds: float = 5.0) -> None:
     time.sleep(settle_seconds)
 
 
-def _prune_until_stopped(url: str, redis_url: str, now: datetime, ready, go, stop, results) -> None:
-    """The pruning process: ticks of the real `orchestration.retention.prune` back to back from `go`
-    until `stop` is set or a tick prunes nothing; what it pruned, and for how long, into `results`.
-    Its imports and connections are made before `ready`: a worker has them long before its tick, and
-    a fresh interpreter importing callflow (a second of a core) is no cost of pruning's."""
+def _prune_in_turns(url: str, redis_url: str, now: datetime, ready, on, stop, results) -> None:
+    """The pruning process: ticks of the real `orchestration.retention.prune` back to back while `on`
+    is set, until `stop` is set or a tick prunes nothing; what it pruned and each tick's span
+    (perf_counter, the machine's monotonic clock: the driver's too) into `results`. Its imports and
+    connections are made before `ready`: a worker has them long before its tick, and a fresh
+    interpreter importing callflow (a second of a core) is no cost of pruning's."""
     import redis as redis_lib
 
     from orchestration.retention import prune
@@ -341,26 +355,31 @@ def _prune_until_stopped(url: str, redis_url: str, now: datetime, ready, go, sto
     client = redis_lib.Redis.from_url(redis_url)
     client.ping()
     pruned: dict[str, int] = {}
+    ticks: list[tuple[float, float]] = []
     with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
         ready.set()
-        go.wait()
-        started = time.perf_counter()
         while not stop.is_set():
+            if not on.wait(0.05):
+                continue
+            began = time.perf_counter()
             out = prune(conn, client, days=1, now=now)
+            ticks.append((began, time.perf_counter()))
             for table, n in out.rows.items():
                 pruned[table] = pruned.get(table, 0) + n
             if not any(out.rows.values()) and out.batches:
-                break  # the day is gone
-    results.put((pruned, time.perf_counter() - started))
+                break  # the days are gone
+    results.put((pruned, ticks))
 
 
 @dataclass
 class PruningPair:
-    unpruned_ringing: list[float]  # the offered-load run, not pruning
-    pruning_ringing: list[float]  # the same run right after, while pruning
+    """One run's ringing samples in two sets: those whose insert → ringing overlapped a tick of the
+    pruner, and the control ones, far from any tick."""
+    unpruned_ringing: list[float]  # no tick within PRUNING_LINGER_SECONDS
+    pruning_ringing: list[float]  # overlapping a tick
     pruned: dict[str, int]
-    pruning_seconds: float
-    pruning_waits: list[str] = field(default_factory=list)  # WaitSampler.top() of the pruning run
+    pruning_seconds: float  # the ticks' time
+    pruning_waits: list[str] = field(default_factory=list)  # WaitSampler.top() of the run
 
     @staticmethod
     def median_moved_ms(pairs: list["PruningPair"]) -> float:
@@ -372,71 +391,78 @@ class PruningPair:
 
     def describe(self) -> str:
         return ("{} / {}".format(*ms(self.unpruned_ringing, 50, 99)) + " → " + "{} / {}".format(*ms(self.pruning_ringing, 50, 99))
-                + f" ({', '.join(f'{k} {v:,}' for k, v in self.pruned.items() if v) or 'nothing'} in {self.pruning_seconds:.0f} s)")
+                + f" ({len(self.unpruned_ringing):,} → {len(self.pruning_ringing):,} samples; "
+                + f"{', '.join(f'{k} {v:,}' for k, v in self.pruned.items() if v) or 'nothing'} pruned in {self.pruning_seconds:.0f} s of ticks)")
+
+
+def split_by_ticks(started: list[float], latencies: list[float],
+                   ticks: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    """(control, pruning) latencies: pruning when [insert, ringing] overlaps a tick, control when it
+    is PRUNING_LINGER_SECONDS from every tick; the others are left out."""
+    control, pruning = [], []
+    for at, latency in zip(started, latencies):
+        end = at + latency
+        if any(a <= end and at <= b for a, b in ticks):
+            pruning.append(latency)
+        elif not any(a - PRUNING_LINGER_SECONDS <= end and at <= b + PRUNING_LINGER_SECONDS for a, b in ticks):
+            control.append(latency)
+    return control, pruning
 
 
 def print_pruning_waits(fig: Figures) -> None:
     """What the database's busy backends did in each pruning run (the pruner's own statements among them)."""
     for n, pair in enumerate(fig.pruning_pairs):
-        print(f"{fig.label}, pruning pair {n + 1}, the run while pruning: backend-seconds by wait and statement")
+        print(f"{fig.label}, pruning run {n + 1}: backend-seconds by wait and statement")
         for line in pair.pruning_waits:
             print("  " + line)
 
 
 def pruning_run(fig: Figures, url: str, redis_url: str, args) -> None:
-    """The offered-load run again while retention prunes the history's oldest day, `--pruning-rounds`
-    times, each beside a control run of its own (the 50/s runs' p99 moves from run to run on this
-    database, so one pair says little): ticks of the real `orchestration.retention.prune` back to
-    back (beat runs one a minute: this is a minute's worth of ticks every tick's length), its
-    horizon one day past the oldest row, until that day is gone or the run ends, in a process of its
-    own (as a worker runs it: a thread of this one would share the driver's interpreter lock and
-    stretch what the driver measures). The ringing latency beside the control run's is the cost
-    pruning puts on it. The two runs of a pair take turns going first."""
+    """`--pruning-rounds` runs at the offered rate while retention prunes the history's oldest days
+    in turns (PRUNING_WINDOW_SECONDS on, as many off): ticks of the real
+    `orchestration.retention.prune` back to back while on (beat runs one a minute: this is a
+    minute's worth of ticks every tick's length), its horizon PRUNING_DAYS past the oldest row, in a
+    process of its own (as a worker runs it: a thread of this one would share the driver's
+    interpreter lock and stretch what the driver measures). The ringing latency of the samples that
+    overlapped a tick beside that of the samples far from any is the cost pruning puts on it."""
     import multiprocessing
-
-    def offered_run() -> list[float]:
-        # Each run starts with no call of an earlier run live: the sweep ends the calls a run
-        # leaves answered and silent 120 s later, which would otherwise land in the next run.
-        hang_up_live_calls(url)
-        return asyncio.run(drive(url, round(args.rate * PRUNING_RUN_SECONDS), rate=args.rate,
-                                 watch_calls=True)).ringing
-
-    def pruned_run(oldest: datetime) -> tuple[list[float], dict[str, int], float, list[str]]:
-        context = multiprocessing.get_context("spawn")
-        ready, go, stop, results = context.Event(), context.Event(), context.Event(), context.Queue()
-        pruner = context.Process(target=_prune_until_stopped,
-                                 args=(url, redis_url, oldest + timedelta(days=2), ready, go, stop, results), daemon=True)
-        pruner.start()
-        if not ready.wait(60):
-            raise RuntimeError("the pruning process did not start")
-        time.sleep(2)  # (its start-up's CPU out of the way)
-        # A second into the run, so that every tick runs beside it.
-        threading.Timer(1.0, go.set).start()
-        try:
-            # Long enough for the day to go at the pace a tick keeps (it rests between batches).
-            with WaitSampler(url) as waits:
-                ringing = offered_run()
-        finally:
-            stop.set()
-            pruned, seconds = results.get(timeout=120)
-            pruner.join(30)
-        return ringing, pruned, seconds, waits.top()
 
     for n in range(args.pruning_rounds):
         with psycopg.connect(url, autocommit=True) as conn:
             oldest = conn.execute("select min(received_at) from public.call_events").fetchone()[0]
         if oldest is None:
             return
-        # The control runs first in even pairs and second in odd ones: the second run of a pair
-        # is slower by itself (a pair that pruned nothing moved p99 by +73 ms).
-        if n % 2 == 0:
-            unpruned = offered_run()
-            ringing, pruned, seconds, waits = pruned_run(oldest)
-        else:
-            ringing, pruned, seconds, waits = pruned_run(oldest)
-            unpruned = offered_run()
-        fig.pruning_pairs.append(PruningPair(unpruned, ringing, pruned, seconds, waits))
-        log(f"{fig.label}: pruning pair{' (pruning first)' if n % 2 else ''}: {fig.pruning_pairs[-1].describe()}")
+        # Each run starts with no call of an earlier run live: the sweep ends the calls a run
+        # leaves answered and silent 120 s later, which would otherwise land in this one.
+        hang_up_live_calls(url)
+        context = multiprocessing.get_context("spawn")
+        ready, on, stop, results = context.Event(), context.Event(), context.Event(), context.Queue()
+        pruner = context.Process(target=_prune_in_turns, daemon=True,
+                                 args=(url, redis_url, oldest + timedelta(days=PRUNING_DAYS + 1), ready, on, stop, results))
+        pruner.start()
+        if not ready.wait(60):
+            raise RuntimeError("the pruning process did not start")
+        time.sleep(2)  # (its start-up's CPU out of the way)
+
+        def turns() -> None:
+            pruning = bool(n % 2)  # on first in odd runs: neither kind of turn always comes first
+            while not stop.is_set():
+                (on.set if pruning else on.clear)()
+                stop.wait(PRUNING_WINDOW_SECONDS)
+                pruning = not pruning
+
+        switcher = threading.Thread(target=turns, daemon=True)
+        try:
+            with WaitSampler(url) as waits:
+                switcher.start()
+                run = asyncio.run(drive(url, round(args.rate * PRUNING_RUN_SECONDS), rate=args.rate, watch_calls=True))
+        finally:
+            stop.set()
+            pruned, ticks = results.get(timeout=120)
+            pruner.join(30)
+        control, pruning = split_by_ticks(run.ringing_started, run.ringing, ticks)
+        fig.pruning_pairs.append(PruningPair(control, pruning, pruned, sum(b - a for a, b in ticks), waits.top()))
+        log(f"{fig.label}: pruning in turns of {PRUNING_WINDOW_SECONDS} s: {fig.pruning_pairs[-1].describe()}")
 
 
 # ---- the statements, as auto_explain saw them ---------------------------------------------------
@@ -754,10 +780,10 @@ def pruning_only(hist, args) -> None:
         asyncio.run(drive(hist.url, min(200, args.count), in_flight=args.in_flight))
         pruning_run(fig, hist.url, s.env["REDIS_URL"], args)
     print(table([[str(n + 1), p.describe(), f"{p.p99_moved_ms:+.0f}"] for n, p in enumerate(fig.pruning_pairs)],
-                ["pair", f"{args.rate:g}/s insert→ringing p50 / p99 ms: control → while pruning (pruned)", "p99 moved ms"]))
+                ["run", f"{args.rate:g}/s insert→ringing p50 / p99 ms: control samples → samples overlapping a tick", "p99 moved ms"]))
     print_pruning_waits(fig)
     print(f"machine: {machine()}")
-    print(f"pruning moved ringing p99 by (median of {len(fig.pruning_pairs)} pairs): "
+    print(f"pruning moved ringing p99 by (median of {len(fig.pruning_pairs)} runs): "
           f"{PruningPair.median_moved_ms(fig.pruning_pairs):+.0f} ms")
 
 
@@ -784,9 +810,9 @@ def main() -> None:
                     help="lifecycle rounds, alternating history and empty (the median rate; the machine is shared)")
     ap.add_argument("--api-requests", type=int, default=200, help="GET /api/calls per user")
     ap.add_argument("--pruning-rounds", type=int, default=1,
-                    help="pairs of 50/s runs, without and while pruning the oldest day (on history, last)")
+                    help="runs at the offered rate while pruning the oldest days in turns (on history, last)")
     ap.add_argument("--pruning-only", action="store_true",
-                    help="on the history database only: the warm-up, then the pruning pairs, and stop")
+                    help="on the history database only: the warm-up, then the pruning runs, and stop")
     args = ap.parse_args()
 
     hist = history_database(args.scale, args.rebuild)
@@ -845,11 +871,11 @@ def main() -> None:
          "{} / {}".format(*ms(empty.sat_ringing, 50, 99)), "saturation"],
         [f"{args.rate:g}/s: insert→ringing p50 / p99 ms", "{} / {}".format(*ms(history.offered_ringing, 50, 99)),
          "{} / {}".format(*ms(empty.offered_ringing, 50, 99)), f"open loop, {args.rate_seconds:g} s"],
-        [f"{args.rate:g}/s for {PRUNING_RUN_SECONDS} s, then again while pruning: insert→ringing p50 / p99 ms",
+        [f"{args.rate:g}/s for {PRUNING_RUN_SECONDS} s, pruning in turns: insert→ringing p50 / p99 ms, control → pruning",
          "; ".join(p.describe() for p in history.pruning_pairs) or "n/a", "n/a",
          (f"p99 moved by (median of {len(history.pruning_pairs)}) "
           f"{PruningPair.median_moved_ms(history.pruning_pairs):+.0f} ms; " if history.pruning_pairs else "")
-         + "the oldest day each time; bound: p99 moved by at most 20 ms"],
+         + f"the oldest {PRUNING_DAYS} days a run; bound: p99 moved by at most 20 ms"],
         [f"{args.rate:g}/s: accept→active p50 / p99 ms", "{} / {}".format(*ms(history.offered_active, 50, 99)),
          "{} / {}".format(*ms(empty.offered_active, 50, 99)), ""],
         ["callflow CPU ms/lifecycle", f"{history.cpu_ms:.1f}", f"{empty.cpu_ms:.1f}",

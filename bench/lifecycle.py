@@ -44,7 +44,7 @@ import subprocess
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import psycopg
@@ -72,6 +72,7 @@ class Run:
     cores: dict[str, float]  # the machine's core-seconds over the run: busy, idle, steal (measured runs)
     driver_transactions: int  # of those, the driver's own
     unanswered: list[tuple[str, float | None]]  # never-accepted invitations: status, ended_at − ring_deadline (s)
+    ringing_started: list[float] = field(default_factory=list)  # each `ringing` sample's insert (perf_counter)
 
 
 async def drive(database_url: str, count: int, *, in_flight: int = 0, rate: float = 0.0, devices: int = 0,
@@ -155,6 +156,7 @@ async def drive(database_url: str, count: int, *, in_flight: int = 0, rate: floa
     pool = AsyncConnectionPool(database_url, min_size=8, max_size=24, open=False, configure=count_connection)
     await pool.open(wait=True)
     ring_latencies: list[float] = []
+    ring_starts: list[float] = []
     semaphore = asyncio.Semaphore(in_flight or count)  # open loop: no bound
     if measure:
         await asyncio.sleep(PGSTAT_SETTLE_SECONDS)
@@ -187,6 +189,7 @@ async def drive(database_url: str, count: int, *, in_flight: int = 0, rate: floa
                 return
             rang_at = await asyncio.wait_for(ringing[inv_id], 120)
             ring_latencies.append(rang_at - start)
+            ring_starts.append(start)
             async with pool.connection() as c:
                 async with c.transaction():
                     await c.execute(AS_CLIENT, (json.dumps({"sub": callee, "role": "authenticated"}),))
@@ -240,7 +243,7 @@ async def drive(database_url: str, count: int, *, in_flight: int = 0, rate: floa
         after = await xacts()
         total, writes = after[0] - before[0], after[1] - before[1] - 1  # not the two reads' own ids
     await stats.close()
-    return Run(elapsed=finished - t0, ringing=ring_latencies, active=[active_at[k] - at for k, at in accepted.items()],
+    return Run(elapsed=finished - t0, ringing=ring_latencies, ringing_started=ring_starts, active=[active_at[k] - at for k, at in accepted.items()],
                transactions=total, writes=writes, cpu=cpu, cores=cores, driver_transactions=transactions, unanswered=unanswered)
 
 
