@@ -323,9 +323,11 @@ def lifecycle_runs(fig: Figures, url: str, heavy_user: str | None, args, first: 
 # Two runs one after the other (control, then pruning) differed by themselves by up to 100 ms of p99
 # on this database (the live tables' autovacuum, checkpoints: a run has one or not), far more than
 # the bound measured; samples of one run, taken in turns, share those.
-PRUNING_RUN_SECONDS = 120
+# Runs of 60 s: the lifecycle runs' calls stay live until the 120 s ring timeout, and a run of 120 s
+# met the sweep ending its first calls as silent.
+PRUNING_RUN_SECONDS = 60
 PRUNING_WINDOW_SECONDS = 10
-PRUNING_DAYS = 3  # the oldest days pruned in a run: enough for the pruner to be busy in every turn on
+PRUNING_DAYS = 1  # the oldest days pruned in a run (the done-when's "a day's worth"); its ticks then take 10-20 s
 # A sample is a control one when no tick ran within this of its insert → ringing (a tick's WAL is
 # still being flushed after its last batch commits).
 PRUNING_LINGER_SECONDS = 1.0
@@ -397,10 +399,22 @@ class PruningPair:
     pruned: dict[str, int]
     pruning_seconds: float  # the ticks' time
     pruning_waits: list[str] = field(default_factory=list)  # WaitSampler.top() of the run
+    idle: bool = False  # the pruner did nothing (the method's own noise)
 
     @staticmethod
     def median_moved_ms(pairs: list["PruningPair"]) -> float:
         return percentile([p.p99_moved_ms for p in pairs], 50)
+
+    @staticmethod
+    def pooled(pairs: list["PruningPair"]) -> "PruningPair":
+        """The samples of several runs as one: a p99 made by ten times as many samples, which one
+        stall no longer decides."""
+        pruned: dict[str, int] = {}
+        for p in pairs:
+            for k, v in p.pruned.items():
+                pruned[k] = pruned.get(k, 0) + v
+        return PruningPair([x for p in pairs for x in p.unpruned_ringing], [x for p in pairs for x in p.pruning_ringing],
+                           pruned, sum(p.pruning_seconds for p in pairs), idle=all(p.idle for p in pairs))
 
     @property
     def p99_moved_ms(self) -> float:
@@ -445,6 +459,10 @@ def pruning_run(fig: Figures, url: str, redis_url: str, args) -> None:
     import multiprocessing
 
     for n in range(args.pruning_rounds):
+        # `--pruning-alternate`: the pruner and an idle one take turns run by run, so both meet the
+        # same drift of the database over the runs.
+        idle = args.pruning_idle or (args.pruning_alternate and n % 2 == 1)
+        order = n // 2 if args.pruning_alternate else n
         with psycopg.connect(url, autocommit=True) as conn:
             oldest = conn.execute("select min(received_at) from public.call_events").fetchone()[0]
         if oldest is None:
@@ -456,14 +474,14 @@ def pruning_run(fig: Figures, url: str, redis_url: str, args) -> None:
         ready, on, stop, results = context.Event(), context.Event(), context.Event(), context.Queue()
         pruner = context.Process(target=_prune_in_turns, daemon=True,
                                  args=(url, redis_url, oldest + timedelta(days=PRUNING_DAYS + 1), ready, on, stop, results,
-                                       args.pruning_idle))
+                                       idle))
         pruner.start()
         if not ready.wait(60):
             raise RuntimeError("the pruning process did not start")
         time.sleep(2)  # (its start-up's CPU out of the way)
 
         def turns() -> None:
-            pruning = bool(n % 2)  # on first in odd runs: neither kind of turn always comes first
+            pruning = bool(order % 2)  # on first every other run: neither kind of turn always comes first
             while not stop.is_set():
                 (on.set if pruning else on.clear)()
                 stop.wait(PRUNING_WINDOW_SECONDS)
@@ -479,8 +497,9 @@ def pruning_run(fig: Figures, url: str, redis_url: str, args) -> None:
             pruned, ticks = results.get(timeout=120)
             pruner.join(30)
         control, pruning = split_by_ticks(run.ringing_started, run.ringing, ticks)
-        fig.pruning_pairs.append(PruningPair(control, pruning, pruned, sum(b - a for a, b in ticks), waits.top()))
-        log(f"{fig.label}: pruning in turns of {PRUNING_WINDOW_SECONDS} s: {fig.pruning_pairs[-1].describe()}")
+        fig.pruning_pairs.append(PruningPair(control, pruning, pruned, sum(b - a for a, b in ticks), waits.top(), idle))
+        log(f"{fig.label}: {'idle ' if idle else ''}pruning in turns of {PRUNING_WINDOW_SECONDS} s: "
+            f"{fig.pruning_pairs[-1].describe()}")
 
 
 # ---- the statements, as auto_explain saw them ---------------------------------------------------
@@ -797,12 +816,20 @@ def pruning_only(hist, args) -> None:
         log(f"{fig.label}: warm-up")
         asyncio.run(drive(hist.url, min(200, args.count), in_flight=args.in_flight))
         pruning_run(fig, hist.url, s.env["REDIS_URL"], args)
-    print(table([[str(n + 1), p.describe(), f"{p.p99_moved_ms:+.0f}"] for n, p in enumerate(fig.pruning_pairs)],
-                ["run", f"{args.rate:g}/s insert→ringing p50 / p99 ms: control samples → samples overlapping a tick", "p99 moved ms"]))
+    real = [p for p in fig.pruning_pairs if not p.idle]
+    idle = [p for p in fig.pruning_pairs if p.idle]
+    rows = [[str(n + 1) + (" (idle)" if p.idle else ""), p.describe(), f"{p.p99_moved_ms:+.0f}"]
+            for n, p in enumerate(fig.pruning_pairs)]
+    rows += [[f"pooled, {len(runs)} {kind} runs", PruningPair.pooled(runs).describe(),
+              f"{PruningPair.pooled(runs).p99_moved_ms:+.0f}"] for kind, runs in (("pruning", real), ("idle", idle)) if runs]
+    print(table(rows, ["run", f"{args.rate:g}/s insert→ringing p50 / p99 ms: control samples → samples overlapping a tick",
+                       "p99 moved ms"]))
     print_pruning_waits(fig)
     print(f"machine: {machine()}")
-    print(f"pruning moved ringing p99 by (median of {len(fig.pruning_pairs)} runs): "
-          f"{PruningPair.median_moved_ms(fig.pruning_pairs):+.0f} ms")
+    for kind, runs in (("idle ticks", idle), ("pruning", real)):
+        if runs:
+            print(f"{kind} moved ringing p99 by (median of {len(runs)} runs): {PruningPair.median_moved_ms(runs):+.0f} ms; "
+                  f"(the runs' samples pooled): {PruningPair.pooled(runs).p99_moved_ms:+.0f} ms")
 
 
 def fmt_ms(values: list[float], p: float) -> str:
@@ -831,6 +858,8 @@ def main() -> None:
                     help="runs at the offered rate while pruning the oldest days in turns (on history, last)")
     ap.add_argument("--pruning-idle", action="store_true",
                     help="the pruning runs' turns with a pruner that does nothing: how far the two sets differ by chance")
+    ap.add_argument("--pruning-alternate", action="store_true",
+                    help="the pruning runs alternate: the pruner, then one that does nothing, and so on")
     ap.add_argument("--pruning-only", action="store_true",
                     help="on the history database only: the warm-up, then the pruning runs, and stop")
     args = ap.parse_args()
