@@ -191,7 +191,9 @@ def test_a_batchs_requests_go_at_once_over_the_one_connection(ddb, voip_database
         took = time.monotonic() - started
     finally:
         apns.delay = 0.0
-    mine = apns.requests[first:]
+    # This batch's requests: the stand-in is the module's, and an earlier test's late request can
+    # reach it meanwhile (a full run once counted one of those here).
+    mine = [r for r in apns.requests[first:] if r.token in set(tokens)]
     assert sorted(r.token for r in mine if r.status == 200) == sorted(tokens)
     assert len({r.connection for r in mine}) == 1
     assert max(r.at for r in mine) - min(r.at for r in mine) < 0.5  # all in flight before the first answer
