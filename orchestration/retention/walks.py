@@ -13,9 +13,8 @@ for its whole length); each table is walked by what it already has:
   grow with `received_at`: both are the inserting transaction's). The walk stops at the first
   range still holding a young row, so a tick with nothing to do costs one batch (~1 ms).
 - `push_messages`, `notifications` (uuid keys, no order): by ranges of heap blocks
-  (`BLOCKS_PER_BATCH` blocks, a TID range scan: never the whole table; ~3,000 rows, 5-20 ms), a
-  cursor kept in Redis going round the table; at most `BLOCKS_PER_TICK` blocks a tick, so a pass
-  over a 2 GB table takes an hour or so and reads ~30 MB a minute.
+  (`BLOCKS_PER_BATCH` blocks, a TID range scan: never the whole table; ~400 rows), a cursor kept
+  in Redis going round the table; at most `BLOCKS_PER_TICK` blocks a tick.
 - `callflow_usage_deltas`: minute by minute (`MINUTES_PER_BATCH`), from a watermark kept in Redis,
   under the refresh's own advisory lock (tried, never waited for). A minute's deltas are replaced
   by at most two that sum to the same `net` and reach the same `rise` at the same `rise_at`, so
@@ -23,8 +22,8 @@ for its whole length); each table is walked by what it already has:
   the retention lands in a minute whose order of joins and leaves is gone (its minutes and net
   stay exact, its rise is approximated).
 
-After each batch the walk rests three times as long as the batch took (`REST_RATIO`): the database
-is shared with the lifecycle, whose ringing latency back-to-back deletes moved (see REST_RATIO).
+After each batch the walk rests nine times as long as the batch took (`REST_RATIO`): the database
+is shared with the lifecycle, whose ringing latency heavier pruning moved (see REST_RATIO).
 
 Every batch locks only the rows it deletes (`for update skip locked`: a row someone else holds is
 left for a later pass), and the lifecycle never waits on an old row: the events it records are new,
@@ -51,16 +50,23 @@ import redis
 from orchestration import names
 
 MIN_DAYS = 1
-EVENTS_PER_BATCH = 2000
-BLOCKS_PER_BATCH = 64
+EVENTS_PER_BATCH = 250
+BLOCKS_PER_BATCH = 8
 BLOCKS_PER_TICK = 4096
 MINUTES_PER_BATCH = 240
 TICK_SECONDS = 2.0  # per table, so a tick holds one of a worker's processes ~8 s a minute at most
 # After each batch the walk rests this many times as long as the batch took, so pruning takes at
-# most a quarter of the database's time while a tick runs: deleting back to back (a day of a year
-# of history, 55,000 events, in 9 s) moved the lifecycle's ringing p99 by 140 ms at 50 calls/s on
-# two cores. The rest counts in the tick's time: a tick does less, none lasts longer.
-REST_RATIO = 3.0
+# most a tenth of a backend's time while a tick runs. Measured with a year of history at 50 calls/s
+# on two cores (bench.history --pruning-only --pruning-alternate, bench/RESULTS.md, seventh
+# session): batches of 2,000 events and 64 blocks resting 3× moved ringing p50 by +19 ms (pooled
+# over five runs, p99 +364 ms); of 250 and 8 resting 3×, p50 +9 and p90 +29 ms; of 250 and 8 resting
+# 9×, p50 +3, p90 +6, p99 −63 ms, as a pruner that does nothing (+1, +7, +21). The cost is pace: a
+# tick of beat's prunes 14,000-19,000 events on a quiet machine (a busy tenant's day, 55,000, in about four minutes; a
+# backlog of nine months in about a day); once caught up, a day's rows take a few batches a day.
+# The rest counts in the tick's
+# time: a tick does less, none lasts longer. Smaller batches also bound the WAL each of the
+# lifecycle's commits may have to flush behind one of the pruner's.
+REST_RATIO = 9.0
 
 OUTBOXES = ("push_messages", "notifications")
 TABLES = ("call_events", *OUTBOXES, "callflow_usage_deltas")
