@@ -72,6 +72,13 @@ SWEEP_INTERVAL_SECONDS = 1
 # (its deletes wrote full pages of old tables into the WAL), and ate into the cached database.
 # What pruning costs the lifecycle is measured on its own, by the pruning runs.
 KEEP_THE_YEAR = {"CALLFLOW_RETENTION_DAYS": "400"}
+# Each stack starts with a fresh Redis: its listener has no watermark and catches up on the last
+# hour (its default), enqueueing every client change of that hour again (up to 50,000): after the
+# bench's own earlier runs, tens of thousands of stale changes the workers re-judged ahead of the
+# run's ringing (50/s insert→ringing p50 3.2-3.8 s on history, 16-22 ms on the younger empty
+# database). A deployment's listener keeps its watermark in Redis across restarts: the stacks start
+# from the last minute, as one restarted with its Redis would.
+LISTENER_ARGS = ("--initial-horizon", "60")
 # The lifecycle runs' stack (the saturation runs' silent calls are ended by the sweep 120 s later).
 LIFECYCLE_ENV = {**KEEP_THE_YEAR, "CALLFLOW_RING_TIMEOUT_SECONDS": "120",
                  "CALLFLOW_SWEEP_INTERVAL_SECONDS": str(SWEEP_INTERVAL_SECONDS)}
@@ -281,7 +288,12 @@ def usage_command(env: dict[str, str]) -> tuple[float, str]:
 
 def lifecycle_runs(fig: Figures, url: str, heavy_user: str | None, args, first: bool = True) -> None:
     env = LIFECYCLE_ENV
-    with stack(env, workers=1, concurrency=args.concurrency, listener=True, beat=True, web=True, database_url=url) as s:
+    # No call of the round before live: answered and silent, the sweep would end them 120 s after
+    # they began, all at once (a saturation run makes 1,000 in 6 s), inside this round's runs (on the
+    # history, a stall of seconds at NOTIFY's commit lock 12 s into each 50/s run, p50 3.8 s).
+    hang_up_live_calls(url)
+    with stack(env, workers=1, concurrency=args.concurrency, listener=True, beat=True, web=True, database_url=url,
+               listener_args=LISTENER_ARGS) as s:
         log(f"{fig.label}: warm-up")
         asyncio.run(drive(url, min(200, args.count), in_flight=args.in_flight))
         if args.analyze_after_warmup:  # statistics that have seen live calls (see --help)
@@ -356,6 +368,27 @@ def hang_up_live_calls(url: str, settle_seconds: float = 5.0) -> None:
     time.sleep(settle_seconds)
 
 
+# The pruning runs' calls end this long after they began, as their callers hang up (a call ended by
+# the caller, through the same columns the product's room events write). Left live, a run's 3,000
+# calls were hung up together at the next run's start, and that burst's dead rows brought the live
+# tables' autovacuum into the next run: control p50 rose run after run (45 → 84 ms over four).
+PRUNING_CALL_SECONDS = 15.0
+
+
+def hang_up_as_callers_do(url: str, stop: threading.Event, call_seconds: float = PRUNING_CALL_SECONDS) -> None:
+    """Once a second until `stop`: the calls live for `call_seconds` ended (the hang-ups of a steady
+    rate of calls, spread as theirs are)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        while not stop.wait(1.0):
+            try:
+                conn.execute("""update public.calls set status = 'completed', end_reason = 'hangup',
+                                       ended_at = greatest(now(), created_at)
+                                 where status = 'active' and created_at < now() - make_interval(secs => %s)""",
+                             (call_seconds,))
+            except psycopg.errors.DeadlockDetected:
+                pass  # the sweep ending one of them in another order: the next second's again
+
+
 def _prune_in_turns(url: str, redis_url: str, now: datetime, ready, on, stop, results, idle: bool = False) -> None:
     """The pruning process: ticks of the real `orchestration.retention.prune` back to back while `on`
     is set, until `stop` is set or a tick prunes nothing; what it pruned and each tick's span
@@ -418,10 +451,14 @@ class PruningPair:
 
     @property
     def p99_moved_ms(self) -> float:
-        return (percentile(self.pruning_ringing, 99) - percentile(self.unpruned_ringing, 99)) * 1000
+        return self.moved_ms(99)
+
+    def moved_ms(self, p: float) -> float:
+        return (percentile(self.pruning_ringing, p) - percentile(self.unpruned_ringing, p)) * 1000
 
     def describe(self) -> str:
-        return ("{} / {}".format(*ms(self.unpruned_ringing, 50, 99)) + " → " + "{} / {}".format(*ms(self.pruning_ringing, 50, 99))
+        return ("{} / {} / {}".format(*ms(self.unpruned_ringing, 50, 90, 99)) + " → "
+                + "{} / {} / {}".format(*ms(self.pruning_ringing, 50, 90, 99))
                 + f" ({len(self.unpruned_ringing):,} → {len(self.pruning_ringing):,} samples; "
                 + f"{', '.join(f'{k} {v:,}' for k, v in self.pruned.items() if v) or 'nothing'} pruned in {self.pruning_seconds:.0f} s of ticks)")
 
@@ -467,8 +504,8 @@ def pruning_run(fig: Figures, url: str, redis_url: str, args) -> None:
             oldest = conn.execute("select min(received_at) from public.call_events").fetchone()[0]
         if oldest is None:
             return
-        # Each run starts with no call of an earlier run live: the sweep ends the calls a run
-        # leaves answered and silent 120 s later, which would otherwise land in this one.
+        # Each run starts with no call of an earlier run live (the warm-up's, a run's last
+        # PRUNING_CALL_SECONDS): the sweep would end them as silent 120 s later, in this one.
         hang_up_live_calls(url)
         context = multiprocessing.get_context("spawn")
         ready, on, stop, results = context.Event(), context.Event(), context.Event(), context.Queue()
@@ -488,14 +525,17 @@ def pruning_run(fig: Figures, url: str, redis_url: str, args) -> None:
                 pruning = not pruning
 
         switcher = threading.Thread(target=turns, daemon=True)
+        hanging_up = threading.Thread(target=hang_up_as_callers_do, args=(url, stop), daemon=True)
         try:
             with WaitSampler(url) as waits:
                 switcher.start()
+                hanging_up.start()
                 run = asyncio.run(drive(url, round(args.rate * PRUNING_RUN_SECONDS), rate=args.rate, watch_calls=True))
         finally:
             stop.set()
             pruned, ticks = results.get(timeout=120)
             pruner.join(30)
+            hanging_up.join(30)
         control, pruning = split_by_ticks(run.ringing_started, run.ringing, ticks)
         fig.pruning_pairs.append(PruningPair(control, pruning, pruned, sum(b - a for a, b in ticks), waits.top(), idle))
         log(f"{fig.label}: {'idle ' if idle else ''}pruning in turns of {PRUNING_WINDOW_SECONDS} s: "
@@ -670,7 +710,8 @@ def explained_statements(fig: Figures, url: str, heavy_user: str | None) -> None
     try:
         offset = SERVER_LOG.stat().st_size
         watch.start()
-        with stack(env, workers=1, concurrency=4, listener=True, beat=True, web=True, database_url=url) as s:
+        with stack(env, workers=1, concurrency=4, listener=True, beat=True, web=True, database_url=url,
+                   listener_args=LISTENER_ARGS) as s:
             log(f"{fig.label}: statements under auto_explain")
             asyncio.run(drive(url, 30, in_flight=10, unanswered_every=3))
             routes(url, s.web_port, heavy_user)
@@ -812,7 +853,7 @@ def pruning_only(hist, args) -> None:
     fig = Figures("history")
     env = LIFECYCLE_ENV
     with stack(env, workers=1, concurrency=args.concurrency, listener=True, beat=True, web=True,
-               database_url=hist.url) as s:
+               database_url=hist.url, listener_args=LISTENER_ARGS) as s:
         log(f"{fig.label}: warm-up")
         asyncio.run(drive(hist.url, min(200, args.count), in_flight=args.in_flight))
         pruning_run(fig, hist.url, s.env["REDIS_URL"], args)
@@ -822,14 +863,16 @@ def pruning_only(hist, args) -> None:
             for n, p in enumerate(fig.pruning_pairs)]
     rows += [[f"pooled, {len(runs)} {kind} runs", PruningPair.pooled(runs).describe(),
               f"{PruningPair.pooled(runs).p99_moved_ms:+.0f}"] for kind, runs in (("pruning", real), ("idle", idle)) if runs]
-    print(table(rows, ["run", f"{args.rate:g}/s insert→ringing p50 / p99 ms: control samples → samples overlapping a tick",
+    print(table(rows, ["run", f"{args.rate:g}/s insert→ringing p50 / p90 / p99 ms: control samples → samples overlapping a tick",
                        "p99 moved ms"]))
     print_pruning_waits(fig)
     print(f"machine: {machine()}")
     for kind, runs in (("idle ticks", idle), ("pruning", real)):
         if runs:
+            pooled = PruningPair.pooled(runs)
             print(f"{kind} moved ringing p99 by (median of {len(runs)} runs): {PruningPair.median_moved_ms(runs):+.0f} ms; "
-                  f"(the runs' samples pooled): {PruningPair.pooled(runs).p99_moved_ms:+.0f} ms")
+                  f"(the runs' samples pooled): {pooled.p99_moved_ms:+.0f} ms; p90 {pooled.moved_ms(90):+.0f} ms, "
+                  f"p50 {pooled.moved_ms(50):+.0f} ms")
 
 
 def fmt_ms(values: list[float], p: float) -> str:

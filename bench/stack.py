@@ -57,7 +57,8 @@ class Stack:
         self.procs: list[services.Process] = []
 
     def start(self, workers: int = 1, concurrency: int = 4, listener: bool = True, beat: bool = False,
-              pool: str = "prefork", web: bool = False, database_url: str | None = None) -> "Stack":
+              pool: str = "prefork", web: bool = False, database_url: str | None = None,
+              listener_args: tuple[str, ...] = ()) -> "Stack":
         """`web`: the `web` process runs too and LiveKit's webhooks go to it (as deployed); without
         it they go to a closed port (LiveKit retries each for ~15 s, then gives up). `database_url`:
         an existing, migrated database (kept at the end) instead of a fresh one (dropped)."""
@@ -93,7 +94,7 @@ class Stack:
                               what="worker ready")
         self.procs.extend(self.workers)
         if listener:
-            self.listener = services.Process("listener", [sys.executable, "-m", "workers.listener"], self.env,
+            self.listener = services.Process("listener", [sys.executable, "-m", "workers.listener", *listener_args], self.env,
                                              self.log_dir).start()
             self.procs.append(self.listener)
         if beat:
