@@ -61,11 +61,11 @@ TICK_SECONDS = 2.0  # per table, so a tick holds one of a worker's processes ~8 
 # session): batches of 2,000 events and 64 blocks resting 3× moved ringing p50 by +19 ms (pooled
 # over five runs, p99 +364 ms); of 250 and 8 resting 3×, p50 +9 and p90 +29 ms; of 250 and 8 resting
 # 9×, p50 +3, p90 +6, p99 −63 ms, as a pruner that does nothing (+1, +7, +21). The cost is pace: a
-# tick of beat's prunes 14,000-19,000 events on a quiet machine (a busy tenant's day, 55,000, in about four minutes; a
-# backlog of nine months in about a day); once caught up, a day's rows take a few batches a day.
-# The rest counts in the tick's
-# time: a tick does less, none lasts longer. Smaller batches also bound the WAL each of the
-# lifecycle's commits may have to flush behind one of the pruner's.
+# tick of beat's prunes 14,000-19,000 events on a quiet machine (a busy tenant's day, 55,000, in
+# about four minutes; a backlog of nine months in about a day); once caught up, a day's rows take
+# a few batches a day. The rest counts in the tick's time: a tick does less, none lasts longer.
+# Smaller batches also bound the WAL each of the lifecycle's commits may have to flush behind one
+# of the pruner's.
 REST_RATIO = 9.0
 
 OUTBOXES = ("push_messages", "notifications")
