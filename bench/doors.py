@@ -155,9 +155,9 @@ def main() -> None:
     # Two streams a call: the web process's cap on streams is raised above them.
     env = {"CALLFLOW_SWEEP_INTERVAL_SECONDS": "1", "CALLFLOW_STREAMS_PER_PROCESS": "100000"}
     where = {}
-    if args.database:  # a deployment restarted on its database, as bench.history's stacks are
-        from bench.history import KEEP_THE_YEAR, LISTENER_ARGS
-        where = {"database_url": args.database, "listener_args": LISTENER_ARGS}
+    if args.database:  # e.g. bench.history's year, which beat's prune must not eat into
+        from bench.history import KEEP_THE_YEAR
+        where = {"database_url": args.database}
         env.update(KEEP_THE_YEAR)
     with stack(env, workers=1, concurrency=os.cpu_count() or 2,
                listener=True, beat=True, web=True, **where) as s:

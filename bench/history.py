@@ -72,13 +72,6 @@ SWEEP_INTERVAL_SECONDS = 1
 # (its deletes wrote full pages of old tables into the WAL), and ate into the cached database.
 # What pruning costs the lifecycle is measured on its own, by the pruning runs.
 KEEP_THE_YEAR = {"CALLFLOW_RETENTION_DAYS": "400"}
-# Each stack starts with a fresh Redis: its listener has no watermark and catches up on the last
-# hour (its default), enqueueing every client change of that hour again (up to 50,000): after the
-# bench's own earlier runs, tens of thousands of stale changes the workers re-judged ahead of the
-# run's ringing (50/s insert→ringing p50 3.2-3.8 s on history, 16-22 ms on the younger empty
-# database). A deployment's listener keeps its watermark in Redis across restarts: the stacks start
-# from the last minute, as one restarted with its Redis would.
-LISTENER_ARGS = ("--initial-horizon", "60")
 # The lifecycle runs' stack (the saturation runs' silent calls are ended by the sweep 120 s later).
 LIFECYCLE_ENV = {**KEEP_THE_YEAR, "CALLFLOW_RING_TIMEOUT_SECONDS": "120",
                  "CALLFLOW_SWEEP_INTERVAL_SECONDS": str(SWEEP_INTERVAL_SECONDS)}
@@ -289,11 +282,9 @@ def usage_command(env: dict[str, str]) -> tuple[float, str]:
 def lifecycle_runs(fig: Figures, url: str, heavy_user: str | None, args, first: bool = True) -> None:
     env = LIFECYCLE_ENV
     # No call of the round before live: answered and silent, the sweep would end them 120 s after
-    # they began, all at once (a saturation run makes 1,000 in 6 s), inside this round's runs (on the
-    # history, a stall of seconds at NOTIFY's commit lock 12 s into each 50/s run, p50 3.8 s).
+    # they began, all at once (a saturation run makes 1,000 in 6 s), inside this round's runs.
     hang_up_live_calls(url)
-    with stack(env, workers=1, concurrency=args.concurrency, listener=True, beat=True, web=True, database_url=url,
-               listener_args=LISTENER_ARGS) as s:
+    with stack(env, workers=1, concurrency=args.concurrency, listener=True, beat=True, web=True, database_url=url) as s:
         log(f"{fig.label}: warm-up")
         asyncio.run(drive(url, min(200, args.count), in_flight=args.in_flight))
         if args.analyze_after_warmup:  # statistics that have seen live calls (see --help)
@@ -349,15 +340,18 @@ PRUNING_LINGER_SECONDS = 1.0
 PRUNING_TICK_SECONDS = 0.5
 
 
+# The bench's calls (answered, nobody in the room) ended as their callers hanging up would, through
+# the columns the product's room events write: those live at least `secs` seconds.
+_HANG_UP = """update public.calls set status = 'completed', end_reason = 'hangup', ended_at = greatest(now(), created_at)
+               where status = 'active' and created_at <= now() - make_interval(secs => %s)"""
+
+
 def hang_up_live_calls(url: str, settle_seconds: float = 5.0) -> None:
-    """The bench's calls still live (answered, nobody in the room: the sweep would end them after
-    the ring timeout) ended at once, as their callers hanging up would."""
+    """The bench's calls still live (the sweep would end them after the ring timeout) ended at once."""
     with psycopg.connect(url, autocommit=True) as conn:
         for attempt in range(5):
             try:
-                n = conn.execute("""update public.calls set status = 'completed', end_reason = 'hangup',
-                                      ended_at = greatest(now(), created_at)
-                                     where status = 'active'""").rowcount
+                n = conn.execute(_HANG_UP, (0,)).rowcount
                 break
             except psycopg.errors.DeadlockDetected:
                 # The sweep ending the same silent calls, in another order: again, what is left.
@@ -381,10 +375,7 @@ def hang_up_as_callers_do(url: str, stop: threading.Event, call_seconds: float =
     with psycopg.connect(url, autocommit=True) as conn:
         while not stop.wait(1.0):
             try:
-                conn.execute("""update public.calls set status = 'completed', end_reason = 'hangup',
-                                       ended_at = greatest(now(), created_at)
-                                 where status = 'active' and created_at < now() - make_interval(secs => %s)""",
-                             (call_seconds,))
+                conn.execute(_HANG_UP, (call_seconds,))
             except psycopg.errors.DeadlockDetected:
                 pass  # the sweep ending one of them in another order: the next second's again
 
@@ -710,8 +701,7 @@ def explained_statements(fig: Figures, url: str, heavy_user: str | None) -> None
     try:
         offset = SERVER_LOG.stat().st_size
         watch.start()
-        with stack(env, workers=1, concurrency=4, listener=True, beat=True, web=True, database_url=url,
-                   listener_args=LISTENER_ARGS) as s:
+        with stack(env, workers=1, concurrency=4, listener=True, beat=True, web=True, database_url=url) as s:
             log(f"{fig.label}: statements under auto_explain")
             asyncio.run(drive(url, 30, in_flight=10, unanswered_every=3))
             routes(url, s.web_port, heavy_user)
@@ -853,7 +843,7 @@ def pruning_only(hist, args) -> None:
     fig = Figures("history")
     env = LIFECYCLE_ENV
     with stack(env, workers=1, concurrency=args.concurrency, listener=True, beat=True, web=True,
-               database_url=hist.url, listener_args=LISTENER_ARGS) as s:
+               database_url=hist.url) as s:
         log(f"{fig.label}: warm-up")
         asyncio.run(drive(hist.url, min(200, args.count), in_flight=args.in_flight))
         pruning_run(fig, hist.url, s.env["REDIS_URL"], args)
@@ -861,8 +851,8 @@ def pruning_only(hist, args) -> None:
     idle = [p for p in fig.pruning_pairs if p.idle]
     rows = [[str(n + 1) + (" (idle)" if p.idle else ""), p.describe(), f"{p.p99_moved_ms:+.0f}"]
             for n, p in enumerate(fig.pruning_pairs)]
-    rows += [[f"pooled, {len(runs)} {kind} runs", PruningPair.pooled(runs).describe(),
-              f"{PruningPair.pooled(runs).p99_moved_ms:+.0f}"] for kind, runs in (("pruning", real), ("idle", idle)) if runs]
+    rows += [[f"pooled, {len(runs)} {kind} runs", pooled.describe(), f"{pooled.p99_moved_ms:+.0f}"]
+             for kind, runs in (("pruning", real), ("idle", idle)) if runs for pooled in [PruningPair.pooled(runs)]]
     print(table(rows, ["run", f"{args.rate:g}/s insert→ringing p50 / p90 / p99 ms: control samples → samples overlapping a tick",
                        "p99 moved ms"]))
     print_pruning_waits(fig)
