@@ -444,91 +444,118 @@ $$;
 
 -- ---- the month's calls ------------------------------------------------------------------------
 
--- The calls made in each settled UTC hour, and how many of them completed: counted once, when the
--- hour is over (10 minutes after its end) and none of its calls is ringing or active any more, so
--- the count can no longer change. The usage check asked for the month's count every minute, and
--- counting the month's calls read a growing month of rows (41-141 ms on a year of history,
--- issue 26); now it sums at most 744 kept hours and counts only the hours not yet settled.
--- A call made by callflow is inserted with `created_at = now()` (its transaction's start), so an
--- insert can land in a settled hour only from a transaction open for over 5 minutes after it, or
--- from a backdated insert (an import, a test): the triggers below forget a kept hour whenever a
--- write could change its count (a backdated insert, a change of a settled call's status or of any
--- call's `created_at`, a delete, a truncate); callflow's own writes never fire them.
+-- The calls made in each UTC hour, and how many of them completed. The usage check asks for the
+-- month's count every minute: counting the month's calls read a growing month of rows (41-141 ms
+-- on a year of history, issue 26), and counting only the hours not settled yet still read the last
+-- 70 minutes' calls and every hour with a live call (23-34 ms; its cost grew with the call rate).
+-- So the counts follow the writes: statement triggers on `calls` append each statement's change of
+-- an hour's counts to `callflow_usage_call_marks` (insert-only: a writer pays one small insert and
+-- takes no lock another writer waits for), and `callflow_usage_calls` adds the committed marks to
+-- the kept hours. An hour is kept from the first time its month is asked for (counted from its
+-- rows then: the hour in progress is counted once, young, and then only followed).
 create table public.callflow_usage_call_hours (
   hour             timestamptz primary key,
   calls            bigint not null,
   completed_calls  bigint not null
 );
 
-create or replace function public.callflow_usage_call_hours_forget() returns trigger
+-- Changes of an hour's counts not added to `callflow_usage_call_hours` yet (one row per statement
+-- and hour; taken whole by `callflow_usage_calls`).
+create table public.callflow_usage_call_marks (
+  hour             timestamptz not null,
+  calls            integer not null,
+  completed_calls  integer not null
+);
+
+create or replace function public.callflow_usage_mark_call_counts() returns trigger
 language plpgsql security definer set search_path = public, pg_temp as $$
 begin
-  if tg_op = 'TRUNCATE' then
-    delete from public.callflow_usage_call_hours where true;
+  if tg_op = 'INSERT' then
+    insert into public.callflow_usage_call_marks (hour, calls, completed_calls)
+    select date_trunc('hour', n.created_at, 'UTC'), count(*), count(*) filter (where n.status = 'completed')
+      from new_rows n group by 1;
   elsif tg_op = 'DELETE' then
-    delete from public.callflow_usage_call_hours k
-     where k.hour in (select date_trunc('hour', o.created_at, 'UTC') from old_calls o);
+    insert into public.callflow_usage_call_marks (hour, calls, completed_calls)
+    select date_trunc('hour', o.created_at, 'UTC'), -count(*), -count(*) filter (where o.status = 'completed')
+      from old_rows o group by 1;
   else
-    delete from public.callflow_usage_call_hours k where k.hour = date_trunc('hour', new.created_at, 'UTC');
-    if tg_op = 'UPDATE' then
-      delete from public.callflow_usage_call_hours k where k.hour = date_trunc('hour', old.created_at, 'UTC');
-    end if;
+    -- Only rows that moved to another hour or into or out of `completed` (most updates move neither).
+    insert into public.callflow_usage_call_marks (hour, calls, completed_calls)
+    select ch.hour, sum(ch.calls), sum(ch.completed_calls)
+      from new_rows n join old_rows o on o.id = n.id
+     cross join lateral (values
+       (date_trunc('hour', o.created_at, 'UTC'), -1, -(o.status = 'completed')::integer),
+       (date_trunc('hour', n.created_at, 'UTC'), 1, (n.status = 'completed')::integer)) ch(hour, calls, completed_calls)
+     where date_trunc('hour', n.created_at, 'UTC') <> date_trunc('hour', o.created_at, 'UTC')
+        or (n.status = 'completed') <> (o.status = 'completed')
+     group by ch.hour
+    having sum(ch.calls) <> 0 or sum(ch.completed_calls) <> 0;
   end if;
   return null;
 end $$;
 
-create trigger callflow_usage_call_hours_backdated after insert on public.calls
-  for each row when (new.created_at < clock_timestamp() - interval '5 minutes')
-  execute function public.callflow_usage_call_hours_forget();
-create trigger callflow_usage_call_hours_rewritten after update of status, created_at on public.calls
-  for each row when (old.created_at is distinct from new.created_at
-                     or (old.status is distinct from new.status and old.status not in ('ringing', 'active')))
-  execute function public.callflow_usage_call_hours_forget();
-create trigger callflow_usage_call_hours_deleted after delete on public.calls
-  referencing old table as old_calls for each statement execute function public.callflow_usage_call_hours_forget();
-create trigger callflow_usage_call_hours_truncated after truncate on public.calls
-  for each statement execute function public.callflow_usage_call_hours_forget();
+create or replace function public.callflow_usage_forget_call_counts() returns trigger
+language plpgsql security definer set search_path = public, pg_temp as $$
+begin
+  -- Every call is gone (TRUNCATE has no transition tables): so are the counts.
+  perform pg_advisory_xact_lock(hashtext('callflow_usage_calls'));
+  delete from public.callflow_usage_call_marks where true;
+  delete from public.callflow_usage_call_hours where true;
+  return null;
+end $$;
 
--- The calls made in [month_start, month_end) and how many completed: the kept hours, each settled
--- hour not kept yet counted (and kept when none of its calls is live), the rest counted.
--- One caller at a time (an advisory lock), so that an hour is never both summed and counted.
+create trigger callflow_usage_call_counts_insert after insert on public.calls
+  referencing new table as new_rows for each statement execute function public.callflow_usage_mark_call_counts();
+create trigger callflow_usage_call_counts_update after update on public.calls
+  referencing old table as old_rows new table as new_rows
+  for each statement execute function public.callflow_usage_mark_call_counts();
+create trigger callflow_usage_call_counts_delete after delete on public.calls
+  referencing old table as old_rows for each statement execute function public.callflow_usage_mark_call_counts();
+create trigger callflow_usage_call_counts_truncate after truncate on public.calls
+  for each statement execute function public.callflow_usage_forget_call_counts();
+
+-- The calls made in [month_start, month_end) (whole UTC hours) and how many completed.
+-- One caller at a time (an advisory lock). In one statement, so in one snapshot: each hour of the
+-- month up to the one in progress that is not kept yet is counted from its rows and kept, and the
+-- committed marks are taken, those of hours kept before added to them. A taken mark of an hour
+-- not kept before is dropped: the count of its rows in the same snapshot holds its change (an
+-- hour not kept at all is counted from its rows whenever it is, which holds it too). A mark not
+-- committed yet is taken by a later call. Hours after the one in progress hold no call unless
+-- one was dated ahead: counted from the rows (an empty range of the index).
 create or replace function public.callflow_usage_calls(month_start timestamptz, month_end timestamptz,
                                                       out calls bigint, out completed_calls bigint)
 language plpgsql volatile security definer set search_path = public, pg_temp set jit = off set timezone = 'UTC' as $$
 declare
-  settled_before timestamptz := greatest(month_start, least(month_end,
-                                  date_trunc('hour', clock_timestamp() - interval '10 minutes')));
-  hour_start timestamptz;
-  counted bigint;
-  completed bigint;
-  total bigint := 0;
-  total_completed bigint := 0;
+  kept_before timestamptz := greatest(month_start, least(month_end, date_trunc('hour', clock_timestamp()) + interval '1 hour'));
 begin
+  if month_start <> date_trunc('hour', month_start) or month_end <> date_trunc('hour', month_end) then
+    raise exception 'callflow_usage_calls counts whole UTC hours, not % to %', month_start, month_end;
+  end if;
   perform pg_advisory_xact_lock(hashtext('callflow_usage_calls'));
-  for hour_start in
-    select h.hour from generate_series(month_start, settled_before - interval '1 hour', interval '1 hour') as h(hour)
+  with new_hours as (
+    select h.hour from generate_series(month_start, kept_before - interval '1 hour', interval '1 hour') as h(hour)
      where not exists (select 1 from public.callflow_usage_call_hours k where k.hour = h.hour)
-  loop
-    select count(*), count(*) filter (where c.status = 'completed') into counted, completed
-      from public.calls c where c.created_at >= hour_start and c.created_at < hour_start + interval '1 hour';
-    if exists (select 1 from public.calls c
-                where c.created_at >= hour_start and c.created_at < hour_start + interval '1 hour'
-                  and c.status in ('ringing', 'active')) then
-      total := total + counted;
-      total_completed := total_completed + completed;
-    else
-      insert into public.callflow_usage_call_hours (hour, calls, completed_calls)
-      values (hour_start, counted, completed);
-    end if;
-  end loop;
-  select total + coalesce(sum(k.calls), 0), total_completed + coalesce(sum(k.completed_calls), 0)
-    into total, total_completed
-    from public.callflow_usage_call_hours k where k.hour >= month_start and k.hour < settled_before;
-  select total + count(*), total_completed + count(*) filter (where c.status = 'completed')
-    into total, total_completed
-    from public.calls c where c.created_at >= settled_before and c.created_at < month_end;
-  calls := total;
-  completed_calls := total_completed;
+  ), counted as (
+    insert into public.callflow_usage_call_hours (hour, calls, completed_calls)
+    select n.hour, c.calls, c.completed_calls
+      from new_hours n
+      cross join lateral (
+        select count(*) as calls, count(*) filter (where c.status = 'completed') as completed_calls
+          from public.calls c where c.created_at >= n.hour and c.created_at < n.hour + interval '1 hour' offset 0) c
+  ), taken as (
+    delete from public.callflow_usage_call_marks m returning m.hour, m.calls as added, m.completed_calls as completed_added
+  )
+  update public.callflow_usage_call_hours k
+     set calls = k.calls + t.added, completed_calls = k.completed_calls + t.completed_added
+    from (select taken.hour, sum(taken.added) as added, sum(taken.completed_added) as completed_added
+            from taken group by taken.hour) t
+   where k.hour = t.hour;
+
+  select coalesce(sum(k.calls), 0), coalesce(sum(k.completed_calls), 0) into calls, completed_calls
+    from public.callflow_usage_call_hours k where k.hour >= month_start and k.hour < kept_before;
+  select calls + count(*), completed_calls + count(*) filter (where c.status = 'completed')
+    into calls, completed_calls
+    from public.calls c where c.created_at >= kept_before and c.created_at < month_end;
 end $$;
 
 
@@ -541,4 +568,5 @@ alter table public.callflow_usage_months enable row level security;
 alter table public.callflow_usage_month_levels enable row level security;
 alter table public.callflow_usage_day_peaks enable row level security;
 alter table public.callflow_usage_call_hours enable row level security;
+alter table public.callflow_usage_call_marks enable row level security;
 alter table public.callflow_usage_alerts enable row level security;

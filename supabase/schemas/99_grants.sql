@@ -30,7 +30,7 @@ revoke all on public.callflow_settings, public.callflow_failed_tasks,
               public.callflow_usage_dirty, public.callflow_usage_sessions, public.callflow_usage_deltas,
               public.callflow_usage_minutes, public.callflow_usage_month_minutes, public.callflow_usage_months,
               public.callflow_usage_month_levels, public.callflow_usage_day_peaks, public.callflow_usage_call_hours,
-              public.callflow_usage_alerts, public.callflow_room_actions, public.callflow_call_parties
+              public.callflow_usage_call_marks, public.callflow_usage_alerts, public.callflow_room_actions, public.callflow_call_parties
   from public, anon, authenticated;
 -- (The others get service_role's grant from a Supabase project's default privileges only; the
 -- workers use none of them as service_role.)
@@ -55,7 +55,7 @@ revoke all on function
     public.callflow_usage_peak(timestamptz, timestamptz),
     public.callflow_usage_level_at(timestamptz), public.callflow_usage_levels_follow(),
     public.callflow_usage_day_peak(timestamptz), public.callflow_usage_calls(timestamptz, timestamptz),
-    public.callflow_usage_call_hours_forget(),
+    public.callflow_usage_mark_call_counts(), public.callflow_usage_forget_call_counts(),
     public.callflow_call_parties_add(), public.callflow_call_parties_forget(),
     public.callflow_call_parties_backfill(), public.callflow_uuid_v7()
   from public, anon, authenticated;
@@ -75,8 +75,8 @@ grant execute on function
     public.callflow_usage_day_peak(timestamptz), public.callflow_usage_calls(timestamptz, timestamptz),
     public.callflow_call_parties_backfill(), public.callflow_uuid_v7()
   to service_role;
--- (callflow_push_tokens_cap, callflow_call_parties_add and _forget, callflow_usage_call_hours_forget
--- are trigger functions: their
+-- (callflow_push_tokens_cap, callflow_call_parties_add and _forget, callflow_usage_mark_call_counts
+-- and callflow_usage_forget_call_counts are trigger functions: their
 -- migrations gave service_role nothing, a Supabase project's default privileges do.)
 
 -- The client's function, the helpers the invitation guard runs as the client, and the default of

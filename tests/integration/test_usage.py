@@ -52,6 +52,12 @@ def usage_db():
         services.drop_database(url)
 
 
+def _hours(start: datetime, end: datetime):
+    while start < end:
+        yield start
+        start += timedelta(hours=1)
+
+
 class History:
     """The generator's model of calls and sessions, and the same rows in the database."""
 
@@ -417,8 +423,8 @@ def test_the_beat_task_on_a_real_worker_alerts_and_emails(usage_db, redis_server
 
 def test_rollup_stays_exact_with_concurrent_writers_and_refreshes(usage_db):
     """Writers in their own transactions (a call and its sessions, leaves, the call's end, in
-    several statements each) while refreshes run: the final rollup equals the definitions on the
-    rows as they ended up."""
+    several statements each) while refreshes and the month's counts of calls run: the final rollup
+    and counts equal the definitions on the rows as they ended up."""
     import threading
 
     errors: list[BaseException] = []
@@ -447,11 +453,14 @@ def test_rollup_stays_exact_with_concurrent_writers_and_refreshes(usage_db):
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             errors.append(exc)
 
+    rng_month = random.Random(7)
+
     def refresher() -> None:
         try:
             with connect(usage_db) as conn:
                 while not stop.is_set():
                     store.refresh(conn)
+                    store.calls(conn, rng_month.choice((NOV, DEC)))  # the hours kept and followed meanwhile
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
@@ -473,6 +482,8 @@ def test_rollup_stays_exact_with_concurrent_writers_and_refreshes(usage_db):
             got = month_usage(conn, PLANS["build"], month, NOW)
             assert (got.participant_minutes, got.peak_concurrent_participants, got.peak_at) == (
                 participant_minutes(sessions, month, NOW), *peak_concurrency(sessions, month, NOW))
+            assert (got.calls, got.completed_calls) == store.calls_direct(conn, month)
+        assert_kept_summaries_stand_for_their_rows(conn)
 
 
 def test_truncating_the_history_empties_the_rollup(usage_db):
@@ -488,43 +499,66 @@ def test_truncating_the_history_empties_the_rollup(usage_db):
         assert (got.participant_minutes, got.peak_concurrent_participants, got.peak_at) == (0, 0, None)
 
 
-def test_the_month_count_of_calls_keeps_settled_hours_and_forgets_them_on_rewrites(usage_db):
+def test_the_month_count_of_calls_keeps_hours_and_follows_every_write(usage_db):
     now = datetime.now(UTC)
     this_month = month_of(now)
     month = month_of(datetime(this_month.year, this_month.month, 1, tzinfo=UTC) - timedelta(days=1))
-    noon = datetime(month.year, month.month, 15, 12, tzinfo=UTC)  # an hour long settled, whatever the clock
+    noon = datetime(month.year, month.month, 15, 12, tzinfo=UTC)  # an hour of last month, whatever the clock
     with connect(usage_db, autocommit=True) as conn:
         h = History(conn)
-        live = h.add_call(noon)  # still active: its hour is counted, not kept
+        live = h.add_call(noon)
         h.add_call(noon, noon + timedelta(minutes=5))
 
-        def count() -> tuple[int, int]:
-            got = store.calls(conn, month)
-            assert got == h.month_calls(month) == store.calls_direct(conn, month)
+        def count(of: date = month) -> tuple[int, int]:
+            got = store.calls(conn, of)
+            assert got == h.month_calls(of) == store.calls_direct(conn, of)
             assert_kept_summaries_stand_for_their_rows(conn)
             return got
 
         def kept() -> list[datetime]:
             return [r["hour"] for r in conn.execute("select hour from public.callflow_usage_call_hours where calls > 0")]
 
-        assert count() == (2, 1) and kept() == []
+        def marks() -> int:
+            return conn.execute("select count(*) as n from public.callflow_usage_call_marks").fetchone()["n"]
+
+        # Every hour of the month is kept at the first count, a live call's as well.
+        assert count() == (2, 1) and kept() == [noon]
+        assert conn.execute("select count(*) as n from public.callflow_usage_call_hours where hour >= %s and hour < %s",
+                            month_bounds(month)).fetchone()["n"] == len(list(_hours(*month_bounds(month))))
+        # Each write of a kept hour leaves a mark; the next count adds it.
         h.end_call(live, noon + timedelta(minutes=9))
-        assert count() == (2, 2) and kept() == [noon]
-        # Writes that change a settled hour's count: each forgets it, and the next count is right.
+        assert marks() == 1 and count() == (2, 2) and marks() == 0
         backdated = h.add_call(noon + timedelta(seconds=1), noon + timedelta(minutes=1))
-        assert kept() == []
         assert count() == (3, 3)
         conn.execute("update public.calls set status = 'failed' where id = %s", (backdated,))
         h.calls[backdated] = None  # (not completed any more)
         assert count() == (3, 2)
         conn.execute("update public.calls set created_at = created_at - interval '1 hour' where id = %s", (backdated,))
         h.created[backdated] -= timedelta(hours=1)
-        assert count() == (3, 2)
+        assert count() == (3, 2) and sorted(kept()) == [noon - timedelta(hours=1), noon]
+        # Updates that move neither the hour nor the completion leave no mark.
+        conn.execute("update public.calls set room_name = room_name || '-renamed' where id = %s", (live,))
+        assert marks() == 0
         h.delete_call(backdated)
-        assert count() == (2, 2)
-        # The hour in progress is counted every time, never kept.
+        assert count() == (2, 2) and kept() == [noon]
+        # Marks of a month not asked for yet are dropped: its hours are counted from their rows.
+        other = month_of(datetime(month.year, month.month, 1, tzinfo=UTC) - timedelta(days=1))
+        h.add_call(datetime(other.year, other.month, 2, 8, tzinfo=UTC))
+        assert marks() == 1 and count() == (2, 2) and marks() == 0
+        assert count(other) == (1, 0)
+        # The hour in progress is kept too, and followed from there.
         h.add_call(now)
-        assert store.calls(conn, this_month) == h.month_calls(this_month) == (1, 0)
-        assert now.replace(minute=0, second=0, microsecond=0) not in kept()
+        assert count(this_month) == (1, 0)
+        assert now.replace(minute=0, second=0, microsecond=0) in kept()
+        h.add_call(now)
+        assert count(this_month) == (2, 0)
+        # A call dated after the hour in progress (no hour kept for it yet) is counted from its row.
+        ahead = now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=2)
+        if month_of(ahead) == this_month:
+            h.add_call(ahead)
+            assert count(this_month) == (3, 0)
+        with pytest.raises(Exception, match="whole UTC hours"):
+            conn.execute("select * from public.callflow_usage_calls(%s, %s)", (noon + timedelta(minutes=1), noon + timedelta(hours=2)))
         conn.execute("truncate public.calls cascade")
         assert conn.execute("select count(*) as n from public.callflow_usage_call_hours").fetchone()["n"] == 0
+        assert marks() == 0
