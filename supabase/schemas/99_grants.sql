@@ -56,6 +56,7 @@ revoke all on function
     public.callflow_usage_level_at(timestamptz), public.callflow_usage_levels_follow(),
     public.callflow_usage_day_peak(timestamptz), public.callflow_usage_calls(timestamptz, timestamptz),
     public.callflow_usage_mark_call_counts(), public.callflow_usage_forget_call_counts(),
+    public.callflow_usage_fold_call_marks(integer),
     public.callflow_call_parties_add(), public.callflow_call_parties_forget(),
     public.callflow_call_parties_backfill(), public.callflow_uuid_v7()
   from public, anon, authenticated;
@@ -73,6 +74,7 @@ grant execute on function
     public.callflow_usage_minutes(timestamptz, timestamptz, timestamptz),
     public.callflow_usage_peak(timestamptz, timestamptz), public.callflow_usage_level_at(timestamptz),
     public.callflow_usage_day_peak(timestamptz), public.callflow_usage_calls(timestamptz, timestamptz),
+    public.callflow_usage_fold_call_marks(integer),
     public.callflow_call_parties_backfill(), public.callflow_uuid_v7()
   to service_role;
 -- (callflow_push_tokens_cap, callflow_call_parties_add and _forget, callflow_usage_mark_call_counts

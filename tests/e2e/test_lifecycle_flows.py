@@ -20,7 +20,7 @@ import httpx
 import pytest
 from livekit import rtc
 
-from tests.support.calls import call_of, client_set_status, enqueue_change, insert_invitation, invitation
+from tests.support.calls import call_of, client_set_status, enqueue_change, hold_back_from_catch_up, insert_invitation, invitation
 from tests.support.flows import (
     Phone,
     calls_in_room,
@@ -68,22 +68,6 @@ def call_row(db, call_id):
 
 def call_row_is(db, call_id, *statuses):
     return lambda: (lambda r: r if r and r["status"] in statuses else None)(call_row(db, call_id))
-
-
-def hold_back_from_catch_up(invitation_id: str, *statuses: str) -> None:
-    """Marks these transitions as listed already (the listener's dedupe marks), so the beat's
-    catch-up leaves them to the test."""
-    import redis as redis_lib
-
-    from orchestration.ingest.mapping import dedupe_key
-    from workers.app import settings
-
-    client = redis_lib.Redis.from_url(settings.redis_url)
-    try:
-        for status in statuses:
-            client.set(dedupe_key(invitation_id, status), "test", ex=300)
-    finally:
-        client.close()
 
 
 def invite(database_url, caller, callee, room=None, call_type="video", enqueue=True):

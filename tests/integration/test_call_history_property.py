@@ -8,6 +8,7 @@ one on a Redis database that no worker consumes, so grace countdowns never fire 
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import datetime, timezone
 
@@ -25,7 +26,9 @@ from orchestration.lifecycle.livekit_event import handle_livekit_event
 from orchestration.lifecycle.reconcile import reconcile_live_calls
 from tests.support.calls import change_event, client_set_status, insert_invitation
 
-T0 = 1_800_000_000  # unix seconds
+# The events' clock (unix seconds): ahead of the calls the examples make, as a webhook's times are
+# (a call's history is clamped to the call's own creation; a fixed date here would pass it one day).
+T0 = int(time.time()) + 86_400
 
 
 @pytest.fixture(scope="module")
@@ -123,17 +126,22 @@ def test_answered_call_history_is_order_and_duplicate_independent(ports, databas
 def test_a_live_call_whose_room_is_gone_is_ended_by_reconciliation(ports, db):
     """room_finished can be lost (LiveKit drops events older than 30 s): the sweep ends the call.
 
-    The calls are younger than the running beat's own reconciliation looks at (60 s), so only this
-    test's call can end them: a beat sweep that ended the call first made this call count none
-    (seen once on CI)."""
+    The calls are younger than the running beat's own reconciliation looks at (60 s), and their
+    leaves' grace periods judged, so only this test's call can end them: a beat sweep that ended
+    the call first made this call count none (seen once on CI)."""
     room = f"gone-{uuid.uuid4().hex[:8]}"
     call = db.execute("""insert into public.calls (room_name, status, created_at, started_at)
                          values (%s, 'active', now() - interval '20 seconds', now() - interval '18 seconds') returning *""",
                       (room,)).fetchone()
     for identity, left in (("a", "8 seconds"), ("b", "12 seconds")):
+        sid = f"PA_{uuid.uuid4().hex[:8]}"
         db.execute("""insert into public.call_participants (call_id, identity, participant_sid, joined_at, left_at)
                       values (%s, %s, %s, now() - interval '18 seconds', now() - %s::interval)""",
-                   (call["id"], identity, f"PA_{uuid.uuid4().hex[:8]}", left))
+                   (call["id"], identity, sid, left))
+        # Their leaves' grace periods already judged (as in a group call, which a leave does not end):
+        # else the running beat's grace sweep could hang the call up before reconciliation looks.
+        db.execute("""insert into public.call_events (event_id, source, type, room_name)
+                      values (%s, 'sweep', 'grace_expired', %s)""", (f"grace:{sid}", room))
     live_room = f"live-{uuid.uuid4().hex[:8]}"
     ports.rooms.create_room(live_room, empty_timeout=60, departure_timeout=5, max_participants=5, metadata="{}")
     still = db.execute("""insert into public.calls (room_name, status, created_at) values (%s, 'active', now() - interval '20 seconds')

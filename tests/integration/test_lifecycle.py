@@ -48,8 +48,9 @@ def test_invitation_rings_then_is_missed_at_the_deadline(db, database_url, make_
     note = db.execute("select * from public.notifications where invitation_id = %s", (inv["id"],)).fetchone()
     assert note["kind"] == "missed_call" and str(note["recipient_id"]) == callee
     assert {e["event_id"] for e in events_of(db, inv["id"])} >= {f"realtime:{inv['id']}:pending", f"timeout:{inv['id']}"}
-    # Ended by its bucket's countdown (this session runs no beat, so no sweep).
-    assert [e["source"] for e in events_of(db, inv["id"]) if e["event_id"] == f"timeout:{inv['id']}"] == ["timer"]
+    # Ended once: by its bucket's countdown, or by the sweep if a beat runs (the whole suite's does:
+    # the e2e tests start it) and the worker was busy for the sweep's quarter second past the deadline.
+    assert [e["source"] for e in events_of(db, inv["id"]) if e["event_id"] == f"timeout:{inv['id']}"] in (["timer"], ["sweep"])
 
 
 def test_accept_by_status_update_makes_the_call_active(db, database_url, make_user, livekit):

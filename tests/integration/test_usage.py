@@ -546,6 +546,12 @@ def test_the_month_count_of_calls_keeps_hours_and_follows_every_write(usage_db):
         h.add_call(datetime(other.year, other.month, 2, 8, tzinfo=UTC))
         assert marks() == 1 and count() == (2, 2) and marks() == 0
         assert count(other) == (1, 0)
+        # Taken a batch at a time (a statement takes at most its batch), the count the same.
+        for _ in range(5):
+            h.add_call(noon + timedelta(minutes=30))
+        assert marks() == 5
+        assert conn.execute("select public.callflow_usage_fold_call_marks(2) as taken").fetchone()["taken"] == 2
+        assert marks() == 3 and count() == (7, 2) and marks() == 0
         # The hour in progress is kept too, and followed from there.
         h.add_call(now)
         assert count(this_month) == (1, 0)

@@ -79,3 +79,19 @@ def wait_call(db, invitation_id: str, status: str, timeout: float = 20) -> dict:
 
 def settle(seconds: float) -> None:
     time.sleep(seconds)
+
+
+def hold_back_from_catch_up(invitation_id: str, *statuses: str) -> None:
+    """Marks these transitions as listed already (the listener's dedupe marks), so the beat's
+    catch-up leaves them to the test."""
+    import redis as redis_lib
+
+    from orchestration.ingest.mapping import dedupe_key
+    from workers.app import settings
+
+    client = redis_lib.Redis.from_url(settings.redis_url)
+    try:
+        for status in statuses:
+            client.set(dedupe_key(invitation_id, status), "test", ex=300)
+    finally:
+        client.close()
