@@ -110,7 +110,13 @@ def test_bob_declines_and_alice_sees_it(open_page, db, make_user):
     bob_page.get_by_test_id("incoming-call").wait_for(timeout=5_000)
     invitation_id = bob_page.get_by_test_id("incoming-call").get_attribute("data-invitation-id")
     bob_page.get_by_test_id("decline").click()
-    alice_page.get_by_test_id("status").filter(has_text="declined").wait_for(timeout=5_000)
+    try:
+        alice_page.get_by_test_id("status").filter(has_text="declined").wait_for(timeout=5_000)
+    except Exception as timed_out:  # what the page said instead, and what the database says
+        ARTIFACTS.mkdir(exist_ok=True)
+        alice_page.screenshot(path=str(ARTIFACTS / "declined-alice-failed.png"))
+        raise AssertionError(f"alice's page says {alice_page.get_by_test_id('status').inner_text()!r}; the invitation "
+                             f"is {invitation(db, invitation_id)['status']!r}") from timed_out
     assert wait_invitation(db, invitation_id, "declined")["end_reason"] == "declined"
     bob_page.get_by_test_id("incoming-call").wait_for(state="detached", timeout=5_000)
     alice_page.locator("[data-testid=history-row][data-status=declined]").wait_for(timeout=15_000)

@@ -206,13 +206,29 @@ async function joinRoom(which, callType) {
     .on(RoomEvent.Disconnected, () => {
       if (state.room === room) cleanUp('Call ended.');
     });
-  await room.connect(grant.server_url, grant.token);
+  // The call can end while we connect or start the devices (a decline, a hang-up, LiveKit removing
+  // us): then this room is no longer ours, and whatever the page says about the call stands (an
+  // error here would overwrite "declined" with "Cannot call").
+  const left = () => state.room !== room;
+  try {
+    await room.connect(grant.server_url, grant.token);
+  } catch (error) {
+    if (left()) return;
+    throw error;
+  }
+  if (left()) return;
   state.roomName = room.name;
   if (outgoingCallOver(room.name)) return leaveRoom(false, $('status').textContent); // declined while we connected
   $('room-name').textContent = room.name;
   $('call').hidden = false;
-  if (callType === 'audio') await room.localParticipant.setMicrophoneEnabled(true);
-  else await room.localParticipant.enableCameraAndMicrophone();
+  try {
+    if (callType === 'audio') await room.localParticipant.setMicrophoneEnabled(true);
+    else await room.localParticipant.enableCameraAndMicrophone();
+  } catch (error) {
+    if (left()) return;
+    throw error;
+  }
+  if (left()) return;
   const camera = room.localParticipant.getTrackPublication(Track.Source.Camera)?.track;
   if (camera) camera.attach($('local-video'));
   const mic = room.localParticipant.getTrackPublication(Track.Source.Microphone)?.track;
