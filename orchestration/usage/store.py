@@ -105,10 +105,12 @@ def calls(conn: psycopg.Connection, month: date) -> tuple[int, int]:
     """The calls made in the month and how many completed (hours kept, and followed by the marks of
     every write: taken `CALL_MARKS_PER_BATCH` a transaction, the rest with the count)."""
     start, end = month_bounds(month)
-    while conn.execute("select public.callflow_usage_fold_call_marks(%s) as taken",
-                       (CALL_MARKS_PER_BATCH,)).fetchone()["taken"] == CALL_MARKS_PER_BATCH:
+    while True:
+        taken = conn.execute("select public.callflow_usage_fold_call_marks(%s) as taken",
+                             (CALL_MARKS_PER_BATCH,)).fetchone()["taken"]
         conn.commit()
-    conn.commit()
+        if taken < CALL_MARKS_PER_BATCH:
+            break
     row = conn.execute("select calls, completed_calls from public.callflow_usage_calls(%s, %s)", (start, end)).fetchone()
     return int(row["calls"]), int(row["completed_calls"])
 

@@ -514,9 +514,9 @@ create trigger callflow_usage_call_counts_delete after delete on public.calls
 create trigger callflow_usage_call_counts_truncate after truncate on public.calls
   for each statement execute function public.callflow_usage_forget_call_counts();
 
--- Takes up to `max_marks` committed marks, adds those of kept hours to them, and returns how many
--- it took; a mark of an hour not kept is dropped (whenever the hour is kept, the count of its rows
--- holds the mark's change). The usage check runs it until fewer are left, then
+-- Takes up to `max_marks` committed marks (null: all), adds those of kept hours to them, and
+-- returns how many it took; a mark of an hour not kept is dropped (whenever the hour is kept, the
+-- count of its rows holds the mark's change). The usage check runs it until fewer are left, then
 -- `callflow_usage_calls` takes the rest: a minute's marks at any call rate (~6,000 at 50 calls/s,
 -- about a microsecond each) are taken in short statements, not in one that grows with the rate.
 create or replace function public.callflow_usage_fold_call_marks(max_marks integer) returns integer
@@ -541,13 +541,12 @@ begin
 end $$;
 
 -- The calls made in [month_start, month_end) (whole UTC hours) and how many completed.
--- One caller at a time (an advisory lock). In one statement, so in one snapshot: each hour of the
--- month up to the one in progress that is not kept yet is counted from its rows and kept, and the
--- committed marks are taken, those of hours kept before added to them. A taken mark of an hour
--- not kept before is dropped: the count of its rows in the same snapshot holds its change (an
--- hour not kept at all is counted from its rows whenever it is, which holds it too). A mark not
--- committed yet is taken by a later call. Hours after the one in progress hold no call unless
--- one was dated ahead: counted from the rows (an empty range of the index).
+-- One caller at a time (an advisory lock). Each hour of the month up to the one in progress that is
+-- not kept yet is counted from its rows and kept, and its committed marks dropped, in one
+-- statement (one snapshot: the count holds exactly the marks dropped); then the other committed
+-- marks are added (callflow_usage_fold_call_marks). A mark not committed yet is taken by a later
+-- call. Hours after the one in progress hold no call unless one was dated ahead: counted from the
+-- rows (an empty range of the index).
 create or replace function public.callflow_usage_calls(month_start timestamptz, month_end timestamptz,
                                                       out calls bigint, out completed_calls bigint)
 language plpgsql volatile security definer set search_path = public, pg_temp set jit = off set timezone = 'UTC' as $$
@@ -568,14 +567,9 @@ begin
       cross join lateral (
         select count(*) as calls, count(*) filter (where c.status = 'completed') as completed_calls
           from public.calls c where c.created_at >= n.hour and c.created_at < n.hour + interval '1 hour' offset 0) c
-  ), taken as (
-    delete from public.callflow_usage_call_marks m returning m.hour, m.calls as added, m.completed_calls as completed_added
   )
-  update public.callflow_usage_call_hours k
-     set calls = k.calls + t.added, completed_calls = k.completed_calls + t.completed_added
-    from (select taken.hour, sum(taken.added) as added, sum(taken.completed_added) as completed_added
-            from taken group by taken.hour) t
-   where k.hour = t.hour;
+  delete from public.callflow_usage_call_marks m where m.hour in (select n.hour from new_hours n);
+  perform public.callflow_usage_fold_call_marks(null);
 
   select coalesce(sum(k.calls), 0), coalesce(sum(k.completed_calls), 0) into calls, completed_calls
     from public.callflow_usage_call_hours k where k.hour >= month_start and k.hour < kept_before;
